@@ -1,0 +1,57 @@
+"""Proxy: the node's OpenAI-compatible endpoint (Starlette on uvicorn with uvloop).
+
+The listening socket is opened by the root process and handed over, so a
+restarted Proxy serves on the same port without a gap in which clients get
+"connection refused": they wait in the kernel's backlog instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from meshllm import messages as m
+from meshllm.actor import Actor
+from meshllm.proxy_app import ProxyApp
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Signals belong to the actor runtime; uvicorn must not take them over.
+        yield
+
+
+class Proxy(Actor):
+    name = "proxy"
+    subscriptions = {"router": ["routes"]}
+
+    async def on_start(self) -> None:
+        self.app = ProxyApp(self.config.strict_models, self.config.max_body_bytes)
+        sock: socket.socket = self.resources["socket"]
+        config = uvicorn.Config(
+            self.app,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=3,
+            backlog=2048,
+        )
+        self.server = _Server(config)
+        self.serving = asyncio.create_task(self.server.serve(sockets=[sock]))
+        self.log.info("OpenAI API on http://%s:%s", self.config.http_host, self.config.http_port)
+
+    async def on_topic(self, topic: str, msg: m.Message) -> None:
+        if isinstance(msg, m.RouteTable) and msg != self.app.routes.table:
+            self.app.set_table(msg)
+
+    async def on_stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.serving, 5)

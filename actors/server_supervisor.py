@@ -1,0 +1,193 @@
+"""ServerSupervisor: keeps the wanted llama-server running and says how it is doing.
+
+A reconcile loop (circus's shape): compare the wanted server with the running
+one, start or stop until they match, restart a dead server with backoff, and
+publish `LocalServerState` on topic `local` at every change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import time
+from pathlib import Path
+
+import msgspec
+
+from meshllm import messages as m
+from meshllm.actor import Actor
+from meshllm.procutil import die_with_parent, stop_process
+from meshllm.supervision import RestartPolicy
+from meshllm.upstream import get_status
+
+LISTENING = re.compile(rb"listening on https?://[^\s:]+:(\d+)")
+ERRORISH = re.compile(rb"error|failed|cannot|unable|invalid|not found|abort", re.IGNORECASE)
+HEALTH_POLL_S = 0.05
+
+
+def failure_reason(lines: collections.deque[bytes], returncode: int | None) -> str:
+    """The most telling line of llama-server's output for why it stopped."""
+    for line in reversed(lines):
+        if ERRORISH.search(line):
+            return line.decode(errors="replace").strip()
+    tail = lines[-1].decode(errors="replace").strip() if lines else "no output"
+    return f"llama-server exited with code {returncode}: {tail}"
+
+
+class ServerSupervisor(Actor):
+    name = "server_supervisor"
+
+    async def on_start(self) -> None:
+        self.wanted = self.config.models[0] if self.config.models else None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.policy = RestartPolicy(base_s=0.2, max_s=15.0, window_s=60.0)
+        self.output: collections.deque[bytes] = collections.deque(maxlen=60)
+        self.state = m.LocalServerState()
+        self.wake = asyncio.Event()
+        self.log_path = Path(self.config.home) / "logs" / "llama-server.log"
+        self.loop_task = asyncio.create_task(self._reconcile_forever())
+        await self._set(m.LocalServerState(model=self.wanted.name if self.wanted else ""))
+
+    async def _set(self, state: m.LocalServerState) -> None:
+        self.state = state
+        if state.state in ("ready", "failed"):
+            self.log.info(
+                "%s %s%s",
+                state.model,
+                state.state,
+                f" on port {state.port}" if state.state == "ready" else f": {state.reason}",
+            )
+        await self.bus.publish("local", state)
+
+    async def _reconcile_forever(self) -> None:
+        try:
+            await self._reconcile()
+        except Exception:
+            self.log.exception("supervision loop failed; restarting the actor")
+            self.stopping.set()
+
+    async def _reconcile(self) -> None:
+        while True:
+            if self.wanted is not None and self.proc is None:
+                await self._run_server_once()
+                if self.wanted is None:
+                    continue
+                delay = self.policy.on_death(time.monotonic())
+                self.log.warning("restarting llama-server in %.1fs", delay)
+                await asyncio.sleep(delay)
+            else:
+                self.wake.clear()
+                await self.wake.wait()
+
+    async def _run_server_once(self) -> None:
+        """Start llama-server, watch it until it exits, publish every state change."""
+        assert self.wanted is not None
+        spec = self.wanted
+        cmd = [
+            self.config.llama_server,
+            "--model", spec.path,
+            "--alias", spec.name,
+            "--host", "127.0.0.1",
+            "--port", "0",
+            "--no-webui",
+            *self.config.llama_args,
+        ]  # fmt: skip
+        self.output.clear()
+        self.log.info("starting %s", " ".join(cmd))
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C is for the root; we stop it ourselves
+            preexec_fn=die_with_parent,
+        )
+        base = m.LocalServerState(
+            model=spec.name, path=spec.path, pid=self.proc.pid, restarts=self.policy.restarts
+        )
+        await self._set(msgspec_replace(base, state="loading"))
+        port_found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        reader = asyncio.create_task(self._read_output(port_found))
+        try:
+            port = await self._await_port(port_found)
+            if port:
+                await self._set(msgspec_replace(base, state="loading", port=port))
+                if await self._await_health(port):
+                    await self._set(msgspec_replace(base, state="ready", port=port))
+                    self.policy.reset()
+            await self.proc.wait()
+            await asyncio.wait_for(reader, 2)
+        finally:
+            reader.cancel()
+            await stop_process(self.proc)
+            reason = failure_reason(self.output, self.proc.returncode)
+            self.proc = None
+        if self.wanted is not None:
+            await self._set(msgspec_replace(base, state="failed", reason=reason))
+
+    async def _await_port(self, port_found: asyncio.Future[int]) -> int:
+        assert self.proc is not None
+        exited = asyncio.ensure_future(self.proc.wait())
+        done, _ = await asyncio.wait(
+            {port_found, exited},
+            timeout=self.config.load_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        exited.cancel()
+        if port_found in done:
+            return port_found.result()
+        if not done:
+            self.output.append(b"error: llama-server did not open its port in time")
+            await stop_process(self.proc)
+        return 0
+
+    async def _await_health(self, port: int) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.config.load_timeout_s
+        while self.proc.returncode is None and time.monotonic() < deadline:
+            try:
+                if await get_status("127.0.0.1", port, "/health", timeout=2.0) == 200:
+                    return True
+            except (OSError, TimeoutError):
+                pass
+            await asyncio.sleep(HEALTH_POLL_S)
+        if self.proc.returncode is None:
+            self.output.append(b"error: llama-server did not become healthy in time")
+            await stop_process(self.proc)
+        return False
+
+    async def _read_output(self, port_found: asyncio.Future[int]) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with self.log_path.open("ab") as logfile:
+            while line := await self.proc.stdout.readline():
+                logfile.write(line)
+                logfile.flush()
+                self.output.append(line.rstrip())
+                if not port_found.done() and (match := LISTENING.search(line)):
+                    port_found.set_result(int(match.group(1)))
+
+    async def on_ask(self, msg: m.Message) -> m.Message:
+        if isinstance(msg, m.DropModel):
+            await self._drop(msg.model)
+            return m.CtlDone(f"stopped serving {msg.model}")
+        return await super().on_ask(msg)
+
+    async def _drop(self, model: str) -> None:
+        if self.wanted is None or self.wanted.name != model:
+            return
+        self.wanted = None
+        if self.proc is not None:
+            await stop_process(self.proc)
+        await self._set(m.LocalServerState())
+
+    async def on_stop(self) -> None:
+        self.wanted = None
+        self.loop_task.cancel()
+        if self.proc is not None:
+            await stop_process(self.proc)
+        await self._set(m.LocalServerState())
+
+
+def msgspec_replace(base: m.LocalServerState, **changes: object) -> m.LocalServerState:
+    return msgspec.structs.replace(base, **changes)

@@ -1,0 +1,45 @@
+"""The node's configuration, built once by `meshllm up` and handed to every actor."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ModelSpec(msgspec.Struct, frozen=True):
+    """A model this node was asked for with `--model`."""
+
+    name: str
+    """Name clients use in the `model` field (the GGUF file's stem)."""
+    path: str = ""
+    """Local GGUF path; empty when the file is not on disk yet."""
+
+
+class NodeConfig(msgspec.Struct, frozen=True):
+    """Everything an actor needs to know about its node; immutable for the node's life."""
+
+    home: str
+    run_dir: str
+    node_id: str
+    models: tuple[ModelSpec, ...] = ()
+    """`--model` flags in order: the first is served here, the rest seed the catalog."""
+    client: bool = False
+    """A lite client serves no model (`--client`)."""
+    http_host: str = "127.0.0.1"
+    http_port: int = 9337
+    strict_models: bool = False
+    max_body_bytes: int = 16 * 1024 * 1024
+    llama_server: str = ""
+    rpc_server: str = ""
+    llama_args: tuple[str, ...] = ()
+    """Extra arguments appended to every llama-server command line."""
+    load_timeout_s: float = 600.0
+    join: tuple[str, ...] = ()
+    bind: str = "0.0.0.0:0"
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 1.0
+    console_port: int = 0
+    log_level: str = "INFO"
+
+    def ipc(self, name: str) -> str:
+        """The ZeroMQ address of a socket in this node's run directory."""
+        return f"ipc://{self.run_dir}/{name}.ipc"

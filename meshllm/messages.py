@@ -1,0 +1,143 @@
+"""Messages that actors of one node exchange over ZeroMQ (msgspec, tagged).
+
+Commands are imperative (`DropModel`), events and states are nouns or past tense
+(`LocalServerState`, `RouteTable`). A *tell* expects no reply; an *ask* gets
+exactly one reply message or an `ActorError`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+ServerStateName = Literal["stopped", "loading", "ready", "failed"]
+
+
+class Shutdown(msgspec.Struct, tag=True, frozen=True):
+    """Stop the actor (or, sent to the root, the whole node)."""
+
+    reason: str = ""
+
+
+class Ping(msgspec.Struct, tag=True, frozen=True):
+    """Liveness check; answered with `Pong`."""
+
+
+class Pong(msgspec.Struct, tag=True, frozen=True):
+    name: str
+    pid: int
+
+
+class GetLatest(msgspec.Struct, tag=True, frozen=True):
+    """Ask a publisher for the latest value it published on `topic`."""
+
+    topic: str
+
+
+class Nothing(msgspec.Struct, tag=True, frozen=True):
+    """Reply to `GetLatest` when nothing has been published yet."""
+
+
+class ActorError(msgspec.Struct, tag=True, frozen=True):
+    """The reply to an ask that failed."""
+
+    message: str
+
+
+class LocalServerState(msgspec.Struct, tag=True, frozen=True):
+    """What this node's llama-server is doing (published by ServerSupervisor)."""
+
+    model: str = ""
+    """Model name; empty when this node serves nothing."""
+    path: str = ""
+    state: ServerStateName = "stopped"
+    port: int = 0
+    pid: int = 0
+    reason: str = ""
+    """Why the server failed, taken from llama-server's own output."""
+    restarts: int = 0
+
+
+class RouteTarget(msgspec.Struct, frozen=True):
+    """One place a model's requests can go."""
+
+    node_id: str
+    local: bool
+    port: int
+    """llama-server port on that node (local) or its API port (remote)."""
+
+
+class ModelRoute(msgspec.Struct, frozen=True):
+    name: str
+    targets: tuple[RouteTarget, ...] = ()
+    """Empty for a cold model: known to the mesh, served by no node."""
+    nodes: tuple[str, ...] = ()
+    """Node ids serving the model."""
+
+
+class RouteTable(msgspec.Struct, tag=True, frozen=True):
+    """Where each model's requests go (published by Router, used by Proxy)."""
+
+    models: tuple[ModelRoute, ...] = ()
+
+
+class DropModel(msgspec.Struct, tag=True, frozen=True):
+    """`meshllm ctl drop`: stop serving `model`, kill llama-server, exit."""
+
+    model: str
+
+
+class GetStatus(msgspec.Struct, tag=True, frozen=True):
+    """`meshllm ctl status`."""
+
+
+class ActorStatus(msgspec.Struct, frozen=True):
+    name: str
+    pid: int
+    alive: bool
+    restarts: int
+
+
+class NodeStatus(msgspec.Struct, tag=True, frozen=True):
+    node_id: str
+    role: str
+    home: str
+    http: str
+    server: LocalServerState
+    routes: RouteTable
+    actors: tuple[ActorStatus, ...] = ()
+
+
+class CtlDone(msgspec.Struct, tag=True, frozen=True):
+    """Reply to a control command that has no other result."""
+
+    message: str = ""
+
+
+Message = (
+    Shutdown
+    | Ping
+    | Pong
+    | GetLatest
+    | Nothing
+    | ActorError
+    | LocalServerState
+    | RouteTable
+    | DropModel
+    | GetStatus
+    | NodeStatus
+    | CtlDone
+)
+
+ENCODER = msgspec.msgpack.Encoder()
+DECODER: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return ENCODER.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    """Decode one message; raises `msgspec.DecodeError` on anything malformed."""
+    return DECODER.decode(data)

@@ -1,0 +1,266 @@
+"""The OpenAI-compatible HTTP front of a node (an ASGI app run by the Proxy actor).
+
+It decides every request locally from the last route table pushed to it: no
+round trip to another actor per request. Completion endpoints are plain ASGI
+callables, because on the hot path every microsecond of framework shows up in
+the added latency the benchmark measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from meshllm.messages import RouteTable, RouteTarget
+from meshllm.routing import Routes
+from meshllm.upstream import Pool, Response, UpstreamError
+
+log = logging.getLogger("meshllm.proxy")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+RETRY_AFTER_S = 2
+
+
+class _Peek(msgspec.Struct):
+    """The one field the proxy reads from a request body."""
+
+    model: str | None = None
+    stream: bool = False
+
+
+_peek = msgspec.json.Decoder(_Peek)
+_json = msgspec.json.Encoder()
+
+
+def error_body(status: int, message: str, code: str | None = None) -> bytes:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return _json.encode(
+        {"error": {"message": message, "type": kind, "param": None, "code": code or str(status)}}
+    )
+
+
+async def send_error(
+    send: Send, status: int, message: str, code: str | None = None, retry_after: bool = False
+) -> None:
+    headers = list(JSON_HEADERS)
+    if retry_after:
+        headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": error_body(status, message, code)})
+
+
+class _Raw:
+    """Marks a handler as a plain ASGI app (Starlette would wrap a bare function)."""
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
+
+
+class PoolMap:
+    """Upstream pools keyed by target (local llama-server port, or the tunnel)."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple[str, int], Pool] = {}
+
+    def get(self, host: str, port: int) -> Pool:
+        pool = self.pools.get((host, port))
+        if pool is None:
+            pool = self.pools[(host, port)] = Pool(host, port)
+        return pool
+
+    def retain(self, keep: set[tuple[str, int]]) -> None:
+        for key in list(self.pools):
+            if key not in keep:
+                self.pools.pop(key).close()
+
+
+class ProxyApp:
+    """Holds the route table and forwards OpenAI requests to their targets."""
+
+    def __init__(
+        self,
+        strict_models: bool = False,
+        max_body_bytes: int = 16 * 1024 * 1024,
+        remote: Callable[[RouteTarget], tuple[Pool, list[tuple[bytes, bytes]]]] | None = None,
+    ) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.strict_models = strict_models
+        self.remote = remote
+        self.pools = PoolMap()
+        self.routes = Routes(RouteTable(), strict_models)
+        self.models_body = b'{"object":"list","data":[]}'
+        self.app = Starlette(
+            routes=[
+                Route("/health", _Raw(self.health), methods=["GET"]),
+                Route("/v1/models", _Raw(self.models), methods=["GET"]),
+                Route("/v1/chat/completions", _Raw(self.forward), methods=["POST"]),
+                Route("/v1/completions", _Raw(self.forward), methods=["POST"]),
+                Route("/v1/embeddings", _Raw(self.forward), methods=["POST"]),
+            ],
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)  # type: ignore[arg-type]
+
+    def set_table(self, table: RouteTable) -> None:
+        self.routes = Routes(table, self.strict_models)
+        self.pools.retain(
+            {("127.0.0.1", t.port) for r in table.models for t in r.targets if t.local}
+        )
+        created = int(time.time())
+        self.models_body = _json.encode(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": r.name,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "meshllm",
+                        "meshllm": {
+                            "status": "warm" if r.targets else "cold",
+                            "nodes": list(r.nodes),
+                        },
+                    }
+                    for r in table.models
+                ],
+            }
+        )
+
+    # -- small endpoints (plain ASGI, see the module docstring) ---------------
+
+    async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ready = [r.name for r in self.routes.table.models if r.targets]
+        status = 200 if ready else 503
+        body = _json.encode({"status": "ok" if ready else "no model ready", "models": ready})
+        await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
+        await send({"type": "http.response.body", "body": body})
+
+    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
+        await send({"type": "http.response.body", "body": self.models_body})
+
+    # -- forwarding ------------------------------------------------------------
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await send_error(send, 400, "invalid Content-Length header")
+                    return None
+                if declared > self.max_body_bytes:
+                    await send_error(send, 413, _too_large(self.max_body_bytes), "body_too_large")
+                    return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await send_error(send, 413, _too_large(self.max_body_bytes), "body_too_large")
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        try:
+            peek = _peek.decode(body)
+        except msgspec.ValidationError as exc:
+            await send_error(send, 400, f"invalid request body: {exc}", "invalid_body")
+            return
+        except msgspec.DecodeError as exc:
+            await send_error(send, 400, f"request body is not valid JSON: {exc}", "invalid_json")
+            return
+        target, why = self.routes.choose(peek.model)
+        if target is None:
+            if self.strict_models and "does not exist" in why:
+                await send_error(send, 404, why, "model_not_found")
+            else:
+                await send_error(send, 503, why, "model_not_ready", retry_after=True)
+            return
+        if target.local:
+            pool, extra = self.pools.get("127.0.0.1", target.port), []
+        elif self.remote is not None:
+            pool, extra = self.remote(target)
+        else:
+            await send_error(send, 503, "remote models need the tunnel", "no_tunnel")
+            return
+        headers = [(b"content-type", b"application/json"), *extra]
+        # Watch for the client going away while the upstream works: then the
+        # upstream connection is closed, which makes llama-server stop generating.
+        relay = asyncio.ensure_future(self._relay(pool, scope["path"], body, headers, send))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not relay.done():
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
+            watch.cancel()
+        if not relay.cancelled() and (exc := relay.exception()) is not None:
+            raise exc
+
+    async def _relay(
+        self, pool: Pool, path: str, body: bytes, headers: list[tuple[bytes, bytes]], send: Send
+    ) -> None:
+        try:
+            resp = await pool.request("POST", path, body, headers)
+        except UpstreamError as exc:
+            log.warning("upstream %s:%s failed: %s", pool.host, pool.port, exc)
+            await send_error(send, 502, f"upstream failed: {exc}", "upstream_error")
+            return
+        await relay_response(resp, send)
+
+
+async def relay_response(resp: Response, send: Send) -> None:
+    """Pass an upstream response to the ASGI client chunk by chunk."""
+    streaming = resp.length is None
+    await send(
+        {"type": "http.response.start", "status": resp.status, "headers": resp.forward_headers()}
+    )
+    try:
+        async for chunk in resp.iter_body():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except UpstreamError as exc:
+        log.warning("upstream broke mid-response: %s", exc)
+        if streaming:
+            # An SSE client needs an event it can parse, not a silently cut stream.
+            event = b"data: " + error_body(502, f"upstream failed mid-stream: {exc}") + b"\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+    finally:
+        resp.release()
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _too_large(limit: int) -> str:
+    return f"request body exceeds the limit of {limit} bytes"

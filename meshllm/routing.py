@@ -1,0 +1,73 @@
+"""Route choice (sans-I/O): which node answers a request for a model.
+
+Spec: `seed/multi-model-mesh.md`, "Routing": a local model goes to the local
+llama-server, a remote one through the tunnel to its host, and an unknown
+model falls back to the first available target (unless `--strict-models`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from meshllm.messages import LocalServerState, ModelRoute, RouteTable, RouteTarget
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A node that serves a model and is ready for requests."""
+
+    model: str
+    node_id: str
+    port: int
+    local: bool = False
+
+
+def build_route_table(
+    node_id: str,
+    local: LocalServerState,
+    remote: Iterable[Serving] = (),
+    catalog: Iterable[str] = (),
+) -> RouteTable:
+    """The table the Proxy routes by: warm models (with targets) then cold ones.
+
+    Targets are ordered local first, then by node id, so every node picks the
+    same host for a model (the seed's "picks one deterministically").
+    """
+    servers: list[Serving] = list(remote)
+    if local.model and local.state == "ready" and local.port:
+        servers.append(Serving(local.model, node_id, local.port, local=True))
+    by_model: dict[str, list[Serving]] = {}
+    for s in servers:
+        by_model.setdefault(s.model, []).append(s)
+    routes = []
+    for model in sorted(by_model):
+        group = sorted(by_model[model], key=lambda s: (not s.local, s.node_id))
+        targets = tuple(RouteTarget(s.node_id, s.local, s.port) for s in group)
+        routes.append(ModelRoute(model, targets, tuple(s.node_id for s in group)))
+    cold = sorted(set(catalog) - set(by_model))
+    routes += [ModelRoute(name) for name in cold]
+    return RouteTable(tuple(routes))
+
+
+class Routes:
+    """The Proxy's lookup structure, rebuilt whenever a new table arrives."""
+
+    def __init__(self, table: RouteTable, strict: bool = False) -> None:
+        self.table = table
+        self.strict = strict
+        self.by_name = {r.name: r for r in table.models}
+        self.first = next((r.targets[0] for r in table.models if r.targets), None)
+
+    def choose(self, model: str | None) -> tuple[RouteTarget | None, str]:
+        """(target, why) for a request's `model`; why names the failure when target is None."""
+        route = self.by_name.get(model) if model else None
+        if route is not None:
+            if route.targets:
+                return route.targets[0], ""
+            return None, f"model {model!r} is known to the mesh but no node serves it yet"
+        if self.strict and model:
+            return None, f"model {model!r} does not exist in this mesh"
+        if self.first is None:
+            return None, "no model is ready yet"
+        return self.first, ""

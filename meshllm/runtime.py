@@ -1,0 +1,208 @@
+"""The root process of a node: starts the actors, restarts the dead, serves `meshllm ctl`.
+
+Adding an actor is a new file in `actors/` plus one line in `ACTORS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from meshllm import messages as m
+from meshllm.actor import actor_main
+from meshllm.bus import Bus
+from meshllm.config import NodeConfig
+from meshllm.supervision import RestartPolicy
+
+log = logging.getLogger("meshllm.node")
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    name: str
+    target: str
+    enabled: Callable[[NodeConfig], bool] = lambda config: True
+
+
+def _serves(config: NodeConfig) -> bool:
+    return not config.client
+
+
+ACTORS: list[ActorSpec] = [
+    ActorSpec("server_supervisor", "actors.server_supervisor:ServerSupervisor", _serves),
+    ActorSpec("router", "actors.router:Router"),
+    ActorSpec("proxy", "actors.proxy:Proxy"),
+]
+
+STOP_GRACE_S = 8.0
+KILL_GRACE_S = 2.0
+
+
+@dataclass
+class RunningActor:
+    spec: ActorSpec
+    process: BaseProcess | None = None
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    restart_handle: asyncio.TimerHandle | None = None
+
+
+class Node:
+    """Supervises the actor processes of one node until told to stop."""
+
+    def __init__(self, config: NodeConfig, resources: dict[str, dict[str, Any]]) -> None:
+        self.config = config
+        self.resources = resources
+        self.ctx = multiprocessing.get_context("spawn")
+        self.actors = {s.name: RunningActor(s) for s in ACTORS if s.enabled(config)}
+        self.bus = Bus(config.run_dir, "control")
+        self.server = m.LocalServerState()
+        self.routes = m.RouteTable()
+        self.stopping = False
+        self.done = asyncio.Event()
+        self.exit_reason = ""
+
+    # -- actors ----------------------------------------------------------------
+
+    def _start(self, actor: RunningActor) -> None:
+        actor.restart_handle = None
+        if self.stopping:
+            return
+        proc = self.ctx.Process(
+            target=actor_main,
+            args=(actor.spec.target, self.config, self.resources.get(actor.spec.name, {})),
+            name=actor.spec.name,
+        )
+        proc.start()
+        actor.process = proc
+        log.debug("started %s (pid %s)", actor.spec.name, proc.pid)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(proc.sentinel, self._on_exit, actor, proc)
+
+    def _on_exit(self, actor: RunningActor, proc: BaseProcess) -> None:
+        asyncio.get_running_loop().remove_reader(proc.sentinel)
+        proc.join(0)
+        if self.stopping:
+            return
+        delay = actor.policy.on_death(time.monotonic())
+        log.warning(
+            "%s (pid %s) exited with %s; restarting in %.1fs",
+            actor.spec.name,
+            proc.pid,
+            proc.exitcode,
+            delay,
+        )
+        actor.restart_handle = asyncio.get_running_loop().call_later(delay, self._start, actor)
+
+    # -- control ---------------------------------------------------------------
+
+    async def _on_ask(self, msg: m.Message) -> m.Message:
+        match msg:
+            case m.GetStatus():
+                return self.status()
+            case m.Shutdown(reason=reason):
+                self.request_stop(reason or "meshllm ctl stop")
+                return m.CtlDone("stopping")
+            case m.DropModel(model=model):
+                if self.config.client or not self.server.model:
+                    return m.ActorError("this node serves no model")
+                if model != self.server.model:
+                    return m.ActorError(
+                        f"this node serves {self.server.model!r}, not {model!r}; "
+                        "nothing was dropped"
+                    )
+                self.request_stop(f"dropped {model}")
+                return m.CtlDone(f"dropping {model}: llama-server stops and this node exits")
+        return m.ActorError(f"unknown control command {type(msg).__name__}")
+
+    async def _on_tell(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Shutdown):
+            self.request_stop(msg.reason)
+
+    async def _on_topic(self, topic: str, msg: m.Message) -> None:
+        if isinstance(msg, m.LocalServerState):
+            self.server = msg
+        elif isinstance(msg, m.RouteTable):
+            self.routes = msg
+
+    def status(self) -> m.NodeStatus:
+        actors = tuple(
+            m.ActorStatus(
+                name=a.spec.name,
+                pid=(a.process.pid or 0) if a.process else 0,
+                alive=bool(a.process and a.process.is_alive()),
+                restarts=a.policy.restarts,
+            )
+            for a in self.actors.values()
+        )
+        return m.NodeStatus(
+            node_id=self.config.node_id,
+            role="client" if self.config.client else "host",
+            home=self.config.home,
+            http=f"{self.config.http_host}:{self.config.http_port}",
+            server=self.server,
+            routes=self.routes,
+            actors=actors,
+        )
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stopping:
+            self.exit_reason = reason
+            asyncio.get_running_loop().create_task(self._shutdown(reason))
+
+    async def _shutdown(self, reason: str) -> None:
+        self.stopping = True
+        log.info("stopping node: %s", reason)
+        for actor in self.actors.values():
+            if actor.restart_handle:
+                actor.restart_handle.cancel()
+        alive = [a.process for a in self.actors.values() if a.process and a.process.is_alive()]
+        for proc in alive:
+            with contextlib.suppress(Exception):
+                await self.bus.tell(proc.name, m.Shutdown(reason))
+        await _wait_exit(alive, STOP_GRACE_S)
+        for proc in alive:
+            if proc.is_alive():
+                log.warning("%s did not stop in %.0fs; terminating", proc.name, STOP_GRACE_S)
+                proc.terminate()
+        await _wait_exit(alive, KILL_GRACE_S)
+        for proc in alive:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1)
+        self.done.set()
+
+    async def run(self) -> str:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop, f"signal {signal.Signals(sig).name}")
+        self.bus.serve(self._on_tell, self._on_ask)
+        self.bus.subscribe("server_supervisor", ["local"], self._on_topic)
+        self.bus.subscribe("router", ["routes"], self._on_topic)
+        for actor in self.actors.values():
+            self._start(actor)
+        await self.done.wait()
+        self.bus.close()
+        return self.exit_reason
+
+
+async def _wait_exit(procs: list[BaseProcess], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def cleanup_run_dir(run_dir: str) -> None:
+    """Remove the sockets of a node that has stopped."""
+    for entry in os.scandir(run_dir):
+        if entry.name.endswith(".ipc"):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)

@@ -1,0 +1,33 @@
+"""Human-readable rendering of a node's status (`meshllm ctl status`)."""
+
+from __future__ import annotations
+
+from meshllm.messages import NodeStatus
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_status(s: NodeStatus) -> str:
+    server = s.server
+    llama = f"llama-server :{server.port}" if server.port else "-"
+    state = server.state + (f" ({server.reason})" if server.state == "failed" else "")
+    rows = [
+        ["NODE", "ROLE", "MODEL", "STATE", "API", "PORTS"],
+        [s.node_id, s.role, server.model or "-", state, s.http, llama],
+    ]
+    out = [table(rows), ""]
+    model_rows = [["MODEL", "STATUS", "NODES"]]
+    for route in s.routes.models:
+        status = "warm" if route.targets else "cold"
+        model_rows.append([route.name, status, ", ".join(route.nodes) or "-"])
+    if len(model_rows) > 1:
+        out += [table(model_rows), ""]
+    actor_rows = [["ACTOR", "PID", "ALIVE", "RESTARTS"]]
+    for a in s.actors:
+        actor_rows.append([a.name, str(a.pid), "yes" if a.alive else "no", str(a.restarts)])
+    out.append(table(actor_rows))
+    return "\n".join(out)
