@@ -4,26 +4,35 @@ from __future__ import annotations
 
 from meshllm import messages as m
 from meshllm.actor import Actor
-from meshllm.routing import build_route_table
+from meshllm.membership import mesh_catalog
+from meshllm.routing import Serving, build_route_table
 
 
 class Router(Actor):
     name = "router"
-    subscriptions = {"server_supervisor": ["local"]}
+    subscriptions = {"server_supervisor": ["local"], "gossiper": ["mesh"]}
 
     async def on_start(self) -> None:
         self.local = m.LocalServerState()
+        self.mesh = m.MeshView(self.config.node_id)
         self.table: m.RouteTable | None = None
         await self._recompute()
 
     async def on_topic(self, topic: str, msg: m.Message) -> None:
         if isinstance(msg, m.LocalServerState):
             self.local = msg
+        elif isinstance(msg, m.MeshView):
+            self.mesh = msg
         await self._recompute()
 
     async def _recompute(self) -> None:
-        catalog = [spec.name for spec in self.config.models]
-        table = build_route_table(self.config.node_id, self.local, catalog=catalog)
+        catalog = {spec.name for spec in self.config.models} | mesh_catalog(self.mesh.peers)
+        remote = [
+            Serving(peer.serving, peer.node_id, peer.http_port)
+            for peer in self.mesh.peers
+            if peer.serving and peer.server_state == "ready"
+        ]
+        table = build_route_table(self.config.node_id, self.local, remote, catalog)
         if table != self.table:
             self.table = table
             self.log.info("routes: %s", _summary(table))

@@ -67,10 +67,31 @@ def main() -> None:
     "--load-timeout", default=600.0, show_default=True, help="Seconds a model may take to load."
 )
 @click.option(
+    "--bind",
+    default="0.0.0.0:0",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="UDP address of the mesh (QUIC) endpoint; port 0 picks a free one.",
+)
+@click.option("--advertise", metavar="HOST", help="Host other nodes dial (default: from --bind).")
+@click.option(
+    "--probe-interval",
+    default=0.5,
+    show_default=True,
+    help="Seconds between health probes (the seed's value is 15).",
+)
+@click.option(
+    "--probe-timeout",
+    default=1.0,
+    show_default=True,
+    help="Seconds a probe may take before the peer is suspected (the seed's value is 5).",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Logging level of the node and its actors.",
 )
 def up(
     models: tuple[str, ...],
@@ -85,6 +106,10 @@ def up(
     rpc_server: str | None,
     llama_args: tuple[str, ...],
     load_timeout: float,
+    bind: str,
+    advertise: str | None,
+    probe_interval: float,
+    probe_timeout: float,
     log_level: str,
 ) -> None:
     """Start a node and run it in the foreground until Ctrl-C or `meshllm ctl stop`."""
@@ -95,6 +120,8 @@ def up(
         raise click.BadParameter("must be between 0 and 65535", param_hint="--port")
     if max_body_mb <= 0:
         raise click.BadParameter("must be positive", param_hint="--max-body-mb")
+    if probe_interval <= 0 or probe_timeout <= 0:
+        raise click.BadParameter("must be positive", param_hint="--probe-interval/--probe-timeout")
     opts = UpOptions(
         models=list(models),
         join=list(join),
@@ -108,6 +135,10 @@ def up(
         rpc_server=rpc_server,
         llama_args=list(llama_args),
         load_timeout_s=load_timeout,
+        bind=bind,
+        advertise=advertise,
+        probe_interval_s=probe_interval,
+        probe_timeout_s=probe_timeout,
         log_level=log_level.upper(),
     )
     try:
@@ -162,6 +193,15 @@ def drop(home: str, model: str) -> None:
     """Stop serving MODEL: kill llama-server and exit this node (others are unaffected)."""
     reply = _ask(home, m.DropModel(model))
     click.echo(reply.message if isinstance(reply, m.CtlDone) else reply)
+
+
+@ctl.command()
+@HOME_OPTION
+def token(home: str) -> None:
+    """Print this node's invite token (others join with `meshllm up --join TOKEN`)."""
+    reply = _ask(home, m.GetToken())
+    assert isinstance(reply, m.CtlDone)
+    click.echo(reply.message)
 
 
 @ctl.command()

@@ -34,8 +34,13 @@ class NodeConfig(msgspec.Struct, frozen=True):
     """Extra arguments appended to every llama-server command line."""
     load_timeout_s: float = 600.0
     join: tuple[str, ...] = ()
-    bind: str = "0.0.0.0:0"
-    probe_interval_s: float = 1.0
+    mesh_secret: bytes = b""
+    """Admits peers (from the invite token, or made by the first node)."""
+    advertise_host: str = "127.0.0.1"
+    """Host other nodes dial to reach this one."""
+    gossip_port: int = 0
+    tunnel_port: int = 0
+    probe_interval_s: float = 0.5
     probe_timeout_s: float = 1.0
     console_port: int = 0
     log_level: str = "INFO"
@@ -43,3 +48,8 @@ class NodeConfig(msgspec.Struct, frozen=True):
     def ipc(self, name: str) -> str:
         """The ZeroMQ address of a socket in this node's run directory."""
         return f"ipc://{self.run_dir}/{name}.ipc"
+
+    @property
+    def tunnel_http_path(self) -> str:
+        """Unix socket where the Tunnel takes HTTP requests for remote models."""
+        return f"{self.run_dir}/tunnel-http.sock"

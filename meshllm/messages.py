@@ -11,6 +11,8 @@ from typing import Literal
 
 import msgspec
 
+from meshllm.wire import PeerAnnouncement
+
 ServerStateName = Literal["stopped", "loading", "ready", "failed"]
 
 
@@ -82,6 +84,52 @@ class RouteTable(msgspec.Struct, tag=True, frozen=True):
     models: tuple[ModelRoute, ...] = ()
 
 
+class MeshView(msgspec.Struct, tag=True, frozen=True):
+    """The live peers this node knows (published by Gossiper on topic `mesh`)."""
+
+    node_id: str
+    peers: tuple[PeerAnnouncement, ...] = ()
+    """Every other live node's latest announcement, sorted by node id."""
+
+
+class SuspectPeer(msgspec.Struct, tag=True, frozen=True):
+    """Something failed talking to `node_id` (link lost, tunnel stream broke): probe it now."""
+
+    node_id: str
+    reason: str = ""
+
+
+class ProbePeer(msgspec.Struct, tag=True, frozen=True):
+    """HealthProber -> Gossiper: send a probe to `node_id`."""
+
+    node_id: str
+    nonce: int
+
+
+class ProbeVia(msgspec.Struct, tag=True, frozen=True):
+    """HealthProber -> Gossiper: ask `via` to probe `target` for us."""
+
+    via: str
+    target: str
+    nonce: int
+
+
+class ProbeAnswered(msgspec.Struct, tag=True, frozen=True):
+    """Gossiper -> HealthProber: the ack for `nonce` arrived."""
+
+    nonce: int
+
+
+class PeerDied(msgspec.Struct, tag=True, frozen=True):
+    """HealthProber -> Gossiper: `node_id` is dead; remove it and tell the mesh."""
+
+    node_id: str
+
+
+class GetToken(msgspec.Struct, tag=True, frozen=True):
+    """`meshllm ctl token`."""
+
+
 class DropModel(msgspec.Struct, tag=True, frozen=True):
     """`meshllm ctl drop`: stop serving `model`, kill llama-server, exit."""
 
@@ -107,6 +155,8 @@ class NodeStatus(msgspec.Struct, tag=True, frozen=True):
     server: LocalServerState
     routes: RouteTable
     actors: tuple[ActorStatus, ...] = ()
+    peers: tuple[PeerAnnouncement, ...] = ()
+    token: str = ""
 
 
 class CtlDone(msgspec.Struct, tag=True, frozen=True):
@@ -124,6 +174,13 @@ Message = (
     | ActorError
     | LocalServerState
     | RouteTable
+    | MeshView
+    | SuspectPeer
+    | ProbePeer
+    | ProbeVia
+    | ProbeAnswered
+    | PeerDied
+    | GetToken
     | DropModel
     | GetStatus
     | NodeStatus

@@ -43,6 +43,11 @@ class NodeHome:
         return self.root / "node.key"
 
     @property
+    def secret_path(self) -> Path:
+        """The secret of the mesh this node belongs to (owner-only)."""
+        return self.root / "mesh.secret"
+
+    @property
     def lock_path(self) -> Path:
         return self.run_dir / "node.lock"
 

@@ -203,7 +203,7 @@ class ProxyApp:
                 await send_error(send, 503, why, "model_not_ready", retry_after=True)
             return
         if target.local:
-            pool, extra = self.pools.get("127.0.0.1", target.port), []
+            pool, extra = self.pools.get("127.0.0.1", target.port), list[tuple[bytes, bytes]]()
         elif self.remote is not None:
             pool, extra = self.remote(target)
         else:
@@ -222,8 +222,8 @@ class ProxyApp:
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
             watch.cancel()
-        if not relay.cancelled() and (exc := relay.exception()) is not None:
-            raise exc
+        if not relay.cancelled() and (failure := relay.exception()) is not None:
+            raise failure
 
     async def _relay(
         self, pool: Pool, path: str, body: bytes, headers: list[tuple[bytes, bytes]], send: Send

@@ -39,7 +39,10 @@ def _serves(config: NodeConfig) -> bool:
 
 ACTORS: list[ActorSpec] = [
     ActorSpec("server_supervisor", "actors.server_supervisor:ServerSupervisor", _serves),
+    ActorSpec("gossiper", "actors.gossiper:Gossiper"),
+    ActorSpec("health_prober", "actors.health_prober:HealthProber"),
     ActorSpec("router", "actors.router:Router"),
+    ActorSpec("tunnel", "actors.tunnel:Tunnel"),
     ActorSpec("proxy", "actors.proxy:Proxy"),
 ]
 
@@ -58,7 +61,9 @@ class RunningActor:
 class Node:
     """Supervises the actor processes of one node until told to stop."""
 
-    def __init__(self, config: NodeConfig, resources: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self, config: NodeConfig, resources: dict[str, dict[str, Any]], token: str = ""
+    ) -> None:
         self.config = config
         self.resources = resources
         self.ctx = multiprocessing.get_context("spawn")
@@ -66,6 +71,8 @@ class Node:
         self.bus = Bus(config.run_dir, "control")
         self.server = m.LocalServerState()
         self.routes = m.RouteTable()
+        self.mesh = m.MeshView(config.node_id)
+        self.token = token
         self.stopping = False
         self.done = asyncio.Event()
         self.exit_reason = ""
@@ -108,6 +115,8 @@ class Node:
         match msg:
             case m.GetStatus():
                 return self.status()
+            case m.GetToken():
+                return m.CtlDone(self.token)
             case m.Shutdown(reason=reason):
                 self.request_stop(reason or "meshllm ctl stop")
                 return m.CtlDone("stopping")
@@ -132,6 +141,8 @@ class Node:
             self.server = msg
         elif isinstance(msg, m.RouteTable):
             self.routes = msg
+        elif isinstance(msg, m.MeshView):
+            self.mesh = msg
 
     def status(self) -> m.NodeStatus:
         actors = tuple(
@@ -151,6 +162,8 @@ class Node:
             server=self.server,
             routes=self.routes,
             actors=actors,
+            peers=self.mesh.peers,
+            token=self.token,
         )
 
     def request_stop(self, reason: str) -> None:
@@ -187,6 +200,7 @@ class Node:
         self.bus.serve(self._on_tell, self._on_ask)
         self.bus.subscribe("server_supervisor", ["local"], self._on_topic)
         self.bus.subscribe("router", ["routes"], self._on_topic)
+        self.bus.subscribe("gossiper", ["mesh"], self._on_topic)
         for actor in self.actors.values():
             self._start(actor)
         await self.done.wait()

@@ -26,6 +26,14 @@ def format_status(s: NodeStatus) -> str:
         model_rows.append([route.name, status, ", ".join(route.nodes) or "-"])
     if len(model_rows) > 1:
         out += [table(model_rows), ""]
+    peer_rows = [["PEER", "ROLE", "MODEL", "STATE", "API PORT", "ADDRESS"]]
+    for p in s.peers:
+        address = p.addresses[0] if p.addresses else "-"
+        peer_rows.append(
+            [p.node_id, p.role, p.serving or "-", p.server_state, str(p.http_port), address]
+        )
+    if len(peer_rows) > 1:
+        out += [table(peer_rows), ""]
     actor_rows = [["ACTOR", "PID", "ALIVE", "RESTARTS"]]
     for a in s.actors:
         actor_rows.append([a.name, str(a.pid), "yes" if a.alive else "no", str(a.restarts)])

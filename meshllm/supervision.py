@@ -23,7 +23,8 @@ class RestartPolicy:
         self.deaths = [t for t in self.deaths if now - t < self.window_s]
         self.deaths.append(now)
         self.restarts += 1
-        return min(self.max_s, self.base_s * 2 ** (len(self.deaths) - 1))
+        # The exponent is bounded: 2 ** n for a long flapping run would overflow a float.
+        return min(self.max_s, self.base_s * 2.0 ** min(len(self.deaths) - 1, 64))
 
     def reset(self) -> None:
         self.deaths.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -10,6 +11,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -19,6 +21,15 @@ from meshllm.config import ModelSpec, NodeConfig
 from meshllm.identity import load_or_create_key, node_id_of
 from meshllm.paths import NodeHome, cache_dir, home_from, models_dir
 from meshllm.runtime import Node, cleanup_run_dir
+from meshllm.token import (
+    InvalidToken,
+    InviteToken,
+    decode_token,
+    encode_token,
+    mesh_id_of,
+    new_secret,
+    split_address,
+)
 
 log = logging.getLogger("meshllm.up")
 
@@ -42,6 +53,9 @@ class UpOptions:
     llama_args: list[str] = field(default_factory=list)
     load_timeout_s: float = 600.0
     bind: str = "0.0.0.0:0"
+    advertise: str | None = None
+    probe_interval_s: float = 0.5
+    probe_timeout_s: float = 1.0
     console_port: int = 0
     log_level: str = "INFO"
 
@@ -102,7 +116,57 @@ def bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
-def prepare(opts: UpOptions) -> tuple[NodeConfig, socket.socket, int]:
+def mesh_secret(home: NodeHome, tokens: list[InviteToken], client: bool) -> bytes:
+    """The secret of the mesh this node is in: the tokens', or this home's own."""
+    secrets_given = {t.secret for t in tokens}
+    if len(secrets_given) > 1:
+        raise UpError("the --join tokens belong to different meshes")
+    if secrets_given:
+        secret = secrets_given.pop()
+        if not client:
+            write_private(home.secret_path, secret)
+        return secret
+    if home.secret_path.exists():
+        return home.secret_path.read_bytes()
+    secret = new_secret()
+    write_private(home.secret_path, secret)
+    return secret
+
+
+def write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def bind_udp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UpError(f"cannot bind the mesh endpoint to {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def advertise_host(bind_host: str, given: str | None) -> str:
+    """The host other nodes dial: `--advertise`, the bind address, or this machine's name."""
+    if given:
+        return given
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    with contextlib.suppress(OSError):
+        address = socket.gethostbyname(socket.gethostname())
+        if address:
+            return address
+    return "127.0.0.1"
+
+
+def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str, int]:
     """Check everything the user could have got wrong, before any process starts."""
     home = home_from(opts.home)
     home.ensure()
@@ -115,12 +179,23 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, socket.socket, int]:
             raise UpError("a lite client (--client) serves no model; drop --model")
         if opts.client and not opts.join:
             raise UpError("a lite client needs a mesh to join: pass --join TOKEN")
+        try:
+            tokens = [decode_token(text) for text in opts.join]
+            bind_host, bind_port = split_address(opts.bind, allow_zero=True)
+        except InvalidToken as exc:
+            raise UpError(str(exc)) from None
         llama_server = "" if opts.client else find_binary("llama-server", opts.llama_server)
         key = load_or_create_key(None if opts.client else home.key_path)
+        secret = mesh_secret(home, tokens, opts.client)
         sock = bind_http(opts.listen, opts.port)
+        gossip_sock = bind_udp(bind_host, bind_port)
+        tunnel_sock = bind_udp(bind_host, 0)
     except BaseException:
         os.close(lock_fd)
         raise
+    advertised = advertise_host(bind_host, opts.advertise)
+    gossip_port = gossip_sock.getsockname()[1]
+    token = encode_token(InviteToken(secret, (f"{advertised}:{gossip_port}",), mesh_id_of(secret)))
     config = NodeConfig(
         home=str(home.root),
         run_dir=str(home.run_dir),
@@ -135,17 +210,27 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, socket.socket, int]:
         llama_args=tuple(opts.llama_args),
         load_timeout_s=opts.load_timeout_s,
         join=tuple(opts.join),
-        bind=opts.bind,
+        mesh_secret=secret,
+        advertise_host=advertised,
+        gossip_port=gossip_port,
+        tunnel_port=tunnel_sock.getsockname()[1],
+        probe_interval_s=opts.probe_interval_s,
+        probe_timeout_s=opts.probe_timeout_s,
         console_port=opts.console_port,
         log_level=opts.log_level,
     )
-    return config, sock, lock_fd
+    resources = {
+        "proxy": {"socket": sock},
+        "gossiper": {"socket": gossip_sock},
+        "tunnel": {"socket": tunnel_sock},
+    }
+    return config, resources, token, lock_fd
 
 
 def run(opts: UpOptions) -> int:
     """Run a node in the foreground until it is stopped; returns the exit code."""
     logs.setup(opts.log_level, "node")
-    config, sock, lock_fd = prepare(opts)
+    config, resources, token, lock_fd = prepare(opts)
     cleanup_run_dir(config.run_dir)
     serving = config.models[0].name if config.models else "nothing (lite client)"
     log.info(
@@ -155,10 +240,16 @@ def run(opts: UpOptions) -> int:
         config.http_host,
         config.http_port,
     )
+    log.info("mesh endpoint on %s:%s", config.advertise_host, config.gossip_port)
+    if not opts.join:
+        # The first node of a mesh prints its invitation; `meshllm ctl token` repeats it.
+        print(f"invite token (join with `meshllm up --join TOKEN`):\n{token}", flush=True)
     try:
-        reason = uvloop.run(Node(config, {"proxy": {"socket": sock}}).run())
+        reason = uvloop.run(Node(config, resources, token).run())
     finally:
-        sock.close()
+        for actor_resources in resources.values():
+            for resource in actor_resources.values():
+                resource.close()
         cleanup_run_dir(config.run_dir)
         os.close(lock_fd)
     log.info("node stopped (%s)", reason)

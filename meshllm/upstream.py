@@ -222,7 +222,10 @@ def _parse_head(pool: Pool, conn: Connection, head: bytes) -> Response:
         value = value.strip()
         headers.append((key, value))
         if key == b"content-length":
-            length = int(value)
+            length = int(value) if value.isdigit() else -1
+            if length < 0:
+                conn.close()
+                raise UpstreamError(f"bad Content-Length {value!r}")
         elif key == b"transfer-encoding":
             chunked = b"chunked" in value.lower()
         elif key == b"connection":

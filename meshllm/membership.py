@@ -1,0 +1,112 @@
+"""Who is in the mesh (sans-I/O): merging announcements, leaves and deaths.
+
+Each node owns its `PeerAnnouncement` and bumps its generation on every
+change; when two copies of a node's announcement meet, the higher generation
+wins (spec: "Gossip"). A node that left or died leaves a tombstone, so an old
+copy still travelling through the mesh cannot bring it back; only a newer
+generation (the node restarted, or refuted a false death) can. Generations
+start from the wall clock at boot, so a restarted node outranks its past self.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from meshllm.wire import PeerAnnouncement
+
+TOMBSTONE_TTL_S = 120.0
+
+
+def boot_generation() -> int:
+    return int(time.time() * 1000) << 8
+
+
+@dataclass
+class Membership:
+    me: PeerAnnouncement
+    peers: dict[str, PeerAnnouncement] = field(default_factory=dict)
+    tombstones: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """node id -> (generation at removal, expiry time)."""
+
+    @property
+    def node_id(self) -> str:
+        return self.me.node_id
+
+    def update_self(self, **changes: object) -> bool:
+        """Change our own announcement; True (and a new generation) if anything changed."""
+        updated = msgspec.structs.replace(self.me, **changes)
+        if updated == self.me:
+            return False
+        self.me = msgspec.structs.replace(updated, generation=self.me.generation + 1)
+        return True
+
+    def merge(self, ann: PeerAnnouncement, now: float) -> bool:
+        """Take in an announcement; True if it told us something new."""
+        if ann.node_id == self.node_id:
+            if ann.generation >= self.me.generation:
+                # Someone holds a newer copy of us (we restarted): outrank it.
+                self.me = msgspec.structs.replace(self.me, generation=ann.generation + 1)
+                return True
+            return False
+        stone = self.tombstones.get(ann.node_id)
+        if stone is not None:
+            if ann.generation <= stone[0] and now < stone[1]:
+                return False
+            del self.tombstones[ann.node_id]
+        known = self.peers.get(ann.node_id)
+        if known is not None and known.generation >= ann.generation:
+            return False
+        self.peers[ann.node_id] = ann
+        return True
+
+    def remove(self, node_id: str, generation: int, now: float) -> bool:
+        """A node left or died (as of `generation`); True if we had it."""
+        if node_id == self.node_id:
+            # Reported dead while alive: refute with a newer generation.
+            bump = max(self.me.generation, generation) + 1
+            self.me = msgspec.structs.replace(self.me, generation=bump)
+            return False
+        known = self.peers.get(node_id)
+        if known is None or known.generation > generation:
+            return False
+        del self.peers[node_id]
+        self.tombstones[node_id] = (generation, now + TOMBSTONE_TTL_S)
+        return True
+
+    def expire(self, now: float) -> None:
+        for node_id, (_, expiry) in list(self.tombstones.items()):
+            if now >= expiry:
+                del self.tombstones[node_id]
+
+    def digest(self) -> dict[str, int]:
+        gens = {node_id: ann.generation for node_id, ann in self.peers.items()}
+        gens[self.node_id] = self.me.generation
+        return gens
+
+    def newer_than(self, digest: dict[str, int]) -> list[PeerAnnouncement]:
+        """What a node with this digest is missing or has older."""
+        return [a for a in self.all() if a.generation > digest.get(a.node_id, -1)]
+
+    def all(self) -> list[PeerAnnouncement]:
+        return [self.me, *self.peers.values()]
+
+    def view(self) -> tuple[PeerAnnouncement, ...]:
+        return tuple(sorted(self.peers.values(), key=lambda a: a.node_id))
+
+    def catalog(self) -> set[str]:
+        """The mesh catalog: every node's available and requested models (spec: "Gossip")."""
+        return mesh_catalog(self.all())
+
+
+def mesh_catalog(announcements: Iterable[PeerAnnouncement]) -> set[str]:
+    names: set[str] = set()
+    for ann in announcements:
+        names.update(ann.available_models)
+        names.update(ann.requested_models)
+        if ann.serving:
+            names.add(ann.serving)
+    return names

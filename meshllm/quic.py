@@ -1,0 +1,315 @@
+"""QUIC between nodes (aioquic, TLS 1.3) with admission by the mesh secret.
+
+Every connection starts with an admission exchange on its first stream,
+before anything else is served:
+
+    client -> Hello(node_id, client_nonce)
+    server -> Challenge(node_id, server_nonce, HMAC(secret, "server"|nonces))
+    client -> Proof(HMAC(secret, "client"|nonces))
+    server -> Welcome | Refused
+
+Each side proves it holds the secret without sending it, and fresh nonces
+make old exchanges useless. A peer that opens any other stream first, sends
+garbage, or is too slow is disconnected. After admission the first stream
+carries framed control messages (`Link.send`); other streams are handed to
+the endpoint's stream handler (the Tunnel's HTTP streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated
+from aioquic.quic.packet import pull_quic_header
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from meshllm import wire
+
+log = logging.getLogger("meshllm.quic")
+
+ALPN = "meshllm/1"
+ADMISSION_TIMEOUT_S = 5.0
+IDLE_TIMEOUT_S = 20.0
+ERROR_REFUSED = 0x100
+
+
+class AdmissionError(ConnectionError):
+    """The other side could not prove it holds the mesh secret (or never tried)."""
+
+
+@dataclass
+class Counters:
+    """What the endpoint dropped, for status and tests."""
+
+    garbage_datagrams: int = 0
+    refused: int = 0
+    malformed_frames: int = 0
+
+
+def self_signed(key: ec.EllipticCurvePrivateKey, node_id: str) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshllm-{node_id}")])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
+    return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
+
+
+class Link:
+    """An admitted connection to one peer: a control stream plus new streams on demand."""
+
+    def __init__(
+        self,
+        protocol: MeshProtocol,
+        peer_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        dialed: bool,
+        remote: tuple[str, int],
+    ) -> None:
+        self.protocol = protocol
+        self.peer_id = peer_id
+        self.reader = reader
+        self.writer = writer
+        self.dialed = dialed
+        self.remote = remote
+        self.closed = protocol.closed
+
+    def send(self, msg: wire.WireMessage) -> None:
+        if not self.closed.is_set():
+            self.writer.write(wire.encode_frame(msg))
+
+    async def open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await self.protocol.create_stream()
+
+    def close(self, reason: str = "") -> None:
+        self.protocol.close(reason_phrase=reason)
+
+
+class MeshProtocol(QuicConnectionProtocol):
+    """One QUIC connection of a `MeshEndpoint`."""
+
+    def __init__(self, quic: QuicConnection, endpoint: MeshEndpoint, **kwargs: Any) -> None:
+        super().__init__(quic, stream_handler=self._on_stream)
+        self.endpoint = endpoint
+        self.link: Link | None = None
+        self.first_stream_seen = False
+        self.closed = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.link is not None:
+            self._spawn(self.endpoint.stream_handler(self.link, reader, writer))
+        elif not self.first_stream_seen and not self._quic.configuration.is_client:
+            self.first_stream_seen = True
+            self._spawn(self.endpoint._admit_incoming(self, reader, writer))
+        else:
+            # Any stream before admission completes: no service, close at once.
+            self.endpoint.counters.refused += 1
+            self.close(error_code=ERROR_REFUSED, reason_phrase="not admitted")
+
+    def quic_event_received(self, event: Any) -> None:
+        super().quic_event_received(event)
+        if isinstance(event, ConnectionTerminated):
+            self.closed.set()
+            self.endpoint.protocols.discard(self)
+            for task in list(self.tasks):
+                task.cancel()
+
+    def remote_address(self) -> tuple[str, int]:
+        addr = self._quic._network_paths[0].addr if self._quic._network_paths else ("", 0)
+        host = str(addr[0]).removeprefix("::ffff:")
+        return host, int(addr[1])
+
+
+StreamHandler = Callable[[Link, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+LinkHandler = Callable[[Link], Awaitable[None]]
+
+
+async def _no_streams(link: Link, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.close()
+
+
+class _CountingServer(QuicServer):
+    def __init__(self, endpoint: MeshEndpoint, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.endpoint = endpoint
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        try:
+            pull_quic_header(Buffer(data=data), host_cid_length=8)  # type: ignore[arg-type]
+        except ValueError:
+            self.endpoint.counters.garbage_datagrams += 1
+            return
+        super().datagram_received(data, addr)
+
+
+@dataclass
+class MeshEndpoint:
+    """Our side of QUIC: accepts admitted peers and dials others."""
+
+    node_id: str
+    secret: bytes
+    key: ec.EllipticCurvePrivateKey
+    on_link: LinkHandler
+    stream_handler: StreamHandler = _no_streams
+    counters: Counters = field(default_factory=Counters)
+
+    def __post_init__(self) -> None:
+        self.cert = self_signed(self.key, self.node_id)
+        self.server: QuicServer | None = None
+        self.protocols: set[MeshProtocol] = set()
+
+    def _config(self, is_client: bool) -> QuicConfiguration:
+        config = QuicConfiguration(
+            is_client=is_client, alpn_protocols=[ALPN], idle_timeout=IDLE_TIMEOUT_S
+        )
+        if is_client:
+            # Peers are authenticated by the mesh secret, not by a CA.
+            config.verify_mode = ssl.CERT_NONE
+        else:
+            config.certificate = self.cert
+            config.private_key = self.key
+        return config
+
+    def _protocol(self, quic: QuicConnection, **kwargs: Any) -> MeshProtocol:
+        protocol = MeshProtocol(quic, self)
+        self.protocols.add(protocol)
+        return protocol
+
+    async def listen(self, sock: socket.socket) -> None:
+        """Serve on an already bound UDP socket (bound by the root, kept across restarts)."""
+        loop = asyncio.get_running_loop()
+        _, server = await loop.create_datagram_endpoint(
+            lambda: _CountingServer(
+                self, configuration=self._config(False), create_protocol=self._protocol
+            ),
+            sock=sock,
+        )
+        self.server = server
+
+    async def dial(self, host: str, port: int, timeout: float = 5.0) -> Link:
+        """Connect and run admission as the client; `AdmissionError` or `OSError` on failure."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        config = self._config(True)
+        config.server_name = host
+        quic = QuicConnection(configuration=config)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1" if host.startswith("127.") else "", 0))
+        _, protocol = await loop.create_datagram_endpoint(lambda: self._protocol(quic), sock=sock)
+        assert isinstance(protocol, MeshProtocol)
+        try:
+            async with asyncio.timeout(timeout):
+                protocol.connect(addr)
+                await protocol.wait_connected()
+                reader, writer = await protocol.create_stream()
+                peer_id = await self._admit_outgoing(reader, writer)
+        except BaseException as exc:
+            protocol.close()
+            protocol._transport.close()  # type: ignore[union-attr]
+            if isinstance(exc, TimeoutError):
+                raise AdmissionError(f"{host}:{port} did not complete admission") from None
+            raise
+        link = Link(protocol, peer_id, reader, writer, dialed=True, remote=(host, port))
+        protocol.link = link
+        protocol._spawn(self._close_transport_after(protocol))
+        return link
+
+    async def _close_transport_after(self, protocol: MeshProtocol) -> None:
+        # A dialed connection owns its UDP socket: release it with the connection.
+        try:
+            await protocol.closed.wait()
+        finally:
+            self.protocols.discard(protocol)
+            with contextlib.suppress(Exception):
+                protocol._transport.close()  # type: ignore[union-attr]
+
+    async def _admit_outgoing(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> str:
+        nonce = os.urandom(16)
+        writer.write(wire.encode_frame(wire.Hello(self.node_id, nonce)))
+        challenge = await wire.read_frame(reader)
+        if not isinstance(challenge, wire.Challenge):
+            raise AdmissionError(f"expected a challenge, got {type(challenge).__name__}")
+        expected = _mac(self.secret, b"server", nonce, challenge.nonce, challenge.node_id.encode())
+        if not hmac.compare_digest(expected, challenge.mac):
+            raise AdmissionError("the peer does not hold this mesh's secret")
+        mac = _mac(self.secret, b"client", challenge.nonce, nonce, self.node_id.encode())
+        writer.write(wire.encode_frame(wire.Proof(mac)))
+        answer = await wire.read_frame(reader)
+        if isinstance(answer, wire.Refused):
+            raise AdmissionError(f"refused: {answer.reason}")
+        if not isinstance(answer, wire.Welcome):
+            raise AdmissionError(f"expected a welcome, got {type(answer).__name__}")
+        return challenge.node_id
+
+    async def _admit_incoming(
+        self, protocol: MeshProtocol, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            async with asyncio.timeout(ADMISSION_TIMEOUT_S):
+                hello = await wire.read_frame(reader)
+                if not isinstance(hello, wire.Hello) or len(hello.nonce) != 16:
+                    raise AdmissionError("the first frame was not a hello")
+                nonce = os.urandom(16)
+                mac = _mac(self.secret, b"server", hello.nonce, nonce, self.node_id.encode())
+                writer.write(wire.encode_frame(wire.Challenge(self.node_id, nonce, mac)))
+                proof = await wire.read_frame(reader)
+                expected = _mac(self.secret, b"client", nonce, hello.nonce, hello.node_id.encode())
+                if not isinstance(proof, wire.Proof) or not hmac.compare_digest(
+                    expected, proof.mac
+                ):
+                    writer.write(wire.encode_frame(wire.Refused("wrong mesh secret")))
+                    raise AdmissionError(f"{hello.node_id} does not hold the mesh secret")
+                writer.write(wire.encode_frame(wire.Welcome()))
+        except (AdmissionError, wire.WireError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            self.counters.refused += 1
+            log.warning("refused a connection from %s: %s", protocol.remote_address(), exc)
+            protocol.close(error_code=ERROR_REFUSED, reason_phrase="not admitted")
+            return
+        link = Link(protocol, hello.node_id, reader, writer, False, protocol.remote_address())
+        protocol.link = link
+        await self.on_link(link)
+
+    def close(self) -> None:
+        for protocol in list(self.protocols):
+            protocol.close()
+        if self.server is not None:
+            self.server.close()

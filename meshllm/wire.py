@@ -1,0 +1,176 @@
+"""Messages between nodes: length-prefixed, size-limited, versioned msgspec frames.
+
+A frame is a 4-byte big-endian length and a msgpack `Envelope`. Decoding is
+strict (types are checked); unknown fields are ignored and new fields carry
+defaults, so nodes of different versions interoperate. A frame over
+`MAX_FRAME_BYTES` cannot be skipped safely and ends the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import msgspec
+
+from meshllm import PROTOCOL_VERSION
+
+MAX_FRAME_BYTES = 1 << 20
+HEADER = 4
+
+Role = Literal["host", "worker", "client", "idle"]
+
+
+class WireError(Exception):
+    """A peer broke the protocol; the one exception type raised below the boundary."""
+
+
+class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
+    """What a node tells the mesh about itself (spec: "Gossip")."""
+
+    node_id: str
+    generation: int
+    """Grows with every change; the higher one wins when two copies meet."""
+    version: str = ""
+    role: Role = "idle"
+    http_port: int = 0
+    """The node's OpenAI API port (meaningful for the Host role)."""
+    serving: str | None = None
+    """Model loaded here, or None."""
+    server_state: str = "stopped"
+    available_models: tuple[str, ...] = ()
+    requested_models: tuple[str, ...] = ()
+    vram_bytes: int = 0
+    addresses: tuple[str, ...] = ()
+    """`host:port` of the node's gossip endpoint."""
+    tunnel_port: int = 0
+
+
+# -- admission (the first stream of every connection) ---------------------------
+
+
+class Hello(msgspec.Struct, tag=True, frozen=True):
+    node_id: str
+    nonce: bytes
+
+
+class Challenge(msgspec.Struct, tag=True, frozen=True):
+    node_id: str
+    nonce: bytes
+    mac: bytes
+    """Proves the server holds the secret: HMAC over both nonces."""
+
+
+class Proof(msgspec.Struct, tag=True, frozen=True):
+    mac: bytes
+
+
+class Welcome(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class Refused(msgspec.Struct, tag=True, frozen=True):
+    reason: str
+
+
+# -- gossip and health ---------------------------------------------------------------
+
+
+class Sync(msgspec.Struct, tag=True, frozen=True):
+    """Announcements the receiver may not have (on connect, on change, on a digest)."""
+
+    announcements: tuple[PeerAnnouncement, ...]
+
+
+class Digest(msgspec.Struct, tag=True, frozen=True):
+    """node id -> generation known to the sender (anti-entropy)."""
+
+    generations: dict[str, int]
+
+
+class PeerGone(msgspec.Struct, tag=True, frozen=True):
+    """A node left (graceful) or was found dead; remove it now."""
+
+    node_id: str
+    generation: int
+    reason: str = ""
+
+
+class Probe(msgspec.Struct, tag=True, frozen=True):
+    nonce: int
+
+
+class ProbeAck(msgspec.Struct, tag=True, frozen=True):
+    nonce: int
+
+
+class ProbeRequest(msgspec.Struct, tag=True, frozen=True):
+    """Indirect probe: please probe `target` and ack `nonce` to me if it answers."""
+
+    target: str
+    nonce: int
+
+
+# -- tunnel ----------------------------------------------------------------------
+
+
+class TunnelOpen(msgspec.Struct, tag=True, frozen=True):
+    """First frame of a tunnel stream: raw HTTP/1.1 for `model`'s llama-server follows."""
+
+    model: str
+
+
+WireMessage = (
+    Hello
+    | Challenge
+    | Proof
+    | Welcome
+    | Refused
+    | Sync
+    | Digest
+    | PeerGone
+    | Probe
+    | ProbeAck
+    | ProbeRequest
+    | TunnelOpen
+)
+
+
+class Envelope(msgspec.Struct, frozen=True, array_like=True):
+    v: int
+    msg: WireMessage
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode_frame(msg: WireMessage) -> bytes:
+    payload = _encoder.encode(Envelope(PROTOCOL_VERSION, msg))
+    if len(payload) > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
+    return len(payload).to_bytes(HEADER, "big") + payload
+
+
+def decode_payload(payload: bytes) -> WireMessage:
+    """Decode one frame's payload; `WireError` when malformed or of another version."""
+    try:
+        envelope = _decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise WireError(f"malformed frame: {exc}") from None
+    if envelope.v != PROTOCOL_VERSION:
+        raise WireError(f"unsupported protocol version {envelope.v}")
+    return envelope.msg
+
+
+async def read_payload(reader: asyncio.StreamReader) -> bytes:
+    """The next frame's payload; `WireError` on an oversized frame, EOF error at the end."""
+    header = await reader.readexactly(HEADER)
+    size = int.from_bytes(header, "big")
+    if size > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
+    return await reader.readexactly(size)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> WireMessage:
+    return decode_payload(await read_payload(reader))

@@ -1,0 +1,181 @@
+"""Real node processes for integration tests: start, wait, query, always stop."""
+
+from __future__ import annotations
+
+import contextlib
+from http.client import HTTPConnection
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+API_LINE = re.compile(r"OpenAI API at http://([\d.]+):(\d+)/v1")
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll `predicate` until it returns something truthy; fail saying what it last saw."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except Exception as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw: {last!r}")
+
+
+def http(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | dict[str, Any] | None = None,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        conn.request(method, path, body=data, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def chat(port: int, model: str, content: str = "hello", max_tokens: int = 16, **extra: Any) -> Any:
+    status, _, body = http(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **extra,
+        },
+    )
+    assert status == 200, body
+    return json.loads(body)
+
+
+class NodeProcess:
+    """`meshllm up` in its own process group, with its own home and log file."""
+
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = home / "node-stdout.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> NodeProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_file = self.log_path.open("ab")
+        cmd = [sys.executable, "-m", "meshllm", "up", "--home", str(self.home), *self.args]
+        if "--port" not in self.args:
+            cmd += ["--port", "0"]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+        )
+        self.port = int(wait_for(self._api_port, 30, f"{self.home} to open its API"))
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _api_port(self) -> str | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        match = API_LINE.search(self.log())
+        return match.group(2) if match else None
+
+    def wait_ready(self, model: str | None = None, timeout: float = 60) -> NodeProcess:
+        def ready() -> bool:
+            status, _, body = http(self.port, "GET", "/v1/models", timeout=2)
+            data = json.loads(body)["data"]
+            warm = {m["id"] for m in data if m["meshllm"]["status"] == "warm"}
+            return model in warm if model else bool(warm)
+
+        wait_for(ready, timeout, f"{model or 'a model'} to be warm on :{self.port}")
+        return self
+
+    def ctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meshllm", "ctl", *args, "--home", str(self.home)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+        )
+
+    def status(self) -> dict[str, Any]:
+        out = self.ctl("status", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Always leaves nothing behind: SIGTERM, then SIGKILL of the whole group."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self.log_file.close()
+
+
+def children_of(pid: int) -> list[int]:
+    """All descendants of `pid` (from /proc), for orphan checks."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        current = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == current]
+        found += kids
+        frontier += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
