@@ -14,6 +14,9 @@ import asyncio
 import contextlib
 import random
 import time
+from pathlib import Path
+
+import msgspec
 
 from meshllm import __version__, wire
 from meshllm import messages as m
@@ -21,7 +24,7 @@ from meshllm.actor import Actor
 from meshllm.identity import load_or_create_key
 from meshllm.membership import Membership, boot_generation
 from meshllm.quic import Link, MeshEndpoint
-from meshllm.token import decode_token, split_address
+from meshllm.token import InvalidToken, decode_token, split_address
 
 ANTI_ENTROPY_S = 2.0
 REDIAL_AFTER_S = 2.0
@@ -56,6 +59,8 @@ class Gossiper(Actor):
         await self.endpoint.listen(self.resources["socket"])
         self.tasks = [asyncio.create_task(self._anti_entropy())]
         self.tasks += [asyncio.create_task(self._join(token)) for token in cfg.join]
+        self.peers_file = Path(cfg.run_dir) / "peers.json"
+        self.tasks.append(asyncio.create_task(self._redial_remembered()))
         await self._publish()
 
     # -- links -------------------------------------------------------------------
@@ -155,6 +160,7 @@ class Gossiper(Actor):
         self._dial_unlinked()
 
     async def _publish(self) -> None:
+        self._remember_peers()
         view = m.MeshView(self.members.node_id, self.members.view())
         await self.bus.publish("mesh", view)
 
@@ -185,9 +191,18 @@ class Gossiper(Actor):
             self.dialing.discard(peer_id)
 
     async def _join(self, text: str) -> None:
+        """Dial the token's addresses until admitted; dial again whenever that link ends.
+
+        Rejoining covers a seed node that restarted: it knows nobody, so the
+        nodes that joined through it reach out again.
+        """
         token = decode_token(text)
         delay = 0.2
+        joined: str | None = None
         while not self.stopping.is_set():
+            if joined is not None and joined in self.links:
+                await asyncio.sleep(1.0)
+                continue
             for address in token.addresses:
                 try:
                     link = await self.endpoint.dial(*split_address(address), timeout=3.0)
@@ -195,10 +210,27 @@ class Gossiper(Actor):
                     self.log.warning("joining via %s failed: %s; retrying", address, exc)
                     continue
                 self.log.info("joined the mesh via %s (node %s)", address, link.peer_id)
+                joined, delay = link.peer_id, 0.2
                 await self._on_link(link)
-                return
+                break
             await asyncio.sleep(delay)
             delay = min(delay * 2, JOIN_BACKOFF_MAX_S)
+
+    def _remember_peers(self) -> None:
+        """Keep peers' addresses in the run directory: a restarted Gossiper redials them."""
+        addresses = sorted({a for p in self.members.peers.values() for a in p.addresses[:1]})
+        with contextlib.suppress(OSError):
+            self.peers_file.write_bytes(msgspec.json.encode(addresses))
+
+    async def _redial_remembered(self) -> None:
+        try:
+            addresses = msgspec.json.decode(self.peers_file.read_bytes(), type=list[str])
+        except (OSError, msgspec.DecodeError):
+            return
+        for address in addresses:
+            with contextlib.suppress(OSError, ConnectionError, wire.WireError, InvalidToken):
+                link = await self.endpoint.dial(*split_address(address), timeout=2.0)
+                self.tasks.append(asyncio.create_task(self._on_link(link)))
 
     async def _anti_entropy(self) -> None:
         while True:
