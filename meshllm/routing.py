@@ -43,7 +43,7 @@ def build_route_table(
     routes = []
     for model in sorted(by_model):
         group = sorted(by_model[model], key=lambda s: (not s.local, s.node_id))
-        targets = tuple(RouteTarget(s.node_id, s.local, s.port) for s in group)
+        targets = tuple(RouteTarget(s.node_id, s.local, s.port, s.model) for s in group)
         routes.append(ModelRoute(model, targets, tuple(s.node_id for s in group)))
     cold = sorted(set(catalog) - set(by_model))
     routes += [ModelRoute(name) for name in cold]
@@ -66,7 +66,7 @@ class Routes:
             if route.targets:
                 return route.targets[0], ""
             return None, f"model {model!r} is known to the mesh but no node serves it yet"
-        if self.strict and model:
+        if self.strict and model and self.table.models:
             return None, f"model {model!r} does not exist in this mesh"
         if self.first is None:
             return None, "no model is ready yet"

@@ -1,0 +1,216 @@
+"""The `meshllm` command line (meshllm.cli), driven with click's CliRunner."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+import meshllm.logs
+import meshllm.up
+from meshllm.cli import main
+from meshllm.demo_model import DEMO_MODEL_NAME
+from meshllm.up import UpOptions
+
+
+def _commands(cmd: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    yield path
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            yield from _commands(sub, (*path, name))
+
+
+def _lookup(path: tuple[str, ...]) -> click.Command:
+    cmd: click.Command = main
+    for name in path:
+        assert isinstance(cmd, click.Group)
+        cmd = cmd.commands[name]
+    return cmd
+
+
+COMMANDS = list(_commands(main))
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), prog_name="meshllm", catch_exceptions=False)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the real home, cache or logging set-up; never start a real node."""
+    monkeypatch.setenv("MESHLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MESHLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(meshllm.logs, "setup", lambda *a, **k: None)
+
+
+def test_command_tree_is_complete() -> None:
+    assert {" ".join(p) for p in COMMANDS} >= {
+        "",
+        "up",
+        "ctl",
+        "ctl status",
+        "ctl drop",
+        "ctl stop",
+        "models",
+        "models demo",
+    }
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "meshllm")
+def test_help_documents_every_option(path: tuple[str, ...]) -> None:
+    for flag in ("--help", "-h"):
+        result = invoke(*path, flag)
+        assert result.exit_code == 0, result.output
+        assert f"Usage: {' '.join(('meshllm', *path))} " in result.output
+    cmd = _lookup(path)
+    assert cmd.help, f"{path} has no docstring"
+    assert " ".join(cmd.help.split()[:6]) in " ".join(result.output.split())
+    for param in cmd.params:
+        if isinstance(param, click.Option) and param.name not in ("help", "version"):
+            assert param.help, f"option {param.opts} of {path} has no help text"
+            assert max(param.opts, key=len) in result.output
+
+
+def test_up_help_shows_defaults() -> None:
+    out = invoke("up", "--help").output
+    assert "9337" in out and "127.0.0.1" in out
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("meshllm, version ")
+
+
+@pytest.fixture
+def captured_up(monkeypatch: pytest.MonkeyPatch) -> list[UpOptions]:
+    """`meshllm.up.run` replaced by a recorder, to test argument parsing only."""
+    calls: list[UpOptions] = []
+
+    def fake_run(opts: UpOptions) -> int:
+        calls.append(opts)
+        return 0
+
+    monkeypatch.setattr(meshllm.up, "run", fake_run)
+    return calls
+
+
+def test_up_forwards_options(captured_up: list[UpOptions], tmp_path: Path) -> None:
+    result = invoke(
+        "up",
+        "--model",
+        "a.gguf",
+        "--model",
+        "b",
+        "--home",
+        str(tmp_path / "h"),
+        "--port",
+        "0",
+        "--listen",
+        "0.0.0.0",
+        "--strict-models",
+        "--max-body-mb",
+        "0.5",
+        "--llama-arg=-c",
+        "--llama-arg=4096",
+        "--log-level",
+        "debug",
+    )
+    assert result.exit_code == 0, result.output
+    (opts,) = captured_up
+    assert opts.models == ["a.gguf", "b"]
+    assert opts.home == str(tmp_path / "h")
+    assert opts.port == 0 and opts.listen == "0.0.0.0"
+    assert opts.strict_models and not opts.client
+    assert opts.max_body_bytes == 512 * 1024
+    assert opts.llama_args == ["-c", "4096"]
+    assert opts.log_level == "DEBUG"
+
+
+def test_up_defaults(captured_up: list[UpOptions], tmp_path: Path) -> None:
+    assert invoke("up").exit_code == 0
+    (opts,) = captured_up
+    assert opts.port == 9337 and opts.listen == "127.0.0.1"
+    assert opts.models == [] and opts.join == []
+    assert opts.home == str(tmp_path / "home")  # from MESHLLM_HOME
+    assert opts.max_body_bytes == 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "-1", "abc", "1.5"])
+def test_up_rejects_invalid_port(captured_up: list[UpOptions], port: str) -> None:
+    result = invoke("up", "--port", port)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" in result.output and "--port" in result.output
+    assert "Traceback" not in result.output
+    assert captured_up == []
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_up_rejects_non_positive_body_limit(captured_up: list[UpOptions], size: str) -> None:
+    result = invoke("up", "--max-body-mb", size)
+    assert result.exit_code == 2 and "--max-body-mb" in result.output
+    assert captured_up == []
+
+
+def test_up_rejects_unknown_log_level(captured_up: list[UpOptions]) -> None:
+    result = invoke("up", "--log-level", "LOUD")
+    assert result.exit_code == 2 and "--log-level" in result.output
+
+
+def test_up_client_without_join_errors_clearly(tmp_path: Path) -> None:
+    result = invoke("up", "--client", "--home", str(tmp_path / "h"))
+    assert result.exit_code == 1, result.output
+    assert "Error: a lite client needs a mesh to join: pass --join TOKEN" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_up_client_with_model_errors_clearly(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    result = invoke("up", "--client", "--join", "t", "--model", str(model), "--home", str(tmp_path))
+    assert result.exit_code == 1, result.output
+    assert "serves no model" in result.output
+
+
+def test_up_missing_model_errors_clearly(tmp_path: Path) -> None:
+    result = invoke("up", "--model", str(tmp_path / "nope.gguf"), "--home", str(tmp_path / "h"))
+    assert result.exit_code == 1, result.output
+    assert "not found" in result.output and "nope.gguf" in result.output
+
+
+@pytest.mark.parametrize(
+    "args", [("ctl", "status"), ("ctl", "stop"), ("ctl", "drop", "m"), ("ctl", "status", "--json")]
+)
+def test_ctl_without_a_running_node(tmp_path: Path, args: tuple[str, ...]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke(*args, "--home", str(empty))
+    assert result.exit_code == 1, result.output
+    assert f"Error: no meshllm node is running with home {empty.resolve()}" in result.output
+    assert list(empty.iterdir()) == [], "ctl must not create files in the home"
+
+
+def test_ctl_status_uses_meshllm_home(tmp_path: Path) -> None:
+    result = invoke("ctl", "status")
+    assert result.exit_code == 1
+    assert str(tmp_path / "home") in result.output
+
+
+def test_models_demo_prints_its_path(tmp_path: Path) -> None:
+    result = invoke("models", "demo")
+    assert result.exit_code == 0, result.output
+    path = Path(result.output.strip())
+    assert path == tmp_path / "cache" / "models" / f"{DEMO_MODEL_NAME}.gguf"
+    assert path.is_file() and path.read_bytes()[:4] == b"GGUF"
+    mtime = path.stat().st_mtime_ns
+    again = invoke("models", "demo")
+    assert Path(again.output.strip()) == path
+    assert path.stat().st_mtime_ns == mtime  # not rewritten
+
+
+def test_models_demo_name_and_seed(tmp_path: Path) -> None:
+    result = invoke("models", "demo", "--name", "other", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert Path(result.output.strip()) == tmp_path / "cache" / "models" / "other.gguf"

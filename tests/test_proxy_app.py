@@ -1,0 +1,641 @@
+"""The OpenAI front (meshllm.proxy_app.ProxyApp), driven in-process.
+
+Most tests call the ASGI app directly with a scripted `receive`, against the
+tiny upstream server of `tests.test_upstream`; a few run it under uvicorn on
+port 0 to check the same behaviour over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pytest
+import uvicorn
+
+from meshllm.messages import ModelRoute, RouteTable, RouteTarget
+from meshllm.proxy_app import RETRY_AFTER_S, ProxyApp
+from tests.test_upstream import (
+    CHUNKED_HEAD,
+    WAIT_S,
+    FakeServer,
+    Request,
+    Responder,
+    chunk,
+    closed_port,
+    ok,
+    response,
+    wait_eof,
+)
+from tests.test_upstream import run as run_with_deadline
+
+CHAT = "/v1/chat/completions"
+T = TypeVar("T")
+_apps: list[ProxyApp] = []
+
+
+def new_app(**kwargs: Any) -> ProxyApp:
+    """A ProxyApp whose upstream connections `run` closes when the test ends."""
+    app = ProxyApp(**kwargs)
+    _apps.append(app)
+    return app
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    async def body() -> T:
+        try:
+            return await coro
+        finally:
+            for app in _apps:
+                app.pools.retain(set())
+            _apps.clear()
+            await asyncio.sleep(0.01)  # let the closed transports go
+
+    return run_with_deadline(body())
+
+
+def local_table(port: int, model: str = "demo", node: str = "n1") -> RouteTable:
+    return RouteTable((ModelRoute(model, (RouteTarget(node, True, port),), (node,)),))
+
+
+def app_for(port: int, **kwargs: Any) -> ProxyApp:
+    app = new_app(**kwargs)
+    app.set_table(local_table(port))
+    return app
+
+
+@dataclass
+class Call:
+    """One HTTP request played into the ASGI app; the response is recorded."""
+
+    app: ProxyApp
+    method: str
+    path: str
+    parts: list[bytes]
+    headers: list[tuple[bytes, bytes]]
+    disconnect: asyncio.Event = field(default_factory=asyncio.Event)
+    sent: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    async def receive(self) -> dict[str, Any]:
+        if self.parts:
+            body = self.parts.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(self.parts)}
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        self.sent.put_nowait(message)
+
+    async def __call__(self) -> None:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": self.method,
+            "scheme": "http",
+            "path": self.path,
+            "raw_path": self.path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": self.headers,
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 9337),
+        }
+        await self.app(scope, self.receive, self.send)
+
+    async def next_message(self) -> dict[str, Any]:
+        return await asyncio.wait_for(self.sent.get(), WAIT_S)
+
+    @property
+    def status(self) -> int:
+        start = next(m for m in self.messages if m["type"] == "http.response.start")
+        return int(start["status"])
+
+    @property
+    def response_headers(self) -> dict[bytes, bytes]:
+        start = next(m for m in self.messages if m["type"] == "http.response.start")
+        return dict(start["headers"])
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages if m["type"].endswith("body"))
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(
+    app: ProxyApp,
+    path: str = CHAT,
+    body: bytes | list[bytes] | dict[str, Any] = b"",
+    method: str = "POST",
+    declare_length: bool = True,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> Call:
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    parts = body if isinstance(body, list) else [body]
+    hdrs = [(b"host", b"127.0.0.1:9337"), (b"content-type", b"application/json")]
+    if declare_length:
+        hdrs.append((b"content-length", str(sum(map(len, parts))).encode()))
+    return Call(app, method, path, parts, [*hdrs, *(headers or [])])
+
+
+async def complete(c: Call) -> Call:
+    await asyncio.wait_for(c(), WAIT_S)
+    return c
+
+
+def assert_openai_error(c: Call, status: int, code: str) -> dict[str, Any]:
+    assert c.status == status, c.body
+    assert c.response_headers[b"content-type"] == b"application/json"
+    error = c.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["param"] is None
+    return dict(error)
+
+
+CHAT_BODY = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+
+
+# -- forwarding ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions", "/v1/embeddings"])
+def test_forwards_request_and_response(path: str) -> None:
+    answer = b'{"id": "x", "choices": []}'
+
+    async def main() -> None:
+        async with FakeServer(ok(answer, "X-Request-Id: 7", "Connection: keep-alive")) as srv:
+            c = await complete(call(app_for(srv.port), path, CHAT_BODY))
+            assert c.status == 200
+            assert c.body == answer
+            headers = c.response_headers
+            assert headers[b"x-request-id"] == b"7"
+            assert headers[b"content-length"] == str(len(answer)).encode()
+            assert b"connection" not in headers
+            (req,) = srv.requests
+            assert (req.method, req.path) == ("POST", path)
+            assert json.loads(req.body) == CHAT_BODY
+            assert req.headers["content-type"] == "application/json"
+
+    run(main())
+
+
+def test_body_in_several_parts_is_forwarded_whole() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            raw = json.dumps(CHAT_BODY).encode()
+            parts = [raw[:5], raw[5:20], raw[20:]]
+            c = await complete(call(app_for(srv.port), CHAT, parts, declare_length=False))
+            assert c.status == 200 and srv.requests[0].body == raw
+
+    run(main())
+
+
+def test_upstream_status_and_error_body_pass_through() -> None:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(response(b'{"error": {"message": "ctx"}}', status="400 Bad Request"))
+        return True
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            c = await complete(call(app_for(srv.port), CHAT, CHAT_BODY))
+            assert c.status == 400 and c.json() == {"error": {"message": "ctx"}}
+
+    run(main())
+
+
+def test_upstream_connection_is_reused_across_requests() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port)
+            for _ in range(3):
+                assert (await complete(call(app, CHAT, CHAT_BODY))).status == 200
+            assert srv.connections == 1
+
+    run(main())
+
+
+def test_streaming_passes_through_chunk_by_chunk() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+            w.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+            await w.drain()
+            await asyncio.wait_for(release.wait(), WAIT_S)
+            w.write(chunk(b"data: 2\n\n") + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await w.drain()
+            return True
+
+        async with FakeServer(respond) as srv:
+            c = call(app_for(srv.port), CHAT, {**CHAT_BODY, "stream": True})
+            task = asyncio.ensure_future(c())
+            start = await c.next_message()
+            assert start["type"] == "http.response.start" and start["status"] == 200
+            headers = dict(start["headers"])
+            assert headers[b"content-type"] == b"text/event-stream"
+            assert b"content-length" not in headers and b"transfer-encoding" not in headers
+            first = await c.next_message()
+            assert first == {
+                "type": "http.response.body",
+                "body": b"data: 1\n\n",
+                "more_body": True,
+            }
+            assert not task.done()
+            release.set()
+            await asyncio.wait_for(task, WAIT_S)
+            bodies = [m for m in c.messages if m["type"] == "http.response.body"]
+            assert [m["body"] for m in bodies] == [
+                b"data: 1\n\n",
+                b"data: 2\n\n",
+                b"data: [DONE]\n\n",
+                b"",
+            ]
+            assert not bodies[-1].get("more_body", False)
+
+    run(main())
+
+
+def test_upstream_breaking_mid_stream_ends_with_an_error_event() -> None:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(CHUNKED_HEAD + chunk(b"data: 1\n\n") + b"40\r\ncut short")
+        await w.drain()
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            c = await complete(call(app_for(srv.port), CHAT, {**CHAT_BODY, "stream": True}))
+            assert c.status == 200
+            assert c.body.startswith(b"data: 1\n\ndata: {")
+            event = c.body.split(b"\n\n")[1].removeprefix(b"data: ")
+            assert json.loads(event)["error"]["code"] == "502"
+            assert c.messages[-1] == {"type": "http.response.body", "body": b""}
+
+    run(main())
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream_connection() -> None:
+    async def main() -> None:
+        saw_eof = asyncio.Event()
+
+        async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+            w.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+            await w.drain()
+            if await wait_eof(r):
+                saw_eof.set()
+            return False
+
+        async with FakeServer(respond) as srv:
+            app = app_for(srv.port)
+            c = call(app, CHAT, {**CHAT_BODY, "stream": True})
+            task = asyncio.ensure_future(c())
+            assert (await c.next_message())["type"] == "http.response.start"
+            assert (await c.next_message())["body"] == b"data: 1\n\n"
+            c.disconnect.set()
+            await asyncio.wait_for(task, WAIT_S)
+            await asyncio.wait_for(saw_eof.wait(), WAIT_S)
+            assert app.pools.get("127.0.0.1", srv.port).idle == []
+
+    run(main())
+
+
+# -- bad requests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b'{"model": "demo"', b"\xff\xfe"])
+def test_invalid_json_is_400(body: bytes) -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            c = await complete(call(app_for(srv.port), CHAT, body))
+            assert_openai_error(c, 400, "invalid_json")
+            assert srv.requests == []
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "body", [b"[1, 2]", b'"a string"', b"42", b"null", b'{"model": 5}', b'{"stream": "yes"}']
+)
+def test_json_that_is_not_a_request_object_is_400(body: bytes) -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            c = await complete(call(app_for(srv.port), CHAT, body))
+            assert_openai_error(c, 400, "invalid_body")
+            assert srv.requests == []
+
+    run(main())
+
+
+def test_invalid_content_length_is_400() -> None:
+    async def main() -> None:
+        app = app_for(closed_port())
+        c = call(app, CHAT, b"{}", declare_length=False, headers=[(b"content-length", b"many")])
+        assert_openai_error(await complete(c), 400, "400")
+
+    run(main())
+
+
+def test_declared_body_over_the_limit_is_413_without_reading_it() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, max_body_bytes=100)
+            c = call(app, CHAT, b"x" * 101)
+            await complete(c)
+            error = assert_openai_error(c, 413, "body_too_large")
+            assert "100 bytes" in error["message"]
+            assert c.parts == [b"x" * 101], "the body was read although declared too large"
+            assert srv.requests == []
+
+    run(main())
+
+
+def test_undeclared_body_over_the_limit_is_413() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, max_body_bytes=100)
+            c = call(app, CHAT, [b"{" + b" " * 60, b" " * 60 + b"}"], declare_length=False)
+            assert_openai_error(await complete(c), 413, "body_too_large")
+            assert srv.requests == []
+
+    run(main())
+
+
+def test_body_at_the_limit_is_accepted() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            body = b'{"model": "demo"}'
+            app = app_for(srv.port, max_body_bytes=len(body))
+            assert (await complete(call(app, CHAT, body))).status == 200
+            app2 = app_for(srv.port, max_body_bytes=len(body))
+            c = call(app2, CHAT, [body[:4], body[4:]], declare_length=False)
+            assert (await complete(c)).status == 200
+
+    run(main())
+
+
+# -- routing outcomes ------------------------------------------------------------------------
+
+
+def test_unknown_model_falls_back_to_the_first_target() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port)
+            bodies: list[dict[str, Any]] = [
+                {"model": "who-knows"},
+                {"messages": []},
+                {"model": None},
+            ]
+            for body in bodies:
+                assert (await complete(call(app, CHAT, body))).status == 200
+            assert len(srv.requests) == 3
+
+    run(main())
+
+
+def test_strict_models_answers_404_for_an_unknown_model() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, strict_models=True)
+            c = await complete(call(app, CHAT, {"model": "who-knows"}))
+            error = assert_openai_error(c, 404, "model_not_found")
+            assert "who-knows" in error["message"]
+            assert (await complete(call(app, CHAT, CHAT_BODY))).status == 200
+            assert len(srv.requests) == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_no_model_ready_is_503_with_retry_after(strict: bool) -> None:
+    async def main() -> None:
+        app = new_app(strict_models=strict)
+        cases: list[tuple[RouteTable, dict[str, Any]]] = [
+            (RouteTable(), {"messages": []}),
+            (RouteTable((ModelRoute("demo"),)), CHAT_BODY),  # known to the mesh, but cold
+            # An empty table means nothing is known yet: not ready, even in strict mode.
+            (RouteTable(), CHAT_BODY),
+        ]
+        for table, body in cases:
+            app.set_table(table)
+            c = await complete(call(app, CHAT, body))
+            assert_openai_error(c, 503, "model_not_ready")
+            assert c.response_headers[b"retry-after"] == str(RETRY_AFTER_S).encode()
+
+    run(main())
+
+
+def test_upstream_refused_is_502() -> None:
+    async def main() -> None:
+        c = await complete(call(app_for(closed_port()), CHAT, CHAT_BODY))
+        error = assert_openai_error(c, 502, "upstream_error")
+        assert "cannot connect" in error["message"]
+
+    run(main())
+
+
+def test_malformed_upstream_response_is_502() -> None:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(b"NOT HTTP\r\n\r\n")
+        await w.drain()
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            c = await complete(call(app_for(srv.port), CHAT, CHAT_BODY))
+            assert_openai_error(c, 502, "upstream_error")
+
+    run(main())
+
+
+def test_remote_target_without_a_tunnel_is_503() -> None:
+    async def main() -> None:
+        app = new_app()
+        app.set_table(
+            RouteTable((ModelRoute("demo", (RouteTarget("far", False, 9337),), ("far",)),))
+        )
+        assert_openai_error(await complete(call(app, CHAT, CHAT_BODY)), 503, "no_tunnel")
+
+    run(main())
+
+
+def test_new_table_switches_target_and_drops_old_pools() -> None:
+    async def main() -> None:
+        async with FakeServer(ok(b"one")) as one, FakeServer(ok(b"two")) as two:
+            app = app_for(one.port)
+            assert (await complete(call(app, CHAT, CHAT_BODY))).body == b"one"
+            app.set_table(local_table(two.port))
+            assert (await complete(call(app, CHAT, CHAT_BODY))).body == b"two"
+            assert set(app.pools.pools) == {("127.0.0.1", two.port)}
+            await one.wait_closed(0)  # the old pool's idle connection was closed
+
+    run(main())
+
+
+# -- small endpoints -------------------------------------------------------------------------
+
+
+def test_models_lists_warm_and_cold_models() -> None:
+    async def main() -> None:
+        app = new_app()
+        app.set_table(
+            RouteTable(
+                (
+                    ModelRoute(
+                        "a",
+                        (RouteTarget("n1", True, 8001), RouteTarget("n2", False, 9337)),
+                        ("n1", "n2"),
+                    ),
+                    ModelRoute("b-cold"),
+                )
+            )
+        )
+        c = await complete(call(app, "/v1/models", method="GET"))
+        assert c.status == 200
+        body = c.json()
+        assert body["object"] == "list"
+        assert [m["id"] for m in body["data"]] == ["a", "b-cold"]
+        for model in body["data"]:
+            assert model["object"] == "model"
+            assert model["owned_by"] == "meshllm"
+            assert isinstance(model["created"], int) and model["created"] > 1_600_000_000
+        assert body["data"][0]["meshllm"] == {"status": "warm", "nodes": ["n1", "n2"]}
+        assert body["data"][1]["meshllm"] == {"status": "cold", "nodes": []}
+
+    run(main())
+
+
+def test_models_before_any_table() -> None:
+    async def main() -> None:
+        c = await complete(call(new_app(), "/v1/models", method="GET"))
+        assert (c.status, c.json()) == (200, {"object": "list", "data": []})
+
+    run(main())
+
+
+def test_health() -> None:
+    async def main() -> None:
+        app = new_app()
+        c = await complete(call(app, "/health", method="GET"))
+        assert c.status == 503 and c.json() == {"status": "no model ready", "models": []}
+        app.set_table(RouteTable((ModelRoute("cold"),)))
+        assert (await complete(call(app, "/health", method="GET"))).status == 503
+        app.set_table(local_table(8001))
+        c = await complete(call(app, "/health", method="GET"))
+        assert c.status == 200 and c.json() == {"status": "ok", "models": ["demo"]}
+
+    run(main())
+
+
+# -- over real sockets (uvicorn on port 0) ---------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ProxyApp) -> AsyncIterator[int]:
+    """Run `app` under uvicorn on 127.0.0.1, port 0; yields the port; always stops it."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.ensure_future(server.serve())
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, WAIT_S)
+
+
+async def http_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One raw request on a fresh connection; reads until the server closes or the body ends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)
+        }
+        async with asyncio.timeout(WAIT_S):
+            if headers.get("transfer-encoding") == "chunked":
+                body = b""
+                while size := int(await reader.readuntil(b"\r\n"), 16):
+                    body += (await reader.readexactly(size + 2))[:-2]
+            else:
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+    finally:
+        writer.close()
+
+
+def test_over_http_forwarding_and_chunked_upload_limit() -> None:
+    async def main() -> None:
+        async with FakeServer(ok(b'{"ok": true}')) as srv:
+            app = app_for(srv.port, max_body_bytes=1000)
+            async with serving(app) as port:
+                body = json.dumps(CHAT_BODY).encode()
+                status, _, answer = await http_exchange(
+                    port,
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+                )
+                assert (status, answer) == (200, b'{"ok": true}')
+                big = chunk(b"{" + b" " * 600) + chunk(b" " * 600 + b"}") + b"0\r\n\r\n"
+                status, _, answer = await http_exchange(
+                    port,
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n" + big,
+                )
+                assert status == 413, answer
+                assert json.loads(answer)["error"]["code"] == "body_too_large"
+                assert len(srv.requests) == 1
+
+    run(main())
+
+
+def test_over_http_client_disconnect_mid_stream_closes_upstream() -> None:
+    async def main() -> None:
+        saw_eof = asyncio.Event()
+
+        async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+            w.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+            await w.drain()
+            if await wait_eof(r):
+                saw_eof.set()
+            return False
+
+        streaming: Responder = respond
+        async with FakeServer(streaming) as srv, serving(app_for(srv.port)) as port:
+            body = json.dumps({**CHAT_BODY, "stream": True}).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            received = b""
+            async with asyncio.timeout(WAIT_S):
+                while b"data: 1" not in received:
+                    more = await reader.read(4096)
+                    assert more, f"proxy closed early; got {received!r}"
+                    received += more
+            assert received.startswith(b"HTTP/1.1 200")
+            writer.close()
+            await asyncio.wait_for(saw_eof.wait(), WAIT_S)
+
+    run(main())
