@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import click
 
@@ -45,6 +46,13 @@ def main() -> None:
 @click.option("--port", default=9337, show_default=True, help="Port of the OpenAI API.")
 @click.option(
     "--listen", default="127.0.0.1", show_default=True, help="Address the OpenAI API binds to."
+)
+@click.option(
+    "--console",
+    default=0,
+    show_default=True,
+    metavar="PORT",
+    help="Serve the web console on 127.0.0.1:PORT (suggested: 3131); 0 turns it off.",
 )
 @click.option(
     "--strict-models",
@@ -100,6 +108,7 @@ def up(
     home: str,
     port: int,
     listen: str,
+    console: int,
     strict_models: bool,
     max_body_mb: float,
     llama_server: str | None,
@@ -118,6 +127,8 @@ def up(
 
     if not 0 <= port <= 65535:
         raise click.BadParameter("must be between 0 and 65535", param_hint="--port")
+    if not 0 <= console <= 65535:
+        raise click.BadParameter("must be between 0 and 65535", param_hint="--console")
     if max_body_mb <= 0:
         raise click.BadParameter("must be positive", param_hint="--max-body-mb")
     if probe_interval <= 0 or probe_timeout <= 0:
@@ -130,6 +141,7 @@ def up(
         listen=listen,
         port=port,
         strict_models=strict_models,
+        console_port=console,
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         llama_server=llama_server,
         rpc_server=rpc_server,
@@ -226,3 +238,65 @@ def demo(seed: int, name: str) -> None:
     from meshllm.paths import cache_dir
 
     click.echo(ensure_demo_model(cache_dir() / "models", seed=seed, name=name))
+
+
+MODELS_DIR_OPTION = click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Models directory (default: $MESHLLM_MODELS_DIR, else ~/.models).",
+)
+
+
+def _mesh_model_counts(home: str) -> dict[str, int]:
+    """Models the running node's mesh knows, with how many nodes serve each ({} if none runs)."""
+    if not (home_from(home).run_dir / "control.ipc").exists():
+        return {}
+    try:
+        reply = _ask(home, m.GetStatus(), timeout=2.0)
+    except click.ClickException:
+        return {}
+    if not isinstance(reply, m.NodeStatus):
+        return {}
+    return {route.name: len(route.nodes) for route in reply.routes.models}
+
+
+@models.command("list")
+@MODELS_DIR_OPTION
+@HOME_OPTION
+@click.option(
+    "--min-size-mb",
+    type=float,
+    default=None,
+    help="Smallest GGUF counted as a model, in MB (default: $MESHLLM_MIN_MODEL_BYTES, else 500).",
+)
+def list_models(models_dir: Path | None, home: str, min_size_mb: float | None) -> None:
+    """List the models on disk, in the built-in catalog and in the mesh of a running node."""
+    from meshllm.models import list_models_table
+
+    min_bytes = None if min_size_mb is None else int(min_size_mb * 1_000_000)
+    click.echo(list_models_table(models_dir, _mesh_model_counts(home), min_bytes=min_bytes))
+
+
+@models.command("download")
+@click.argument("name")
+@MODELS_DIR_OPTION
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds per connect or read.")
+@click.option("--retries", default=5, show_default=True, help="Retries after a dropped connection.")
+def download_cmd(name: str, models_dir: Path | None, timeout: float, retries: int) -> None:
+    """Download NAME (a catalog name, a Hugging Face owner/repo/file.gguf or a URL) into the
+    models directory, resuming a partial download; print the file's path."""
+    from meshllm.download import DownloadError, terminal_progress
+    from meshllm.models import ModelNotFound, download_model, resolve_model
+
+    try:
+        resolved = resolve_model(name, models_dir)
+        bar = terminal_progress(resolved.path.name) if resolved.needs_download else None
+        try:
+            path = download_model(name, models_dir, progress=bar, timeout=timeout, retries=retries)
+        finally:
+            if bar is not None:
+                bar.close()
+    except (ModelNotFound, DownloadError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(path)

@@ -12,6 +12,13 @@ class ModelSpec(msgspec.Struct, frozen=True):
     """Name clients use in the `model` field (the GGUF file's stem)."""
     path: str = ""
     """Local GGUF path; empty when the file is not on disk yet."""
+    url: str = ""
+    """Where to download the file from when it is not on disk."""
+    size: int = 0
+    """Size in bytes when known (0: unknown)."""
+    sha256: str = ""
+    target: str = ""
+    """Where the file is, or will be once downloaded."""
 
 
 class NodeConfig(msgspec.Struct, frozen=True):
@@ -43,6 +50,7 @@ class NodeConfig(msgspec.Struct, frozen=True):
     probe_interval_s: float = 0.5
     probe_timeout_s: float = 1.0
     console_port: int = 0
+    console_host: str = "127.0.0.1"
     log_level: str = "INFO"
 
     def ipc(self, name: str) -> str:

@@ -19,7 +19,7 @@ from meshllm import logs
 from meshllm.binaries import find_binary
 from meshllm.config import ModelSpec, NodeConfig
 from meshllm.identity import load_or_create_key, node_id_of
-from meshllm.paths import NodeHome, cache_dir, home_from, models_dir
+from meshllm.paths import NodeHome, cache_dir, home_from
 from meshllm.runtime import Node, cleanup_run_dir
 from meshllm.token import (
     InvalidToken,
@@ -61,15 +61,21 @@ class UpOptions:
 
 
 def resolve_model(ref: str) -> ModelSpec:
-    """A `--model` value: a GGUF path, or a file name in the models directory."""
-    candidates = [Path(ref).expanduser()]
-    for base in (models_dir(), cache_dir() / "models"):
-        candidates += [base / ref, base / f"{ref}.gguf"]
-    for path in candidates:
-        if path.is_file():
-            return ModelSpec(name=path.name.removesuffix(".gguf"), path=str(path.resolve()))
-    raise UpError(
-        f"model {ref!r} not found: give a path to a .gguf file or a file name in {models_dir()}"
+    """A `--model` value: a GGUF path, a file name in the models directory, or a catalog name."""
+    from meshllm.models import ModelNotFound
+    from meshllm.models import resolve_model as resolve
+
+    try:
+        found = resolve(ref)
+    except ModelNotFound as exc:
+        raise UpError(str(exc)) from None
+    return ModelSpec(
+        name=found.name,
+        path="" if found.needs_download else str(found.path),
+        url=found.url or "",
+        size=found.size or 0,
+        sha256=found.sha256 or "",
+        target=str(found.path),
     )
 
 

@@ -1,0 +1,498 @@
+"""Resumable, verified downloads of model files over HTTP(S), with the standard library only.
+
+`download(url, dest)` writes into `dest + ".part"` and renames it to `dest` only once every
+byte is there and checked (size, and SHA-256 when known), so a model file in the models
+directory is always whole. An interrupted download leaves the `.part` behind; the next call
+resumes it with an HTTP `Range` request (a server that ignores `Range` answers 200 with the
+whole file, and the download restarts from zero). A connection dropped mid-transfer is retried
+a bounded number of times with exponential backoff, resuming each time from where it stopped.
+Failures that retrying cannot fix (offline, DNS, HTTP 4xx, wrong size or digest) raise
+`DownloadError` at once, with a message that says what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import http.client
+import io
+import logging
+import os
+import re
+import shutil
+import socket
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit
+
+from meshllm import __version__
+
+log = logging.getLogger("meshllm.download")
+
+ProgressCallback = Callable[[int, int | None], None]
+"""Called with (bytes of the file on disk so far, total size or None when unknown)."""
+
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_RETRIES = 5
+CHUNK_SIZE = 1 << 20
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_CONTENT_RANGE_UNSATISFIED = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+
+
+class DownloadError(RuntimeError):
+    """A download that failed; the message says why and, where possible, what to do."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (the connection dropped, timed out, or the server hiccupped)."""
+
+
+class _ConnectFailed(Exception):
+    """No connection at all (DNS, refused, unreachable): fatal, unless a retry is under way."""
+
+
+def part_path(dest: str | os.PathLike[str]) -> Path:
+    """Where the partial file of a download to `dest` lives."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".part")
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike[str],
+    *,
+    expected_size: int | None = None,
+    sha256: str | None = None,
+    progress: ProgressCallback | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = 1.0,
+    max_backoff_s: float = 30.0,
+    chunk_size: int = CHUNK_SIZE,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
+    """Download `url` to `dest` atomically, resuming a `.part` left by an earlier attempt.
+
+    `timeout` bounds connecting and each read (seconds). `retries` bounds the consecutive
+    failed attempts after a dropped connection (an attempt that receives bytes resets the
+    count); the wait between them doubles from `backoff_s` up to `max_backoff_s`.
+    Returns `dest`. Raises `DownloadError`.
+    """
+    dest = Path(dest)
+    part = part_path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise DownloadError(f"cannot write {part}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "r+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DownloadError(
+                f"another process is already downloading {dest.name} (into {part})"
+            ) from None
+        try:
+            _Transfer(
+                url,
+                f,
+                part=part,
+                expected_size=expected_size,
+                progress=progress,
+                timeout=timeout,
+                retries=retries,
+                backoff_s=backoff_s,
+                max_backoff_s=max_backoff_s,
+                chunk_size=chunk_size,
+                sleep=sleep,
+            ).run()
+            f.flush()
+            os.fsync(f.fileno())
+            _verify(f, part, expected_size, sha256)
+            os.replace(part, dest)
+        except BaseException:
+            # Keep a partial file for the next attempt to resume, but not an empty one.
+            with contextlib.suppress(OSError):
+                f.flush()
+                if part.exists() and os.fstat(f.fileno()).st_size == 0:
+                    part.unlink()
+            raise
+    return dest
+
+
+def _verify(
+    f: io.BufferedRandom, part: Path, expected_size: int | None, sha256: str | None
+) -> None:
+    """Check the finished `.part`; a wrong one is removed (resuming it could never help)."""
+    size = os.fstat(f.fileno()).st_size
+    if expected_size is not None and size != expected_size:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"size mismatch: got {size} bytes, expected {expected_size}; the partial file was "
+            "removed (the file on the server may have changed: check the catalog entry)"
+        )
+    if sha256:
+        f.seek(0)
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != sha256.lower():
+            part.unlink(missing_ok=True)
+            raise DownloadError(
+                f"sha256 mismatch: got {digest}, expected {sha256.lower()}; the partial file "
+                "was removed (corrupted transfer, or the file on the server changed)"
+            )
+
+
+class _Transfer:
+    """The retry loop of one download into an open, locked `.part` file."""
+
+    def __init__(
+        self,
+        url: str,
+        f: io.BufferedRandom,
+        *,
+        part: Path,
+        expected_size: int | None,
+        progress: ProgressCallback | None,
+        timeout: float,
+        retries: int,
+        backoff_s: float,
+        max_backoff_s: float,
+        chunk_size: int,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.url = url
+        self.f = f
+        self.part = part
+        self.expected_size = expected_size
+        self.progress = progress
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.chunk_size = chunk_size
+        self.sleep = sleep
+        split = urlsplit(url)
+        if split.scheme not in ("http", "https") or not split.hostname:
+            raise DownloadError(f"cannot download {url!r}: not an http(s) URL")
+        self.host = split.hostname
+        self.port = split.port or (443 if split.scheme == "https" else 80)
+        self.opener = urllib.request.build_opener()
+
+    def run(self) -> None:
+        failures = 0
+        while True:
+            offset = self._size_on_disk()
+            if self.expected_size is not None:
+                if offset == self.expected_size:
+                    return
+                if offset > self.expected_size:
+                    log.warning("%s is larger than expected; restarting from zero", self.part)
+                    self._truncate()
+                    offset = 0
+            before = offset
+            try:
+                if self._attempt(offset):
+                    return
+                failures += 1  # a restart (range refused): bounded like any other failure
+                reason = "the server refused to resume; restarting from zero"
+            except _ConnectFailed as exc:
+                if failures == 0:
+                    raise DownloadError(f"cannot download {self.url}: {exc}") from None
+                reason = str(exc)
+                failures += 1
+            except _Transient as exc:
+                reason = str(exc)
+                failures = 0 if self._size_on_disk() > before else failures
+                failures += 1
+            if failures > self.retries:
+                kept = self._size_on_disk()
+                raise DownloadError(
+                    f"download of {self.url} failed after {self.retries} retries: {reason}; "
+                    f"{kept} bytes are kept in {self.part}: run the same command again to resume"
+                )
+            delay = min(self.backoff_s * 2 ** (failures - 1), self.max_backoff_s)
+            log.warning(
+                "download of %s: %s; retry %d/%d in %.1fs",
+                self.url,
+                reason,
+                failures,
+                self.retries,
+                delay,
+            )
+            self.sleep(delay)
+
+    def _size_on_disk(self) -> int:
+        self.f.flush()
+        return self.f.seek(0, os.SEEK_END)
+
+    def _truncate(self, size: int = 0) -> None:
+        self.f.flush()
+        self.f.truncate(size)
+        self.f.seek(size)
+
+    def _attempt(self, offset: int) -> bool:
+        """One request; True when the file is complete, False when it must restart."""
+        headers = {"User-Agent": f"meshllm/{__version__}", "Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        request = urllib.request.Request(self.url, headers=headers)
+        try:
+            response = self.opener.open(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            with contextlib.closing(exc):
+                return self._http_error(exc, offset)
+        except urllib.error.URLError as exc:
+            raise self._connect_error(exc.reason) from None
+        except (TimeoutError, http.client.HTTPException, OSError) as exc:
+            raise _Transient(f"connection failed: {_describe(exc)}") from None
+        with response:
+            return self._receive(response, offset)
+
+    def _http_error(self, exc: urllib.error.HTTPError, offset: int) -> bool:
+        code = exc.code
+        if code == 416 and offset:
+            # Nothing left to send from `offset`: the .part may already be the whole file
+            # (its size unknown to us), or the file on the server is now shorter.
+            m = _CONTENT_RANGE_UNSATISFIED.match(exc.headers.get("Content-Range", ""))
+            if m and int(m.group(1)) == offset:
+                return True
+            self._truncate()
+            return False
+        if code in (408, 425, 429) or code >= 500:
+            raise _Transient(f"HTTP {code} {exc.reason}")
+        hint = ""
+        if code == 404:
+            hint = ": no such file (check the repository and file name)"
+        elif code in (401, 403):
+            hint = ": access denied (the repository may be gated or private)"
+        raise DownloadError(f"cannot download {self.url}: HTTP {code} {exc.reason}{hint}")
+
+    def _connect_error(self, reason: object) -> Exception:
+        where = f"{self.host}:{self.port}"
+        if isinstance(reason, socket.gaierror):
+            return _ConnectFailed(
+                f"cannot resolve {self.host} ({reason.strerror or reason}): "
+                "are you offline? Check the network and DNS, then run again"
+            )
+        if isinstance(reason, ConnectionRefusedError):
+            return _ConnectFailed(f"connection to {where} refused: is the server up?")
+        if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return _ConnectFailed(
+                f"network unreachable while connecting to {where}: are you offline?"
+            )
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return DownloadError(f"cannot download {self.url}: TLS verification failed: {reason}")
+        if isinstance(reason, BaseException):
+            return _Transient(f"connection to {where} failed: {_describe(reason)}")
+        return _Transient(f"connection to {where} failed: {reason}")
+
+    def _receive(self, response: http.client.HTTPResponse, offset: int) -> bool:
+        status = response.status
+        length = _int_header(response.headers.get("Content-Length"))
+        total: int | None
+        if status == 206:
+            m = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            if not m:
+                raise DownloadError(f"cannot download {self.url}: bad Content-Range in reply")
+            start = int(m.group(1))
+            total = None if m.group(3) == "*" else int(m.group(3))
+            if start != offset:
+                if start > offset:
+                    self._truncate()
+                    return False
+                self._truncate(start)  # the server resends a little: take it from there
+                offset = start
+        elif status == 200:
+            if offset:
+                log.info("server ignored the Range request for %s; restarting from zero", self.url)
+                self._truncate()
+                offset = 0
+            total = length
+        else:
+            raise DownloadError(f"cannot download {self.url}: unexpected HTTP {status}")
+
+        if total is not None and self.expected_size is not None and total != self.expected_size:
+            raise DownloadError(
+                f"size mismatch: the server has {total} bytes for {self.url}, expected "
+                f"{self.expected_size} (the file may have changed: check the catalog entry)"
+            )
+        total = total if total is not None else self.expected_size
+        if total is not None:
+            _check_disk_space(self.part, total - offset)
+
+        self.f.seek(offset)
+        received = 0
+        if self.progress:
+            self.progress(offset, total)
+        try:
+            while chunk := response.read(self.chunk_size):
+                self.f.write(chunk)
+                received += len(chunk)
+                if self.progress:
+                    self.progress(offset + received, total)
+        except (TimeoutError, http.client.HTTPException, OSError) as exc:
+            raise _Transient(
+                f"connection dropped after {offset + received} bytes: {_describe(exc)}"
+            ) from None
+        if length is not None and received < length:
+            raise _Transient(
+                f"connection closed after {offset + received} of {offset + length} bytes"
+            )
+        if total is not None and offset + received < total:
+            raise _Transient(f"connection closed after {offset + received} of {total} bytes")
+        return True
+
+
+def _check_disk_space(part: Path, needed: int) -> None:
+    try:
+        free = shutil.disk_usage(part.parent).free
+    except OSError:
+        return
+    if needed > free:
+        raise DownloadError(
+            f"not enough disk space in {part.parent}: {format_bytes(needed)} more needed, "
+            f"{format_bytes(free)} free"
+        )
+
+
+def _int_header(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "incomplete read"
+    return str(exc) or type(exc).__name__
+
+
+def format_bytes(n: float) -> str:
+    """`1929903264` -> `1.93 GB` (decimal units, like Hugging Face shows sizes)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class TerminalProgress:
+    """A one-line progress bar (percent, bytes, rate, ETA) redrawn in place on a terminal."""
+
+    def __init__(
+        self,
+        label: str,
+        stream: TextIO,
+        *,
+        width: int = 30,
+        min_interval_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label = label
+        self.stream = stream
+        self.width = width
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self._start: tuple[float, int] | None = None
+        self._last_draw = float("-inf")
+        self._last: tuple[int, int | None] = (0, None)
+        self._drawn = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = self.clock()
+        if self._start is None:
+            self._start = (now, done)
+        self._last = (done, total)
+        if now - self._last_draw >= self.min_interval_s or (total is not None and done >= total):
+            self._last_draw = now
+            self._draw(done, total, now)
+
+    def render(self, done: int, total: int | None, now: float) -> str:
+        start_t, start_done = self._start or (now, done)
+        elapsed = now - start_t
+        rate = (done - start_done) / elapsed if elapsed > 0 else 0.0
+        speed = f"{format_bytes(rate)}/s" if rate else ""
+        if total:
+            frac = min(done / total, 1.0)
+            filled = int(frac * self.width)
+            bar = "#" * filled + "-" * (self.width - filled)
+            eta = f"ETA {_format_duration((total - done) / rate)}" if rate and done < total else ""
+            parts = [
+                self.label,
+                f"[{bar}]",
+                f"{frac * 100:5.1f}%",
+                f"{format_bytes(done)}/{format_bytes(total)}",
+                speed,
+                eta,
+            ]
+        else:
+            parts = [self.label, format_bytes(done), speed]
+        return "  ".join(p for p in parts if p)
+
+    def _draw(self, done: int, total: int | None, now: float) -> None:
+        self.stream.write("\r\x1b[2K" + self.render(done, total, now))
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """Draw the final state and end the line."""
+        if self._drawn or self._start is not None:
+            self._draw(*self._last, self.clock())
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def terminal_progress(label: str, stream: TextIO | None = None) -> TerminalProgress | None:
+    """A progress bar on `stream` (default stdout) when it is a terminal, else None."""
+    stream = stream if stream is not None else sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    return TerminalProgress(label, stream) if isatty is not None and isatty() else None
+
+
+def throttled(callback: ProgressCallback, min_interval_s: float = 1.0) -> ProgressCallback:
+    """Forward at most one progress report per `min_interval_s` (and always the last one).
+
+    For progress events sent elsewhere (an actor's status, the console), where one per chunk
+    would be far too many.
+    """
+    last = float("-inf")
+
+    def report(done: int, total: int | None) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= min_interval_s or (total is not None and done >= total):
+            last = now
+            callback(done, total)
+
+    return report
+
+
+__all__ = [
+    "DownloadError",
+    "ProgressCallback",
+    "TerminalProgress",
+    "download",
+    "format_bytes",
+    "part_path",
+    "terminal_progress",
+    "throttled",
+]
