@@ -43,6 +43,7 @@ ACTORS: list[ActorSpec] = [
     ActorSpec("health_prober", "actors.health_prober:HealthProber"),
     ActorSpec("router", "actors.router:Router"),
     ActorSpec("tunnel", "actors.tunnel:Tunnel"),
+    ActorSpec("console", "actors.console:Console", lambda c: c.console_port > 0),
     ActorSpec("proxy", "actors.proxy:Proxy"),
 ]
 

@@ -1,0 +1,143 @@
+"""Console: the web console of `meshllm up --console PORT` (Starlette on uvicorn).
+
+Glue: follows the Gossiper's mesh view, the Router's table and this node's
+server state, turns them into a `MeshStatus` (`meshllm.mesh_status`) and hands
+it to the app, which pushes it to every open page. The console is optional,
+so a port that is taken does not take the node down: the actor says so and
+tries again now and then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from meshllm import messages as m
+from meshllm.actor import Actor
+from meshllm.console_app import ConsoleApp
+from meshllm.memory import detect_memory
+from meshllm.mesh_status import build_mesh_status, own_card
+
+BIND_RETRY_S = 5.0
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Signals belong to the actor runtime; uvicorn must not take them over.
+        yield
+
+
+def bind_console(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Console(Actor):
+    name = "console"
+    subscriptions = {
+        "server_supervisor": ["local"],
+        "router": ["routes"],
+        "gossiper": ["mesh"],
+    }
+
+    async def on_start(self) -> None:
+        cfg = self.config
+        api_host = "127.0.0.1" if cfg.http_host in WILDCARD_HOSTS else cfg.http_host
+        self.api = f"http://{api_host}:{cfg.http_port}/v1"
+        # What this node offers for models, found the way the Gossiper announces it
+        # (GPUs, else a share of RAM); a lite client offers nothing.
+        memory = None if cfg.client else await asyncio.to_thread(detect_memory)
+        self.vram_bytes = memory.total_bytes if memory else 0
+        self.local = m.LocalServerState()
+        self.mesh = m.MeshView(cfg.node_id)
+        self.routes = m.RouteTable()
+        self.app = ConsoleApp(
+            api_host,
+            cfg.http_port,
+            cfg.max_body_bytes,
+            loopback_only=_is_loopback(cfg.console_host),
+        )
+        self._update()
+        self.server: _Server | None = None
+        self.serving = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        cfg = self.config
+        told = False
+        while True:
+            try:
+                sock = bind_console(cfg.console_host, cfg.console_port)
+            except OSError as exc:
+                if not told:
+                    self.log.error(
+                        "the console cannot listen on %s:%s (%s); retrying every %.0fs",
+                        cfg.console_host,
+                        cfg.console_port,
+                        exc.strerror,
+                        BIND_RETRY_S,
+                    )
+                    told = True
+                await asyncio.sleep(BIND_RETRY_S)
+                continue
+            break
+        config = uvicorn.Config(
+            self.app,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=2,
+        )
+        self.server = _Server(config)
+        host = f"[{cfg.console_host}]" if ":" in cfg.console_host else cfg.console_host
+        self.log.info("console on http://%s:%s/", host, cfg.console_port)
+        try:
+            await self.server.serve(sockets=[sock])
+        finally:
+            sock.close()
+
+    async def on_topic(self, topic: str, msg: m.Message) -> None:
+        match msg:
+            case m.LocalServerState():
+                self.local = msg
+            case m.RouteTable():
+                self.routes = msg
+            case m.MeshView():
+                self.mesh = msg
+            case _:
+                return
+        self._update()
+
+    def _update(self) -> None:
+        cfg = self.config
+        me = own_card(cfg.node_id, cfg.client, self.local, self.vram_bytes, cfg.http_port)
+        self.app.set_status(build_mesh_status(me, self.mesh, self.routes, self.api))
+
+    async def on_stop(self) -> None:
+        self.app.close()
+        if self.server is not None:
+            self.server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.serving, 5)
+        else:
+            self.serving.cancel()
+        self.app.close_upstream()
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")

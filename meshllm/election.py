@@ -1,0 +1,683 @@
+"""Which model a node serves, who hosts each model, and when to split (sans-I/O).
+
+Spec: `seed/multi-model-mesh.md`. Nothing here reads a socket, a file or a
+clock: the Elector actor builds a `NodeView` from the mesh view, the disk scan
+and the memory detection (`meshllm.memory`), passes the time in, and acts on
+the `Decision` it gets back.
+
+Rules
+-----
+
+Fit ("Joining nodes": "only models that fit"). A model fits a node when
+``ceil(size_bytes * MEMORY_OVERHEAD) <= budget_bytes`` (weights plus KV cache
+and compute buffers). A model of unknown size (a Hugging Face reference not
+yet sized) is assumed to fit: the only way to learn otherwise is to try, and a
+failed load is reported back with `Elector.mark_failed`, which rules the model
+out for this node. A node with a budget of 0 (a client, or memory not
+detected) fits nothing.
+
+What a node can serve. A model of the mesh catalog (every node's
+`available_models` and `requested_models`, and what anyone serves: "Gossip")
+that this node can obtain: its file is on this node's disk, or a download
+source is known (`ModelInfo.downloadable`). A catalog name with no `ModelInfo`
+is one this node cannot get, and is never chosen.
+
+Explicit ("Joining nodes": ``--model X --join``). `NodeView.explicit` is
+served as is, fitting or not (a model that fits no single node is what
+tensor split is for), and never re-decided: a failure to load is the
+supervisor's to retry.
+
+Auto-assignment ("Joining nodes", "Auto-assignment priority") for ``--join``
+alone, counting the servers of each model among the *other* nodes (clients and
+nodes whose server failed do not count):
+
+1. an unserved model already on disk;
+2. an unserved model that needs a download;
+3. the least-served model on disk;
+4. the least-served model overall.
+
+Within a tier: fewest servers, then the largest model first (a large model
+can only go to a large node, a small one can still be taken by anyone who
+comes later), unknown sizes last, then by name. Nothing that fits: no model,
+the node waits for capacity.
+
+Re-decision without flapping ("Health check": dead models go cold; issue 4:
+"a decision holds until the mesh changes again"). `Elector` holds its
+decision; a node serving a model keeps it unless the model failed on this node
+or no longer fits its budget, with one exception below. A node without a model
+(waiting for capacity) looks again at every mesh change and takes what the
+priority gives, for instance a model whose last server left. A restarted
+Elector adopts what the node's own announcement says it serves.
+
+Filling gaps. When a catalog model has had no server for `COLD_GRACE_S` (a
+server that restarts within it is not replaced), a redundant server may move
+to it: a node that joined with ``--join`` alone (it announces no
+`requested_models`), whose model has other servers, and which is not the
+elected host of its model's group (so the host stays and the model it leaves
+never goes cold). It moves only to a cold model that fits it (priorities 1
+and 2), never between served models: there is no usage-aware rebalancing
+("What's not implemented"). Every move fills a gap and makes none, so moves
+end.
+
+Contention. Two nodes that see the same cold model must not both take it (and
+then both leave it). Each node plays the same deterministic round: the
+waiting nodes in node-id order, then the redundant servers in node-id order,
+each take their priority choice (a redundant server only a cold model), and a
+model claimed by an earlier contender counts as served for the later ones. A
+node's estimate of a peer uses that peer's announced disk
+(`available_models`) and budget (`vram_bytes`) and this node's knowledge of
+sizes and downloads; a waiting peer that announces `requested_models` (it was
+started with ``--model``) is expected to take the first of them. Then:
+
+- its choice in that round is its own first choice: take it;
+- its choice is another cold model (priorities 1 and 2): take it at once, it
+  fills a gap as well;
+- otherwise (its cold first choice is claimed by an earlier contender and all
+  it is left with is adding capacity or nothing): wait, keeping what it has.
+  Next round the claimer serves the model and the choice is made again.
+  Estimates of peers can be wrong (a peer knows a size this node does not,
+  or the model already failed there), so a claim not taken up within
+  `DEFER_TIMEOUT_S` (plus `DEFER_STAGGER_S` per earlier contender queued on
+  the same model, so that two waiters do not time out together) is ignored
+  and the model taken. The first contender never waits for anyone, so every
+  round someone moves. `Elector.next_deadline` says when to call again
+  without a mesh change.
+
+Per-model election groups ("Per-model election groups"). Nodes serving the
+same model form a group; its host is the node with the most VRAM (announced
+`vram_bytes`), ties to the smallest node id. Groups are independent.
+
+No accidental tensor split ("No accidental tensor split"). Every member of a
+group that fits the model runs its own llama-server (solo). A group splits
+only when the model fits no single member, or when split is forced
+(``--split``): then the host plus the fewest workers whose budgets, with the
+host's, cover the need (the largest budgets first, ties by node id); a forced
+split takes at least one worker when the group has one. Members left over run
+solo when they fit, else stay idle. A group whose budgets together fall short
+gets no plan (`feasible` is False).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence, Set
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from meshllm.membership import mesh_catalog
+from meshllm.wire import PeerAnnouncement
+
+MEMORY_OVERHEAD = 1.1
+"""Memory a model needs per byte of its file (KV cache, compute buffers)."""
+
+COLD_GRACE_S = 30.0
+"""How long a model must stay cold before a redundant server moves to it."""
+
+DEFER_TIMEOUT_S = 20.0
+"""How long a waiting node leaves a cold model to the lower id that should take it."""
+
+DEFER_STAGGER_S = 5.0
+"""Extra wait per earlier node queued on the same model."""
+
+
+class Reason(StrEnum):
+    """Why a node serves what it serves (or nothing)."""
+
+    EXPLICIT = "explicit"
+    """`--model X` on this node."""
+    UNSERVED_ON_DISK = "unserved-on-disk"
+    """Priority 1: nobody serves it and the file is here."""
+    UNSERVED_DOWNLOAD = "unserved-download"
+    """Priority 2: nobody serves it; download first."""
+    LEAST_SERVED_ON_DISK = "least-served-on-disk"
+    """Priority 3: adds capacity with a file that is here."""
+    LEAST_SERVED = "least-served"
+    """Priority 4: adds capacity; download first."""
+    RESUMED = "resumed"
+    """Kept what this node's announcement already served (the Elector restarted)."""
+    WAITING = "waiting"
+    """A lower node id is expected to take this node's choice; wait a round."""
+    NOTHING_FITS = "nothing-fits"
+    """No model of the catalog fits (or can be obtained); waiting for capacity."""
+    EMPTY_CATALOG = "empty-catalog"
+    """No model in the mesh yet."""
+
+
+_TIER_REASONS = {
+    1: Reason.UNSERVED_ON_DISK,
+    2: Reason.UNSERVED_DOWNLOAD,
+    3: Reason.LEAST_SERVED_ON_DISK,
+    4: Reason.LEAST_SERVED,
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model this node knows how to get."""
+
+    name: str
+    size_bytes: int | None = None
+    """File size; None when not known yet."""
+    on_disk: bool = False
+    """The file is in this node's models directory."""
+    downloadable: bool = False
+    """A download source is known (built-in catalog or Hugging Face reference)."""
+
+    @property
+    def obtainable(self) -> bool:
+        return self.on_disk or self.downloadable
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """Everything one node decides from."""
+
+    node_id: str
+    budget_bytes: int
+    """What a model may fill here (`MemoryInfo.total_bytes`, or `--max-vram`)."""
+    models: Mapping[str, ModelInfo] = field(default_factory=dict)
+    """Models this node can obtain (on disk or downloadable), by name."""
+    announcements: Sequence[PeerAnnouncement] = ()
+    """The latest announcement of every known node, this node's own included
+    (`Membership.all()`); its own counts for the catalog and for what it serves now,
+    never as a server when this node chooses."""
+    explicit: str | None = None
+    """`--model X` (the first one): serve X whatever the mesh does."""
+    excluded: frozenset[str] = frozenset()
+    """Models never to choose here (failed to load or download)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What this node should serve."""
+
+    model: str | None
+    reason: Reason
+    download: bool = False
+    """The file is not on disk: download it before serving."""
+    detail: str = ""
+
+
+# -- fit and counting -----------------------------------------------------------
+
+
+def need_bytes(size_bytes: int) -> int:
+    """Memory a model of this file size needs (`MEMORY_OVERHEAD`)."""
+    return math.ceil(size_bytes * MEMORY_OVERHEAD)
+
+
+def fits(size_bytes: int | None, budget_bytes: int) -> bool:
+    """Whether a model fits a budget; unknown sizes are assumed to fit a nonzero budget."""
+    if budget_bytes <= 0:
+        return False
+    return size_bytes is None or need_bytes(size_bytes) <= budget_bytes
+
+
+def _counts_as_server(ann: PeerAnnouncement) -> bool:
+    return bool(ann.serving) and ann.role != "client" and ann.server_state != "failed"
+
+
+def servers_by_model(
+    announcements: Iterable[PeerAnnouncement],
+) -> dict[str, list[PeerAnnouncement]]:
+    """Model -> the announcements of the nodes serving it (clients and failed servers left out)."""
+    groups: dict[str, list[PeerAnnouncement]] = {}
+    for ann in announcements:
+        if _counts_as_server(ann):
+            assert ann.serving is not None
+            groups.setdefault(ann.serving, []).append(ann)
+    return groups
+
+
+def serving_counts(
+    announcements: Iterable[PeerAnnouncement], exclude: str | None = None
+) -> Counter[str]:
+    """Model -> number of nodes serving it, leaving out node `exclude`."""
+    return Counter(
+        ann.serving
+        for ann in announcements
+        if ann.node_id != exclude and _counts_as_server(ann) and ann.serving
+    )
+
+
+def catalog_of(view: NodeView) -> set[str]:
+    """The mesh catalog as this node sees it, plus the models on its own disk."""
+    names = mesh_catalog(view.announcements)
+    names.update(name for name, info in view.models.items() if info.on_disk)
+    return names
+
+
+# -- auto-assignment ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    name: str
+    size_bytes: int | None
+    on_disk: bool
+
+
+def _tier(cand: _Candidate, counts: Mapping[str, int]) -> int:
+    unserved = counts.get(cand.name, 0) == 0
+    if unserved:
+        return 1 if cand.on_disk else 2
+    return 3 if cand.on_disk else 4
+
+
+def _best(
+    candidates: Iterable[_Candidate], counts: Mapping[str, int]
+) -> tuple[_Candidate, int] | None:
+    """The seed's priority ("Auto-assignment priority"), ties as the module docstring says."""
+
+    def key(c: _Candidate) -> tuple[int, int, int, str]:
+        size_key = -c.size_bytes if c.size_bytes is not None else 1
+        return (_tier(c, counts), counts.get(c.name, 0), size_key, c.name)
+
+    best = min(candidates, key=key, default=None)
+    return None if best is None else (best, _tier(best, counts))
+
+
+def _own_candidates(view: NodeView, catalog: Iterable[str]) -> list[_Candidate]:
+    out = []
+    for name in catalog:
+        info = view.models.get(name)
+        if name in view.excluded or info is None or not info.obtainable:
+            continue
+        if fits(info.size_bytes, view.budget_bytes):
+            out.append(_Candidate(name, info.size_bytes, info.on_disk))
+    return out
+
+
+def _peer_candidates(
+    peer: PeerAnnouncement, view: NodeView, catalog: Iterable[str]
+) -> list[_Candidate]:
+    """Our estimate of what a peer could take: its disk, our sizes and download sources."""
+    out = []
+    on_disk = set(peer.available_models)
+    for name in catalog:
+        info = view.models.get(name)
+        here = name in on_disk
+        if not here and (info is None or not info.downloadable):
+            continue
+        size = info.size_bytes if info is not None else None
+        if fits(size, peer.vram_bytes):
+            out.append(_Candidate(name, size, here))
+    return out
+
+
+def _decision(cand: _Candidate, tier: int, detail: str = "") -> Decision:
+    return Decision(cand.name, _TIER_REASONS[tier], download=not cand.on_disk, detail=detail)
+
+
+def _nothing(view: NodeView, catalog: set[str]) -> Decision:
+    if not catalog:
+        return Decision(None, Reason.EMPTY_CATALOG)
+    return Decision(
+        None,
+        Reason.NOTHING_FITS,
+        detail=f"none of {len(catalog)} models fits {view.budget_bytes} bytes or can be obtained",
+    )
+
+
+def choose(view: NodeView) -> Decision:
+    """Auto-assignment for this node alone (no contention with other waiting nodes)."""
+    catalog = catalog_of(view)
+    picked = _best(_own_candidates(view, catalog), serving_counts(view.announcements, view.node_id))
+    return _nothing(view, catalog) if picked is None else _decision(*picked)
+
+
+def choose_model(view: NodeView) -> str | None:
+    """The model auto-assignment gives this node, or None."""
+    return choose(view).model
+
+
+def decide(view: NodeView) -> Decision:
+    """One decision from scratch: `--model X` if given, else auto-assignment."""
+    if view.explicit:
+        info = view.models.get(view.explicit)
+        return Decision(
+            view.explicit, Reason.EXPLICIT, download=info is not None and not info.on_disk
+        )
+    return choose(view)
+
+
+@dataclass(frozen=True)
+class _Round:
+    """One node's play of the contention round (module docstring, "Contention")."""
+
+    first: tuple[_Candidate, int] | None
+    """Its choice ignoring the other contenders."""
+    given: tuple[_Candidate, int] | None
+    """Its choice after the contenders before it took theirs."""
+    claimer: str | None
+    """The contender expected to take `first`, when someone does."""
+    queued: int
+    """Contenders before it whose own first choice is `first` as well."""
+
+
+def _may_move(ann: PeerAnnouncement, hosts: Mapping[str, str]) -> bool:
+    """A peer that could leave its model for a cold one: auto-assigned and not its host.
+
+    A node started with `--model` announces it in `requested_models`; one that
+    joined with `--join` alone announces none.
+    """
+    return (
+        _counts_as_server(ann)
+        and not ann.requested_models
+        and ann.serving is not None
+        and hosts.get(ann.serving) != ann.node_id
+    )
+
+
+def _play_round(view: NodeView, matured: Set[str] | None = None) -> _Round:
+    """Play the round for this node: waiting (`matured` None) or moving to a matured cold model.
+
+    Contenders in order: the waiting nodes by id, then the movers by id. A waiting
+    node plays among the waiting ids below its own; a mover after every waiting
+    node and the movers below it. Movers only take cold models.
+    """
+    me = view.node_id
+    catalog = catalog_of(view)
+    base = serving_counts(view.announcements, me)
+
+    def cold_only(cands: list[_Candidate]) -> list[_Candidate]:
+        assert matured is not None
+        return [c for c in cands if c.name in matured and base.get(c.name, 0) == 0]
+
+    own = _own_candidates(view, catalog)
+    if matured is not None:
+        own = cold_only(own)
+    first = _best(own, base)
+    others = [a for a in view.announcements if a.node_id != me and a.role != "client"]
+    waiting = sorted((a for a in others if not a.serving), key=lambda a: a.node_id)
+    hosts = elect_hosts(view.announcements)
+    movers = sorted((a for a in others if _may_move(a, hosts)), key=lambda a: a.node_id)
+    if matured is None:
+        ahead = [(a, False) for a in waiting if a.node_id < me]
+    else:
+        ahead = [(a, False) for a in waiting] + [(a, True) for a in movers if a.node_id < me]
+    counts = Counter(base)
+    claims: dict[str, str] = {}
+    queued = 0
+    for peer, moving in ahead:
+        if peer.requested_models and not moving:
+            # Started with `--model X`: it serves X, whatever the priority says.
+            explicit = peer.requested_models[0]
+            counts[explicit] += 1
+            claims.setdefault(explicit, peer.node_id)
+            continue
+        cands = _peer_candidates(peer, view, catalog)
+        if moving:
+            cands = cold_only(cands) if matured is not None else []
+        peer_first = _best(cands, base)
+        if first is not None and peer_first is not None and peer_first[0].name == first[0].name:
+            queued += 1
+        pick = _best(cands, counts)
+        if pick is None or (moving and pick[1] > 2):
+            continue
+        counts[pick[0].name] += 1
+        claims.setdefault(pick[0].name, peer.node_id)
+    given = _best(own, counts)
+    if matured is not None and given is not None and given[1] > 2:
+        given = None
+    claimer = claims.get(first[0].name) if first is not None else None
+    return _Round(first, given, claimer, queued)
+
+
+# -- the Elector core ---------------------------------------------------------------
+
+
+class Elector:
+    """Holds this node's decision and changes it only when the rules say so.
+
+    Call `update` on every mesh change and at `next_deadline`; act on the
+    `Decision` it returns, which comes only when the decision changed. Report a
+    model that failed to download or load with `mark_failed`.
+    """
+
+    def __init__(
+        self,
+        *,
+        cold_grace_s: float = COLD_GRACE_S,
+        defer_timeout_s: float = DEFER_TIMEOUT_S,
+        defer_stagger_s: float = DEFER_STAGGER_S,
+    ) -> None:
+        self.cold_grace_s = cold_grace_s
+        self.defer_timeout_s = defer_timeout_s
+        self.defer_stagger_s = defer_stagger_s
+        self.decision: Decision | None = None
+        self.failed: set[str] = set()
+        self._cold_since: dict[str, float] = {}
+        """Catalog models nobody serves -> when this node first saw them so."""
+        self._deferral: tuple[str, float, float] | None = None
+        """(model, since, timeout) while leaving a model to the contender before us."""
+        self._now = -math.inf
+        self._redundant = False
+        """This node may leave its model for a cold one (see "Filling gaps")."""
+
+    def mark_failed(self, model: str) -> None:
+        """`model` cannot be served here: never choose it again (`--model X` is kept)."""
+        self.failed.add(model)
+
+    def next_deadline(self) -> float | None:
+        """When `update` should run even if the mesh does not change, or None."""
+        times = []
+        if self._redundant:
+            times = [since + self.cold_grace_s for since in self._cold_since.values()]
+        if self._deferral is not None:
+            times.append(self._deferral[1] + self._deferral[2])
+        future = [t for t in times if t > self._now]
+        return min(future, default=None)
+
+    def update(self, view: NodeView, now: float) -> Decision | None:
+        """Re-decide if the mesh changed in a way that matters; the new decision, if any."""
+        self._now = now
+        view = replace(view, excluded=view.excluded | self.failed)
+        self._track_cold(view, now)
+        self._redundant = False
+        new = self._next(view, now)
+        if new.model is not None:
+            self._cold_since.pop(new.model, None)
+        if new == self.decision:
+            return None
+        self.decision = new
+        return new
+
+    def _track_cold(self, view: NodeView, now: float) -> None:
+        cold = catalog_of(view) - set(servers_by_model(view.announcements))
+        if self.decision is not None and self.decision.model is not None:
+            cold.discard(self.decision.model)
+        self._cold_since = {m: self._cold_since.get(m, now) for m in cold}
+
+    def _next(self, view: NodeView, now: float) -> Decision:
+        if view.explicit:
+            self._deferral = None
+            return decide(view)
+        held = self._held(view)
+        if held is None:
+            return self._wait_or_take(view, now)
+        return self._move(view, now, held) or held
+
+    def _held(self, view: NodeView) -> Decision | None:
+        """The current model if it stays: not failed here and still fitting."""
+        current = self.decision
+        if current is None or current.model is None:
+            own = next((a for a in view.announcements if a.node_id == view.node_id), None)
+            if own is None or not own.serving or own.role == "client":
+                return None
+            info = view.models.get(own.serving)
+            current = Decision(
+                own.serving, Reason.RESUMED, download=info is not None and not info.on_disk
+            )
+        assert current.model is not None
+        if current.model in view.excluded:
+            return None
+        info = view.models.get(current.model)
+        if not fits(info.size_bytes if info is not None else None, view.budget_bytes):
+            return None
+        return current
+
+    def _defer(self, play: _Round, now: float) -> bool:
+        """Start or continue leaving `play.first` to its claimer; True once that ran out."""
+        assert play.first is not None
+        name = play.first[0].name
+        if self._deferral is None or self._deferral[0] != name:
+            timeout = self.defer_timeout_s + self.defer_stagger_s * play.queued
+            self._deferral = (name, now, timeout)
+        _, since, timeout = self._deferral
+        if now - since >= timeout:
+            self._deferral = None
+            return True
+        return False
+
+    def _wait_or_take(self, view: NodeView, now: float) -> Decision:
+        """A node without a model: take the round's choice, or wait for the claimer."""
+        play = _play_round(view)
+        if play.first is None:
+            self._deferral = None
+            return _nothing(view, catalog_of(view))
+        first, first_tier = play.first
+        if play.given is not None:
+            given, given_tier = play.given
+            if given.name == first.name or given_tier <= 2 or first_tier > 2:
+                self._deferral = None
+                return _decision(given, given_tier)
+        # Our cold first choice is claimed by a lower id and we are left with less: wait.
+        if self._defer(play, now):
+            return _decision(first, first_tier, detail=f"{play.claimer} did not take it")
+        return Decision(None, Reason.WAITING, detail=f"{first.name} left to {play.claimer}")
+
+    def _move(self, view: NodeView, now: float, held: Decision) -> Decision | None:
+        """A redundant auto-assigned server leaves for a model cold for `cold_grace_s`."""
+        assert held.model is not None
+        group = [
+            a
+            for a in view.announcements
+            if a.node_id != view.node_id and _counts_as_server(a) and a.serving == held.model
+        ]
+        me = PeerAnnouncement(node_id=view.node_id, generation=0, vram_bytes=view.budget_bytes)
+        matured = {m for m, t in self._cold_since.items() if now - t >= self.cold_grace_s}
+        if not group or elect_host([*group, me]) == view.node_id:
+            self._deferral = None
+            return None
+        self._redundant = True
+        if not matured:
+            self._deferral = None
+            return None
+        play = _play_round(view, matured)
+        if play.first is None:
+            self._deferral = None
+            return None
+        if play.given is not None:
+            self._deferral = None
+            return _decision(*play.given, detail=f"moved from {held.model}")
+        if self._defer(play, now):
+            first, tier = play.first
+            return _decision(first, tier, detail=f"moved from {held.model}; {play.claimer} did not")
+        return None
+
+
+# -- elections and split planning ----------------------------------------------------
+
+
+def _host_key(ann: PeerAnnouncement) -> tuple[int, str]:
+    return (-ann.vram_bytes, ann.node_id)
+
+
+def elect_host(group: Iterable[PeerAnnouncement]) -> str | None:
+    """Most VRAM wins, ties to the smallest node id ("Per-model election groups")."""
+    best = min(group, key=_host_key, default=None)
+    return None if best is None else best.node_id
+
+
+def elect_hosts(announcements: Iterable[PeerAnnouncement]) -> dict[str, str]:
+    """Model -> host node id, one independent election per model served."""
+    hosts = {}
+    for model, group in servers_by_model(announcements).items():
+        host = elect_host(group)
+        if host is not None:
+            hosts[model] = host
+    return hosts
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How one election group runs its model."""
+
+    model: str
+    split: bool
+    """A tensor split across `host` and `workers`."""
+    host: str | None
+    """The elected host (split host when `split`)."""
+    workers: tuple[str, ...] = ()
+    """RPC workers of the split, largest budget first."""
+    solo: tuple[str, ...] = ()
+    """Members running their own llama-server."""
+    idle: tuple[str, ...] = ()
+    """Members with nothing to run (too small alone, not needed by the split)."""
+    feasible: bool = True
+    """False when even the whole group's memory falls short."""
+    reason: str = ""
+
+    def role_of(self, node_id: str) -> str:
+        """'host', 'worker', 'solo' or 'idle' for a member of the group."""
+        if self.split and node_id == self.host:
+            return "host"
+        if node_id in self.workers:
+            return "worker"
+        if node_id in self.solo:
+            return "solo"
+        return "idle"
+
+
+def plan_split(
+    model: str,
+    size_bytes: int | None,
+    group: Iterable[PeerAnnouncement],
+    force: bool = False,
+) -> SplitPlan:
+    """Solo servers unless the model fits no member or `force` (`--split`); see module doc."""
+    members = sorted(group, key=_host_key)
+    ids = tuple(m.node_id for m in members)
+    if not members:
+        return SplitPlan(model, False, None, feasible=False, reason="no node serves it")
+    host = members[0]
+    fitting = tuple(m.node_id for m in members if fits(size_bytes, m.vram_bytes))
+    if size_bytes is None or (fitting and (not force or len(members) == 1)):
+        return SplitPlan(model, False, host.node_id, solo=fitting, idle=_rest(ids, fitting))
+    need = need_bytes(size_bytes)
+    total = host.vram_bytes
+    workers: list[str] = []
+    for member in members[1:]:
+        # Forced split takes one worker even when the host fits alone.
+        if total >= need and (workers or not force):
+            break
+        workers.append(member.node_id)
+        total += member.vram_bytes
+    if total < need:
+        return SplitPlan(
+            model,
+            False,
+            host.node_id,
+            idle=ids,
+            feasible=False,
+            reason=f"needs {need} bytes, the group has {total}",
+        )
+    used = {host.node_id, *workers}
+    solo = tuple(i for i in fitting if i not in used)
+    why = "forced (--split)" if force else "fits no single node"
+    return SplitPlan(
+        model,
+        True,
+        host.node_id,
+        workers=tuple(workers),
+        solo=solo,
+        idle=_rest(ids, (*used, *solo)),
+        reason=why,
+    )
+
+
+def _rest(ids: Sequence[str], taken: Iterable[str]) -> tuple[str, ...]:
+    gone = set(taken)
+    return tuple(i for i in ids if i not in gone)

@@ -1,0 +1,135 @@
+"""The mesh at a glance (sans-I/O): what the web console and its JSON endpoint show.
+
+Built from what a node already knows (its own server state, the gossiped
+announcements of its peers and the Router's table), so the console never asks
+another actor anything per request. Spec: `seed/multi-model-mesh.md`, "Console".
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from meshllm.messages import LocalServerState, MeshView, RouteTable
+from meshllm.wire import PeerAnnouncement
+
+ModelStatus = Literal["warm", "cold"]
+
+
+class NodeCard(msgspec.Struct, frozen=True, kw_only=True):
+    """One node of the mesh, as a box on the page."""
+
+    node_id: str
+    role: str
+    """host, worker, client, or idle (a node waiting for capacity)."""
+    state: str
+    """State of the node's llama-server: stopped, loading, ready or failed."""
+    model: str | None
+    """Model the node serves (or is loading); None when it serves nothing."""
+    vram_bytes: int
+    """Memory the node announces for models (0: none announced)."""
+    http_port: int
+    this_node: bool
+    version: str = ""
+    reason: str = ""
+    """Why this node's server failed (known for this node only)."""
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    """One model of the mesh catalog."""
+
+    name: str
+    status: ModelStatus
+    """warm: at least one node serves it and is ready; cold: in the catalog, served by none."""
+    node_count: int
+    nodes: tuple[str, ...]
+    """Node ids whose server for this model is ready."""
+    loading: tuple[str, ...] = ()
+    """Node ids still loading (or restarting) a server for it."""
+
+
+class MeshMemory(msgspec.Struct, frozen=True, kw_only=True):
+    """Total memory for models over the mesh.
+
+    Every node that announces memory counts, with what it announces: its GPUs'
+    VRAM, or on a node without a GPU the share of system RAM it offers. The
+    wire does not tell the two apart, so the console labels the total as such.
+    """
+
+    total_bytes: int
+    nodes: int
+    """Nodes that announce memory (vram_bytes > 0)."""
+    nodes_without: int
+    """Nodes that announce none (lite clients, or no detection yet)."""
+
+
+class MeshStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the console page shows; served as JSON by `/api/status`."""
+
+    node_id: str
+    """This node."""
+    api: str
+    """Base URL of this node's OpenAI API."""
+    nodes: tuple[NodeCard, ...]
+    """This node first, then its peers by node id."""
+    models: tuple[ModelCard, ...]
+    """Warm models first, then cold ones, each group by name."""
+    memory: MeshMemory
+
+
+def own_card(
+    node_id: str, client: bool, local: LocalServerState, vram_bytes: int, http_port: int
+) -> NodeCard:
+    """This node's box: the same role rule the Gossiper announces."""
+    role = "client" if client else ("host" if local.model else "idle")
+    return NodeCard(
+        node_id=node_id,
+        role=role,
+        state=local.state,
+        model=local.model or None,
+        vram_bytes=vram_bytes,
+        http_port=http_port,
+        this_node=True,
+        reason=local.reason if local.state == "failed" else "",
+    )
+
+
+def peer_card(ann: PeerAnnouncement) -> NodeCard:
+    return NodeCard(
+        node_id=ann.node_id,
+        role=ann.role,
+        state=ann.server_state,
+        model=ann.serving,
+        vram_bytes=ann.vram_bytes,
+        http_port=ann.http_port,
+        this_node=False,
+        version=ann.version,
+    )
+
+
+def build_mesh_status(me: NodeCard, mesh: MeshView, routes: RouteTable, api: str) -> MeshStatus:
+    """The console's view of the mesh from this node's latest knowledge."""
+    nodes = (me, *(peer_card(p) for p in sorted(mesh.peers, key=lambda p: p.node_id)))
+    loading: dict[str, list[str]] = {}
+    for node in nodes:
+        if node.model and node.state in ("loading", "stopped"):
+            loading.setdefault(node.model, []).append(node.node_id)
+    models = [
+        ModelCard(
+            name=route.name,
+            status="warm" if route.targets else "cold",
+            node_count=len(route.nodes),
+            nodes=route.nodes,
+            loading=tuple(loading.get(route.name, ())),
+        )
+        for route in routes.models
+    ]
+    models.sort(key=lambda card: (card.status != "warm", card.name))
+    counted = [n for n in nodes if n.vram_bytes > 0]
+    memory = MeshMemory(
+        total_bytes=sum(n.vram_bytes for n in counted),
+        nodes=len(counted),
+        nodes_without=len(nodes) - len(counted),
+    )
+    return MeshStatus(node_id=me.node_id, api=api, nodes=nodes, models=tuple(models), memory=memory)

@@ -1,0 +1,500 @@
+"""The web console: its status core, its ASGI app in-process, and the page in a real browser.
+
+The browser test drives Debian's Chromium headless through Playwright (never a
+downloaded browser; `tools/setup` installs the package) against a real
+two-node mesh with two models, and leaves a screenshot in
+`bench/results/console.png`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from meshllm import console_app
+from meshllm.console_app import ConsoleApp
+from meshllm.mesh_status import MeshStatus, build_mesh_status, own_card
+from meshllm.messages import LocalServerState, MeshView, ModelRoute, RouteTable, RouteTarget
+from meshllm.wire import PeerAnnouncement
+from tests.nodes import NodeProcess, chat, http, wait_for
+
+T = TypeVar("T")
+GiB = 1024**3
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-proxy-server",
+]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "bench" / "results" / "console.png"
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+# -- the status core (sans-I/O) ---------------------------------------------------
+
+
+def peer(
+    node_id: str, model: str | None, state: str, vram: int, role: str = "host"
+) -> PeerAnnouncement:
+    return PeerAnnouncement(
+        node_id=node_id,
+        generation=1,
+        role=role,  # type: ignore[arg-type]
+        serving=model,
+        server_state=state,
+        vram_bytes=vram,
+        http_port=9000,
+    )
+
+
+def mesh_status() -> MeshStatus:
+    local = LocalServerState(model="alpha", state="ready", port=5000)
+    me = own_card("aaaa", client=False, local=local, vram_bytes=8 * GiB, http_port=9337)
+    mesh = MeshView(
+        "aaaa",
+        (
+            peer("dddd", None, "stopped", 0, role="client"),
+            peer("bbbb", "beta", "ready", 24 * GiB),
+            peer("cccc", "beta", "loading", 16 * GiB),
+        ),
+    )
+    routes = RouteTable(
+        (
+            ModelRoute("alpha", (RouteTarget("aaaa", True, 5000),), ("aaaa",)),
+            ModelRoute("beta", (RouteTarget("bbbb", False, 9000),), ("bbbb",)),
+            ModelRoute("gamma"),
+        )
+    )
+    return build_mesh_status(me, mesh, routes, "http://127.0.0.1:9337/v1")
+
+
+def test_status_lists_nodes_models_and_memory() -> None:
+    status = mesh_status()
+    assert [n.node_id for n in status.nodes] == ["aaaa", "bbbb", "cccc", "dddd"]
+    me = status.nodes[0]
+    assert (me.this_node, me.role, me.state, me.model) == (True, "host", "ready", "alpha")
+    assert [(n.role, n.state, n.model) for n in status.nodes[1:]] == [
+        ("host", "ready", "beta"),
+        ("host", "loading", "beta"),
+        ("client", "stopped", None),
+    ]
+    assert [(m.name, m.status, m.node_count, m.loading) for m in status.models] == [
+        ("alpha", "warm", 1, ()),
+        ("beta", "warm", 1, ("cccc",)),
+        ("gamma", "cold", 0, ()),
+    ]
+    assert status.memory.total_bytes == 48 * GiB
+    assert (status.memory.nodes, status.memory.nodes_without) == (3, 1)
+
+
+def test_own_card_roles() -> None:
+    idle = own_card("n", client=False, local=LocalServerState(), vram_bytes=0, http_port=1)
+    client = own_card("n", client=True, local=LocalServerState(), vram_bytes=0, http_port=1)
+    failed = own_card(
+        "n",
+        client=False,
+        local=LocalServerState(model="m", state="failed", reason="out of memory"),
+        vram_bytes=0,
+        http_port=1,
+    )
+    assert (idle.role, idle.model) == ("idle", None)
+    assert client.role == "client"
+    assert (failed.role, failed.state, failed.reason) == ("host", "failed", "out of memory")
+
+
+# -- the app, in-process ----------------------------------------------------------
+
+
+class Exchange:
+    """One request played into the ASGI app; what it sends is queued for the test."""
+
+    def __init__(
+        self, app: ConsoleApp, method: str, path: str, body: bytes = b"", host: bytes = b"127.0.0.1"
+    ) -> None:
+        self.sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.gone = asyncio.Event()
+        self.body_given = False
+        path, _, query = path.partition("?")
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": [(b"host", host), (b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 3131),
+        }
+        self.body = body
+        self.task = asyncio.ensure_future(app(scope, self.receive, self.sent.put))
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.body_given:
+            self.body_given = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def next(self, timeout: float = 2.0) -> dict[str, Any]:
+        return await asyncio.wait_for(self.sent.get(), timeout)
+
+    async def start(self) -> tuple[int, dict[bytes, bytes]]:
+        msg = await self.next()
+        assert msg["type"] == "http.response.start", msg
+        return msg["status"], dict(msg["headers"])
+
+    async def rest(self, timeout: float = 5.0) -> bytes:
+        parts = []
+        while True:
+            msg = await self.next(timeout)
+            parts.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return b"".join(parts)
+
+
+def test_page_assets_and_status_json() -> None:
+    async def main() -> None:
+        app = ConsoleApp("127.0.0.1", 1)
+        app.set_status(mesh_status())
+        page = Exchange(app, "GET", "/")
+        status, headers = await page.start()
+        html = await page.rest()
+        assert status == 200 and headers[b"content-type"].startswith(b"text/html")
+        assert b'src="/app.js"' in html and b'href="/style.css"' in html
+        for path, kind in (("/app.js", b"text/javascript"), ("/style.css", b"text/css")):
+            asset = Exchange(app, "GET", path)
+            status, headers = await asset.start()
+            assert status == 200 and headers[b"content-type"].startswith(kind)
+            assert len(await asset.rest()) > 1000
+        api = Exchange(app, "GET", "/api/status")
+        status, headers = await api.start()
+        data = json.loads(await api.rest())
+        assert status == 200 and headers[b"content-type"] == b"application/json"
+        assert data["node_id"] == "aaaa"
+        assert [m["status"] for m in data["models"]] == ["warm", "warm", "cold"]
+        assert data["memory"] == {"total_bytes": 48 * GiB, "nodes": 3, "nodes_without": 1}
+
+    run(main())
+
+
+def test_other_host_names_are_refused() -> None:
+    """Bound to loopback, the console answers loopback names only (no DNS rebinding)."""
+
+    async def main() -> None:
+        app = ConsoleApp("127.0.0.1", 1)
+        refused = Exchange(app, "GET", "/api/status", host=b"attacker.example:3131")
+        status, _ = await refused.start()
+        await refused.rest()
+        assert status == 400
+        for host in (b"localhost:3131", b"127.0.0.1:3131", b"[::1]:3131"):
+            allowed = Exchange(app, "GET", "/api/status", host=host)
+            assert (await allowed.start())[0] == 200
+            await allowed.rest()
+
+    run(main())
+
+
+def test_events_push_each_change_and_keep_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console_app, "KEEPALIVE_S", 0.2)
+
+    async def main() -> None:
+        app = ConsoleApp("127.0.0.1", 1)
+        first = mesh_status()
+        app.set_status(first)
+        stream = Exchange(app, "GET", "/api/events")
+        status, headers = await stream.start()
+        assert status == 200 and headers[b"content-type"] == b"text/event-stream"
+        event = (await stream.next())["body"]
+        assert event.startswith(b"retry: 1000\nevent: status\ndata: {")
+        assert json.loads(event.split(b"data: ", 1)[1])["node_id"] == "aaaa"
+
+        assert not app.set_status(first)  # the same status again: nothing to push
+        assert (await stream.next(1.0))["body"] == b": keep-alive\n\n"
+
+        changed = build_mesh_status(
+            first.nodes[0], MeshView("aaaa"), RouteTable((ModelRoute("alpha"),)), first.api
+        )
+        started = time.monotonic()
+        assert app.set_status(changed)
+        event = (await stream.next(1.0))["body"]
+        assert time.monotonic() - started < 1.0
+        data = json.loads(event.split(b"data: ", 1)[1])
+        assert [(m["name"], m["status"]) for m in data["models"]] == [("alpha", "cold")]
+
+        app.close()  # shutting down ends every stream
+        assert (await stream.next())["body"] == b""
+        await asyncio.wait_for(stream.task, 1)
+
+        gone = Exchange(app := ConsoleApp("127.0.0.1", 1), "GET", "/api/events")
+        await gone.start()
+        await gone.next()
+        gone.gone.set()  # the browser went away: the stream ends at once
+        await asyncio.wait_for(gone.task, 1)
+
+    run(main())
+
+
+def test_v1_is_passed_through_streaming() -> None:
+    """`/v1/*` reaches the node's API with its path, query and body; chunks come back as sent."""
+
+    async def main() -> None:
+        seen: list[bytes] = []
+        release = asyncio.Event()
+
+        async def api(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            seen.append(head + await reader.readexactly(length))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
+            writer.write(b"9\r\ndata: one\r\n")
+            await writer.drain()
+            await release.wait()
+            writer.write(b"9\r\ndata: two\r\n0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(api, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        app = ConsoleApp("127.0.0.1", port)
+        try:
+            call = Exchange(app, "POST", "/v1/chat/completions?x=1", b'{"model":"m"}')
+            status, headers = await call.start()
+            assert status == 200 and headers[b"content-type"] == b"text/event-stream"
+            assert (await call.next())["body"] == b"data: one"  # before the rest exists
+            release.set()
+            assert await call.rest() == b"data: two"
+            assert seen[0].startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\n")
+            assert seen[0].endswith(b'\r\n\r\n{"model":"m"}')
+
+            app.upstream.close()
+            server.close()
+            await server.wait_closed()
+            down = Exchange(app, "GET", "/v1/models")
+            status, _ = await down.start()
+            assert status == 502
+            assert b"api_unreachable" in await down.rest()
+        finally:
+            app.close_upstream()
+            server.close()
+
+    run(main())
+
+
+# -- the page, in Chromium, against a real two-node mesh -----------------------------
+
+
+def format_bytes(n: int) -> str:
+    """What the page shows for `n` bytes (`formatBytes` in app.js)."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    value, unit = float(n), 0
+    while value >= 1024 and unit < len(units) - 1:
+        value /= 1024
+        unit += 1
+    digits = 0 if value >= 100 or unit == 0 else 1
+    return f"{value:.{digits}f} {units[unit]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def invite_token(node: NodeProcess) -> str:
+    def find() -> str | None:
+        lines = node.log().splitlines()
+        for line, after in itertools.pairwise(lines):
+            if line.startswith("invite token"):
+                return after.strip()
+        return None
+
+    token: str = wait_for(find, 10, "the invite token in the first node's log")
+    return token
+
+
+def warm_models(port: int) -> dict[str, list[str]]:
+    _, _, body = http(port, "GET", "/v1/models", timeout=2)
+    return {
+        m["id"]: m["meshllm"]["nodes"]
+        for m in json.loads(body)["data"]
+        if m["meshllm"]["status"] == "warm"
+    }
+
+
+def console_status(port: int) -> dict[str, Any]:
+    _, _, body = http(port, "GET", "/api/status", timeout=2)
+    data: dict[str, Any] = json.loads(body)
+    return data
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"the console tests need Debian's chromium at {CHROMIUM}: run tools/setup")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the console tests need playwright: run tools/setup")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True, timeout=30_000
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.mark.integration
+def test_console_in_a_browser(
+    start_node: Callable[..., NodeProcess], demo_model: Path, second_model: Path, browser: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    first_name, second_name = demo_model.stem, second_model.stem
+    console = free_port()
+    a = start_node(
+        "--model", str(demo_model), "--model", str(second_model),
+        "--bind", "127.0.0.1:0", "--console", str(console), name="a",
+    )  # fmt: skip
+    b = start_node(
+        "--model", str(second_model), "--join", invite_token(a),
+        "--bind", "127.0.0.1:0", name="b",
+    )  # fmt: skip
+    wait_for(
+        lambda: set(warm_models(a.port)) == {first_name, second_name},
+        60,
+        "both models warm on the first node",
+    )
+    wait_for(
+        lambda: len(console_status(console)["nodes"]) == 2, 10, "the console to list both nodes"
+    )
+    status = console_status(console)
+    a_id, b_id = (n["node_id"] for n in status["nodes"])
+
+    page = browser.new_page(viewport={"width": 1360, "height": 860})
+    page.set_default_timeout(10_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(f"http://127.0.0.1:{console}/")
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+
+        # Models list: both warm (green), one node each.
+        rows = page.locator("#models .model-row")
+        expect(rows).to_have_count(2)
+        for name in (first_name, second_name):
+            row = page.locator(f'#models .model-row[data-model="{name}"]')
+            expect(row).to_have_attribute("data-status", "warm")
+            expect(row).to_have_attribute("data-node-count", "1")
+            expect(row.locator(".count")).to_have_text("1 node")
+            dot = row.locator(".dot").evaluate("e => getComputedStyle(e).backgroundColor")
+            assert dot in ("rgb(29, 127, 72)", "rgb(79, 197, 138)"), dot  # --warm
+
+        # Node boxes: id, role, state and model of each.
+        nodes = page.locator("#nodes .node")
+        expect(nodes).to_have_count(2)
+        box_a = page.locator(f'.node[data-node-id="{a_id}"]')
+        box_b = page.locator(f'.node[data-node-id="{b_id}"]')
+        expect(box_a.locator(".id")).to_have_text(a_id[:8])
+        expect(box_a.locator(".you")).to_have_text("this node")
+        for box, model in ((box_a, first_name), (box_b, second_name)):
+            expect(box.locator(".model")).to_have_text(model)
+            expect(box.locator(".badge.role")).to_have_text("host")
+            expect(box.locator(".badge.state")).to_have_text("ready")
+
+        # Total mesh VRAM: the sum of what the nodes announce, as the JSON says.
+        status = console_status(console)
+        total = sum(n["vram_bytes"] for n in status["nodes"])
+        assert status["memory"]["total_bytes"] == total > 0
+        expect(page.locator("#vram-total")).to_have_attribute("data-bytes", str(total))
+        expect(page.locator("#vram-total")).to_have_text(format_bytes(total))
+        expect(page.locator("#node-total")).to_have_text("2")
+        expect(page.locator("#model-total")).to_have_text("2 / 2")
+
+        # The picker lists both models; switching highlights the box serving it.
+        picker = page.locator("#model-picker")
+        options = picker.locator("option").evaluate_all("os => os.map(o => o.value)")
+        assert sorted(options) == sorted([first_name, second_name])
+        picker.select_option(second_name)
+        expect(box_b).to_have_attribute("data-highlight", "true")
+        expect(box_a).to_have_attribute("data-highlight", "false")
+        expect(page.locator(f'.model-row[data-model="{second_name}"]')).to_have_attribute(
+            "aria-current", "true"
+        )
+        picker.select_option(first_name)
+        expect(box_a).to_have_attribute("data-highlight", "true")
+        expect(box_b).to_have_attribute("data-highlight", "false")
+
+        # Chat streams a reply token by token, the same one the API gives.
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "24")
+        for model in (first_name, second_name):
+            picker.select_option(model)
+            page.fill("#prompt", f"hello {model}")
+            page.press("#prompt", "Enter")
+            reply = page.locator(".msg.assistant").last
+            expect(reply).to_have_attribute("data-state", "done", timeout=30_000)
+            expected = chat(a.port, model, f"hello {model}", max_tokens=24)
+            text = expected["choices"][0]["message"]["content"]
+            assert reply.locator(".bubble").text_content() == text
+            assert int(reply.get_attribute("data-chunks")) >= 2, "the reply came in one piece"
+            page.click("#clear")
+
+        picker.select_option(second_name)
+        page.fill("#prompt", "How is the mesh?")
+        page.press("#prompt", "Enter")
+        expect(page.locator(".msg.assistant").last).to_have_attribute("data-state", "done")
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT))
+
+        # A node dies: its box goes, its model turns cold, without a reload.
+        assert b.proc is not None
+        os.killpg(b.proc.pid, signal.SIGKILL)
+        wait_for(
+            lambda: len(console_status(console)["nodes"]) == 1,
+            20,
+            "the first node to notice the second one died",
+        )
+        noticed = time.monotonic()
+        expect(nodes).to_have_count(1, timeout=2_000)
+        expect(page.locator(f'.model-row[data-model="{second_name}"]')).to_have_attribute(
+            "data-status", "cold", timeout=2_000
+        )
+        assert time.monotonic() - noticed < 2.0
+        cold = page.locator(f'.model-row[data-model="{second_name}"]')
+        expect(cold.locator(".count")).to_have_text("0 nodes")
+        expect(page.locator("#node-total")).to_have_text("1")
+        expect(page.locator("#model-total")).to_have_text("1 / 2")
+        assert not errors, errors
+    finally:
+        with contextlib.suppress(Exception):
+            page.close()
