@@ -125,20 +125,30 @@ class Response:
 class Pool:
     """Keep-alive connections to one host:port."""
 
-    def __init__(self, host: str, port: int, max_idle: int = 64) -> None:
+    def __init__(
+        self, host: str, port: int, max_idle: int = 64, unix_path: str | None = None
+    ) -> None:
         self.host = host
         self.port = port
+        self.unix_path = unix_path
+        """Connect to this unix socket instead of host:port (the Tunnel's)."""
         self.max_idle = max_idle
         self.idle: list[Connection] = []
         self.host_header = f"{host}:{port}".encode()
 
     async def _connect(self) -> Connection:
         try:
-            reader, writer = await asyncio.open_connection(
-                self.host, self.port, limit=MAX_HEADER_BYTES
-            )
+            if self.unix_path is not None:
+                reader, writer = await asyncio.open_unix_connection(
+                    self.unix_path, limit=MAX_HEADER_BYTES
+                )
+            else:
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, limit=MAX_HEADER_BYTES
+                )
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+            where = self.unix_path or f"{self.host}:{self.port}"
+            raise UpstreamError(f"cannot connect to {where}: {exc}") from exc
         return Connection(reader, writer)
 
     def put(self, conn: Connection) -> None:

@@ -1,0 +1,746 @@
+"""The Tunnel (meshllm.tunnel, actors.tunnel), run in-process.
+
+The pure parts are tested directly. The rest runs two QUIC endpoints on
+loopback in the test process: the local side (`TunnelClient`, serving a unix
+socket like the Proxy's) and the remote side (`TunnelServer`) in front of the
+tiny HTTP server of `tests.test_upstream` standing in for llama-server.
+Requests go in through `meshllm.upstream.Pool` with a unix path (the Proxy's
+client), or through the whole `ProxyApp` with its `remote` hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from actors.tunnel import Tunnel, TunnelClient, TunnelEndpoint, TunnelProtocol, TunnelServer
+from meshllm import wire
+from meshllm.bus import Bus
+from meshllm.config import NodeConfig
+from meshllm.identity import load_or_create_key
+from meshllm.messages import (
+    ActorError,
+    LocalServerState,
+    MeshView,
+    Message,
+    ModelRoute,
+    RouteTable,
+    RouteTarget,
+    SuspectPeer,
+)
+from meshllm.proxy_app import ProxyApp
+from meshllm.quic import Link
+from meshllm.tunnel import (
+    BadRequest,
+    error_response,
+    host_of,
+    parse_request_head,
+    peers_to_drop,
+    remote_via_tunnel,
+    serving_port,
+    tunnel_address,
+)
+from meshllm.upstream import Pool, Response, UpstreamError
+from meshllm.wire import PeerAnnouncement
+from tests.test_proxy_app import CHAT, call
+from tests.test_upstream import FakeServer, Request, Responder, chunk, response
+
+T = TypeVar("T")
+WAIT_S = 5.0
+PROMPT_S = 2.0
+"""What "promptly" means when a peer dies: far below any read timeout."""
+SECRET = b"tunnel-test-secret-0123456789abc"
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+)
+HEADERS = [(b"content-type", b"application/json")]
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def tunnel_headers(node: str = "remote", model: str = "demo") -> list[tuple[bytes, bytes]]:
+    return [*HEADERS, (b"x-meshllm-node", node.encode()), (b"x-meshllm-model", model.encode())]
+
+
+def peer(node_id: str, tunnel_port: int, host: str = "127.0.0.1") -> PeerAnnouncement:
+    return PeerAnnouncement(
+        node_id=node_id, generation=1, addresses=(f"{host}:4000",), tunnel_port=tunnel_port
+    )
+
+
+# -- pure parts --------------------------------------------------------------------------------
+
+
+def test_parse_request_head_strips_tunnel_headers_and_closes() -> None:
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"x-meshllm-node: n1\r\nX-Meshllm-Model: demo\r\nConnection: keep-alive\r\n"
+        b"content-length: 12\r\n\r\n"
+    )
+    req = parse_request_head(head)
+    assert (req.node_id, req.model, req.content_length) == ("n1", "demo", 12)
+    assert req.head == (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 12\r\nconnection: close\r\n\r\n"
+    )
+    no_body = parse_request_head(b"GET /x HTTP/1.1\r\n" + TUNNEL_LINES + b"\r\n")
+    assert no_body.content_length == 0
+
+
+TUNNEL_LINES = b"x-meshllm-node: a\r\nx-meshllm-model: b\r\n"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"POST  HTTP/1.1\r\n\r\n",
+        b"POST /x HTTP/2\r\nx-meshllm-node: a\r\nx-meshllm-model: b\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nx-meshllm-model: b\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nx-meshllm-node: a\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nx-meshllm-node: a\r\nx-meshllm-node: c\r\nx-meshllm-model: b\r\n\r\n",
+        b"POST /x HTTP/1.1\r\n" + TUNNEL_LINES + b"no colon\r\n\r\n",
+        b"POST /x HTTP/1.1\r\n" + TUNNEL_LINES + b" folded: x\r\n\r\n",
+        b"POST /x HTTP/1.1\r\n" + TUNNEL_LINES + b"content-length: -1\r\n\r\n",
+        b"POST /x HTTP/1.1\r\n" + TUNNEL_LINES + b"content-length: 1\r\ncontent-length: 2\r\n\r\n",
+        b"POST /x HTTP/1.1\r\n" + TUNNEL_LINES + b"transfer-encoding: chunked\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nx-meshllm-node: \xff\r\nx-meshllm-model: b\r\n\r\n",
+        b"POST /x HTTP/1.1\r\n" + TUNNEL_LINES,  # no empty line
+    ],
+)
+def test_parse_request_head_rejects_malformed(head: bytes) -> None:
+    with pytest.raises(BadRequest):
+        parse_request_head(head)
+
+
+def test_error_response_is_raw_http_with_openai_error() -> None:
+    raw = error_response(503, "busy", "model_not_served", retry_after=True)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 503 Service Unavailable"
+    assert b"retry-after: 2" in lines and b"connection: close" in lines
+    assert f"content-length: {len(body)}".encode() in lines
+    error = {"message": "busy", "type": "server_error", "param": None, "code": "model_not_served"}
+    assert json.loads(body) == {"error": error}
+    client_error = error_response(400, "no", "bad_request").partition(b"\r\n\r\n")[2]
+    assert json.loads(client_error)["error"]["type"] == "invalid_request_error"
+
+
+def test_peer_tunnel_address() -> None:
+    assert host_of("10.0.0.2:4000") == "10.0.0.2"
+    assert host_of("[::1]:4000") == "::1"
+    assert host_of("example.org") == "example.org"
+    assert tunnel_address(peer("a", 5000, "10.0.0.2")) == ("10.0.0.2", 5000)
+    assert tunnel_address(peer("a", 0)) is None
+    assert tunnel_address(PeerAnnouncement(node_id="a", generation=1, tunnel_port=5000)) is None
+
+
+def test_peers_to_drop_when_gone_or_moved() -> None:
+    old = {"a": ("h", 1), "b": ("h", 2), "c": ("h", 3), "d": None}
+    new = {"a": ("h", 1), "c": ("h", 4), "d": None, "e": ("h", 5)}
+    assert peers_to_drop(old, new) == ["b", "c"]
+    assert peers_to_drop({}, new) == []
+
+
+def test_serving_port_only_for_the_ready_model() -> None:
+    ready = LocalServerState(model="demo", state="ready", port=8001)
+    assert serving_port(ready, "demo") == (8001, "")
+    for state, model in [
+        (ready, "other"),
+        (LocalServerState(), "demo"),
+        (LocalServerState(model="demo", state="loading", port=8001), "demo"),
+        (LocalServerState(model="demo", state="ready", port=0), "demo"),
+    ]:
+        port, why = serving_port(state, model)
+        assert port == 0 and why, (state, model)
+
+
+def test_remote_hook_names_node_and_model() -> None:
+    hook = remote_via_tunnel("/run/t.sock")
+    pool, headers = hook(RouteTarget("n2", False, 9337, "demo"))
+    assert pool.unix_path == "/run/t.sock"
+    assert headers == [(b"x-meshllm-node", b"n2"), (b"x-meshllm-model", b"demo")]
+    assert hook(RouteTarget("n3", False, 9337, "b"))[0] is pool
+
+
+# -- two endpoints on loopback -----------------------------------------------------------------
+
+
+@dataclass
+class Mesh:
+    """A local TunnelClient and a remote TunnelServer, connected over loopback QUIC."""
+
+    client: TunnelClient
+    server: TunnelServer
+    local: TunnelEndpoint
+    remote: TunnelEndpoint
+    path: str
+    tunnel_port: int
+    llama: FakeServer
+    suspects: list[tuple[str, str]] = field(default_factory=list)
+
+    def pool(self) -> Pool:
+        return Pool("meshllm-tunnel", 0, unix_path=self.path)
+
+    async def request(
+        self, body: bytes = b'{"model": "demo"}', node: str = "remote", model: str = "demo"
+    ) -> Response:
+        return await self.pool().request(
+            "POST", "/v1/chat/completions", body, tunnel_headers(node, model)
+        )
+
+    async def raw(self, data: bytes) -> bytes:
+        """Send raw bytes to the tunnel's unix socket; everything it answers until it closes."""
+        reader, writer = await asyncio.open_unix_connection(self.path)
+        writer.write(data)
+        writer.write_eof()
+        try:
+            return await asyncio.wait_for(reader.read(-1), WAIT_S)
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def mesh(
+    tmp_path: Path,
+    respond: Responder,
+    model: str = "demo",
+    **client_kwargs: Any,
+) -> AsyncIterator[Mesh]:
+    async with FakeServer(respond) as llama:
+        server = TunnelServer(LocalServerState(model=model, state="ready", port=llama.port))
+        remote = TunnelEndpoint(
+            "remote", SECRET, load_or_create_key(None), _no_setup, server.handle_stream
+        )
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        await remote.listen(udp)
+        local = TunnelEndpoint("local", SECRET, load_or_create_key(None), _no_setup)
+        suspects: list[tuple[str, str]] = []
+
+        async def suspect(node_id: str, reason: str) -> None:
+            suspects.append((node_id, reason))
+
+        client_kwargs.setdefault("unknown_peer_wait_s", 0.05)
+        client = TunnelClient(local, suspect=suspect, **client_kwargs)
+        port = udp.getsockname()[1]
+        client.set_view(MeshView("local", (peer("remote", port),)))
+        path = str(tmp_path / "t.sock")
+        await client.serve(path)
+        try:
+            yield Mesh(client, server, local, remote, path, port, llama, suspects)
+        finally:
+            await client.close()
+            local.close()
+            remote.close()
+            await asyncio.sleep(0.05)  # let the close frames and transports go
+
+
+async def _no_setup(link: Link) -> None:
+    pass
+
+
+async def _token(gate: asyncio.Queue[None], r: asyncio.StreamReader) -> bool:
+    """True when `gate` lets the next chunk go; False when the client closed first."""
+    token = asyncio.ensure_future(gate.get())
+    closed = asyncio.ensure_future(r.read(1))  # the client sends nothing more: EOF
+    done, _ = await asyncio.wait((token, closed), timeout=WAIT_S, return_when="FIRST_COMPLETED")
+    token.cancel()
+    closed.cancel()
+    if not done:
+        raise AssertionError("the test never released the next chunk")
+    return token in done and closed not in done
+
+
+def sse_responder(chunks: list[bytes], gate: asyncio.Queue[None]) -> Responder:
+    """SSE over chunked encoding; each chunk waits for a token on `gate` (llama.cpp pacing).
+
+    Like llama-server, it notices a closed connection while it is generating.
+    """
+
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(SSE_HEAD)
+        for data in chunks:
+            if not await _token(gate, r):
+                return False
+            w.write(chunk(data))
+            await w.drain()
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        return False
+
+    return respond
+
+
+def closing(body: bytes, status: str = "200 OK") -> Responder:
+    """A content-length response, then close (llama-server on `connection: close`)."""
+
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(response(body, status, ("Connection: close",)))
+        await w.drain()
+        return False
+
+    return respond
+
+
+async def wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def within(seconds: float, what: str, aw: Awaitable[T]) -> T:
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except TimeoutError:
+        raise AssertionError(f"{what} took longer than {seconds}s") from None
+
+
+def error_of(raw: bytes) -> tuple[int, dict[str, Any], dict[bytes, bytes]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    return int(lines[0].split(b" ")[1]), json.loads(body)["error"], headers
+
+
+# -- round trips -------------------------------------------------------------------------------
+
+
+def test_round_trip_with_content_length(tmp_path: Path) -> None:
+    answer = bytes(range(256)) * 1200  # ~300 KB: many QUIC packets and several reads
+    body = b'{"model": "demo", "pad": "' + b"x" * 200_000 + b'"}'
+
+    async def main() -> None:
+        async with mesh(tmp_path, closing(answer)) as m:
+            for i in range(2):
+                resp = await m.request(body)
+                assert resp.status == 200 and resp.length == len(answer)
+                assert await within(WAIT_S, "the body", resp.body()) == answer
+                req = m.llama.requests[i]
+                assert (req.method, req.path, req.body) == ("POST", "/v1/chat/completions", body)
+                assert req.headers["connection"] == "close"
+                assert req.headers["content-type"] == "application/json"
+                assert "x-meshllm-node" not in req.headers
+                assert "x-meshllm-model" not in req.headers
+            # one QUIC connection per peer, reused by every request
+            assert list(m.client.links) == ["remote"] and len(m.remote.protocols) == 1
+            assert m.suspects == []
+            await wait_for("streams forgotten", lambda: not _readers(m))
+
+    run(main())
+
+
+def _readers(m: Mesh) -> list[int]:
+    """Tunnel streams still tracked by either side (the control stream aside)."""
+    protos = [*m.remote.protocols, *(link.protocol for link in m.client.links.values())]
+    tracked = [sid for p in protos for sid in p._stream_readers if sid != 0]
+    for p in protos:
+        assert isinstance(p, TunnelProtocol)
+        tracked += [*p.abandoned, *p.stop_waiters]
+    return tracked
+
+
+def test_streaming_passes_chunk_by_chunk(tmp_path: Path) -> None:
+    chunks = [b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"]
+
+    async def main() -> None:
+        gate: asyncio.Queue[None] = asyncio.Queue()
+        async with mesh(tmp_path, sse_responder(chunks, gate)) as m:
+            resp = await m.request(b'{"model": "demo", "stream": true}')
+            assert resp.status == 200 and resp.chunked
+            body = resp.iter_body()
+            for data in chunks:
+                # The next chunk is only produced once this one came through.
+                gate.put_nowait(None)
+                assert await within(WAIT_S, "one chunk", anext(body)) == data
+            assert [c async for c in body] == []
+
+    run(main())
+
+
+def test_silent_generation_outlives_the_quic_idle_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long non-streaming generation sends nothing for a while; keepalive pings
+    # must keep the connection from timing out under it.
+    monkeypatch.setattr("meshllm.quic.IDLE_TIMEOUT_S", 0.4)
+
+    async def slow(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(1.2)
+        w.write(response(b"done", headers=("Connection: close",)))
+        await w.drain()
+        return False
+
+    async def main() -> None:
+        async with mesh(tmp_path, slow, keepalive_s=0.1) as m:
+            resp = await within(WAIT_S, "the slow answer", m.request())
+            assert resp.status == 200 and await resp.body() == b"done"
+            assert m.suspects == []
+
+    run(main())
+
+
+def test_through_the_proxy_app(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b'{"answer": 42}')) as m:
+            app = ProxyApp(remote=remote_via_tunnel(m.path))
+            target = RouteTarget("remote", False, 9337, "demo")
+            app.set_table(RouteTable((ModelRoute("demo", (target,), ("remote",)),)))
+            c = call(app, CHAT, {"model": "demo", "messages": []})
+            await within(WAIT_S, "the proxied request", c())
+            assert (c.status, c.json()) == (200, {"answer": 42})
+
+    run(main())
+
+
+# -- errors answered by the local side ---------------------------------------------------------
+
+
+def test_malformed_local_request_is_400(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"never")) as m:
+            for bad in (
+                b"NOT HTTP AT ALL\r\n\r\n",
+                b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+                b"POST /x HTTP/1.1\r\nx-meshllm-node: remote\r\nx-meshllm-model: demo\r\n"
+                b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            ):
+                status, error, _ = error_of(await m.raw(bad))
+                assert status == 400 and error["code"] == "bad_request", bad
+                assert error["type"] == "invalid_request_error" and error["message"]
+            assert await m.raw(b"") == b""  # connect and close: nothing to answer
+            assert m.llama.requests == []
+
+    run(main())
+
+
+def test_unknown_node_is_502(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"never")) as m:
+            resp = await within(WAIT_S, "the 502", m.request(node="nobody"))
+            assert resp.status == 502
+            assert json.loads(await resp.body())["error"]["code"] == "peer_unknown"
+            m.client.set_view(MeshView("local", (peer("remote", 0),)))  # no tunnel port
+            resp = await within(WAIT_S, "the 502", m.request())
+            assert resp.status == 502
+            assert json.loads(await resp.body())["error"]["code"] == "peer_unreachable"
+
+    run(main())
+
+
+def test_node_that_joins_a_moment_late_is_waited_for(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"ok"), unknown_peer_wait_s=WAIT_S) as m:
+            view = MeshView("local", (peer("remote", m.tunnel_port),))
+            m.client.set_view(MeshView("local", ()))
+            pending = asyncio.ensure_future(m.request())
+            await asyncio.sleep(0.1)
+            m.client.set_view(view)
+            resp = await within(WAIT_S, "the response", pending)
+            assert resp.status == 200 and await resp.body() == b"ok"
+
+    run(main())
+
+
+def test_dial_failure_is_503_and_suspects_the_peer(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"never"), dial_timeout_s=0.3) as m:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+                silent.bind(("127.0.0.1", 0))  # bound, never answers
+                port = silent.getsockname()[1]
+                m.client.set_view(MeshView("local", (peer("dead", port),)))
+                resp = await within(WAIT_S, "the 503", m.request(node="dead"))
+                assert resp.status == 503
+                assert dict(resp.headers)[b"retry-after"] == b"2"
+                assert json.loads(await resp.body())["error"]["code"] == "peer_unreachable"
+            await wait_for("a suspect report", lambda: bool(m.suspects))
+            assert m.suspects[0][0] == "dead"
+
+    run(main())
+
+
+def test_address_of_another_node_is_refused(tmp_path: Path) -> None:
+    # A restarted node can reuse the port another node had: the peer id must match.
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"never")) as m:
+            m.client.set_view(MeshView("local", (peer("other", m.tunnel_port),)))
+            resp = await within(WAIT_S, "the 503", m.request(node="other"))
+            assert resp.status == 503
+            assert "not other" in json.loads(await resp.body())["error"]["message"]
+            assert m.llama.requests == []
+
+    run(main())
+
+
+# -- errors answered by the remote side --------------------------------------------------------
+
+
+def test_wrong_model_is_503(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"never")) as m:
+            resp = await within(WAIT_S, "the 503", m.request(model="other-model"))
+            assert resp.status == 503 and dict(resp.headers)[b"retry-after"] == b"2"
+            error = json.loads(await resp.body())["error"]
+            assert error["code"] == "model_not_served" and "other-model" in error["message"]
+            m.server.local = LocalServerState(model="demo", state="loading")
+            resp = await within(WAIT_S, "the 503", m.request())
+            assert resp.status == 503
+            assert "loading" in json.loads(await resp.body())["error"]["message"]
+            # a big body the host refuses unread (STOP_SENDING) still gets the 503
+            big = b'{"model": "other-model", "pad": "' + b"x" * 3_000_000 + b'"}'
+            resp = await within(WAIT_S, "the 503", m.request(big, model="other-model"))
+            assert resp.status == 503
+            assert json.loads(await resp.body())["error"]["code"] == "model_not_served"
+            assert m.llama.requests == []
+            # the link is still good for the right model
+            m.server.local = LocalServerState(model="demo", state="ready", port=m.llama.port)
+            resp = await within(WAIT_S, "the answer", m.request())
+            assert resp.status == 200
+
+    run(main())
+
+
+def test_garbage_first_frame_drops_only_that_stream(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"fine")) as m:
+            link = await m.local.dial("127.0.0.1", m.tunnel_port)
+            frames = [
+                b"\x00\x00\x00\x05hello",  # not msgpack of an envelope
+                b"\xff\xff\xff\xff",  # oversized
+                wire.encode_frame(wire.Probe(7)),  # valid frame, wrong kind
+                b"\x00\x00",  # ends before a whole header
+            ]
+            for i, garbage in enumerate(frames, 1):
+                reader, writer = await link.open_stream()
+                writer.write(garbage)
+                writer.write_eof()
+                assert await within(WAIT_S, "the stream to close", reader.read(-1)) == b""
+                assert m.server.dropped == i
+                assert m.remote.counters.malformed_frames == i
+            assert not link.closed.is_set()
+            resp = await within(WAIT_S, "a good request", m.request())
+            assert resp.status == 200 and await resp.body() == b"fine"
+            link.close()
+
+    run(main())
+
+
+# -- failure mid-request -----------------------------------------------------------------------
+
+
+async def _first_chunk(m: Mesh, gate: asyncio.Queue[None]) -> tuple[Response, AsyncIterator[bytes]]:
+    resp = await m.request(b'{"model": "demo", "stream": true}')
+    body = resp.iter_body()
+    gate.put_nowait(None)
+    assert await within(WAIT_S, "the first chunk", anext(body)) == b"data: 1\n\n"
+    return resp, body
+
+
+async def _expect_cut(body: AsyncIterator[bytes]) -> None:
+    async def drain() -> None:
+        async for _ in body:
+            pass
+
+    with pytest.raises(UpstreamError):
+        await within(PROMPT_S, "the broken stream to end", drain())
+
+
+def test_peer_connection_closed_mid_stream_ends_promptly(tmp_path: Path) -> None:
+    async def main() -> None:
+        gate: asyncio.Queue[None] = asyncio.Queue()
+        async with mesh(tmp_path, sse_responder([b"data: 1\n\n"] * 3, gate)) as m:
+            _, body = await _first_chunk(m, gate)
+            m.remote.close()  # the host's QUIC side goes away
+            await _expect_cut(body)
+            await wait_for("a suspect report", lambda: bool(m.suspects))
+            assert m.suspects[0][0] == "remote"
+            await m.llama.wait_closed(0, PROMPT_S)
+
+    run(main())
+
+
+def test_peer_leaving_the_view_mid_stream_ends_promptly(tmp_path: Path) -> None:
+    async def main() -> None:
+        gate: asyncio.Queue[None] = asyncio.Queue()
+        async with mesh(tmp_path, sse_responder([b"data: 1\n\n"] * 3, gate)) as m:
+            _, body = await _first_chunk(m, gate)
+            m.client.set_view(MeshView("local", ()))  # the HealthProber removed it
+            await _expect_cut(body)
+            # the host stops generating: its llama-server connection is closed
+            await m.llama.wait_closed(0, PROMPT_S)
+            assert "remote" not in m.client.links
+
+    run(main())
+
+
+def test_peer_leaving_before_the_response_head_is_502(tmp_path: Path) -> None:
+    async def main() -> None:
+        gate: asyncio.Queue[None] = asyncio.Queue()
+
+        async def slow(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+            await _token(gate, r)
+            return False
+
+        async with mesh(tmp_path, slow) as m:
+            pending = asyncio.ensure_future(m.request())
+            await wait_for("the request at the host", lambda: bool(m.llama.requests))
+            m.client.set_view(MeshView("local", ()))
+            resp = await within(PROMPT_S, "the 502", pending)
+            assert resp.status == 502
+            assert json.loads(await resp.body())["error"]["code"] == "peer_lost"
+
+    run(main())
+
+
+def test_client_going_away_stops_the_remote_llama_server(tmp_path: Path) -> None:
+    async def main() -> None:
+        gate: asyncio.Queue[None] = asyncio.Queue()
+        async with mesh(tmp_path, sse_responder([b"data: 1\n\n"] * 3, gate)) as m:
+            resp, _ = await _first_chunk(m, gate)
+            resp.conn.close()  # what the Proxy does when its client disconnects
+            await m.llama.wait_closed(0, PROMPT_S)
+            # the connection to the peer is unharmed
+            gate.put_nowait(None)
+            gate.put_nowait(None)
+            gate.put_nowait(None)
+            resp = await within(WAIT_S, "the next request", m.request())
+            assert await within(WAIT_S, "its body", resp.body()) == b"data: 1\n\n" * 3
+            assert m.suspects == []
+
+    run(main())
+
+
+def test_sse_error_event_through_the_proxy_when_the_host_dies(tmp_path: Path) -> None:
+    async def main() -> None:
+        gate: asyncio.Queue[None] = asyncio.Queue()
+        async with mesh(tmp_path, sse_responder([b"data: 1\n\n"] * 3, gate)) as m:
+            app = ProxyApp(remote=remote_via_tunnel(m.path))
+            target = RouteTarget("remote", False, 9337, "demo")
+            app.set_table(RouteTable((ModelRoute("demo", (target,), ("remote",)),)))
+            c = call(app, CHAT, {"model": "demo", "stream": True})
+            task = asyncio.ensure_future(c())
+            gate.put_nowait(None)
+            while (await c.next_message()).get("body") != b"data: 1\n\n":
+                pass
+            m.remote.close()
+            await within(PROMPT_S, "the proxied stream to end", task)
+            events = c.body.split(b"\n\n")
+            assert events[0] == b"data: 1"
+            error = json.loads(events[1].removeprefix(b"data: "))["error"]
+            assert error["type"] == "server_error" and error["message"]
+            assert c.messages[-1] == {"type": "http.response.body", "body": b""}
+
+    run(main())
+
+
+# -- the actor: glue to the bus, in-process with fake publishers --------------------------------
+
+
+class FakeActor:
+    """A bus endpoint named like a real actor: publishes, and records what it is told."""
+
+    def __init__(self, run_dir: str, name: str) -> None:
+        self.bus = Bus(run_dir, name)
+        self.told: list[Message] = []
+        self.bus.serve(self._tell, self._ask)
+
+    async def _tell(self, msg: Message) -> None:
+        self.told.append(msg)
+
+    async def _ask(self, msg: Message) -> Message:
+        return ActorError("fake")
+
+
+@contextlib.asynccontextmanager
+async def tunnel_actor(
+    run_dir: str, node_id: str, udp: socket.socket | None = None
+) -> AsyncIterator[Tunnel]:
+    config = NodeConfig(home=run_dir, run_dir=run_dir, node_id=node_id, mesh_secret=SECRET)
+    actor = Tunnel(config, {"socket": udp} if udp else {})
+    task = asyncio.ensure_future(actor.run())
+    try:
+        await wait_for("the tunnel socket", lambda: exists(config.tunnel_http_path))
+        yield actor
+    finally:
+        actor.stopping.set()
+        await within(WAIT_S, "the actor to stop", task)
+
+
+@pytest.fixture
+def run_dirs() -> Iterator[tuple[str, str]]:
+    # ipc:// paths must stay short (about 100 bytes), so not pytest's tmp_path.
+    dirs = tuple(tempfile.mkdtemp(prefix="mtun-", dir="/tmp") for _ in range(2))
+    yield dirs[0], dirs[1]
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
+    local_dir, remote_dir = run_dirs
+
+    async def main() -> None:
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        async with FakeServer(closing(b"from the host")) as llama:
+            supervisor = FakeActor(remote_dir, "server_supervisor")
+            gossiper = FakeActor(local_dir, "gossiper")
+            prober = FakeActor(local_dir, "health_prober")
+            ready = LocalServerState(model="demo", state="ready", port=llama.port)
+            await supervisor.bus.publish("local", ready)
+            view = MeshView("local", (peer("remote", port), peer("dead", closed_udp_port())))
+            await gossiper.bus.publish("mesh", view)
+            async with (
+                tunnel_actor(remote_dir, "remote", udp) as remote,
+                tunnel_actor(local_dir, "local") as local,
+            ):
+                path = local.config.tunnel_http_path
+                assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+                await wait_for("the mesh view", lambda: "remote" in local.client.addresses)
+                await wait_for("the local state", lambda: remote.server.local == ready)
+                pool = Pool("meshllm-tunnel", 0, unix_path=path)
+                resp = await within(
+                    WAIT_S, "the answer", pool.request("POST", "/x", b"{}", tunnel_headers())
+                )
+                assert (resp.status, await resp.body()) == (200, b"from the host")
+                local.client.dial_timeout_s = 0.3
+                dead = tunnel_headers(node="dead")
+                resp = await within(WAIT_S, "the 503", pool.request("POST", "/x", b"{}", dead))
+                assert resp.status == 503
+                await wait_for("a SuspectPeer", lambda: bool(prober.told))
+                assert isinstance(prober.told[0], SuspectPeer)
+                assert prober.told[0].node_id == "dead"
+            assert not exists(path)  # removed on stop
+            for fake in (supervisor, gossiper, prober):
+                fake.bus.close()
+        udp.close()
+
+    run(main())
+
+
+def closed_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def exists(path: str) -> bool:
+    return os.path.exists(path)
