@@ -44,6 +44,10 @@ class Gossiper(Actor):
             role="client" if cfg.client else "idle",
             http_port=cfg.http_port,
             requested_models=tuple(spec.name for spec in cfg.models),
+            available_models=tuple(spec.name for spec in cfg.available),
+            vram_bytes=cfg.vram_bytes,
+            model_sizes={s.name: s.size for s in (*cfg.models, *cfg.available) if s.size},
+            model_urls={s.name: s.url for s in cfg.models if s.url},
             addresses=(f"{cfg.advertise_host}:{cfg.gossip_port}",),
             tunnel_port=cfg.tunnel_port,
         )
@@ -53,6 +57,8 @@ class Gossiper(Actor):
         self.unlinked_since: dict[str, float] = {}
         self.relays: dict[int, tuple[str, int, float]] = {}
         self.relay_nonce = 1 << 40
+        self.unsent_probes: dict[str, int] = {}
+        """peer id -> nonce of a probe that waits for the link being dialed."""
         self.endpoint = MeshEndpoint(
             cfg.node_id, cfg.mesh_secret, load_or_create_key(None), self._on_link
         )
@@ -80,6 +86,8 @@ class Gossiper(Actor):
         self.links[link.peer_id] = link
         self.unlinked_since.pop(link.peer_id, None)
         link.send(wire.Sync(tuple(self.members.all())))
+        if (nonce := self.unsent_probes.pop(link.peer_id, None)) is not None:
+            link.send(wire.Probe(nonce))
         await self._read_link(link)
 
     async def _read_link(self, link: Link) -> None:
@@ -161,7 +169,7 @@ class Gossiper(Actor):
 
     async def _publish(self) -> None:
         self._remember_peers()
-        view = m.MeshView(self.members.node_id, self.members.view())
+        view = m.MeshView(self.members.node_id, self.members.view(), self.members.me)
         await self.bus.publish("mesh", view)
 
     # -- dialing -------------------------------------------------------------------
@@ -251,12 +259,22 @@ class Gossiper(Actor):
             role = "client" if self.config.client else ("host" if serving else "idle")
             if self.members.update_self(serving=serving, server_state=msg.state, role=role):
                 self._forward(wire.Sync((self.members.me,)))
+                await self._publish()
 
     async def on_tell(self, msg: m.Message) -> None:
         match msg:
             case m.ProbePeer(node_id=node_id, nonce=nonce):
                 if (link := self.links.get(node_id)) is not None:
                     link.send(wire.Probe(nonce))
+                elif (ann := self.members.peers.get(node_id)) is not None:
+                    # No link (it ended while we were frozen or cut off): a dropped
+                    # probe would get a live peer declared dead. Dial it; the probe
+                    # follows on the new link (meshllm/simulation.py shows the storm).
+                    self.unsent_probes[node_id] = nonce
+                    if node_id not in self.dialing and ann.addresses:
+                        self.dialing.add(node_id)
+                        dial = self._dial_peer(node_id, ann.addresses)
+                        self.tasks.append(asyncio.create_task(dial))
             case m.ProbeVia(via=via, target=target, nonce=nonce):
                 if (link := self.links.get(via)) is not None:
                     link.send(wire.ProbeRequest(target, nonce))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import msgspec
 
 from meshllm import messages as m
 from meshllm.actor import Actor
+from meshllm.config import ModelSpec
 from meshllm.procutil import die_with_parent, stop_process
 from meshllm.supervision import RestartPolicy
 from meshllm.upstream import get_status
@@ -37,9 +39,10 @@ def failure_reason(lines: collections.deque[bytes], returncode: int | None) -> s
 
 class ServerSupervisor(Actor):
     name = "server_supervisor"
+    subscriptions = {"elector": ["wanted"]}
 
     async def on_start(self) -> None:
-        self.wanted = self.config.models[0] if self.config.models else None
+        self.wanted: ModelSpec | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.policy = RestartPolicy(base_s=0.2, max_s=15.0, window_s=60.0)
         self.output: collections.deque[bytes] = collections.deque(maxlen=60)
@@ -47,7 +50,18 @@ class ServerSupervisor(Actor):
         self.wake = asyncio.Event()
         self.log_path = Path(self.config.home) / "logs" / "llama-server.log"
         self.loop_task = asyncio.create_task(self._reconcile_forever())
-        await self._set(m.LocalServerState(model=self.wanted.name if self.wanted else ""))
+        await self._set(m.LocalServerState())
+
+    async def on_topic(self, topic: str, msg: m.Message) -> None:
+        if isinstance(msg, m.ServeModel) and msg.spec != self.wanted:
+            self.log.info(
+                "told to serve %s (%s)", msg.spec.name if msg.spec else "nothing", msg.reason
+            )
+            self.wanted = msg.spec
+            self.policy.reset()
+            if self.proc is not None:
+                await stop_process(self.proc)
+            self.wake.set()
 
     async def _set(self, state: m.LocalServerState) -> None:
         self.state = state
@@ -68,25 +82,62 @@ class ServerSupervisor(Actor):
             self.stopping.set()
 
     async def _reconcile(self) -> None:
+        """Make the running server match the wanted one (circus's reconcile loop)."""
         while True:
-            if self.wanted is not None and self.proc is None:
-                await self._run_server_once()
-                if self.wanted is None:
-                    continue
-                delay = self.policy.on_death(time.monotonic())
-                self.log.warning("restarting llama-server in %.1fs", delay)
-                await asyncio.sleep(delay)
-            else:
-                self.wake.clear()
+            spec = self.wanted
+            self.wake.clear()
+            if spec is None:
+                if self.state != m.LocalServerState():
+                    await self._set(m.LocalServerState())
                 await self.wake.wait()
+                continue
+            path = spec.path or await self._download(spec)
+            if path and self.wanted is spec:
+                await self._run_server_once(spec, path)
+            if self.wanted is not spec:
+                continue  # switched or dropped: start the new one without backoff
+            delay = self.policy.on_death(time.monotonic())
+            self.log.warning("restarting %s in %.1fs", spec.name, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay)
 
-    async def _run_server_once(self) -> None:
+    async def _download(self, spec: ModelSpec) -> str:
+        """Fetch a model that is not on disk; '' (and state failed) when that fails."""
+        from meshllm.download import DownloadError, download
+
+        loop = asyncio.get_running_loop()
+        base = m.LocalServerState(model=spec.name, path=spec.target, state="downloading")
+        last = [0.0]
+
+        def progress(done: int, total: int | None) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.5 or (total and done >= total):
+                last[0] = now
+                share = f"{100 * done // total}%" if total else f"{done} bytes"
+                state = msgspec_replace(base, reason=f"downloading {share}")
+                asyncio.run_coroutine_threadsafe(self._set(state), loop)
+
+        await self._set(base)
+        self.log.info("downloading %s from %s", spec.name, spec.url)
+        try:
+            await asyncio.to_thread(
+                download,
+                spec.url,
+                Path(spec.target),
+                expected_size=spec.size or None,
+                sha256=spec.sha256 or None,
+                progress=progress,
+            )
+        except (DownloadError, OSError) as exc:
+            await self._set(msgspec_replace(base, state="failed", reason=str(exc)))
+            return ""
+        return spec.target
+
+    async def _run_server_once(self, spec: ModelSpec, path: str) -> None:
         """Start llama-server, watch it until it exits, publish every state change."""
-        assert self.wanted is not None
-        spec = self.wanted
         cmd = [
             self.config.llama_server,
-            "--model", spec.path,
+            "--model", path,
             "--alias", spec.name,
             "--host", "127.0.0.1",
             "--port", "0",
@@ -104,7 +155,7 @@ class ServerSupervisor(Actor):
             preexec_fn=die_with_parent,
         )
         base = m.LocalServerState(
-            model=spec.name, path=spec.path, pid=self.proc.pid, restarts=self.policy.restarts
+            model=spec.name, path=path, pid=self.proc.pid, restarts=self.policy.restarts
         )
         await self._set(msgspec_replace(base, state="loading"))
         port_found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -123,7 +174,7 @@ class ServerSupervisor(Actor):
             await stop_process(self.proc)
             reason = failure_reason(self.output, self.proc.returncode)
             self.proc = None
-        if self.wanted is not None:
+        if self.wanted is spec:
             await self._set(msgspec_replace(base, state="failed", reason=reason))
 
     async def _await_port(self, port_found: asyncio.Future[int]) -> int:

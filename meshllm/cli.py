@@ -83,6 +83,14 @@ def main() -> None:
 )
 @click.option("--advertise", metavar="HOST", help="Host other nodes dial (default: from --bind).")
 @click.option(
+    "--max-vram",
+    type=float,
+    default=None,
+    metavar="GB",
+    help="Memory for models, in GB, used for planning and announced to the mesh "
+    "(default: total VRAM of NVIDIA GPUs, else 75% of RAM).",
+)
+@click.option(
     "--probe-interval",
     default=0.5,
     show_default=True,
@@ -117,6 +125,7 @@ def up(
     load_timeout: float,
     bind: str,
     advertise: str | None,
+    max_vram: float | None,
     probe_interval: float,
     probe_timeout: float,
     log_level: str,
@@ -131,6 +140,8 @@ def up(
         raise click.BadParameter("must be between 0 and 65535", param_hint="--console")
     if max_body_mb <= 0:
         raise click.BadParameter("must be positive", param_hint="--max-body-mb")
+    if max_vram is not None and max_vram < 0:
+        raise click.BadParameter("must not be negative", param_hint="--max-vram")
     if probe_interval <= 0 or probe_timeout <= 0:
         raise click.BadParameter("must be positive", param_hint="--probe-interval/--probe-timeout")
     opts = UpOptions(
@@ -149,6 +160,7 @@ def up(
         load_timeout_s=load_timeout,
         bind=bind,
         advertise=advertise,
+        max_vram_gb=max_vram,
         probe_interval_s=probe_interval,
         probe_timeout_s=probe_timeout,
         log_level=log_level.upper(),

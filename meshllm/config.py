@@ -29,6 +29,12 @@ class NodeConfig(msgspec.Struct, frozen=True):
     node_id: str
     models: tuple[ModelSpec, ...] = ()
     """`--model` flags in order: the first is served here, the rest seed the catalog."""
+    available: tuple[ModelSpec, ...] = ()
+    """GGUFs found in the models directory at start (the announced `available_models`)."""
+    models_dir: str = ""
+    vram_bytes: int = 0
+    """Memory budget for models: VRAM, a share of RAM, or `--max-vram` (see meshllm.memory)."""
+    memory_source: str = ""
     client: bool = False
     """A lite client serves no model (`--client`)."""
     http_host: str = "127.0.0.1"

@@ -47,8 +47,9 @@ class Membership:
     def merge(self, ann: PeerAnnouncement, now: float) -> bool:
         """Take in an announcement; True if it told us something new."""
         if ann.node_id == self.node_id:
-            if ann.generation >= self.me.generation:
-                # Someone holds a newer copy of us (we restarted): outrank it.
+            if ann.generation > self.me.generation:
+                # Someone holds a newer copy of us (we restarted): outrank it. An
+                # equal generation is our own current copy echoed back: no news.
                 self.me = msgspec.structs.replace(self.me, generation=ann.generation + 1)
                 return True
             return False

@@ -11,9 +11,10 @@ from typing import Literal
 
 import msgspec
 
+from meshllm.config import ModelSpec
 from meshllm.wire import PeerAnnouncement
 
-ServerStateName = Literal["stopped", "loading", "ready", "failed"]
+ServerStateName = Literal["stopped", "downloading", "loading", "ready", "failed"]
 
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):
@@ -68,6 +69,8 @@ class RouteTarget(msgspec.Struct, frozen=True):
     local: bool
     port: int
     """llama-server port on that node (local) or its API port (remote)."""
+    model: str = ""
+    """The model served there (the remote Tunnel checks it; the request may name another)."""
 
 
 class ModelRoute(msgspec.Struct, frozen=True):
@@ -90,6 +93,8 @@ class MeshView(msgspec.Struct, tag=True, frozen=True):
     node_id: str
     peers: tuple[PeerAnnouncement, ...] = ()
     """Every other live node's latest announcement, sorted by node id."""
+    me: PeerAnnouncement | None = None
+    """This node's own announcement, as the mesh sees it."""
 
 
 class SuspectPeer(msgspec.Struct, tag=True, frozen=True):
@@ -130,6 +135,14 @@ class GetToken(msgspec.Struct, tag=True, frozen=True):
     """`meshllm ctl token`."""
 
 
+class ServeModel(msgspec.Struct, tag=True, frozen=True):
+    """What this node should serve (published by Elector on topic `wanted`)."""
+
+    spec: ModelSpec | None = None
+    """None: serve nothing, wait for capacity."""
+    reason: str = ""
+
+
 class DropModel(msgspec.Struct, tag=True, frozen=True):
     """`meshllm ctl drop`: stop serving `model`, kill llama-server, exit."""
 
@@ -157,6 +170,7 @@ class NodeStatus(msgspec.Struct, tag=True, frozen=True):
     actors: tuple[ActorStatus, ...] = ()
     peers: tuple[PeerAnnouncement, ...] = ()
     token: str = ""
+    me: PeerAnnouncement | None = None
 
 
 class CtlDone(msgspec.Struct, tag=True, frozen=True):
@@ -181,6 +195,7 @@ Message = (
     | ProbeAnswered
     | PeerDied
     | GetToken
+    | ServeModel
     | DropModel
     | GetStatus
     | NodeStatus

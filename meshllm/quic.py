@@ -36,7 +36,7 @@ from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated
-from aioquic.quic.packet import pull_quic_header
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -171,10 +171,16 @@ class _CountingServer(QuicServer):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         try:
-            pull_quic_header(Buffer(data=data), host_cid_length=8)  # type: ignore[arg-type]
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)  # type: ignore[arg-type]
         except ValueError:
             self.endpoint.counters.garbage_datagrams += 1
             return
+        if header.destination_cid not in self._protocols and (
+            header.packet_type != QuicPacketType.INITIAL or len(data) < 1200
+        ):
+            # For no connection of ours and no valid connection attempt (a client's
+            # Initial is padded to 1200 bytes): aioquic drops it silently; count it.
+            self.endpoint.counters.garbage_datagrams += 1
         super().datagram_received(data, addr)
 
 
@@ -245,6 +251,10 @@ class MeshEndpoint:
             protocol._transport.close()  # type: ignore[union-attr]
             if isinstance(exc, TimeoutError):
                 raise AdmissionError(f"{host}:{port} did not complete admission") from None
+            if isinstance(exc, asyncio.IncompleteReadError):
+                # The server hung up mid-admission: as much a refusal as a Refused frame
+                # (and callers catch ConnectionError, not EOFError).
+                raise AdmissionError(f"{host}:{port} closed the connection in admission") from None
             raise
         link = Link(protocol, peer_id, reader, writer, dialed=True, remote=(host, port))
         protocol.link = link
@@ -302,6 +312,7 @@ class MeshEndpoint:
         except (AdmissionError, wire.WireError, TimeoutError, asyncio.IncompleteReadError) as exc:
             self.counters.refused += 1
             log.warning("refused a connection from %s: %s", protocol.remote_address(), exc)
+            protocol.transmit()  # send a pending Refused now: close() would discard it
             protocol.close(error_code=ERROR_REFUSED, reason_phrase="not admitted")
             return
         link = Link(protocol, hello.node_id, reader, writer, False, protocol.remote_address())

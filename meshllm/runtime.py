@@ -39,6 +39,7 @@ def _serves(config: NodeConfig) -> bool:
 
 ACTORS: list[ActorSpec] = [
     ActorSpec("server_supervisor", "actors.server_supervisor:ServerSupervisor", _serves),
+    ActorSpec("elector", "actors.elector:Elector", _serves),
     ActorSpec("gossiper", "actors.gossiper:Gossiper"),
     ActorSpec("health_prober", "actors.health_prober:HealthProber"),
     ActorSpec("router", "actors.router:Router"),
@@ -165,6 +166,7 @@ class Node:
             actors=actors,
             peers=self.mesh.peers,
             token=self.token,
+            me=self.mesh.me,
         )
 
     def request_stop(self, reason: str) -> None:

@@ -19,7 +19,8 @@ from meshllm import logs
 from meshllm.binaries import find_binary
 from meshllm.config import ModelSpec, NodeConfig
 from meshllm.identity import load_or_create_key, node_id_of
-from meshllm.paths import NodeHome, cache_dir, home_from
+from meshllm.memory import detect_memory
+from meshllm.paths import NodeHome, cache_dir, home_from, models_dir
 from meshllm.runtime import Node, cleanup_run_dir
 from meshllm.token import (
     InvalidToken,
@@ -54,6 +55,7 @@ class UpOptions:
     load_timeout_s: float = 600.0
     bind: str = "0.0.0.0:0"
     advertise: str | None = None
+    max_vram_gb: float | None = None
     probe_interval_s: float = 0.5
     probe_timeout_s: float = 1.0
     console_port: int = 0
@@ -79,11 +81,26 @@ def resolve_model(ref: str) -> ModelSpec:
     )
 
 
+def scan_available() -> tuple[ModelSpec, ...]:
+    """GGUFs in the models directory that count as models (spec: "Gossip", over 500 MB)."""
+    from meshllm.models import scan_models
+
+    return tuple(
+        ModelSpec(name=f.name, path=str(f.path), size=f.size, target=str(f.path))
+        for f in scan_models()
+    )
+
+
 def demo_model() -> ModelSpec:
     from meshllm.demo_model import ensure_demo_model
 
     path = ensure_demo_model(cache_dir() / "models")
-    return ModelSpec(name=path.name.removesuffix(".gguf"), path=str(path))
+    return ModelSpec(
+        name=path.name.removesuffix(".gguf"),
+        path=str(path),
+        size=path.stat().st_size,
+        target=str(path),
+    )
 
 
 def lock_home(home: NodeHome) -> int:
@@ -191,6 +208,8 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         except InvalidToken as exc:
             raise UpError(str(exc)) from None
         llama_server = "" if opts.client else find_binary("llama-server", opts.llama_server)
+        available = () if opts.client else scan_available()
+        memory = detect_memory(opts.max_vram_gb)
         key = load_or_create_key(None if opts.client else home.key_path)
         secret = mesh_secret(home, tokens, opts.client)
         sock = bind_http(opts.listen, opts.port)
@@ -207,6 +226,10 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         run_dir=str(home.run_dir),
         node_id=node_id_of(key),
         models=tuple(models),
+        available=available,
+        models_dir=str(models_dir()),
+        vram_bytes=0 if opts.client else memory.budget_bytes,
+        memory_source=memory.source,
         client=opts.client,
         http_host=opts.listen,
         http_port=sock.getsockname()[1],

@@ -44,6 +44,10 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     addresses: tuple[str, ...] = ()
     """`host:port` of the node's gossip endpoint."""
     tunnel_port: int = 0
+    model_sizes: dict[str, int] = {}
+    """Bytes of the models this node has or requested, where known (for fit checks)."""
+    model_urls: dict[str, str] = {}
+    """Download sources of the models this node requested, so others can fetch them."""
 
 
 # -- admission (the first stream of every connection) ---------------------------

@@ -131,7 +131,7 @@ class NodeProcess:
     def status(self) -> dict[str, Any]:
         out = self.ctl("status", "--json")
         assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)  # type: ignore[no-any-return]
+        return json.loads(out.stdout)
 
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None

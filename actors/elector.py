@@ -1,0 +1,122 @@
+"""Elector: decides which model this node serves (spec: "Joining nodes", "Per-model
+election groups"), as glue around `meshllm.election.Elector`.
+
+It follows the mesh view and this node's server state, re-decides when they
+change (and at the core's own deadlines), and publishes the wanted model on
+topic `wanted` for the ServerSupervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+from meshllm import election
+from meshllm import messages as m
+from meshllm.actor import Actor
+from meshllm.catalog import CATALOG
+from meshllm.config import ModelSpec
+from meshllm.wire import PeerAnnouncement
+
+
+def known_models(
+    own: tuple[ModelSpec, ...], announcements: list[PeerAnnouncement], models_dir: str
+) -> dict[str, ModelSpec]:
+    """Every model this node could serve, by name: on its disk, or with a download source.
+
+    Sources, most specific first: this node's own files and `--model` flags, the
+    URLs peers announce for the models they requested, the built-in catalog.
+    """
+    specs: dict[str, ModelSpec] = {}
+    for entry in CATALOG:
+        target = str(Path(models_dir) / entry.file)
+        specs[entry.name] = ModelSpec(
+            entry.name, "", entry.url, entry.size or 0, entry.sha256 or "", target
+        )
+    for ann in announcements:
+        for name, url in ann.model_urls.items():
+            size = ann.model_sizes.get(name, 0)
+            file_name = url.rsplit("/", 1)[-1].split("?", 1)[0] or f"{name}.gguf"
+            specs[name] = ModelSpec(name, "", url, size, "", str(Path(models_dir) / file_name))
+    for spec in own:
+        specs[spec.name] = spec
+    return specs
+
+
+def model_infos(specs: dict[str, ModelSpec]) -> dict[str, election.ModelInfo]:
+    return {
+        name: election.ModelInfo(
+            name,
+            size_bytes=spec.size or None,
+            on_disk=bool(spec.path),
+            downloadable=bool(spec.url),
+        )
+        for name, spec in specs.items()
+    }
+
+
+class Elector(Actor):
+    name = "elector"
+    subscriptions = {"gossiper": ["mesh"], "server_supervisor": ["local"]}
+
+    async def on_start(self) -> None:
+        cfg = self.config
+        self.core = election.Elector()
+        self.mesh = m.MeshView(cfg.node_id)
+        self.local = m.LocalServerState()
+        self.explicit = cfg.models[0].name if cfg.models else None
+        self.wanted: ModelSpec | None = None
+        self.wake = asyncio.Event()
+        self.timer = asyncio.create_task(self._timer())
+        await self._decide()
+
+    async def on_topic(self, topic: str, msg: m.Message) -> None:
+        if isinstance(msg, m.MeshView):
+            self.mesh = msg
+        elif isinstance(msg, m.LocalServerState):
+            self.local = msg
+            if msg.state == "failed" and msg.model and msg.model != self.explicit:
+                # A model that failed to download or load here is not chosen again.
+                self.log.warning("%s failed here (%s); choosing again", msg.model, msg.reason)
+                self.core.mark_failed(msg.model)
+        await self._decide()
+
+    async def _decide(self) -> None:
+        cfg = self.config
+        announcements = list(self.mesh.peers)
+        if self.mesh.me is not None:
+            announcements.append(self.mesh.me)
+        specs = known_models((*cfg.available, *cfg.models), announcements, cfg.models_dir)
+        view = election.NodeView(
+            node_id=cfg.node_id,
+            budget_bytes=cfg.vram_bytes,
+            models=model_infos(specs),
+            announcements=announcements,
+            explicit=self.explicit,
+        )
+        decision = self.core.update(view, time.monotonic())
+        self.wake.set()
+        if decision is None:
+            return
+        spec = specs.get(decision.model) if decision.model else None
+        reason = f"{decision.reason}{': ' + decision.detail if decision.detail else ''}"
+        self.log.info("decided: serve %s (%s)", decision.model or "nothing", reason)
+        if spec != self.wanted:
+            self.wanted = spec
+            await self.bus.publish("wanted", m.ServeModel(spec, reason))
+
+    async def _timer(self) -> None:
+        """Re-run the decision at the core's own deadlines (claims that expire, cold grace)."""
+        while True:
+            deadline = self.core.next_deadline()
+            delay = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay)
+                continue
+            await self._decide()
+
+    async def on_stop(self) -> None:
+        self.timer.cancel()
