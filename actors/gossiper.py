@@ -117,6 +117,11 @@ class Gossiper(Actor):
         match msg:
             case wire.Sync(announcements=anns):
                 fresh = [a for a in anns if self.members.merge(a, now)]
+                stone = self.members.tombstones.get(link.peer_id)
+                if stone and any(a.node_id == link.peer_id for a in anns):
+                    # It talks to us, yet we hold it dead (it never got the PeerGone:
+                    # frozen, cut off): tell it, so it refutes with a newer generation.
+                    link.send(wire.PeerGone(link.peer_id, stone[0], "declared dead"))
                 if fresh:
                     self._forward(wire.Sync(tuple(fresh)), exclude=link.peer_id)
                     await self._changed()

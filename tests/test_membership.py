@@ -1,0 +1,139 @@
+"""Merging gossip (meshllm.membership): generations, tombstones, refutation, catalog."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshllm.membership import TOMBSTONE_TTL_S, Membership, mesh_catalog
+from meshllm.wire import PeerAnnouncement
+
+
+def ann(node_id: str, generation: int, **fields: Any) -> PeerAnnouncement:
+    return PeerAnnouncement(node_id=node_id, generation=generation, **fields)
+
+
+def mesh(me_generation: int = 100) -> Membership:
+    return Membership(ann("me", me_generation))
+
+
+def test_higher_generation_wins_lower_and_equal_are_ignored() -> None:
+    m = mesh()
+    assert m.merge(ann("b", 5, serving="x"), now=0)
+    assert m.merge(ann("b", 7, serving="y"), now=0)
+    assert m.peers["b"].serving == "y"
+    assert not m.merge(ann("b", 6, serving="old"), now=0)
+    assert not m.merge(ann("b", 7, serving="same generation"), now=0)
+    assert m.peers["b"].serving == "y" and m.peers["b"].generation == 7
+
+
+def test_remove_leaves_a_tombstone_that_blocks_stale_copies() -> None:
+    m = mesh()
+    m.merge(ann("b", 5), now=0)
+    assert m.remove("b", 5, now=10)
+    assert "b" not in m.peers
+    # The same or an older copy still travelling through the mesh cannot bring it back.
+    assert not m.merge(ann("b", 5), now=11)
+    assert not m.merge(ann("b", 4), now=11)
+    assert "b" not in m.peers
+    # A restart (newer generation) gets through and clears the tombstone.
+    assert m.merge(ann("b", 6), now=12)
+    assert m.peers["b"].generation == 6
+    assert "b" not in m.tombstones
+
+
+def test_remove_of_an_older_generation_or_unknown_node_is_ignored() -> None:
+    m = mesh()
+    m.merge(ann("b", 8), now=0)
+    assert not m.remove("b", 7, now=1)  # b refuted since then: keep it
+    assert "b" in m.peers
+    assert not m.remove("nobody", 1, now=1)
+    assert m.tombstones == {}
+    assert m.remove("b", 9, now=1)  # removal as of a newer generation applies
+
+
+def test_tombstone_expires() -> None:
+    m = mesh()
+    m.merge(ann("b", 5), now=0)
+    m.remove("b", 5, now=0)
+    assert not m.merge(ann("b", 5), now=TOMBSTONE_TTL_S - 1)
+    m.expire(TOMBSTONE_TTL_S - 1)
+    assert "b" in m.tombstones
+    m.expire(TOMBSTONE_TTL_S)
+    assert m.tombstones == {}
+    assert m.merge(ann("b", 5), now=TOMBSTONE_TTL_S)
+    # An expired stone also stops blocking before expire() has run.
+    m.remove("b", 5, now=200)
+    assert m.merge(ann("b", 5), now=200 + TOMBSTONE_TTL_S)
+
+
+def test_told_we_are_dead_we_refute_with_a_newer_generation() -> None:
+    m = mesh(100)
+    assert not m.remove("me", 100, now=0)
+    assert m.me.generation == 101
+    # Reported dead as of a generation above ours (an older incarnation's future?):
+    assert not m.remove("me", 500, now=0)
+    assert m.me.generation == 501
+    assert "me" not in m.peers and "me" not in m.tombstones
+
+
+def test_a_newer_copy_of_ourselves_is_outranked() -> None:
+    m = mesh(100)
+    assert m.merge(ann("me", 250, serving="stale"), now=0)
+    assert m.me.generation == 251
+    assert m.me.serving is None  # our own state stays ours
+    assert "me" not in m.peers
+
+
+def test_our_own_copy_echoed_back_is_not_news() -> None:
+    # Regression: an equal generation used to count as "newer", so every link-up
+    # (the peer's Sync holds our current copy) bumped our generation, and the
+    # bumped copy echoed back bumped it again, forever.
+    m = mesh(100)
+    assert not m.merge(m.me, now=0)
+    assert not m.merge(ann("me", 99), now=0)
+    assert m.me.generation == 100
+
+
+def test_update_self_bumps_the_generation_only_on_change() -> None:
+    m = mesh(100)
+    assert not m.update_self(serving=None)
+    assert m.me.generation == 100
+    assert m.update_self(serving="llama", role="host")
+    assert m.me.generation == 101 and m.me.serving == "llama" and m.me.role == "host"
+    assert not m.update_self(serving="llama")
+    assert m.me.generation == 101
+
+
+def test_digest_and_newer_than() -> None:
+    a, b = mesh(10), Membership(ann("other", 20))
+    a.merge(ann("x", 3), now=0)
+    a.merge(ann("y", 4), now=0)
+    b.merge(ann("x", 5), now=0)
+    assert a.digest() == {"me": 10, "x": 3, "y": 4}
+    # What b holds that a lacks or has older: b itself and its newer x, not y.
+    missing = b.newer_than(a.digest())
+    assert sorted((m.node_id, m.generation) for m in missing) == [("other", 20), ("x", 5)]
+    for m in missing:
+        a.merge(m, now=0)
+    assert b.newer_than(a.digest()) == []
+    # and the other way round a still has y for b
+    assert [m.node_id for m in a.newer_than(b.digest())] == ["me", "y"]
+
+
+def test_view_is_sorted_and_excludes_ourselves() -> None:
+    m = mesh()
+    for node_id in ("c", "a", "b"):
+        m.merge(ann(node_id, 1), now=0)
+    assert [p.node_id for p in m.view()] == ["a", "b", "c"]
+    assert m.all()[0].node_id == "me"
+
+
+def test_mesh_catalog_is_the_union_of_available_requested_and_serving() -> None:
+    m = Membership(ann("me", 1, available_models=("a",), requested_models=("b",)))
+    m.merge(ann("p", 1, available_models=("a", "c"), serving="d"), now=0)
+    m.merge(ann("q", 1, requested_models=("e",)), now=0)
+    assert m.catalog() == {"a", "b", "c", "d", "e"}
+    assert mesh_catalog([]) == set()
+    # a node that leaves takes its models out of the catalog
+    m.remove("q", 1, now=0)
+    assert m.catalog() == {"a", "b", "c", "d"}
