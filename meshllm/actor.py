@@ -71,20 +71,6 @@ class Actor:
             return Pong(self.name, os.getpid())
         return await self.on_ask(msg)
 
-    async def _catch_up(self, publisher: str, topics: list[str]) -> None:
-        """Fetch the publisher's latest values so a restart does not wait for a change."""
-        from meshllm.messages import GetLatest, Nothing
-
-        for topic in topics:
-            for _ in range(20):
-                try:
-                    latest = await self.bus.ask(publisher, GetLatest(topic), timeout=0.5)
-                except TimeoutError:
-                    continue
-                if not isinstance(latest, Nothing | ActorError):
-                    await self.on_topic(topic, latest)
-                break
-
     async def _republish_forever(self) -> None:
         while True:
             await asyncio.sleep(REPUBLISH_INTERVAL_S)
@@ -99,7 +85,7 @@ class Actor:
         await self.on_start()
         helpers = [asyncio.create_task(self._republish_forever())]
         helpers += [
-            asyncio.create_task(self._catch_up(publisher, topics))
+            asyncio.create_task(self.bus.catch_up(publisher, topics, self.on_topic))
             for publisher, topics in self.subscriptions.items()
         ]
         try:

@@ -144,6 +144,18 @@ class Bus:
         for topic in topics:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
 
+    async def catch_up(self, publisher: str, topics: list[str], on_topic: TopicHandler) -> None:
+        """Fetch the publisher's latest values, so a (re)start need not wait for a change."""
+        for topic in topics:
+            for _ in range(20):
+                try:
+                    latest = await self.ask(publisher, messages.GetLatest(topic), timeout=0.5)
+                except AskTimeout:
+                    continue
+                if not isinstance(latest, messages.Nothing | ActorError):
+                    await on_topic(topic, latest)
+                break
+
     async def _serve_sub(self, on_topic: TopicHandler) -> None:
         assert self.sub is not None
         while True:

@@ -48,6 +48,9 @@ ACTORS: list[ActorSpec] = [
     ActorSpec("proxy", "actors.proxy:Proxy"),
 ]
 
+FOLLOWED = {"server_supervisor": ["local"], "router": ["routes"], "gossiper": ["mesh"]}
+"""What the root follows, for `meshllm ctl status`."""
+
 STOP_GRACE_S = 8.0
 KILL_GRACE_S = 2.0
 
@@ -75,6 +78,7 @@ class Node:
         self.routes = m.RouteTable()
         self.mesh = m.MeshView(config.node_id)
         self.token = token
+        self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.done = asyncio.Event()
         self.exit_reason = ""
@@ -95,6 +99,11 @@ class Node:
         log.debug("started %s (pid %s)", actor.spec.name, proc.pid)
         loop = asyncio.get_running_loop()
         loop.add_reader(proc.sentinel, self._on_exit, actor, proc)
+        if topics := FOLLOWED.get(actor.spec.name):
+            # The first publication of a fresh actor can beat our subscription.
+            task = loop.create_task(self.bus.catch_up(actor.spec.name, topics, self._on_topic))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     def _on_exit(self, actor: RunningActor, proc: BaseProcess) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
@@ -201,9 +210,8 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop, f"signal {signal.Signals(sig).name}")
         self.bus.serve(self._on_tell, self._on_ask)
-        self.bus.subscribe("server_supervisor", ["local"], self._on_topic)
-        self.bus.subscribe("router", ["routes"], self._on_topic)
-        self.bus.subscribe("gossiper", ["mesh"], self._on_topic)
+        for publisher, topics in FOLLOWED.items():
+            self.bus.subscribe(publisher, topics, self._on_topic)
         for actor in self.actors.values():
             self._start(actor)
         await self.done.wait()

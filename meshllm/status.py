@@ -21,8 +21,9 @@ def format_status(s: NodeStatus) -> str:
     ]
     out = [table(rows), ""]
     members = [*s.peers, *([s.me] if s.me else [])]
-    total = sum(p.vram_bytes for p in members)
-    out += [f"mesh: {len(members)} nodes, {total / 1e9:.1f} GB of model memory", ""]
+    if members:
+        total = sum(p.vram_bytes for p in members)
+        out += [f"mesh: {len(members)} nodes, {total / 1e9:.1f} GB of model memory", ""]
     model_rows = [["MODEL", "STATUS", "NODES"]]
     for route in s.routes.models:
         status = "warm" if route.targets else "cold"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from http.client import HTTPConnection
 import json
 import os
 import re
@@ -12,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ class NodeProcess:
 
     def wait_ready(self, model: str | None = None, timeout: float = 60) -> NodeProcess:
         def ready() -> bool:
-            status, _, body = http(self.port, "GET", "/v1/models", timeout=2)
+            _status, _, body = http(self.port, "GET", "/v1/models", timeout=2)
             data = json.loads(body)["data"]
             warm = {m["id"] for m in data if m["meshllm"]["status"] == "warm"}
             return model in warm if model else bool(warm)
@@ -144,10 +144,8 @@ class NodeProcess:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -179,3 +177,46 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def token_of(node: NodeProcess, timeout: float = 10) -> str:
+    """The node's invite token: the line after `invite token` in its log (a first node
+    prints it), else `meshllm ctl token` (any node)."""
+
+    def find() -> str | None:
+        lines = node.log().splitlines()
+        for i, line in enumerate(lines[:-1]):
+            if line.startswith("invite token") and lines[i + 1].strip():
+                return lines[i + 1].strip()
+        out = node.ctl("token", timeout=5)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+    token: str = wait_for(find, timeout, f"the invite token of {node.home}", interval=0.2)
+    return token
+
+
+def kill_tree(pid: int) -> list[int]:
+    """kill -9 of a process and all its descendants at once, as a machine losing power.
+
+    Everything is stopped (SIGSTOP) first, so no process can notice the others die
+    and send a goodbye (a leave notice, a QUIC close), then killed. Returns the pids.
+    """
+    stopped: list[int] = []
+    frontier = [pid]
+    while frontier:  # stop the new children a stopping parent may still have forked
+        for p in frontier:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGSTOP)
+            stopped.append(p)
+        frontier = [c for c in children_of(pid) if c not in stopped]
+    for p in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    return stopped
+
+
+def mesh_models(port: int, timeout: float = 5) -> dict[str, dict[str, Any]]:
+    """`/v1/models` of a node: model id -> its `meshllm` field (status, nodes)."""
+    status, _, body = http(port, "GET", "/v1/models", timeout=timeout)
+    assert status == 200, body
+    return {m["id"]: m["meshllm"] for m in json.loads(body)["data"]}

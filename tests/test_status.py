@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from meshllm import messages as m
 from meshllm.status import format_status, table
 
@@ -92,3 +94,14 @@ def test_format_status_node_serving_nothing() -> None:
     text = format_status(_status(m.LocalServerState()))
     row = _blocks(text)[0][1].split()
     assert row == ["node-abc123", "host", "-", "stopped", "127.0.0.1:9337", "-"]
+
+
+def test_format_status_shows_the_mesh_memory_total() -> None:
+    from meshllm.wire import PeerAnnouncement
+
+    me = PeerAnnouncement(node_id="node-abc123", generation=1, vram_bytes=8_000_000_000)
+    peer = PeerAnnouncement(node_id="node-def456", generation=1, vram_bytes=16_500_000_000)
+    status = msgspec.structs.replace(_status(m.LocalServerState()), me=me, peers=(peer,))
+    text = format_status(status)
+    assert "mesh: 2 nodes, 24.5 GB of model memory" in text
+    assert "node-def456" in text
