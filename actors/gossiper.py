@@ -1,7 +1,7 @@
 """Gossiper: this node's membership in the mesh, over QUIC.
 
 Glue around `meshllm.membership.Membership`: admitted links carry framed
-`Sync`, `Digest`, `PeerGone` and probe messages. Our own changes go to every
+`Sync`, `Fingerprint`/`Digest`, `PeerGone` and probe messages. Our own changes go to every
 peer at once (spec: "State changes ... trigger a regossip to all peers");
 news about third parties is forwarded once, and a periodic digest exchange
 repairs whatever was missed. Membership is transitive: a peer learnt through
@@ -125,10 +125,15 @@ class Gossiper(Actor):
                 if fresh:
                     self._forward(wire.Sync(tuple(fresh)), exclude=link.peer_id)
                     await self._changed()
-            case wire.Digest(generations=gens):
+            case wire.Fingerprint(value=value):
+                if value != self.members.fingerprint():
+                    link.send(wire.Fingerprint(self.members.fingerprint()))
+            case wire.Digest(generations=gens, reply=reply):
                 missing = self.members.newer_than(gens)
                 if missing:
                     link.send(wire.Sync(tuple(missing)))
+                if not reply and self.members.lacks(gens):
+                    link.send(wire.Digest(self.members.digest(), reply=True))
             case wire.PeerGone(node_id=node_id, generation=gen, reason=reason):
                 await self._remove(node_id, gen, reason, exclude=link.peer_id)
             case wire.Probe(nonce=nonce):

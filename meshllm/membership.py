@@ -10,6 +10,7 @@ start from the wall clock at boot, so a restarted node outranks its past self.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -87,6 +88,16 @@ class Membership:
         gens = {node_id: ann.generation for node_id, ann in self.peers.items()}
         gens[self.node_id] = self.me.generation
         return gens
+
+    def fingerprint(self) -> int:
+        """A 64-bit hash of `digest()`: equal fingerprints mean nothing to exchange."""
+        data = msgspec.msgpack.encode(sorted(self.digest().items()))
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 1
+
+    def lacks(self, digest: dict[str, int]) -> bool:
+        """True if a node with this digest knows something newer than we do."""
+        mine = self.digest()
+        return any(gen > mine.get(node_id, -1) for node_id, gen in digest.items())
 
     def newer_than(self, digest: dict[str, int]) -> list[PeerAnnouncement]:
         """What a node with this digest is missing or has older."""

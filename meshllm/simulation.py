@@ -6,8 +6,10 @@ Each simulated node is a `Membership` plus a `FailureDetector`, driven the way
 - a new link (either side) sends `Sync` of everything we know;
 - our own change goes to every link at once as `Sync((me,))`;
 - fresh announcements from a `Sync` are forwarded once to every other link;
-- every `ANTI_ENTROPY_S` a `Digest` goes to one random link, answered with
-  `Sync(newer_than(digest))`; the same timer expires tombstones and dials
+- every `ANTI_ENTROPY_S` a `Fingerprint` (a hash of the digest) goes to one
+  random link; only when it differs is a full `Digest` sent, answered with
+  `Sync(newer_than(digest))` (and a reply digest if the sender knows more);
+  the same timer expires tombstones and dials
   known peers that have no link (the lower node id at once, the other after
   `REDIAL_AFTER_S`);
 - `PeerGone` removes a node and is forwarded once (never to the removed node
@@ -473,10 +475,15 @@ class Simulation:
                 if fresh:
                     self._forward(node, wire.Sync(tuple(fresh)), exclude=src)
                     self._changed(node)
-            case wire.Digest(generations=gens):
+            case wire.Fingerprint(value=value):
+                if value != node.members.fingerprint():
+                    self._send(node, src, wire.Digest(node.members.digest()))
+            case wire.Digest(generations=gens, reply=reply):
                 missing = node.members.newer_than(gens)
                 if missing:
                     self._send(node, src, wire.Sync(tuple(missing)))
+                if not reply and node.members.lacks(gens):
+                    self._send(node, src, wire.Digest(node.members.digest(), reply=True))
             case wire.PeerGone(node_id=node_id, generation=gen):
                 self._remove(node, node_id, gen, exclude=src)
             case wire.Probe(nonce=nonce):
@@ -539,7 +546,7 @@ class Simulation:
         node.relays = {k: v for k, v in node.relays.items() if v[2] > now}
         if node.links:
             peer_id = node.rng.choice(list(node.links))
-            self._send(node, peer_id, wire.Digest(node.members.digest()))
+            self._send(node, peer_id, wire.Fingerprint(node.members.fingerprint()))
         self._dial_unlinked(node)
         self._at(now + ANTI_ENTROPY_S, self._anti_entropy, node)
 

@@ -86,10 +86,18 @@ class Sync(msgspec.Struct, tag=True, frozen=True):
     announcements: tuple[PeerAnnouncement, ...]
 
 
+class Fingerprint(msgspec.Struct, tag=True, frozen=True):
+    """A hash of the sender's digest; a full `Digest` follows only when the hashes differ."""
+
+    value: int
+
+
 class Digest(msgspec.Struct, tag=True, frozen=True):
     """node id -> generation known to the sender (anti-entropy)."""
 
     generations: dict[str, int]
+    reply: bool = False
+    """An answer to a digest: never answered with another digest (no ping-pong)."""
 
 
 class PeerGone(msgspec.Struct, tag=True, frozen=True):
@@ -131,6 +139,7 @@ WireMessage = (
     | Welcome
     | Refused
     | Sync
+    | Fingerprint
     | Digest
     | PeerGone
     | Probe

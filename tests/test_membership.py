@@ -137,3 +137,16 @@ def test_mesh_catalog_is_the_union_of_available_requested_and_serving() -> None:
     # a node that leaves takes its models out of the catalog
     m.remove("q", 1, now=0)
     assert m.catalog() == {"a", "b", "c", "d"}
+
+
+def test_fingerprint_matches_only_for_equal_digests() -> None:
+    a = Membership(ann("a", 1))
+    b = Membership(ann("b", 1))
+    assert a.fingerprint() != b.fingerprint()
+    a.merge(ann("b", 1), 0.0)
+    b.merge(ann("a", 1), 0.0)
+    assert a.fingerprint() == b.fingerprint()
+    b.merge(ann("c", 5), 0.0)
+    assert a.fingerprint() != b.fingerprint()
+    assert a.lacks(b.digest())
+    assert not b.lacks(a.digest())

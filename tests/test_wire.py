@@ -34,6 +34,8 @@ EVERY_MESSAGE: list[wire.WireMessage] = [
     wire.Sync((ANN, wire.PeerAnnouncement(node_id="b", generation=1))),
     wire.Sync(()),
     wire.Digest({"a": 1, "b": 1 << 60}),
+    wire.Digest({"a": 1}, reply=True),
+    wire.Fingerprint(12345),
     wire.PeerGone("a", 7, "left"),
     wire.Probe(1),
     wire.ProbeAck(1 << 41),
