@@ -48,6 +48,10 @@ class Proxy(Actor):
             log_config=None,
             timeout_graceful_shutdown=3,
             backlog=2048,
+            # llama-server's own `server` and `date` headers pass through; uvicorn's
+            # would only duplicate them (and cost time on every response).
+            server_header=False,
+            date_header=False,
         )
         self.server = _Server(config)
         self.serving = asyncio.create_task(self.server.serve(sockets=[sock]))
