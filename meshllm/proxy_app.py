@@ -208,7 +208,7 @@ class ProxyApp:
             return
         target, why = self.routes.choose(peek.model)
         if target is None:
-            if self.strict_models and "does not exist" in why:
+            if self.routes.unknown(peek.model):
                 await send_error(send, 404, why, "model_not_found")
             else:
                 await send_error(send, 503, why, "model_not_ready", retry_after=True)

@@ -59,6 +59,10 @@ class Routes:
         self.by_name = {r.name: r for r in table.models}
         self.first = next((r.targets[0] for r in table.models if r.targets), None)
 
+    def unknown(self, model: str | None) -> bool:
+        """Strict mode's 404: a named model absent from a table that lists models."""
+        return bool(self.strict and model and self.table.models and model not in self.by_name)
+
     def choose(self, model: str | None) -> tuple[RouteTarget | None, str]:
         """(target, why) for a request's `model`; why names the failure when target is None."""
         route = self.by_name.get(model) if model else None
@@ -66,7 +70,7 @@ class Routes:
             if route.targets:
                 return route.targets[0], ""
             return None, f"model {model!r} is known to the mesh but no node serves it yet"
-        if self.strict and model and self.table.models:
+        if self.unknown(model):
             return None, f"model {model!r} does not exist in this mesh"
         if self.first is None:
             return None, "no model is ready yet"
