@@ -12,25 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
-
-import uvicorn
 
 from meshllm import messages as m
 from meshllm.actor import Actor
+from meshllm.asgi_server import ActorServer, actor_server
 from meshllm.console_app import ConsoleApp
 from meshllm.memory import detect_memory
 from meshllm.mesh_status import build_mesh_status, own_card
 
 BIND_RETRY_S = 5.0
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # Signals belong to the actor runtime; uvicorn must not take them over.
-        yield
 
 
 def bind_console(host: str, port: int) -> socket.socket:
@@ -72,7 +63,7 @@ class Console(Actor):
             loopback_only=_is_loopback(cfg.console_host),
         )
         self._update()
-        self.server: _Server | None = None
+        self.server: ActorServer | None = None
         self.serving = asyncio.create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -94,16 +85,7 @@ class Console(Actor):
                 await asyncio.sleep(BIND_RETRY_S)
                 continue
             break
-        config = uvicorn.Config(
-            self.app,
-            loop="none",
-            http="httptools",
-            lifespan="off",
-            access_log=False,
-            log_config=None,
-            timeout_graceful_shutdown=2,
-        )
-        self.server = _Server(config)
+        self.server = actor_server(self.app, graceful_s=2)
         host = f"[{cfg.console_host}]" if ":" in cfg.console_host else cfg.console_host
         self.log.info("console on http://%s:%s/", host, cfg.console_port)
         try:

@@ -11,21 +11,12 @@ import asyncio
 import contextlib
 import gc
 import socket
-from collections.abc import Iterator
-
-import uvicorn
 
 from meshllm import messages as m
 from meshllm.actor import Actor
+from meshllm.asgi_server import actor_server
 from meshllm.proxy_app import ProxyApp
 from meshllm.tunnel import remote_via_tunnel
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # Signals belong to the actor runtime; uvicorn must not take them over.
-        yield
 
 
 class Proxy(Actor):
@@ -39,21 +30,15 @@ class Proxy(Actor):
             remote=remote_via_tunnel(self.config.tunnel_http_path),
         )
         sock: socket.socket = self.resources["socket"]
-        config = uvicorn.Config(
+        self.server = actor_server(
             self.app,
-            loop="none",
-            http="httptools",
-            lifespan="off",
-            access_log=False,
-            log_config=None,
-            timeout_graceful_shutdown=3,
+            graceful_s=3,
             backlog=2048,
             # llama-server's own `server` and `date` headers pass through; uvicorn's
             # would only duplicate them (and cost time on every response).
             server_header=False,
             date_header=False,
         )
-        self.server = _Server(config)
         self.serving = asyncio.create_task(self.server.serve(sockets=[sock]))
         # What exists now lives as long as the process: move it out of the collector's
         # sight, so the collections that per-request garbage triggers stay cheap.

@@ -9,7 +9,6 @@ node's own OpenAI API (`/v1/*`), so the page's chat needs no CORS.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -22,8 +21,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import Route
 
 from meshllm.mesh_status import MeshStatus
-from meshllm.proxy_app import relay_response, send_error
-from meshllm.upstream import Pool, UpstreamError
+from meshllm.proxy_app import forward_until_disconnect, send_error, wait_disconnect
+from meshllm.upstream import Pool
 
 log = logging.getLogger("meshllm.console")
 
@@ -143,7 +142,7 @@ class ConsoleApp:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         first = b"retry: %d\n" % RECONNECT_MS
-        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        gone = asyncio.ensure_future(wait_disconnect(receive))
         sent = -1
         try:
             while not self.closing:
@@ -186,29 +185,17 @@ class ConsoleApp:
         headers = [(k, v) for k, v in scope["headers"] if k in FORWARDED_HEADERS]
         # A browser that goes away (the page's Stop button, a closed tab) closes the
         # upstream connection, which makes the Proxy stop the generation too.
-        relay = asyncio.ensure_future(self._relay(scope["method"], path, body, headers, send))
-        gone = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await asyncio.wait((relay, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not relay.done():
-                relay.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await relay
-            gone.cancel()
-        if not relay.cancelled() and (failure := relay.exception()) is not None:
-            raise failure
-
-    async def _relay(
-        self, method: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]], send: Send
-    ) -> None:
-        try:
-            resp = await self.upstream.request(method, path, body, headers)
-        except UpstreamError as exc:
-            log.warning("the node's API did not answer: %s", exc)
-            await send_error(send, 502, f"the node's API did not answer: {exc}", "api_unreachable")
-            return
-        await relay_response(resp, send)
+        await forward_until_disconnect(
+            self.upstream,
+            scope["method"],
+            path,
+            body,
+            headers,
+            receive,
+            send,
+            "the node's API",
+            "api_unreachable",
+        )
 
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
         chunks: list[bytes] = []
@@ -229,8 +216,3 @@ class ConsoleApp:
 
     def close_upstream(self) -> None:
         self.upstream.close()
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

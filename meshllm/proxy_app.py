@@ -221,31 +221,59 @@ class ProxyApp:
             await send_error(send, 503, "remote models need the tunnel", "no_tunnel")
             return
         headers = [(b"content-type", b"application/json"), *extra]
-        # Watch for the client going away while the upstream works: then the
-        # upstream connection is closed, which makes llama-server stop generating.
-        relay = asyncio.ensure_future(self._relay(pool, scope["path"], body, headers, send))
-        watch = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not relay.done():
-                relay.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await relay
-            watch.cancel()
-        if not relay.cancelled() and (failure := relay.exception()) is not None:
-            raise failure
+        await forward_until_disconnect(
+            pool, "POST", scope["path"], body, headers, receive, send, "upstream", "upstream_error"
+        )
 
-    async def _relay(
-        self, pool: Pool, path: str, body: bytes, headers: list[tuple[bytes, bytes]], send: Send
-    ) -> None:
-        try:
-            resp = await pool.request("POST", path, body, headers)
-        except UpstreamError as exc:
-            log.warning("upstream %s:%s failed: %s", pool.host, pool.port, exc)
-            await send_error(send, 502, f"upstream failed: {exc}", "upstream_error")
-            return
-        await relay_response(resp, send)
+
+async def forward_until_disconnect(
+    pool: Pool,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    receive: Receive,
+    send: Send,
+    what: str,
+    code: str,
+) -> None:
+    """Send a request to `pool` and relay the answer to the ASGI client.
+
+    The client going away while the upstream works closes the upstream
+    connection, which makes llama-server stop generating. An upstream that
+    cannot be reached is a 502 naming `what`, with error code `code`.
+    """
+    relay = asyncio.ensure_future(_relay(pool, method, path, body, headers, send, what, code))
+    watch = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not relay.done():
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+        watch.cancel()
+    if not relay.cancelled() and (failure := relay.exception()) is not None:
+        raise failure
+
+
+async def _relay(
+    pool: Pool,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    send: Send,
+    what: str,
+    code: str,
+) -> None:
+    try:
+        resp = await pool.request(method, path, body, headers)
+    except UpstreamError as exc:
+        log.warning("%s %s:%s failed: %s", what, pool.host, pool.port, exc)
+        await send_error(send, 502, f"{what} failed: {exc}", code)
+        return
+    await relay_response(resp, send)
 
 
 async def relay_response(resp: Response, send: Send) -> None:
@@ -268,7 +296,7 @@ async def relay_response(resp: Response, send: Send) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-async def _wait_disconnect(receive: Receive) -> None:
+async def wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
 
