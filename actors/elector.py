@@ -68,6 +68,9 @@ class Elector(Actor):
         self.local = m.LocalServerState()
         self.explicit = cfg.models[0].name if cfg.models else None
         self.wanted: ModelSpec | None = None
+        # `--join` alone: choose from the mesh's view, not from the empty one before
+        # joining (a choice made then would be held: "a decision holds").
+        self.heard_mesh = not cfg.join or self.explicit is not None
         self.wake = asyncio.Event()
         self.timer = asyncio.create_task(self._timer())
         await self._decide()
@@ -85,6 +88,10 @@ class Elector(Actor):
 
     async def _decide(self) -> None:
         cfg = self.config
+        if not self.heard_mesh:
+            if not self.mesh.peers:
+                return
+            self.heard_mesh = True
         announcements = list(self.mesh.peers)
         if self.mesh.me is not None:
             announcements.append(self.mesh.me)

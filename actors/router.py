@@ -26,7 +26,9 @@ class Router(Actor):
         await self._recompute()
 
     async def _recompute(self) -> None:
-        catalog = {spec.name for spec in self.config.models} | mesh_catalog(self.mesh.peers)
+        # The mesh catalog counts this node's own disk too (spec: "Gossip").
+        own = {spec.name for spec in (*self.config.models, *self.config.available)}
+        catalog = own | mesh_catalog(self.mesh.peers)
         remote = [
             Serving(peer.serving, peer.node_id, peer.http_port)
             for peer in self.mesh.peers
