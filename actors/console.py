@@ -17,7 +17,6 @@ from meshllm import messages as m
 from meshllm.actor import Actor
 from meshllm.asgi_server import ActorServer, actor_server
 from meshllm.console_app import ConsoleApp
-from meshllm.memory import detect_memory
 from meshllm.mesh_status import build_mesh_status, own_card
 
 BIND_RETRY_S = 5.0
@@ -49,10 +48,8 @@ class Console(Actor):
         cfg = self.config
         api_host = "127.0.0.1" if cfg.http_host in WILDCARD_HOSTS else cfg.http_host
         self.api = f"http://{api_host}:{cfg.http_port}/v1"
-        # What this node offers for models, found the way the Gossiper announces it
-        # (GPUs, else a share of RAM); a lite client offers nothing.
-        memory = None if cfg.client else await asyncio.to_thread(detect_memory)
-        self.vram_bytes = memory.total_bytes if memory else 0
+        # What this node offers for models: what the Gossiper announces.
+        self.vram_bytes = cfg.vram_bytes
         self.local = m.LocalServerState()
         self.mesh = m.MeshView(cfg.node_id)
         self.routes = m.RouteTable()

@@ -39,10 +39,16 @@ def known_models(
         for name, url in ann.model_urls.items():
             size = ann.model_sizes.get(name, 0)
             file_name = url.rsplit("/", 1)[-1].split("?", 1)[0] or f"{name}.gguf"
+            if not safe_file_name(file_name):
+                continue  # a peer's name must not steer a download out of the models dir
             specs[name] = ModelSpec(name, "", url, size, "", str(Path(models_dir) / file_name))
     for spec in own:
         specs[spec.name] = spec
     return specs
+
+
+def safe_file_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def model_infos(specs: dict[str, ModelSpec]) -> dict[str, election.ModelInfo]:
@@ -68,6 +74,7 @@ class Elector(Actor):
         self.local = m.LocalServerState()
         self.explicit = cfg.models[0].name if cfg.models else None
         self.wanted: ModelSpec | None = None
+        self.served_here: set[str] = set()
         # `--join` alone: choose from the mesh's view, not from the empty one before
         # joining (a choice made then would be held: "a decision holds").
         self.heard_mesh = not cfg.join or self.explicit is not None
@@ -79,9 +86,19 @@ class Elector(Actor):
         if isinstance(msg, m.MeshView):
             self.mesh = msg
         elif isinstance(msg, m.LocalServerState):
-            self.local = msg
-            if msg.state == "failed" and msg.model and msg.model != self.explicit:
-                # A model that failed to download or load here is not chosen again.
+            previous, self.local = self.local, msg
+            if msg.state == "ready":
+                self.served_here.add(msg.model)
+            changed = (previous.model, previous.state) != (msg.model, msg.state)
+            if (
+                changed
+                and msg.state == "failed"
+                and msg.model
+                and msg.model != self.explicit
+                and msg.model not in self.served_here
+            ):
+                # A model that could not be downloaded or loaded here is not chosen
+                # again; one that served before and crashed is only restarted.
                 self.log.warning("%s failed here (%s); choosing again", msg.model, msg.reason)
                 self.core.mark_failed(msg.model)
         await self._decide()

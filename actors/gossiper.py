@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -27,6 +29,7 @@ from meshllm.quic import Link, MeshEndpoint
 from meshllm.token import InvalidToken, decode_token, split_address
 
 ANTI_ENTROPY_S = 2.0
+DUPLICATE_RACE_S = 3.0
 REDIAL_AFTER_S = 2.0
 JOIN_BACKOFF_MAX_S = 10.0
 
@@ -62,22 +65,33 @@ class Gossiper(Actor):
         self.endpoint = MeshEndpoint(
             cfg.node_id, cfg.mesh_secret, load_or_create_key(None), self._on_link
         )
-        await self.endpoint.listen(self.resources["socket"])
-        self.tasks = [asyncio.create_task(self._anti_entropy())]
-        self.tasks += [asyncio.create_task(self._join(token)) for token in cfg.join]
+        self.tasks: set[asyncio.Task[None]] = set()
         self.peers_file = Path(cfg.run_dir) / "peers.json"
-        self.tasks.append(asyncio.create_task(self._redial_remembered()))
+        await self.endpoint.listen(self.resources["socket"])
+        self._spawn(self._anti_entropy())
+        for token in cfg.join:
+            self._spawn(self._join(token))
+        self._spawn(self._redial_remembered())
         await self._publish()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     # -- links -------------------------------------------------------------------
 
     async def _on_link(self, link: Link) -> None:
         old = self.links.get(link.peer_id)
         if old is not None and not old.closed.is_set():
-            # Both sides dialed at once: keep the link dialed by the lower node id,
-            # the same choice on both sides.
-            keep_new = (link.dialed and self.members.node_id < link.peer_id) or (
-                not link.dialed and link.peer_id < self.members.node_id
+            # Both sides dialed at once: keep the link dialed by the lower node id, the
+            # same choice on both sides. A link older than that race may be dead (the
+            # peer's Gossiper restarted), so the fresh one replaces it.
+            racing = link.opened_at - old.opened_at < DUPLICATE_RACE_S
+            keep_new = (
+                not racing
+                or (link.dialed and self.members.node_id < link.peer_id)
+                or (not link.dialed and link.peer_id < self.members.node_id)
             )
             if not keep_new:
                 link.close("duplicate link")
@@ -95,9 +109,9 @@ class Gossiper(Actor):
             while True:
                 try:
                     msg = await wire.read_frame(link.reader)
+                except wire.FrameTooLarge:
+                    raise  # the stream cannot be resynchronised
                 except wire.WireError as exc:
-                    if "exceeds" in str(exc):
-                        raise
                     self.endpoint.counters.malformed_frames += 1
                     self.log.warning("dropped a frame from %s: %s", link.peer_id, exc)
                     continue
@@ -167,9 +181,11 @@ class Gossiper(Actor):
         if not self.members.remove(node_id, generation, time.monotonic()):
             return
         self.log.info("peer %s gone: %s", node_id, reason)
-        self._forward(wire.PeerGone(node_id, generation, reason), exclude=exclude)
         self.unlinked_since.pop(node_id, None)
-        if (link := self.links.pop(node_id, None)) is not None:
+        # Not to the removed node itself: closing its link would discard the notice.
+        link = self.links.pop(node_id, None)
+        self._forward(wire.PeerGone(node_id, generation, reason), exclude=exclude)
+        if link is not None:
             link.close(reason)
         await self._changed()
 
@@ -193,7 +209,7 @@ class Gossiper(Actor):
             # The lower node id dials; the other waits a little before dialing too.
             if self.members.node_id < peer_id or now - since > REDIAL_AFTER_S:
                 self.dialing.add(peer_id)
-                self.tasks.append(asyncio.create_task(self._dial_peer(peer_id, ann.addresses)))
+                self._spawn(self._dial_peer(peer_id, ann.addresses))
 
     async def _dial_peer(self, peer_id: str, addresses: tuple[str, ...]) -> None:
         try:
@@ -203,7 +219,7 @@ class Gossiper(Actor):
                 except (OSError, ConnectionError, wire.WireError) as exc:
                     self.log.debug("dialing %s at %s failed: %s", peer_id, address, exc)
                     continue
-                self.tasks.append(asyncio.create_task(self._on_link(link)))
+                self._spawn(self._on_link(link))
                 return
         finally:
             self.dialing.discard(peer_id)
@@ -248,7 +264,7 @@ class Gossiper(Actor):
         for address in addresses:
             with contextlib.suppress(OSError, ConnectionError, wire.WireError, InvalidToken):
                 link = await self.endpoint.dial(*split_address(address), timeout=2.0)
-                self.tasks.append(asyncio.create_task(self._on_link(link)))
+                self._spawn(self._on_link(link))
 
     async def _anti_entropy(self) -> None:
         while True:
@@ -284,7 +300,7 @@ class Gossiper(Actor):
                     if node_id not in self.dialing and ann.addresses:
                         self.dialing.add(node_id)
                         dial = self._dial_peer(node_id, ann.addresses)
-                        self.tasks.append(asyncio.create_task(dial))
+                        self._spawn(dial)
             case m.ProbeVia(via=via, target=target, nonce=nonce):
                 if (link := self.links.get(via)) is not None:
                     link.send(wire.ProbeRequest(target, nonce))
@@ -299,7 +315,7 @@ class Gossiper(Actor):
         me = self.members.me
         self._forward(wire.PeerGone(me.node_id, me.generation, "left"))
         await asyncio.sleep(0.05)  # let the leave notices go out before closing
-        for task in self.tasks:
+        for task in list(self.tasks):
             task.cancel()
         with contextlib.suppress(Exception):
             self.endpoint.close()

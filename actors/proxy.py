@@ -40,6 +40,8 @@ class Proxy(Actor):
             date_header=False,
         )
         self.serving = asyncio.create_task(self.server.serve(sockets=[sock]))
+        # If uvicorn ever stops by itself, end the actor: the root restarts it.
+        self.serving.add_done_callback(lambda _: self.stopping.set())
         # What exists now lives as long as the process: move it out of the collector's
         # sight, so the collections that per-request garbage triggers stay cheap.
         gc.collect()

@@ -26,6 +26,7 @@ from meshllm.upstream import get_status
 LISTENING = re.compile(rb"listening on https?://[^\s:]+:(\d+)")
 ERRORISH = re.compile(rb"error|failed|cannot|unable|invalid|not found|abort", re.IGNORECASE)
 HEALTH_POLL_S = 0.05
+OUTPUT_LINE_BYTES = 64 * 1024
 
 
 def failure_reason(lines: collections.deque[bytes], returncode: int | None) -> str:
@@ -211,26 +212,12 @@ class ServerSupervisor(Actor):
     async def _read_output(self, port_found: asyncio.Future[int]) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         with self.log_path.open("ab") as logfile:
-            while line := await self.proc.stdout.readline():
+            while line := await _read_line(self.proc.stdout):
                 logfile.write(line)
                 logfile.flush()
                 self.output.append(line.rstrip())
                 if not port_found.done() and (match := LISTENING.search(line)):
                     port_found.set_result(int(match.group(1)))
-
-    async def on_ask(self, msg: m.Message) -> m.Message:
-        if isinstance(msg, m.DropModel):
-            await self._drop(msg.model)
-            return m.CtlDone(f"stopped serving {msg.model}")
-        return await super().on_ask(msg)
-
-    async def _drop(self, model: str) -> None:
-        if self.wanted is None or self.wanted.name != model:
-            return
-        self.wanted = None
-        if self.proc is not None:
-            await stop_process(self.proc)
-        await self._set(m.LocalServerState())
 
     async def on_stop(self) -> None:
         self.wanted = None
@@ -238,6 +225,14 @@ class ServerSupervisor(Actor):
         if self.proc is not None:
             await stop_process(self.proc)
         await self._set(m.LocalServerState())
+
+
+async def _read_line(stream: asyncio.StreamReader) -> bytes:
+    """The next line, or its first 64 KiB when it is longer (verbose logging can be)."""
+    try:
+        return await stream.readline()
+    except ValueError:
+        return await stream.read(OUTPUT_LINE_BYTES) + b"\n"
 
 
 def msgspec_replace(base: m.LocalServerState, **changes: object) -> m.LocalServerState:

@@ -8,7 +8,6 @@ state. Subclasses override the hooks; they never block the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import os
@@ -24,6 +23,8 @@ from meshllm.messages import ActorError, Message, Ping, Pong, Shutdown
 from meshllm.procutil import die_with_parent
 
 REPUBLISH_INTERVAL_S = 1.0
+ON_STOP_BUDGET_S = 6.0
+"""Less than the root's grace (runtime.STOP_GRACE_S) before it terminates an actor."""
 
 
 class Actor:
@@ -93,8 +94,10 @@ class Actor:
         finally:
             for task in helpers:
                 task.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.on_stop(), 10)
+            try:
+                await asyncio.wait_for(self.on_stop(), ON_STOP_BUDGET_S)
+            except Exception:
+                self.log.exception("on_stop failed")
             self.bus.close()
 
 

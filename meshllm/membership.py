@@ -109,10 +109,6 @@ class Membership:
     def view(self) -> tuple[PeerAnnouncement, ...]:
         return tuple(sorted(self.peers.values(), key=lambda a: a.node_id))
 
-    def catalog(self) -> set[str]:
-        """The mesh catalog: every node's available and requested models (spec: "Gossip")."""
-        return mesh_catalog(self.all())
-
 
 def mesh_catalog(announcements: Iterable[PeerAnnouncement]) -> set[str]:
     names: set[str] = set()

@@ -38,10 +38,11 @@ RETRY_AFTER_S = 2
 
 
 class _Peek(msgspec.Struct):
-    """The one field the proxy reads from a request body."""
+    """What the proxy checks in a request body: `model` routes it; a `stream` of the
+    wrong type is refused here with a clear message (null is OpenAI's default)."""
 
     model: str | None = None
-    stream: bool = False
+    stream: bool | None = None
 
 
 _peek = msgspec.json.Decoder(_Peek)

@@ -4,12 +4,15 @@ Every connection starts with an admission exchange on its first stream,
 before anything else is served:
 
     client -> Hello(node_id, client_nonce)
-    server -> Challenge(node_id, server_nonce, HMAC(secret, "server"|nonces))
-    client -> Proof(HMAC(secret, "client"|nonces))
+    server -> Challenge(node_id, server_nonce, HMAC(secret, "server"|nonces|cert))
+    client -> Proof(HMAC(secret, "client"|nonces|cert))
     server -> Welcome | Refused
 
 Each side proves it holds the secret without sending it, and fresh nonces
-make old exchanges useless. A peer that opens any other stream first, sends
+make old exchanges useless. `cert` is the SHA-256 of the server's TLS
+certificate, so the proofs are bound to this TLS session: a man in the
+middle cannot relay them. Frames before admission are capped at
+`ADMISSION_FRAME_BYTES`. A peer that opens any other stream first, sends
 garbage, or is too slow is disconnected. After admission the first stream
 carries framed control messages (`Link.send`); other streams are handed to
 the endpoint's stream handler (the Tunnel's HTTP streams).
@@ -26,6 +29,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +44,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from meshllm import wire
@@ -48,6 +53,7 @@ log = logging.getLogger("meshllm.quic")
 
 ALPN = "meshllm/1"
 ADMISSION_TIMEOUT_S = 5.0
+ADMISSION_FRAME_BYTES = 256
 IDLE_TIMEOUT_S = 20.0
 ERROR_REFUSED = 0x100
 
@@ -80,6 +86,18 @@ def self_signed(key: ec.EllipticCurvePrivateKey, node_id: str) -> x509.Certifica
     )
 
 
+def _peer_cert_digest(protocol: QuicConnectionProtocol) -> bytes:
+    """SHA-256 of the certificate the server showed in the TLS handshake.
+
+    Both MACs cover it, so admission cannot be relayed: a man in the middle
+    shows the client a certificate of its own, and the server's check fails.
+    """
+    cert = protocol._quic.tls._peer_certificate
+    if cert is None:
+        raise AdmissionError("the peer showed no certificate")
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+
+
 def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
 
@@ -103,6 +121,7 @@ class Link:
         self.dialed = dialed
         self.remote = remote
         self.closed = protocol.closed
+        self.opened_at = time.monotonic()
 
     def send(self, msg: wire.WireMessage) -> None:
         if not self.closed.is_set():
@@ -197,6 +216,7 @@ class MeshEndpoint:
 
     def __post_init__(self) -> None:
         self.cert = self_signed(self.key, self.node_id)
+        self.cert_digest = hashlib.sha256(self.cert.public_bytes(Encoding.DER)).digest()
         self.server: QuicServer | None = None
         self.protocols: set[MeshProtocol] = set()
 
@@ -245,7 +265,7 @@ class MeshEndpoint:
                 protocol.connect(addr)
                 await protocol.wait_connected()
                 reader, writer = await protocol.create_stream()
-                peer_id = await self._admit_outgoing(reader, writer)
+                peer_id = await self._admit_outgoing(reader, writer, _peer_cert_digest(protocol))
         except BaseException as exc:
             protocol.close()
             protocol._transport.close()  # type: ignore[union-attr]
@@ -271,17 +291,19 @@ class MeshEndpoint:
                 protocol._transport.close()  # type: ignore[union-attr]
 
     async def _admit_outgoing(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cert: bytes
     ) -> str:
         nonce = os.urandom(16)
         writer.write(wire.encode_frame(wire.Hello(self.node_id, nonce)))
         challenge = await wire.read_frame(reader)
         if not isinstance(challenge, wire.Challenge):
             raise AdmissionError(f"expected a challenge, got {type(challenge).__name__}")
-        expected = _mac(self.secret, b"server", nonce, challenge.nonce, challenge.node_id.encode())
+        expected = _mac(
+            self.secret, b"server", nonce, challenge.nonce, challenge.node_id.encode(), cert
+        )
         if not hmac.compare_digest(expected, challenge.mac):
             raise AdmissionError("the peer does not hold this mesh's secret")
-        mac = _mac(self.secret, b"client", challenge.nonce, nonce, self.node_id.encode())
+        mac = _mac(self.secret, b"client", challenge.nonce, nonce, self.node_id.encode(), cert)
         writer.write(wire.encode_frame(wire.Proof(mac)))
         answer = await wire.read_frame(reader)
         if isinstance(answer, wire.Refused):
@@ -295,14 +317,17 @@ class MeshEndpoint:
     ) -> None:
         try:
             async with asyncio.timeout(ADMISSION_TIMEOUT_S):
-                hello = await wire.read_frame(reader)
+                hello = await wire.read_frame(reader, ADMISSION_FRAME_BYTES)
                 if not isinstance(hello, wire.Hello) or len(hello.nonce) != 16:
                     raise AdmissionError("the first frame was not a hello")
                 nonce = os.urandom(16)
-                mac = _mac(self.secret, b"server", hello.nonce, nonce, self.node_id.encode())
+                cert = self.cert_digest
+                mac = _mac(self.secret, b"server", hello.nonce, nonce, self.node_id.encode(), cert)
                 writer.write(wire.encode_frame(wire.Challenge(self.node_id, nonce, mac)))
-                proof = await wire.read_frame(reader)
-                expected = _mac(self.secret, b"client", nonce, hello.nonce, hello.node_id.encode())
+                proof = await wire.read_frame(reader, ADMISSION_FRAME_BYTES)
+                expected = _mac(
+                    self.secret, b"client", nonce, hello.nonce, hello.node_id.encode(), cert
+                )
                 if not isinstance(proof, wire.Proof) or not hmac.compare_digest(
                     expected, proof.mac
                 ):

@@ -180,11 +180,12 @@ class Node:
 
     def request_stop(self, reason: str) -> None:
         if not self.stopping:
+            self.stopping = True
             self.exit_reason = reason
-            asyncio.get_running_loop().create_task(self._shutdown(reason))
+            task = asyncio.get_running_loop().create_task(self._shutdown(reason))
+            self.tasks.add(task)
 
     async def _shutdown(self, reason: str) -> None:
-        self.stopping = True
         log.info("stopping node: %s", reason)
         for actor in self.actors.values():
             if actor.restart_handle:

@@ -200,6 +200,12 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
             models = [demo_model()]
         if opts.client and models:
             raise UpError("a lite client (--client) serves no model; drop --model")
+        reserved = [a for a in opts.llama_args if a.split("=", 1)[0] in ("--host", "--port")]
+        if reserved:
+            raise UpError(
+                f"--llama-arg {reserved[0]} is not allowed: llama-server is bound to "
+                "127.0.0.1 on a port meshllm picks (peers reach it only through the tunnel)"
+            )
         if opts.client and not opts.join:
             raise UpError("a lite client needs a mesh to join: pass --join TOKEN")
         try:
@@ -236,6 +242,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         strict_models=opts.strict_models,
         max_body_bytes=opts.max_body_bytes,
         llama_server=llama_server,
+        rpc_server=opts.rpc_server or "",
         llama_args=tuple(opts.llama_args),
         load_timeout_s=opts.load_timeout_s,
         join=tuple(opts.join),

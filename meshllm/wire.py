@@ -25,6 +25,10 @@ class WireError(Exception):
     """A peer broke the protocol; the one exception type raised below the boundary."""
 
 
+class FrameTooLarge(WireError):
+    """A frame's length is over the limit: the stream cannot be read any further."""
+
+
 class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     """What a node tells the mesh about itself (spec: "Gossip")."""
 
@@ -176,14 +180,14 @@ def decode_payload(payload: bytes) -> WireMessage:
     return envelope.msg
 
 
-async def read_payload(reader: asyncio.StreamReader) -> bytes:
+async def read_payload(reader: asyncio.StreamReader, limit: int = MAX_FRAME_BYTES) -> bytes:
     """The next frame's payload; `WireError` on an oversized frame, EOF error at the end."""
     header = await reader.readexactly(HEADER)
     size = int.from_bytes(header, "big")
-    if size > MAX_FRAME_BYTES:
-        raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
+    if size > limit:
+        raise FrameTooLarge(f"frame of {size} bytes exceeds {limit}")
     return await reader.readexactly(size)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> WireMessage:
-    return decode_payload(await read_payload(reader))
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME_BYTES) -> WireMessage:
+    return decode_payload(await read_payload(reader, limit))

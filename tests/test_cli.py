@@ -214,3 +214,13 @@ def test_models_demo_name_and_seed(tmp_path: Path) -> None:
     result = invoke("models", "demo", "--name", "other", "--seed", "3")
     assert result.exit_code == 0, result.output
     assert Path(result.output.strip()) == tmp_path / "cache" / "models" / "other.gguf"
+
+
+@pytest.mark.parametrize("arg", ["--llama-arg=--host", "--llama-arg=--port=80"])
+def test_up_refuses_llama_args_that_would_expose_llama_server(
+    tmp_path: Path, arg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESHLLM_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["up", "--home", str(tmp_path / "home"), arg])
+    assert result.exit_code != 0
+    assert "not allowed" in result.output

@@ -117,3 +117,11 @@ def test_infos_of_known_models_feed_the_priority() -> None:
     assert election.choose(view).model == "B"
     small = election.NodeView("n", budget_bytes=1000, models=infos, announcements=[seed])
     assert election.choose(small).model is None
+
+
+def test_a_peer_cannot_steer_a_download_out_of_the_models_dir() -> None:
+    from actors.elector import safe_file_name
+
+    assert safe_file_name("model.gguf")
+    for bad in ("", "../x.gguf", ".hidden.gguf", "a/b.gguf", "..", "a\\b.gguf"):
+        assert not safe_file_name(bad), bad

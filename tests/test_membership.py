@@ -132,11 +132,11 @@ def test_mesh_catalog_is_the_union_of_available_requested_and_serving() -> None:
     m = Membership(ann("me", 1, available_models=("a",), requested_models=("b",)))
     m.merge(ann("p", 1, available_models=("a", "c"), serving="d"), now=0)
     m.merge(ann("q", 1, requested_models=("e",)), now=0)
-    assert m.catalog() == {"a", "b", "c", "d", "e"}
+    assert mesh_catalog(m.all()) == {"a", "b", "c", "d", "e"}
     assert mesh_catalog([]) == set()
     # a node that leaves takes its models out of the catalog
     m.remove("q", 1, now=0)
-    assert m.catalog() == {"a", "b", "c", "d"}
+    assert mesh_catalog(m.all()) == {"a", "b", "c", "d"}
 
 
 def test_fingerprint_matches_only_for_equal_digests() -> None:
