@@ -2,15 +2,25 @@
 
 Run from the repository root:
 
-    .venv/bin/python -m bench              # every section (today: proxy), ~2-3 minutes
-    .venv/bin/python -m bench --quick      # smoke run, ~20 s
+    .venv/bin/python -m bench              # every section below, ~3-4 minutes
+    .venv/bin/python -m bench --quick      # smoke run, ~40 s
     .venv/bin/python -m bench proxy        # one section
     bench/run [ARGS]                       # the same, with the venv's python
 
+Sections (`all` runs them in this order):
+
+    proxy        one node: through the node vs direct to llama-server
+    remote       lite client -> tunnel -> host vs direct (and vs the host's API)
+    tunnel       tunnel bulk throughput vs a raw aioquic stream, same QUIC config
+    convergence  N = 2, 4, 8 real nodes: agreement after a join and after a kill -9
+    probes       simulated probe/gossip traffic, detection and join at N = 10..100
+    versions     this tree's node vs another tree's (not in `all`; --base-repo)
+
 Each section starts the real nodes it needs (`meshllm up` in a temp home, on
-the demo model), measures side by side in one interleaved run, always stops
-them, writes `bench/results/SECTION.json` (machine info, timestamps, every
-figure and ratio) and `bench/results/SECTION.png`, and prints a markdown table
+the demo model; `tunnel` runs the tunnel code in two processes of its own,
+`probes` the in-process simulation), measures side by side in one interleaved
+run, always stops them, writes `bench/results/SECTION.json` (machine info,
+timestamps, every figure and ratio) and `bench/results/SECTION.png`, and prints a markdown table
 that the README quotes. Timings are ratios or differences between paths
 measured in the same run, never absolute numbers from different runs: the
 machines are small and shared.

@@ -41,6 +41,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.recovery import QuicPacketPacer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -54,6 +55,8 @@ log = logging.getLogger("meshllm.quic")
 ALPN = "meshllm/1"
 ADMISSION_TIMEOUT_S = 5.0
 ADMISSION_FRAME_BYTES = 256
+CLOCK_TICK_S = 0.001
+"""Resolution of uvloop's clock."""
 IDLE_TIMEOUT_S = 20.0
 ERROR_REFUSED = 0x100
 
@@ -102,6 +105,20 @@ def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
 
 
+class CoarseClockPacer(QuicPacketPacer):
+    """aioquic's pacer with a bucket that holds at least two ticks of a coarse clock.
+
+    uvloop's clock moves in whole milliseconds. On a fast, lossless path the
+    congestion window grows until aioquic's bucket holds less than a millisecond
+    of packets; the bucket then refills only once per tick and a link that has
+    carried a few MB crawls at about one packet per millisecond.
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        super().update_rate(congestion_window=congestion_window, smoothed_rtt=smoothed_rtt)
+        self.bucket_max = max(self.bucket_max, 2 * CLOCK_TICK_S)
+
+
 class Link:
     """An admitted connection to one peer: a control stream plus new streams on demand."""
 
@@ -139,6 +156,7 @@ class MeshProtocol(QuicConnectionProtocol):
 
     def __init__(self, quic: QuicConnection, endpoint: MeshEndpoint, **kwargs: Any) -> None:
         super().__init__(quic, stream_handler=self._on_stream)
+        quic._loss._pacer = CoarseClockPacer(max_datagram_size=quic._max_datagram_size)
         self.endpoint = endpoint
         self.link: Link | None = None
         self.first_stream_seen = False

@@ -1,0 +1,289 @@
+"""Several real nodes on loopback for the mesh sections: start, ask, kill -9, always stop.
+
+`bench/node.py` starts one serving node and waits until its llama-server is
+ready; the mesh sections also need lite clients (no llama-server), nodes that
+are started without waiting (to time a join), a kill -9 of a node's whole
+process tree, and cheap status polls. Polls go to each node's control socket
+(what `meshllm ctl status --json` asks) over one persistent ZeroMQ socket per
+node, so polling every few tens of milliseconds costs the nodes little.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import zmq
+import zmq.asyncio
+
+from bench.common import REPO
+from meshllm import messages
+from meshllm.bus import ASK, REPLY
+from meshllm.paths import home_from
+
+LOOPBACK_BIND = ("--bind", "127.0.0.1:0")
+TOKEN_PREFIX = "invite token"
+PORT_LINE = re.compile(rb"OpenAI API at http://[\d.]+:(\d+)/v1")
+
+
+class MeshError(RuntimeError):
+    pass
+
+
+@dataclass
+class MeshNode:
+    """One `meshllm up` process (own session, own temp home, own log file)."""
+
+    name: str
+    home: Path
+    proc: subprocess.Popen[bytes]
+    log_file: IO[bytes]
+    started_at: float
+    """perf_counter() just before the process was started."""
+    args: tuple[str, ...] = ()
+    api_port: int = 0
+    node_id: str = ""
+    killed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "node-stdout.log"
+
+    @property
+    def control_path(self) -> Path:
+        return home_from(self.home).run_dir / "control.ipc"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None and not self.killed:
+            raise MeshError(
+                f"node {self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+            )
+
+    def port_from_log(self) -> int:
+        try:
+            data = self.log_path.read_bytes()
+        except OSError:
+            return 0
+        match = PORT_LINE.search(data)
+        return int(match.group(1)) if match else 0
+
+    def token(self) -> str:
+        """The invite token a first node prints (the line after `invite token ...`)."""
+        lines = self.log().splitlines()
+        for i, line in enumerate(lines[:-1]):
+            if line.startswith(TOKEN_PREFIX) and lines[i + 1].strip():
+                return lines[i + 1].strip()
+        return ""
+
+
+def start_node(
+    name: str, *args: str, repo: Path | None = None, home: Path | None = None
+) -> MeshNode:
+    """Start `meshllm up --home TMP --port 0 ARGS` and return at once (nothing awaited)."""
+    home = home or Path(tempfile.mkdtemp(prefix=f"meshllm-bench-{name}-"))
+    log_file = (home / "node-stdout.log").open("ab")
+    cmd = [sys.executable, "-m", "meshllm", "up", "--home", str(home), "--port", "0", *args]
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=repo or REPO,
+        start_new_session=True,
+    )
+    return MeshNode(name, home, proc, log_file, started, args=args)
+
+
+async def wait_until(what: str, nodes: Iterable[MeshNode], timeout: float, probe: Any) -> Any:
+    """Poll `probe()` (sync or async) every 20 ms until truthy; fail if a node exits."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    watched = list(nodes)
+    while time.monotonic() < deadline:
+        for node in watched:
+            node.check_alive()
+        try:
+            last = probe()
+            if asyncio.iscoroutine(last):
+                last = await last
+        except Exception as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        await asyncio.sleep(0.02)
+    raise MeshError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
+
+
+async def wait_api(node: MeshNode, timeout: float = 60) -> int:
+    """The node's API port once it answers `GET /v1/models` (200)."""
+
+    async def probe() -> int:
+        port = node.api_port or node.port_from_log()
+        if not port:
+            return 0
+        node.api_port = port
+        return port if await http_get_status(port, "/v1/models") == 200 else 0
+
+    port: int = await wait_until(f"the API of {node.name}", [node], timeout, probe)
+    return port
+
+
+async def http_get_status(port: int, path: str, timeout: float = 2.0) -> int:
+    """The status code of `GET path` on 127.0.0.1:port (0 when nothing answers)."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n".encode()
+                )
+                line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return 0
+    parts = line.split()
+    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+
+
+def children_of(pid: int) -> list[int]:
+    """Every descendant of `pid`, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        kids = [p for p, pp in parents.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def kill_tree(node: MeshNode) -> list[int]:
+    """kill -9 as a machine losing power: SIGSTOP the whole tree first, then SIGKILL it.
+
+    Stopping first means no process sees another die and says goodbye (a leave
+    notice, a QUIC close). Returns the pids.
+    """
+    node.killed = True
+    root = node.proc.pid
+    stopped: list[int] = []
+    frontier = [root]
+    while frontier:  # a stopping parent may still have forked
+        for pid in frontier:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        frontier = [c for c in children_of(root) if c not in stopped]
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return stopped
+
+
+def stop_all(nodes: Iterable[MeshNode], grace_s: float = 15.0) -> None:
+    """SIGTERM every node at once, wait, then SIGKILL each process group; remove the homes."""
+    nodes = list(nodes)
+    for node in nodes:
+        if node.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                node.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for node in nodes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.proc.wait(max(0.1, deadline - time.monotonic()))
+    for node in nodes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(node.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.proc.wait(5)
+        node.log_file.close()
+        shutil.rmtree(node.home, ignore_errors=True)
+
+
+class StatusClient:
+    """`meshllm ctl status` without a subprocess: one DEALER socket per node's control socket."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.socks: dict[Path, zmq.asyncio.Socket] = {}
+        self.ids = itertools.count(1)
+        self.asks = 0
+
+    def _sock(self, node: MeshNode) -> zmq.asyncio.Socket:
+        sock = self.socks.get(node.home)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 10)
+            sock.connect(f"ipc://{node.control_path}")
+            self.socks[node.home] = sock
+        return sock
+
+    def forget(self, node: MeshNode) -> None:
+        sock = self.socks.pop(node.home, None)
+        if sock is not None:
+            sock.close(0)
+
+    async def status(self, node: MeshNode, timeout: float = 2.0) -> messages.NodeStatus | None:
+        """The node's status, or None if it did not answer in time (or is not up yet)."""
+        if node.killed or not node.control_path.exists():
+            return None
+        sock = self._sock(node)
+        rid = str(next(self.ids)).encode()
+        self.asks += 1
+        await sock.send_multipart([ASK, rid, messages.encode(messages.GetStatus())])
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not await sock.poll(int(left * 1000) + 1):
+                break
+            frames = await sock.recv_multipart()
+            if len(frames) == 3 and frames[0] == REPLY and frames[1] == rid:
+                reply = messages.decode(frames[2])
+                if isinstance(reply, messages.NodeStatus):
+                    if not node.node_id:
+                        node.node_id = reply.node_id
+                    return reply
+                return None
+            # else: a late reply to an ask that timed out earlier; skip it
+        self.forget(node)  # a fresh socket next time: no stale replies queue up
+        return None
+
+    async def statuses(self, nodes: list[MeshNode]) -> list[messages.NodeStatus | None]:
+        return list(await asyncio.gather(*(self.status(n) for n in nodes)))
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close(0)
+        self.socks.clear()
+        self.ctx.term()
+
+
+def peer_ids(status: messages.NodeStatus | None) -> set[str]:
+    return {p.node_id for p in status.peers} if status is not None else set()
