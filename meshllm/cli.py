@@ -37,8 +37,9 @@ def main() -> None:
     "models",
     multiple=True,
     metavar="MODEL",
-    help="GGUF path or file name in the models directory. Repeat to seed the mesh catalog: "
-    "the first is served here. Default (no --join): the built-in demo model.",
+    help="GGUF path, file name in the models directory, catalog name, Hugging Face "
+    "owner/repo/file.gguf or URL (downloaded when not on disk). Repeat to seed the mesh "
+    "catalog: the first is served here. Default (no --join): the built-in demo model.",
 )
 @click.option("--join", multiple=True, metavar="TOKEN", help="Join the mesh of an invite token.")
 @click.option("--client", is_flag=True, help="Lite client: serve no model, route to the mesh.")
@@ -63,7 +64,11 @@ def main() -> None:
     "--max-body-mb", default=16.0, show_default=True, help="Largest request body accepted (MiB)."
 )
 @click.option("--llama-server", metavar="PATH", help="llama-server binary to run.")
-@click.option("--rpc-server", metavar="PATH", help="ggml-rpc-server binary to run.")
+@click.option(
+    "--rpc-server",
+    metavar="PATH",
+    help="ggml-rpc-server binary, for tensor split (not implemented yet: kept for it).",
+)
 @click.option(
     "--llama-arg",
     "llama_args",
