@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ LISTENING = re.compile(rb"listening on https?://[^\s:]+:(\d+)")
 ERRORISH = re.compile(rb"error|failed|cannot|unable|invalid|not found|abort", re.IGNORECASE)
 HEALTH_POLL_S = 0.05
 OUTPUT_LINE_BYTES = 64 * 1024
+
+
+class DownloadCancelled(Exception):
+    """The wanted model changed (or the node stops) while its file was downloading."""
 
 
 def failure_reason(lines: collections.deque[bytes], returncode: int | None) -> str:
@@ -49,6 +54,7 @@ class ServerSupervisor(Actor):
         self.output: collections.deque[bytes] = collections.deque(maxlen=60)
         self.state = m.LocalServerState()
         self.wake = asyncio.Event()
+        self.download_cancel = threading.Event()
         self.log_path = Path(self.config.home) / "logs" / "llama-server.log"
         self.loop_task = asyncio.create_task(self._reconcile_forever())
         await self._set(m.LocalServerState())
@@ -59,6 +65,7 @@ class ServerSupervisor(Actor):
                 "told to serve %s (%s)", msg.spec.name if msg.spec else "nothing", msg.reason
             )
             self.wanted = msg.spec
+            self.download_cancel.set()
             self.policy.reset()
             if self.proc is not None:
                 await stop_process(self.proc)
@@ -109,8 +116,11 @@ class ServerSupervisor(Actor):
         loop = asyncio.get_running_loop()
         base = m.LocalServerState(model=spec.name, path=spec.target, state="downloading")
         last = [0.0]
+        self.download_cancel = cancel = threading.Event()
 
         def progress(done: int, total: int | None) -> None:
+            if cancel.is_set():
+                raise DownloadCancelled  # unwinds the download thread at its next chunk
             now = time.monotonic()
             if now - last[0] >= 0.5 or (total and done >= total):
                 last[0] = now
@@ -129,6 +139,9 @@ class ServerSupervisor(Actor):
                 sha256=spec.sha256 or None,
                 progress=progress,
             )
+        except DownloadCancelled:
+            self.log.info("download of %s cancelled (the partial file is kept)", spec.name)
+            return ""
         except (DownloadError, OSError) as exc:
             await self._set(msgspec_replace(base, state="failed", reason=str(exc)))
             return ""
@@ -221,6 +234,7 @@ class ServerSupervisor(Actor):
 
     async def on_stop(self) -> None:
         self.wanted = None
+        self.download_cancel.set()
         self.loop_task.cancel()
         if self.proc is not None:
             await stop_process(self.proc)

@@ -1,0 +1,70 @@
+"""A node stops promptly while its model is still downloading (real node, local HTTP server)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.nodes import NodeProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+SIZE = 50_000_000
+
+
+class _Slow(http.server.BaseHTTPRequestHandler):
+    """Serves a large file a little at a time, so the download is still going when we stop."""
+
+    stop = threading.Event()
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", str(SIZE))
+        self.end_headers()
+        sent = 0
+        while sent < SIZE and not self.stop.is_set():
+            try:
+                self.wfile.write(b"\0" * 65536)
+            except OSError:
+                return
+            sent += 65536
+            time.sleep(0.1)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def slow_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        _Slow.stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_stop_during_a_download_is_prompt(
+    start_node: Callable[..., NodeProcess], slow_server: int, tmp_path: Path
+) -> None:
+    url = f"http://127.0.0.1:{slow_server}/slow.gguf"
+    node = start_node(
+        "--model", url, "--bind", "127.0.0.1:0", env={"MESHLLM_MODELS_DIR": str(tmp_path)}
+    )
+    wait_for(lambda: node.status()["server"]["state"] == "downloading", 30, "the download to start")
+    started = time.monotonic()
+    assert node.ctl("stop").returncode == 0
+    node.wait_exit(15)
+    took = time.monotonic() - started
+    assert took < 6, f"the node took {took:.1f}s to stop during a download"
+    assert (tmp_path / "slow.gguf.part").exists()  # kept, so the next start resumes
+    assert not (tmp_path / "slow.gguf").exists()
