@@ -15,7 +15,7 @@ import socket
 from meshllm import messages as m
 from meshllm.actor import Actor
 from meshllm.asgi_server import actor_server
-from meshllm.proxy_app import ProxyApp
+from meshllm.proxy_app import ProxyApp, is_loopback_address
 from meshllm.tunnel import remote_via_tunnel
 
 
@@ -28,6 +28,7 @@ class Proxy(Actor):
             self.config.strict_models,
             self.config.max_body_bytes,
             remote=remote_via_tunnel(self.config.tunnel_http_path),
+            loopback_only=is_loopback_address(self.config.http_host),
         )
         sock: socket.socket = self.resources["socket"]
         self.server = actor_server(

@@ -76,6 +76,27 @@ class _Raw:
         await self.handler(scope, receive, send)
 
 
+LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"[::1]", b"::1"})
+
+
+def loopback_host(scope: Scope) -> bool:
+    """True unless the request's Host header names something other than this machine."""
+    for key, value in scope["headers"]:
+        if key == b"host":
+            name = value.rsplit(b":", 1)[0] if not value.endswith(b"]") else value
+            return not name or name.lower() in LOOPBACK_NAMES or _is_127(name)
+    return True  # no Host (HTTP/1.0): not a browser, which always names the host
+
+
+def _is_127(name: bytes) -> bool:
+    parts = name.split(b".")
+    return len(parts) == 4 and parts[0] == b"127" and all(p.isdigit() for p in parts)
+
+
+def is_loopback_address(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 class PoolMap:
     """Upstream pools keyed by target (local llama-server port, or the tunnel)."""
 
@@ -102,8 +123,10 @@ class ProxyApp:
         strict_models: bool = False,
         max_body_bytes: int = 16 * 1024 * 1024,
         remote: Callable[[RouteTarget], tuple[Pool, list[tuple[bytes, bytes]]]] | None = None,
+        loopback_only: bool = False,
     ) -> None:
         self.max_body_bytes = max_body_bytes
+        self.loopback_only = loopback_only
         self.strict_models = strict_models
         self.remote = remote
         self.pools = PoolMap()
@@ -122,6 +145,10 @@ class ProxyApp:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.loopback_only and scope["type"] == "http" and not loopback_host(scope):
+            # A web page that rebinds its own name to 127.0.0.1 must not drive the mesh.
+            await send_error(send, 421, "this endpoint answers only to a loopback host name")
+            return
         # The forwarded endpoints skip Starlette's middleware and router (about 10% of
         # the proxy's CPU per request); every other request goes through Starlette.
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _FORWARDED:

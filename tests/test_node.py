@@ -154,7 +154,7 @@ def open_stream(port: int, body: dict[str, Any], events: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     data = json.dumps(body).encode()
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\n\r\n%s" % (len(data), data)
     )
     seen = b""
@@ -332,7 +332,7 @@ def test_disconnect_cancels_non_streaming_upstream(shared: Shared) -> None:
     sock = socket.create_connection(("127.0.0.1", shared.port), timeout=30)
     try:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
             b"content-length: %d\r\n\r\n%s" % (len(data), data)
         )
         wait_for(lambda: busy_slots(llama_port), 10, "llama-server to start generating")
@@ -491,12 +491,12 @@ def test_wrong_method_and_unknown_path(shared: Shared) -> None:
     [
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
         b"GARBAGE\x00\xff\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n{}",
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: -5\r\n\r\n{}",
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: abc\r\n\r\n{}",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: -5\r\n\r\n{}",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 1\r\n"
         b"content-length: 2\r\n\r\n{}",
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nbroken header line\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/9.9\r\nhost: x\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nbroken header line\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/9.9\r\nhost: 127.0.0.1\r\n\r\n",
     ],
     ids=["tls", "binary", "length-abc", "length-negative", "length-twice", "header", "version"],
 )
@@ -510,7 +510,7 @@ def test_truncated_body_and_half_requests(shared: Shared) -> None:
     # Content-Length promises more than comes, then the client goes away.
     reply = raw_exchange(
         shared.port,
-        b'POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 500\r\n\r\n{"mo',
+        b'POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 500\r\n\r\n{"mo',
     )
     assert reply == b"" or reply.startswith(b"HTTP/1.1 400"), reply[:200]
     # Headers that never end.

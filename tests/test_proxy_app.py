@@ -639,3 +639,32 @@ def test_over_http_client_disconnect_mid_stream_closes_upstream() -> None:
             await asyncio.wait_for(saw_eof.wait(), WAIT_S)
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        (b"127.0.0.1:9337", True),
+        (b"localhost:9337", True),
+        (b"LOCALHOST", True),
+        (b"[::1]:9337", True),
+        (b"127.0.0.2", True),
+        (b"evil.example:9337", False),
+        (b"127.evil.example", False),
+        (b"10.0.0.1:9337", False),
+    ],
+)
+def test_loopback_api_answers_only_to_loopback_host_names(host: bytes, allowed: bool) -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, loopback_only=True)
+            c = call(app, CHAT, CHAT_BODY)
+            c.headers = [(k, host if k == b"host" else v) for k, v in c.headers]
+            await complete(c)
+            if allowed:
+                assert c.status == 200
+            else:
+                assert_openai_error(c, 421, "421")
+                assert not srv.requests
+
+    run(main())
