@@ -186,3 +186,30 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def pyplot() -> Any | None:
+    """matplotlib's pyplot on the Agg backend, or None (and a word) when it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
+def machine_note(r: dict[str, Any]) -> str:
+    """The closing line of a table: the machine, its load, the run's kind and time."""
+    return (
+        f"{r['machine']['cpus']} CPUs ({r['machine']['cpu']}), load {r['loadavg_before']}, "
+        + (
+            f"llama-server --threads {r['llama_server_settings']['threads']} "
+            f"--threads-http {r['llama_server_settings']['threads_http']}, "
+            if "llama_server_settings" in r
+            else ""
+        )
+        + f"{'quick run, ' if r['quick'] else ''}{r['started']}"
+    )

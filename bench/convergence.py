@@ -39,8 +39,10 @@ from bench.common import (
     Section,
     loadavg,
     machine_info,
+    machine_note,
     median,
     now_iso,
+    pyplot,
     table,
     write_json,
 )
@@ -359,21 +361,14 @@ def render_table(r: dict[str, Any]) -> str:
         f"Medians of {r['plan']['reps']} joins and kills per N (the joiner is a lite client and "
         f"is the one killed; 'from API up' < 0: the mesh agreed before the joiner's API "
         f"answered); statuses polled every {r['plan']['poll_s'] * 1000:.0f} ms; "
-        f"llama-server --threads 1; default probes (0.5 s / 1 s).\n"
-        f"{r['machine']['cpus']} CPUs ({r['machine']['cpu']}), load {r['loadavg_before']}, "
-        f"{'quick run, ' if r['quick'] else ''}{r['started']}"
+        f"llama-server --threads 1; default probes (0.5 s / 1 s).\n" + machine_note(r)
     )
     return table(rows, head) + "\n\n" + note
 
 
 def plot(r: dict[str, Any], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _say("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     series = [
         ("join: from start", "join", "converged_from_start_s", "#4c72b0"),

@@ -37,6 +37,7 @@ from bench.common import (
     machine_info,
     median,
     now_iso,
+    pyplot,
     table,
     write_json,
 )
@@ -199,13 +200,8 @@ def render_table(r: dict[str, Any]) -> str:
 
 
 def plot(r: dict[str, Any], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _say("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     colors = {"default": "#dd8452", "seed": "#4c72b0"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -54,10 +54,12 @@ from bench.common import (
     cpu_seconds,
     loadavg,
     machine_info,
+    machine_note,
     mean,
     median,
     now_iso,
     percentile,
+    pyplot,
     ratio,
     table,
     write_json,
@@ -554,23 +556,12 @@ def render_table(r: dict[str, Any]) -> str:
             ]
         )
     head = ["measure", "direct", "through node", "node vs direct", "target"]
-    llama = r["llama_server_settings"]
-    note = (
-        f"{r['machine']['cpus']} CPUs ({r['machine']['cpu']}), load {r['loadavg_before']}, "
-        f"llama-server --threads {llama['threads']} --threads-http {llama['threads_http']}, "
-        f"{'quick run, ' if r['quick'] else ''}{r['started']}"
-    )
-    return table(rows, head) + "\n\n" + note
+    return table(rows, head) + "\n\n" + machine_note(r)
 
 
 def plot(r: dict[str, Any], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _say("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     colors = {"direct": "#4c72b0", "node": "#dd8452"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))

@@ -43,9 +43,11 @@ from bench.common import (
     cpu_seconds,
     loadavg,
     machine_info,
+    machine_note,
     mean,
     median,
     now_iso,
+    pyplot,
     ratio,
     table,
     write_json,
@@ -393,25 +395,17 @@ def render_table(r: dict[str, Any]) -> str:
         if k in cpu
     )
     head = ["measure", "direct", "host API", "via client (remote)", "remote vs direct", "target"]
-    llama = r["llama_server_settings"]
     note = (
         f"CPU per remote request: {parts} (total {cpu.get('remote_path_total', 0):.0f} us); "
         f"host Proxy per local request {cpu.get('host_proxy', float('nan')):.0f} us.\n"
-        f"{r['machine']['cpus']} CPUs ({r['machine']['cpu']}), load {r['loadavg_before']}, "
-        f"llama-server --threads {llama['threads']} --threads-http {llama['threads_http']}, "
-        f"{'quick run, ' if r['quick'] else ''}{r['started']}"
+        + machine_note(r)
     )
     return table(rows, head) + "\n\n" + note
 
 
 def plot(r: dict[str, Any], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _say("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     colors = {"direct": "#4c72b0", "local": "#55a868", "remote": "#dd8452"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))

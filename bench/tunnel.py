@@ -65,8 +65,10 @@ from bench.common import (
     cpu_seconds,
     loadavg,
     machine_info,
+    machine_note,
     median,
     now_iso,
+    pyplot,
     ratio,
     table,
     write_json,
@@ -573,22 +575,15 @@ def render_table(r: dict[str, Any]) -> str:
         f"Medians of {r['plan']['reps']} alternating transfers per path, each on a fresh "
         f"connection. QUIC: max_datagram_size {qc['max_datagram_size']}, "
         f"{qc['congestion_control_algorithm']}, stream window {qc['max_stream_data']} B. "
-        f"Per-repetition tunnel/raw: {ratios}.\n"
-        f"{r['machine']['cpus']} CPUs ({r['machine']['cpu']}), load {r['loadavg_before']}, "
-        f"{'quick run, ' if r['quick'] else ''}{r['started']}"
+        f"Per-repetition tunnel/raw: {ratios}.\n" + machine_note(r)
     )
     head = ["measure", "raw aioquic", "tunnel", "tunnel vs raw", "target"]
     return table(rows, head) + "\n\n" + note
 
 
 def plot(r: dict[str, Any], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _say("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     colors = {"raw": "#4c72b0", "tunnel": "#dd8452"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
