@@ -176,16 +176,31 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
+ROUTE_PROBE = ("192.0.2.1", 9)
+"""A documentation-only address (RFC 5737): `connect` on a UDP socket picks the
+source address the kernel would route through, and sends nothing."""
+
+
 def advertise_host(bind_host: str, given: str | None) -> str:
-    """The host other nodes dial: `--advertise`, the bind address, or this machine's name."""
+    """The host other nodes dial: `--advertise`, the bind address, or this machine's
+    address on its default route (the host name often resolves to 127.0.1.1)."""
     if given:
         return given
     if bind_host not in ("0.0.0.0", "::", ""):
         return bind_host
+    candidates: list[str] = []
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(ROUTE_PROBE)
+        candidates.append(s.getsockname()[0])
     with contextlib.suppress(OSError):
-        address = socket.gethostbyname(socket.gethostname())
-        if address:
+        candidates.append(socket.gethostbyname(socket.gethostname()))
+    for address in candidates:
+        if address and not address.startswith("127.") and address != "0.0.0.0":
             return address
+    log.warning(
+        "no address other machines could dial was found: advertising 127.0.0.1 "
+        "(pass --advertise HOST for a mesh across machines)"
+    )
     return "127.0.0.1"
 
 

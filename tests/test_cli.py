@@ -224,3 +224,13 @@ def test_up_refuses_llama_args_that_would_expose_llama_server(
     result = CliRunner().invoke(main, ["up", "--home", str(tmp_path / "home"), arg])
     assert result.exit_code != 0
     assert "not allowed" in result.output
+
+
+def test_advertised_host_prefers_the_flag_then_the_bind_address() -> None:
+    from meshllm.up import advertise_host
+
+    assert advertise_host("0.0.0.0", "node7.lan") == "node7.lan"
+    assert advertise_host("10.1.2.3", None) == "10.1.2.3"
+    wildcard = advertise_host("0.0.0.0", None)
+    # Never the 127.0.1.1 that a Debian host name resolves to, unless nothing else exists.
+    assert wildcard == "127.0.0.1" or not wildcard.startswith("127.")
