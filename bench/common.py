@@ -213,3 +213,19 @@ def machine_note(r: dict[str, Any]) -> str:
         )
         + f"{'quick run, ' if r['quick'] else ''}{r['started']}"
     )
+
+
+def publish(
+    ctx: Context,
+    name: str,
+    result: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> str:
+    """Render a section's table into its result, write `name`.json (and .png); the table."""
+    text = render(result)
+    result["table"] = text
+    write_json(ctx.results_dir / f"{name}.json", result)
+    if ctx.plot:
+        plot(result, ctx.results_dir / f"{name}.png")
+    return text

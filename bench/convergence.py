@@ -42,9 +42,9 @@ from bench.common import (
     machine_note,
     median,
     now_iso,
+    publish,
     pyplot,
     table,
-    write_json,
 )
 from bench.mesh import (
     LOOPBACK_BIND,
@@ -323,12 +323,7 @@ def run(ctx: Context) -> str:
             "met": worst <= TARGET_KILL_S,
         }
     }
-    text = render_table(result)
-    result["table"] = text
-    write_json(ctx.results_dir / "convergence.json", result)
-    if ctx.plot:
-        plot(result, ctx.results_dir / "convergence.png")
-    return text
+    return publish(ctx, "convergence", result, render_table, plot)
 
 
 def render_table(r: dict[str, Any]) -> str:

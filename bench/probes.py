@@ -37,9 +37,9 @@ from bench.common import (
     machine_info,
     median,
     now_iso,
+    publish,
     pyplot,
     table,
-    write_json,
 )
 from meshllm import simulation as sim
 
@@ -149,12 +149,7 @@ def run(ctx: Context) -> str:
             "target": "small (stated)",
         },
     }
-    text = render_table(result)
-    result["table"] = text
-    write_json(ctx.results_dir / "probes.json", result)
-    if ctx.plot:
-        plot(result, ctx.results_dir / "probes.png")
-    return text
+    return publish(ctx, "probes", result, render_table, plot)
 
 
 def render_table(r: dict[str, Any]) -> str:

@@ -59,10 +59,10 @@ from bench.common import (
     median,
     now_iso,
     percentile,
+    publish,
     pyplot,
     ratio,
     table,
-    write_json,
 )
 from bench.httpclient import Endpoint, HTTPError
 from bench.node import Node, running_node
@@ -451,12 +451,7 @@ def run(ctx: Context) -> str:
         **figures,
     }
     result["targets"] = targets(result)
-    text = render_table(result)
-    result["table"] = text
-    write_json(ctx.results_dir / "proxy.json", result)
-    if ctx.plot:
-        plot(result, ctx.results_dir / "proxy.png")
-    return text
+    return publish(ctx, "proxy", result, render_table, plot)
 
 
 def targets(r: dict[str, Any]) -> dict[str, Any]:

@@ -47,10 +47,10 @@ from bench.common import (
     mean,
     median,
     now_iso,
+    publish,
     pyplot,
     ratio,
     table,
-    write_json,
 )
 from bench.httpclient import Endpoint, HTTPError
 from bench.mesh import (
@@ -339,12 +339,7 @@ def run(ctx: Context) -> str:
             "met": added <= TARGET_ADDED_P50_MS,
         }
     }
-    text = render_table(result)
-    result["table"] = text
-    write_json(ctx.results_dir / "remote.json", result)
-    if ctx.plot:
-        plot(result, ctx.results_dir / "remote.png")
-    return text
+    return publish(ctx, "remote", result, render_table, plot)
 
 
 def render_table(r: dict[str, Any]) -> str:

@@ -68,10 +68,10 @@ from bench.common import (
     machine_note,
     median,
     now_iso,
+    publish,
     pyplot,
     ratio,
     table,
-    write_json,
 )
 from bench.proxy import new_loop
 from meshllm.identity import load_or_create_key
@@ -512,12 +512,7 @@ def run(ctx: Context) -> str:
             "met": main["ratio"] >= TARGET_RATIO,
         }
     }
-    text = render_table(result)
-    result["table"] = text
-    write_json(ctx.results_dir / "tunnel.json", result)
-    if ctx.plot:
-        plot(result, ctx.results_dir / "tunnel.png")
-    return text
+    return publish(ctx, "tunnel", result, render_table, plot)
 
 
 def render_table(r: dict[str, Any]) -> str:
