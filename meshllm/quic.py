@@ -101,6 +101,11 @@ def _peer_cert_digest(protocol: QuicConnectionProtocol) -> bytes:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
 
 
+def _consume(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
 
@@ -285,6 +290,10 @@ class MeshEndpoint:
                 reader, writer = await protocol.create_stream()
                 peer_id = await self._admit_outgoing(reader, writer, _peer_cert_digest(protocol))
         except BaseException as exc:
+            if (waiter := protocol._connected_waiter) is not None:
+                # aioquic shields this future and fails it when the connection ends,
+                # long after we gave up on it: take its error so asyncio does not log it.
+                waiter.add_done_callback(_consume)
             protocol.close()
             protocol._transport.close()  # type: ignore[union-attr]
             if isinstance(exc, TimeoutError):

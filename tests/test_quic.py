@@ -287,3 +287,28 @@ def test_garbage_datagrams_are_counted_and_the_endpoint_keeps_working() -> None:
             assert server.counters.garbage_datagrams == len(datagrams)
 
     run(main)
+
+
+def test_a_dial_that_times_out_leaves_no_unretrieved_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import gc
+
+    async def main() -> None:
+        (node,) = [Node("lonely", SECRET)]
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 0))  # bound, never answers: the handshake cannot finish
+        try:
+            with pytest.raises(quic.AdmissionError):
+                await node.endpoint.dial("127.0.0.1", silent.getsockname()[1], timeout=0.3)
+            # aioquic fails its handshake waiter once the abandoned connection has ended.
+            await eventually(lambda: not node.endpoint.protocols, "the connection to end", 15)
+            gc.collect()
+            await asyncio.sleep(0)
+        finally:
+            silent.close()
+            node.sock.close()
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        run(main)
+    assert "never retrieved" not in caplog.text
