@@ -129,6 +129,20 @@ def download(
     return dest
 
 
+def remote_size(url: str, timeout: float = 3.0) -> int | None:
+    """The size a HEAD request reports for `url`, or None (no answer, no Content-Length).
+
+    Used to learn the size of a model seeded by URL before anyone downloads it,
+    so that nodes can tell whether it fits them.
+    """
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return _int_header(response.headers.get("content-length"))
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+
+
 def _verify(
     f: io.BufferedRandom, part: Path, expected_size: int | None, sha256: str | None
 ) -> None:

@@ -71,11 +71,19 @@ def resolve_model(ref: str) -> ModelSpec:
         found = resolve(ref)
     except ModelNotFound as exc:
         raise UpError(str(exc)) from None
+    size = found.size
+    if not found.needs_download:
+        size = found.path.stat().st_size
+    elif found.url and size is None:
+        from meshllm.download import remote_size
+
+        # Nodes decide what fits from the announced size (spec: "only models that fit").
+        size = remote_size(found.url)
     return ModelSpec(
         name=found.name,
         path="" if found.needs_download else str(found.path),
         url=found.url or "",
-        size=found.size or 0,
+        size=size or 0,
         sha256=found.sha256 or "",
         target=str(found.path),
     )

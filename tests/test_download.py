@@ -508,3 +508,30 @@ def test_format_bytes() -> None:
     assert format_bytes(1_929_903_264) == "1.93 GB"
     assert format_bytes(19_851_336_576) == "19.85 GB"
     assert format_bytes(2.5e12) == "2.50 TB"
+
+
+def test_remote_size_reads_content_length_and_says_none_when_unreachable(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    from meshllm.download import remote_size
+
+    class Head(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", "12345")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Head)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        assert remote_size(f"http://127.0.0.1:{port}/m.gguf") == 12345
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert remote_size(f"http://127.0.0.1:{port}/m.gguf", timeout=1) is None
