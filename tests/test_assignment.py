@@ -227,7 +227,9 @@ def test_rule2_unserved_model_is_downloaded(
     assert_cold(s, B)
     announced = me(s)
     assert announced["requested_models"] == [A, B] and announced["model_urls"] == {B: url}
-    assert file_server.requests == []  # the seed only names it
+    # The seed only asks B's size (so others can tell whether it fits), never fetches it.
+    assert file_server.requests == [("HEAD", f"/{models.b.name}")]
+    assert announced["model_sizes"][B] == models.b.stat().st_size
 
     # Nothing on this node's disk: B is unserved and downloadable (rule 2); A cannot be had.
     env = models_dir(tmp_path, "j1")
