@@ -51,6 +51,8 @@ class Bus:
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._latest: dict[str, bytes] = {}
+        self._topic_seen: dict[str, int] = {}
+        """Publications received per topic (a catch-up reply must not undo a newer one)."""
         self.mailbox: zmq.asyncio.Socket | None = None
         self.pub: zmq.asyncio.Socket | None = None
         self.sub: zmq.asyncio.Socket | None = None
@@ -148,11 +150,14 @@ class Bus:
         """Fetch the publisher's latest values, so a (re)start need not wait for a change."""
         for topic in topics:
             for _ in range(20):
+                seen = self._topic_seen.get(topic, 0)
                 try:
                     latest = await self.ask(publisher, messages.GetLatest(topic), timeout=0.5)
                 except AskTimeout:
                     continue
-                if not isinstance(latest, messages.Nothing | ActorError):
+                # A publication that arrived while we asked is at least as new: keep it.
+                fresh = self._topic_seen.get(topic, 0) == seen
+                if fresh and not isinstance(latest, messages.Nothing | ActorError):
                     await on_topic(topic, latest)
                 break
 
@@ -168,10 +173,12 @@ class Bus:
             except msgspec.DecodeError:
                 self.malformed += 1
                 continue
+            topic = frames[0].decode(errors="replace")
+            self._topic_seen[topic] = self._topic_seen.get(topic, 0) + 1
             try:
-                await on_topic(frames[0].decode(), msg)
+                await on_topic(topic, msg)
             except Exception:
-                log.exception("handling topic %r failed", frames[0])
+                log.exception("handling topic %r failed", topic)
 
     # -- sending ---------------------------------------------------------------
 

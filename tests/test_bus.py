@@ -323,3 +323,26 @@ def test_ask_address(run_dir: str) -> None:
             a.bus.close()
 
     run(main())
+
+
+def test_catch_up_never_undoes_a_newer_publication(run_dir: str) -> None:
+    async def main() -> None:
+        bus = Bus(run_dir, None)
+        seen: list[m.Message] = []
+
+        async def stale_ask(target: str, msg: m.Message, timeout: float = 5.0) -> m.Message:
+            # A publication arrives while the ask is in flight: the reply is older.
+            bus._topic_seen["local"] = bus._topic_seen.get("local", 0) + 1
+            return m.LocalServerState(model="stale")
+
+        async def on_topic(topic: str, msg: m.Message) -> None:
+            seen.append(msg)
+
+        bus.ask = stale_ask  # type: ignore[method-assign]
+        try:
+            await bus.catch_up("server_supervisor", ["local"], on_topic)
+        finally:
+            bus.close()
+        assert seen == []
+
+    run(main())
