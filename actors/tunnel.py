@@ -36,10 +36,13 @@ from meshllm.tunnel import (
     MAX_HEAD_BYTES,
     Address,
     BadRequest,
+    PooledRequest,
     TunnelRequest,
     error_response,
     parse_request_head,
+    parse_response_head,
     peers_to_drop,
+    pooled_request,
     serving_port,
     tunnel_addresses,
 )
@@ -58,8 +61,15 @@ longer than QUIC's idle timeout, which would otherwise close the connection."""
 CANCELLED = 0x1
 """QUIC application error code for a stream given up by either side."""
 LOOPBACK = "127.0.0.1"
+POOL_MAX = 4
+"""Idle kept-alive llama-server connections the host's Tunnel keeps."""
+POOL_IDLE_S = 2.0
+"""How long one stays idle (llama-server drops them after 5 s, each pins one of its threads)."""
+POOL_BODY_MAX = 64 * 1024
+"""Request bodies up to this size are read whole and may go down a kept-alive connection."""
 
 SuspectHandler = Callable[[str, str], Awaitable[None]]
+_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 # -- QUIC streams: the resets and stop requests that plain aioquic leaves unseen ---------------
@@ -94,7 +104,7 @@ class TunnelProtocol(MeshProtocol):
             reader = self._stream_readers.get(event.stream_id)
             if reader is not None and reader.exception() is None:
                 reader.set_exception(ConnectionResetError("tunnel stream reset by the peer"))
-        elif isinstance(event, StopSendingReceived):
+        if isinstance(event, StreamReset | StopSendingReceived):
             waiter = self.stop_waiters.get(event.stream_id)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
@@ -106,19 +116,27 @@ class TunnelProtocol(MeshProtocol):
         `reset`: also abort what we were still sending (RESET_STREAM; no effect
         once everything we sent was acknowledged).
         """
+        send = reset
         stream = self._quic._streams.get(stream_id)
         if stream is not None and not stream.receiver.is_finished:
             with contextlib.suppress(Exception):
                 self._quic.stop_stream(stream_id, CANCELLED)
             self.abandoned.add(stream_id)
+            send = True
         if reset:
             with contextlib.suppress(Exception):
                 self._quic.reset_stream(stream_id, CANCELLED)
         if self._stream_readers.get(stream_id) is reader:
             del self._stream_readers[stream_id]
         self.stop_waiters.pop(stream_id, None)
-        with contextlib.suppress(Exception):
-            self.transmit()
+        pending = self._transmit_task
+        if send or pending is not None:
+            # Now, not on the next loop turn: the end of a response goes out at
+            # once, and the transmit its writes scheduled is not run for nothing.
+            if pending is not None:
+                pending.cancel()
+            with contextlib.suppress(Exception):
+                self.transmit()
 
 
 class TunnelEndpoint(MeshEndpoint):
@@ -484,24 +502,44 @@ async def _watch_proxy(reader: asyncio.StreamReader, ex: _Exchange) -> None:
 
 
 class TunnelServer:
-    """The remote side: splices admitted tunnel streams to the local llama-server."""
+    """The remote side: splices admitted tunnel streams to the local llama-server.
+
+    Small requests go down kept-alive llama-server connections (a few idle ones
+    are kept for `POOL_IDLE_S`), the end of each response found from its head
+    (Content-Length or chunked framing); anything else gets a connection of its
+    own, closed by llama-server after the response (`connection: close`).
+    """
 
     def __init__(self, local: m.LocalServerState | None = None) -> None:
         self.local = local or m.LocalServerState()
         """This node's llama-server, as ServerSupervisor last published it."""
         self.dropped = 0
         """Streams dropped because their first frame was not a valid `TunnelOpen`."""
+        self.idle: list[tuple[int, _Conn, asyncio.TimerHandle]] = []
+        """Kept-alive llama-server connections (port, connection, expiry), newest last."""
 
     async def handle_stream(
         self, link: Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """A `MeshEndpoint` stream handler: one tunnelled request."""
+        opening: wire.WireMessage | None = None
         try:
-            opening: wire.WireMessage | None = await asyncio.wait_for(
-                wire.read_frame(reader), HEAD_TIMEOUT_S
-            )
+            async with asyncio.timeout(HEAD_TIMEOUT_S):
+                opening = await wire.read_frame(reader)
+                if isinstance(opening, wire.TunnelOpen):
+                    head = await reader.readuntil(b"\r\n\r\n")
             why = f"first frame was {type(opening).__name__}"
-        except (wire.WireError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        except (
+            wire.WireError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionResetError,
+            TimeoutError,
+        ) as exc:
+            if isinstance(opening, wire.TunnelOpen):
+                msg = f"bad request head in the tunnel stream: {exc!r}"
+                _answer(reader, writer, error_response(400, msg, "bad_request"))
+                return
             opening, why = None, repr(exc)
         if not isinstance(opening, wire.TunnelOpen):
             self.dropped += 1
@@ -513,6 +551,10 @@ class TunnelServer:
         if not port:
             _answer(reader, writer, error_response(503, why, "model_not_served", True))
             return
+        request = pooled_request(head)
+        if request is not None and request.content_length <= POOL_BODY_MAX:
+            await self._pooled(port, request, reader, writer)
+            return
         try:
             treader, twriter = await asyncio.open_connection(LOOPBACK, port)
         except OSError as exc:
@@ -521,10 +563,152 @@ class TunnelServer:
             return
         completed = False
         try:
+            twriter.write(head)
             completed = await _splice(reader, writer, treader, twriter)
         finally:
             twriter.close()
             release_stream(reader, writer, abort=not completed)
+
+    async def _pooled(
+        self,
+        port: int,
+        request: PooledRequest,
+        qreader: asyncio.StreamReader,
+        qwriter: asyncio.StreamWriter,
+    ) -> None:
+        """Whole request (it is small) down a kept-alive connection, response back.
+
+        A reset or STOP_SENDING from the requesting side cancels this at once and
+        the llama-server connection is closed, which stops generation there. A
+        kept-alive connection that turns out closed before any byte of the
+        response is replaced by a fresh one (the request is in hand).
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        gave_up = stop_waiter(qwriter)
+
+        def cancel(_: asyncio.Future[None]) -> None:
+            task.cancel()
+
+        gave_up.add_done_callback(cancel)
+        conn: _Conn | None = None
+        completed = False
+        try:
+            body = b""
+            if request.content_length:
+                body = await qreader.readexactly(request.content_length)
+            data = request.head + body
+            conn = self._take(port)
+            if conn is not None:
+                conn[1].write(data)
+                try:
+                    reusable = await _relay(conn[0], qwriter, request.method, stale_ok=True)
+                except _Stale:
+                    conn[1].close()
+                    conn = None
+            if conn is None:
+                try:
+                    conn = await asyncio.open_connection(LOOPBACK, port)
+                except OSError as exc:
+                    msg = f"cannot reach the llama-server: {exc}"
+                    qwriter.write(error_response(502, msg, "upstream_error"))
+                    qwriter.write_eof()
+                    completed = True
+                    return  # the stream is released below
+                conn[1].write(data)
+                reusable = await _relay(conn[0], qwriter, request.method, stale_ok=False)
+            completed = True
+            if reusable:
+                self._give(port, conn)
+                conn = None
+        except asyncio.CancelledError:
+            if not gave_up.done() or task.uncancel() > 0:
+                raise
+        except (OSError, ValueError, EOFError, RuntimeError, asyncio.LimitOverrunError) as exc:
+            log.debug("tunnelled request failed: %r", exc)
+        finally:
+            gave_up.remove_done_callback(cancel)
+            gave_up.cancel()
+            if conn is not None:
+                conn[1].close()
+            release_stream(qreader, qwriter, abort=not completed)
+
+    def _take(self, port: int) -> _Conn | None:
+        while self.idle:
+            idle_port, conn, expiry = self.idle.pop()
+            expiry.cancel()
+            if idle_port == port and not conn[0].at_eof() and not conn[1].is_closing():
+                return conn
+            conn[1].close()
+        return None
+
+    def _give(self, port: int, conn: _Conn) -> None:
+        expiry = asyncio.get_running_loop().call_later(POOL_IDLE_S, self._expire, conn)
+        self.idle.append((port, conn, expiry))
+        if len(self.idle) > POOL_MAX:
+            self._expire(self.idle[0][1])
+
+    def _expire(self, conn: _Conn) -> None:
+        for i, (_, idle, expiry) in enumerate(self.idle):
+            if idle is conn:
+                del self.idle[i]
+                expiry.cancel()
+                break
+        conn[1].close()
+
+    def close(self) -> None:
+        """Close the kept-alive llama-server connections."""
+        while self.idle:
+            _, conn, expiry = self.idle.pop()
+            expiry.cancel()
+            conn[1].close()
+
+
+class _Stale(Exception):
+    """A kept-alive connection was closed before it answered."""
+
+
+async def _relay(
+    treader: asyncio.StreamReader, qwriter: asyncio.StreamWriter, method: bytes, stale_ok: bool
+) -> bool:
+    """llama-server's response -> the stream, then its end; True if the connection is reusable."""
+    while True:
+        try:
+            raw = await treader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if stale_ok and not (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                raise _Stale() from None
+            raise ConnectionError(
+                "llama-server closed the connection in the response head"
+            ) from exc
+        stale_ok = False
+        head = parse_response_head(raw, method)
+        qwriter.write(head.head)
+        if not head.interim:
+            break
+    if head.chunked:
+        while True:
+            line = await treader.readuntil(b"\r\n")
+            size = int(line.split(b";", 1)[0], 16)
+            if size == 0:
+                while (trailer := await treader.readuntil(b"\r\n")) != b"\r\n":
+                    line += trailer
+                qwriter.write(line + trailer)
+                break
+            qwriter.write(line + await treader.readexactly(size + 2))
+    elif head.length is not None:
+        left = head.length
+        while left:
+            chunk = await treader.read(min(left, CHUNK))
+            if not chunk:
+                raise ConnectionError("llama-server closed the connection mid-response")
+            qwriter.write(chunk)
+            left -= len(chunk)
+    else:
+        while chunk := await treader.read(CHUNK):
+            qwriter.write(chunk)
+    qwriter.write_eof()
+    return head.reusable and not treader._buffer  # type: ignore[attr-defined]
 
 
 def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: bytes) -> None:
@@ -625,6 +809,7 @@ class Tunnel(Actor):
 
     async def on_stop(self) -> None:
         await self.client.close()
+        self.server.close()
         self.endpoint.close()
         with contextlib.suppress(OSError):
             os.unlink(self.config.tunnel_http_path)

@@ -175,3 +175,108 @@ def remote_via_tunnel(unix_path: str) -> RemoteHook:
         return pool, headers
 
     return remote
+
+
+# -- the host's side: keep-alive connections to llama-server -----------------------------------
+
+_CLOSE_TAIL = b"\r\nconnection: close\r\n\r\n"
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive"})
+
+
+@dataclass(frozen=True)
+class PooledRequest:
+    """A tunnelled request that may go down a kept-alive llama-server connection."""
+
+    head: bytes
+    """The head without the `connection: close` the requesting Tunnel added."""
+    method: bytes
+    content_length: int
+
+
+def pooled_request(head: bytes) -> PooledRequest | None:
+    """The request as `parse_request_head` built it, made keep-alive; None if it is not one.
+
+    Only an HTTP/1.1 head ending in our own `connection: close`, with its body
+    sized by Content-Length (or none), qualifies; anything else goes to
+    llama-server as it came, on a connection of its own.
+    """
+    if not head.endswith(_CLOSE_TAIL):
+        return None
+    lines = head[: -len(_CLOSE_TAIL)].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        return None
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        key = name.strip().lower()
+        if key == b"content-length":
+            value = value.strip()
+            if not value.isdigit():
+                return None
+            length = int(value)
+        elif key in _HOP_BY_HOP or key == b"transfer-encoding":
+            return None
+    return PooledRequest(head[: -len(_CLOSE_TAIL)] + b"\r\n\r\n", parts[0], length)
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """llama-server's response head, and how to find the end of its body."""
+
+    head: bytes
+    """The head to send back: hop-by-hop headers dropped, `Connection: close` set,
+    as it came when the request asked for `connection: close`."""
+    interim: bool
+    """A 1xx response: the real head follows."""
+    length: int | None
+    """Body bytes (0 for HEAD, 204, 304); None: chunked, or until the server closes."""
+    chunked: bool
+    reusable: bool
+    """The connection can carry another request once the body has been read."""
+
+
+def parse_response_head(head: bytes, method: bytes) -> ResponseHead:
+    """Parse a response head (status line + headers + empty line); ValueError if broken."""
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ValueError(f"bad status line {lines[0][:200]!r}")
+    status = int(parts[1])
+    reusable = parts[0] == b"HTTP/1.1"
+    kept = [lines[0]]
+    length: int | None = None
+    chunked = False
+    coded = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise ValueError(f"bad header line {line[:200]!r}")
+        key = name.strip().lower()
+        if key == b"connection":
+            if b"close" in value.lower():
+                reusable = False
+            continue
+        if key == b"keep-alive":
+            continue
+        if key == b"transfer-encoding":
+            coded = True
+            chunked = value.strip().lower().endswith(b"chunked")
+        elif key == b"content-length":
+            value = value.strip()
+            if not value.isdigit() or (length is not None and int(value) != length):
+                raise ValueError(f"bad Content-Length {value[:40]!r}")
+            length = int(value)
+        kept.append(line)
+    interim = 100 <= status < 200 and status != 101
+    if interim:
+        return ResponseHead(head, True, 0, False, reusable)
+    kept.append(b"Connection: close\r\n\r\n")
+    if method == b"HEAD" or status in (204, 304):
+        length, chunked = 0, False
+    elif coded:
+        length = None
+        reusable = reusable and chunked
+    elif length is None or status == 101:
+        length, reusable = None, False  # the body ends when the server closes
+    return ResponseHead(b"\r\n".join(kept), interim, length, chunked, reusable)

@@ -47,7 +47,9 @@ from meshllm.tunnel import (
     error_response,
     host_of,
     parse_request_head,
+    parse_response_head,
     peers_to_drop,
+    pooled_request,
     remote_via_tunnel,
     serving_port,
     tunnel_address,
@@ -55,7 +57,7 @@ from meshllm.tunnel import (
 from meshllm.upstream import Pool, Response, UpstreamError
 from meshllm.wire import PeerAnnouncement
 from tests.test_proxy_app import CHAT, call
-from tests.test_upstream import FakeServer, Request, Responder, chunk, response
+from tests.test_upstream import FakeServer, Request, Responder, chunk, ok, response
 
 T = TypeVar("T")
 WAIT_S = 5.0
@@ -126,6 +128,39 @@ TUNNEL_LINES = b"x-meshllm-node: a\r\nx-meshllm-model: b\r\n"
 def test_parse_request_head_rejects_malformed(head: bytes) -> None:
     with pytest.raises(BadRequest):
         parse_request_head(head)
+
+
+def test_pooled_request_drops_our_connection_close() -> None:
+    head = parse_request_head(
+        b"POST /v1/chat/completions HTTP/1.1\r\nx-meshllm-node: n1\r\n"
+        b"x-meshllm-model: demo\r\ncontent-length: 12\r\n\r\n"
+    ).head
+    req = pooled_request(head)
+    assert req is not None and (req.method, req.content_length) == (b"POST", 12)
+    assert req.head == b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 12\r\n\r\n"
+    assert pooled_request(head.replace(b"HTTP/1.1", b"HTTP/1.0")) is None
+    assert pooled_request(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n") is None  # not from a Tunnel
+
+
+def test_parse_response_head_finds_the_body_end() -> None:
+    r = parse_response_head(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n"
+        b"Keep-Alive: timeout=5, max=100\r\n\r\n",
+        b"POST",
+    )
+    assert (r.length, r.chunked, r.reusable, r.interim) == (5, False, True, False)
+    assert r.head == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+    r = parse_response_head(SSE_HEAD, b"POST")  # llama-server closes after SSE
+    assert (r.length, r.chunked, r.reusable) == (None, True, False)
+    r = parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"POST")
+    assert (r.length, r.chunked, r.reusable) == (None, True, True)
+    r = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"POST")
+    assert (r.length, r.chunked, r.reusable) == (None, False, False)  # until it closes
+    r = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", b"HEAD")
+    assert (r.length, r.reusable) == (0, True)
+    assert parse_response_head(b"HTTP/1.1 100 Continue\r\n\r\n", b"POST").interim
+    with pytest.raises(ValueError):
+        parse_response_head(b"garbage\r\n\r\n", b"POST")
 
 
 def test_error_response_is_raw_http_with_openai_error() -> None:
@@ -344,6 +379,40 @@ def test_round_trip_with_content_length(tmp_path: Path) -> None:
             assert list(m.client.links) == ["remote"] and len(m.remote.protocols) == 1
             assert m.suspects == []
             await wait_for("streams forgotten", lambda: not _readers(m))
+
+    run(main())
+
+
+def test_small_requests_share_a_kept_alive_llama_server_connection(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, ok(b"hello", "Connection: keep-alive")) as m:
+            for _ in range(3):
+                resp = await m.request()
+                assert resp.status == 200 and not resp.keep_alive
+                assert await within(WAIT_S, "the body", resp.body()) == b"hello"
+            assert m.llama.connections == 1 and len(m.llama.requests) == 3
+            assert all("connection" not in r.headers for r in m.llama.requests)
+            assert m.suspects == []
+            await wait_for("streams forgotten", lambda: not _readers(m))
+            m.server.close()
+            await m.llama.wait_closed(0)
+
+    run(main())
+
+
+def test_kept_alive_connection_closed_by_llama_server_is_replaced(tmp_path: Path) -> None:
+    async def main() -> None:
+        # Says nothing about closing, then closes: the next request finds it dead.
+        async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+            w.write(response(b"once"))
+            await w.drain()
+            return False
+
+        async with mesh(tmp_path, respond) as m:
+            for _ in range(3):
+                resp = await m.request()
+                assert await within(WAIT_S, "the body", resp.body()) == b"once"
+            assert m.llama.connections == 3 and m.suspects == []
 
     run(main())
 
