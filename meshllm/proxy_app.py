@@ -9,7 +9,6 @@ the added latency the benchmark measures.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -271,18 +270,35 @@ async def forward_until_disconnect(
     connection, which makes llama-server stop generating. An upstream that
     cannot be reached is a 502 naming `what`, with error code `code`.
     """
-    relay = asyncio.ensure_future(_relay(pool, method, path, body, headers, send, what, code))
-    watch = asyncio.ensure_future(wait_disconnect(receive))
+    # The relay runs in this task (no task of its own, no asyncio.wait): one watcher
+    # task cancels it if the client goes away before it is done.
+    task = asyncio.current_task()
+    assert task is not None
+    state = _Watch()
+    watch = asyncio.ensure_future(_watch_disconnect(receive, task, state))
     try:
-        await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+        await _relay(pool, method, path, body, headers, send, what, code)
+    except asyncio.CancelledError:
+        if not state.cancelled or task.uncancel() > 0:
+            raise  # cancelled from outside, not by the watcher
     finally:
-        if not relay.done():
-            relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay
+        state.running = False
         watch.cancel()
-    if not relay.cancelled() and (failure := relay.exception()) is not None:
-        raise failure
+
+
+class _Watch:
+    __slots__ = ("cancelled", "running")
+
+    def __init__(self) -> None:
+        self.running = True
+        self.cancelled = False
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], state: _Watch) -> None:
+    await wait_disconnect(receive)
+    if state.running:
+        state.cancelled = True
+        task.cancel()
 
 
 async def _relay(
@@ -305,8 +321,16 @@ async def _relay(
 
 
 async def relay_response(resp: Response, send: Send) -> None:
-    """Pass an upstream response to the ASGI client chunk by chunk."""
+    """Pass an upstream response to the ASGI client chunk by chunk.
+
+    A body that has arrived whole by the time the head is read goes out in one message."""
     streaming = resp.length is None
+    if resp.complete():
+        headers = resp.forward_headers()
+        body = await resp.body()
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
     await send(
         {"type": "http.response.start", "status": resp.status, "headers": resp.forward_headers()}
     )
