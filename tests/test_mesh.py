@@ -266,12 +266,19 @@ def test_membership_is_transitive(mesh: Mesh) -> None:
     mesh.restore()
     # C joined through B only (see the fixture), yet A and C know each other, and the
     # client: every node knows every other.
-    status = {name: node.status() for name, node in mesh.nodes.items()}
-    client_id = status["client"]["node_id"]
+    client_id = mesh.nodes["client"].status()["node_id"]
     everyone = {**mesh.ids, "client": client_id}
-    for name, st in status.items():
-        peers = {p["node_id"] for p in st["peers"]}
-        assert peers == {i for n, i in everyone.items() if n != name}, (name, peers)
+
+    def everyone_knows_everyone() -> dict[str, Any]:
+        # Gossip is eventually consistent: the models listing (what `restore` waits
+        # for) can agree a moment before every peer list does.
+        status = {name: node.status() for name, node in mesh.nodes.items()}
+        for name, st in status.items():
+            peers = {p["node_id"] for p in st["peers"]}
+            assert peers == {i for n, i in everyone.items() if n != name}, (name, peers)
+        return status
+
+    status = wait_for(everyone_knows_everyone, 10, "every node to list every other as a peer")
     roles = {p["node_id"]: p["role"] for p in status["A"]["peers"]}
     assert roles[client_id] == "client" and roles[mesh.ids["C"]] == "host"
 
