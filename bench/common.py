@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,3 +230,29 @@ def publish(
     if ctx.plot:
         plot(result, ctx.results_dir / f"{name}.png")
     return text
+
+
+class RunRecord:
+    """When and where a section ran: started at construction, closed by `header()`."""
+
+    def __init__(self, section: str, quick: bool) -> None:
+        self.section = section
+        self.quick = quick
+        self.started = now_iso()
+        self.t0 = time.monotonic()
+        self.load_before = loadavg()
+        self.machine = machine_info()
+
+    def header(self) -> dict[str, Any]:
+        """The fields every section's JSON starts with."""
+        return {
+            "section": self.section,
+            "command": " ".join(["python -m bench", *sys.argv[1:]]),
+            "started": self.started,
+            "finished": now_iso(),
+            "duration_s": round(time.monotonic() - self.t0, 1),
+            "quick": self.quick,
+            "machine": self.machine,
+            "loadavg_before": self.load_before,
+            "loadavg_after": loadavg(),
+        }

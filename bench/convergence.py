@@ -36,12 +36,10 @@ from typing import Any
 
 from bench.common import (
     Context,
+    RunRecord,
     Section,
-    loadavg,
-    machine_info,
     machine_note,
     median,
-    now_iso,
     publish,
     pyplot,
     table,
@@ -280,8 +278,7 @@ async def measure(ctx: Context, plan: Plan, nodes: list[MeshNode], tmp: Path) ->
 
 def run(ctx: Context) -> str:
     plan = QUICK if ctx.quick else FULL
-    started, t_start, load_before = now_iso(), time.monotonic(), loadavg()
-    info = machine_info()
+    record = RunRecord("convergence", ctx.quick)
     nodes: list[MeshNode] = []
     try:
         with tempfile.TemporaryDirectory(prefix="meshllm-bench-conv-") as tmp:
@@ -293,15 +290,7 @@ def run(ctx: Context) -> str:
     except MeshError as exc:
         raise SystemExit(f"convergence: {exc}") from None
     result: dict[str, Any] = {
-        "section": "convergence",
-        "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "started": started,
-        "finished": now_iso(),
-        "duration_s": round(time.monotonic() - t_start, 1),
-        "quick": ctx.quick,
-        "machine": info,
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
+        **record.header(),
         "setup": {
             "nodes": "node 0: host (demo model); node 1 (N >= 3): host (meshllm-demo-b); "
             "the rest, and every joiner/victim: lite clients (--client)",

@@ -25,18 +25,15 @@ Writes `probes.json` and `probes.png` under the results directory.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     Context,
+    RunRecord,
     Section,
-    loadavg,
-    machine_info,
     median,
-    now_iso,
     publish,
     pyplot,
     table,
@@ -118,19 +115,10 @@ def measure(plan: Plan) -> dict[str, Any]:
 
 def run(ctx: Context) -> str:
     plan = QUICK if ctx.quick else FULL
-    started, t_start, load_before = now_iso(), time.monotonic(), loadavg()
-    info = machine_info()
+    record = RunRecord("probes", ctx.quick)
     figures = measure(plan)
     result: dict[str, Any] = {
-        "section": "probes",
-        "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "started": started,
-        "finished": now_iso(),
-        "duration_s": round(time.monotonic() - t_start, 1),
-        "quick": ctx.quick,
-        "machine": info,
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
+        **record.header(),
         "source": "meshllm.simulation (in-process, virtual clock, real cores and wire sizes)",
         "plan": asdict(plan),
         **figures,

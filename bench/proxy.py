@@ -50,14 +50,12 @@ from typing import Any
 from bench.common import (
     REPO,
     Context,
+    RunRecord,
     Section,
     cpu_seconds,
-    loadavg,
-    machine_info,
     machine_note,
     mean,
     median,
-    now_iso,
     percentile,
     publish,
     pyplot,
@@ -421,8 +419,7 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 def run(ctx: Context) -> str:
     plan = QUICK if ctx.quick else FULL
-    started, t_start, load_before = now_iso(), time.monotonic(), loadavg()
-    info = machine_info()
+    record = RunRecord("proxy", ctx.quick)
     _say("starting a node on the demo model")
     node_args = ctx.node_args()
     with running_node(*node_args, repo=ctx.node_repo or REPO) as node:
@@ -434,15 +431,7 @@ def run(ctx: Context) -> str:
             figures = runner.run(measure(node, plan, ctx))
         model = node.model
     result: dict[str, Any] = {
-        "section": "proxy",
-        "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "started": started,
-        "finished": now_iso(),
-        "duration_s": round(time.monotonic() - t_start, 1),
-        "quick": ctx.quick,
-        "machine": info,
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
+        **record.header(),
         "model": model,
         "node_args": node_args,
         "node_repo": str(ctx.node_repo or REPO),

@@ -39,14 +39,12 @@ from typing import Any
 
 from bench.common import (
     Context,
+    RunRecord,
     Section,
     cpu_seconds,
-    loadavg,
-    machine_info,
     machine_note,
     mean,
     median,
-    now_iso,
     publish,
     pyplot,
     ratio,
@@ -301,8 +299,7 @@ async def measure(ctx: Context, plan: Plan, nodes: list[MeshNode]) -> dict[str, 
 
 def run(ctx: Context) -> str:
     plan = QUICK if ctx.quick else FULL
-    started, t_start, load_before = now_iso(), time.monotonic(), loadavg()
-    info = machine_info()
+    record = RunRecord("remote", ctx.quick)
     nodes: list[MeshNode] = []
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
@@ -312,15 +309,7 @@ def run(ctx: Context) -> str:
     finally:
         stop_all(nodes)
     result: dict[str, Any] = {
-        "section": "remote",
-        "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "started": started,
-        "finished": now_iso(),
-        "duration_s": round(time.monotonic() - t_start, 1),
-        "quick": ctx.quick,
-        "machine": info,
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
+        **record.header(),
         "paths": {
             "direct": "bench -> host's llama-server",
             "local": "bench -> host's Proxy -> host's llama-server",

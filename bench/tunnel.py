@@ -61,13 +61,11 @@ from aioquic.quic.configuration import QuicConfiguration
 from actors.tunnel import CHUNK, TunnelClient, TunnelEndpoint, TunnelServer
 from bench.common import (
     Context,
+    RunRecord,
     Section,
     cpu_seconds,
-    loadavg,
-    machine_info,
     machine_note,
     median,
-    now_iso,
     publish,
     pyplot,
     ratio,
@@ -479,8 +477,7 @@ async def measure(plan: Plan, kind: str) -> dict[str, Any]:
 
 def run(ctx: Context) -> str:
     plan = QUICK if ctx.quick else FULL
-    started, t_start, load_before = now_iso(), time.monotonic(), loadavg()
-    info = machine_info()
+    record = RunRecord("tunnel", ctx.quick)
     loops: dict[str, Any] = {}
     for kind in plan.loops:
         _say(f"{kind}: {plan.reps} x {plan.size_mb} MB per path, alternating, fresh connections")
@@ -488,15 +485,7 @@ def run(ctx: Context) -> str:
             loops[kind] = runner.run(measure(plan, kind))
     main = loops.get(TARGET_LOOP) or next(iter(loops.values()))
     result: dict[str, Any] = {
-        "section": "tunnel",
-        "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "started": started,
-        "finished": now_iso(),
-        "duration_s": round(time.monotonic() - t_start, 1),
-        "quick": ctx.quick,
-        "machine": info,
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
+        **record.header(),
         "setup": "two processes on loopback (local side: the bench; remote side: a child), one "
         "event loop each; a fresh QUIC connection per transfer; MB = 10^6 bytes",
         "size_bytes": plan.size_mb * MB,

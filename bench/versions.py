@@ -20,11 +20,9 @@ from typing import Any
 from bench.common import (
     REPO,
     Context,
+    RunRecord,
     Section,
-    loadavg,
-    machine_info,
     median,
-    now_iso,
     ratio,
     table,
     write_json,
@@ -87,7 +85,7 @@ async def measure(paths: dict[str, Paths], model: str, quick: bool) -> dict[str,
 def run(ctx: Context) -> str:
     if ctx.base_repo is None:
         raise SystemExit("bench versions: give the base source tree with --base-repo DIR")
-    started, t_start, load_before = now_iso(), time.monotonic(), loadavg()
+    record = RunRecord("versions", ctx.quick)
     args = ctx.node_args()
     with contextlib.ExitStack() as stack:
         _say(f"starting a node from {ctx.base_repo} (base) and one from {REPO} (this)")
@@ -97,15 +95,7 @@ def run(ctx: Context) -> str:
         with asyncio.Runner(loop_factory=new_loop) as runner:
             figures = runner.run(measure(paths, this.model, ctx.quick))
     result: dict[str, Any] = {
-        "section": "versions",
-        "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "started": started,
-        "finished": now_iso(),
-        "duration_s": round(time.monotonic() - t_start, 1),
-        "quick": ctx.quick,
-        "machine": machine_info(),
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
+        **record.header(),
         "base_repo": str(ctx.base_repo),
         "this_repo": str(REPO),
         "node_args": args,
@@ -139,7 +129,7 @@ def run(ctx: Context) -> str:
         ],
     ]
     text = table(rows, ["through the node", "base", "this tree", "this vs base"])
-    text += f"\n\nbase: {ctx.base_repo}; load {load_before}; {started}"
+    text += f"\n\nbase: {ctx.base_repo}; load {record.load_before}; {record.started}"
     result["table"] = text
     write_json(ctx.results_dir / "versions.json", result)
     return text
