@@ -33,6 +33,7 @@ from bench.common import REPO
 from meshllm import messages
 from meshllm.bus import ASK, REPLY
 from meshllm.paths import home_from
+from meshllm.procutil import kill_tree as kill_process_tree
 
 LOOPBACK_BIND = ("--bind", "127.0.0.1:0")
 TOKEN_PREFIX = "invite token"
@@ -168,23 +169,6 @@ async def http_get_status(port: int, path: str, timeout: float = 2.0) -> int:
     return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
 
 
-def children_of(pid: int) -> list[int]:
-    """Every descendant of `pid`, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        kids = [p for p, pp in parents.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
-
-
 def kill_tree(node: MeshNode) -> list[int]:
     """kill -9 as a machine losing power: SIGSTOP the whole tree first, then SIGKILL it.
 
@@ -192,19 +176,7 @@ def kill_tree(node: MeshNode) -> list[int]:
     notice, a QUIC close). Returns the pids.
     """
     node.killed = True
-    root = node.proc.pid
-    stopped: list[int] = []
-    frontier = [root]
-    while frontier:  # a stopping parent may still have forked
-        for pid in frontier:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-            stopped.append(pid)
-        frontier = [c for c in children_of(root) if c not in stopped]
-    for pid in stopped:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return stopped
+    return kill_process_tree(node.proc.pid)
 
 
 def stop_all(nodes: Iterable[MeshNode], grace_s: float = 15.0) -> None:

@@ -8,6 +8,7 @@ import ctypes
 import os
 import signal
 import sys
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -47,3 +48,42 @@ async def stop_process(proc: asyncio.subprocess.Process, grace_s: float = 3.0) -
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of `pid`, read from /proc (empty where /proc is not Linux's)."""
+    parents: dict[int, int] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                    parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    frontier = {pid}
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = set(kids)
+    return found
+
+
+def kill_tree(pid: int) -> list[int]:
+    """kill -9 of a process and all its descendants, as a machine losing power.
+
+    Everything is stopped (SIGSTOP) first, so no process can notice the others die
+    and send a goodbye (a leave notice, a QUIC close), then killed. Used by tests
+    and the benchmark. Returns the pids.
+    """
+    stopped: list[int] = []
+    frontier = [pid]
+    while frontier:  # stop the new children a stopping parent may still have forked
+        for p in frontier:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGSTOP)
+            stopped.append(p)
+        frontier = [c for c in descendants(pid) if c not in stopped]
+    for p in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    return stopped

@@ -153,24 +153,6 @@ class NodeProcess:
         self.log_file.close()
 
 
-def children_of(pid: int) -> list[int]:
-    """All descendants of `pid` (from /proc), for orphan checks."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        current = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == current]
-        found += kids
-        frontier += kids
-    return found
-
-
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -193,26 +175,6 @@ def token_of(node: NodeProcess, timeout: float = 10) -> str:
 
     token: str = wait_for(find, timeout, f"the invite token of {node.home}", interval=0.2)
     return token
-
-
-def kill_tree(pid: int) -> list[int]:
-    """kill -9 of a process and all its descendants at once, as a machine losing power.
-
-    Everything is stopped (SIGSTOP) first, so no process can notice the others die
-    and send a goodbye (a leave notice, a QUIC close), then killed. Returns the pids.
-    """
-    stopped: list[int] = []
-    frontier = [pid]
-    while frontier:  # stop the new children a stopping parent may still have forked
-        for p in frontier:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGSTOP)
-            stopped.append(p)
-        frontier = [c for c in children_of(pid) if c not in stopped]
-    for p in stopped:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-    return stopped
 
 
 def mesh_models(port: int, timeout: float = 5) -> dict[str, dict[str, Any]]:

@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
+from meshllm.procutil import kill_tree
 from meshllm.token import InviteToken, decode_token, encode_token, mesh_id_of, new_secret
-from tests.nodes import NodeProcess, http, kill_tree, mesh_models, token_of, wait_for
+from tests.nodes import NodeProcess, http, mesh_models, token_of, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from tests.nodes import NodeProcess, alive, children_of, http, wait_for
+from meshllm.procutil import descendants as children_of
+from tests.nodes import NodeProcess, alive, http, wait_for
 
 pytestmark = pytest.mark.integration
 
