@@ -285,16 +285,23 @@ def test_upstream_breaking_mid_stream_ends_with_an_error_event() -> None:
     run(main())
 
 
+def stream_then_watch_for_eof() -> tuple[Responder, asyncio.Event]:
+    """An upstream that sends one SSE event, then sets the event when the proxy hangs up."""
+    saw_eof = asyncio.Event()
+
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
+        await w.drain()
+        if await wait_eof(r):
+            saw_eof.set()
+        return False
+
+    return respond, saw_eof
+
+
 def test_client_disconnect_mid_stream_closes_the_upstream_connection() -> None:
     async def main() -> None:
-        saw_eof = asyncio.Event()
-
-        async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
-            w.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
-            await w.drain()
-            if await wait_eof(r):
-                saw_eof.set()
-            return False
+        respond, saw_eof = stream_then_watch_for_eof()
 
         async with FakeServer(respond) as srv:
             app = app_for(srv.port)
@@ -611,17 +618,9 @@ def test_over_http_forwarding_and_chunked_upload_limit() -> None:
 
 def test_over_http_client_disconnect_mid_stream_closes_upstream() -> None:
     async def main() -> None:
-        saw_eof = asyncio.Event()
+        respond, saw_eof = stream_then_watch_for_eof()
 
-        async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
-            w.write(CHUNKED_HEAD + chunk(b"data: 1\n\n"))
-            await w.drain()
-            if await wait_eof(r):
-                saw_eof.set()
-            return False
-
-        streaming: Responder = respond
-        async with FakeServer(streaming) as srv, serving(app_for(srv.port)) as port:
+        async with FakeServer(respond) as srv, serving(app_for(srv.port)) as port:
             body = json.dumps({**CHAT_BODY, "stream": True}).encode()
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(
