@@ -1,7 +1,7 @@
 """Console: the web console of `meshllm up --console PORT` (Starlette on uvicorn).
 
 Glue: follows the Gossiper's mesh view, the Router's table and this node's
-server state, turns them into a `MeshStatus` (`meshllm.mesh_status`) and hands
+server state, turns them into a `MeshStatus` (`meshllm.mesh.status`) and hands
 it to the app, which pushes it to every open page. The console is optional,
 so a port that is taken does not take the node down: the actor says so and
 tries again now and then.
@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import socket
 
-from meshllm import messages as m
-from meshllm.actor import Actor
-from meshllm.asgi_server import ActorServer, actor_server
-from meshllm.console_app import ConsoleApp
-from meshllm.mesh_status import build_mesh_status, own_card
+from meshllm.http.asgi import ActorServer, actor_server
+from meshllm.http.console import ConsoleApp
+from meshllm.mesh.status import build_mesh_status, own_card
+from meshllm.runtime import messages as m
+from meshllm.runtime.actor import Actor
 
 BIND_RETRY_S = 5.0
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")

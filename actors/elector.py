@@ -1,5 +1,5 @@
 """Elector: decides which model this node serves (spec: "Joining nodes", "Per-model
-election groups"), as glue around `meshllm.election.Elector`.
+election groups"), as glue around `meshllm.placement.election.Elector`.
 
 It follows the mesh view and this node's server state, re-decides when they
 change (and at the core's own deadlines), and publishes the wanted model on
@@ -13,12 +13,12 @@ import contextlib
 import time
 from pathlib import Path
 
-from meshllm import election
-from meshllm import messages as m
-from meshllm.actor import Actor
-from meshllm.catalog import CATALOG
-from meshllm.config import ModelSpec
-from meshllm.wire import PeerAnnouncement
+from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.models.catalog import CATALOG
+from meshllm.placement import election
+from meshllm.runtime import messages as m
+from meshllm.runtime.actor import Actor
+from meshllm.runtime.config import ModelSpec
 
 
 def known_models(

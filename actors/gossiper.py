@@ -1,6 +1,6 @@
 """Gossiper: this node's membership in the mesh, over QUIC.
 
-Glue around `meshllm.membership.Membership`: admitted links carry framed
+Glue around `meshllm.mesh.membership.Membership`: admitted links carry framed
 `Sync`, `Fingerprint`/`Digest`, `PeerGone` and probe messages. Our own changes go to every
 peer at once (spec: "State changes ... trigger a regossip to all peers");
 news about third parties is forwarded once, and a periodic digest exchange
@@ -20,13 +20,14 @@ from typing import Any
 
 import msgspec
 
-from meshllm import __version__, wire
-from meshllm import messages as m
-from meshllm.actor import Actor
-from meshllm.identity import load_or_create_key
-from meshllm.membership import Membership, boot_generation
-from meshllm.quic import Link, MeshEndpoint
-from meshllm.token import InvalidToken, decode_token, split_address
+from meshllm import __version__
+from meshllm.mesh import wire
+from meshllm.mesh.identity import load_or_create_key
+from meshllm.mesh.membership import Membership, boot_generation
+from meshllm.mesh.quic import Link, MeshEndpoint
+from meshllm.mesh.token import InvalidToken, decode_token, split_address
+from meshllm.runtime import messages as m
+from meshllm.runtime.actor import Actor
 
 ANTI_ENTROPY_S = 2.0
 DUPLICATE_RACE_S = 3.0
@@ -295,7 +296,7 @@ class Gossiper(Actor):
                 elif (ann := self.members.peers.get(node_id)) is not None:
                     # No link (it ended while we were frozen or cut off): a dropped
                     # probe would get a live peer declared dead. Dial it; the probe
-                    # follows on the new link (meshllm/simulation.py shows the storm).
+                    # follows on the new link (meshllm/mesh/simulation.py shows the storm).
                     self.unsent_probes[node_id] = nonce
                     if node_id not in self.dialing and ann.addresses:
                         self.dialing.add(node_id)

@@ -1,6 +1,6 @@
 """HealthProber: finds dead peers and has the Gossiper remove them (spec: "Health check").
 
-Glue around `meshllm.health.FailureDetector`; probes travel through the Gossiper.
+Glue around `meshllm.mesh.health.FailureDetector`; probes travel through the Gossiper.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import asyncio
 import contextlib
 import time
 
-from meshllm import health
-from meshllm import messages as m
-from meshllm.actor import Actor
+from meshllm.mesh import health
+from meshllm.runtime import messages as m
+from meshllm.runtime.actor import Actor
 
 
 class HealthProber(Actor):

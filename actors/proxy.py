@@ -12,11 +12,11 @@ import contextlib
 import gc
 import socket
 
-from meshllm import messages as m
-from meshllm.actor import Actor
-from meshllm.asgi_server import actor_server
-from meshllm.proxy_app import ProxyApp, is_loopback_address
-from meshllm.tunnel import remote_via_tunnel
+from meshllm.http.asgi import actor_server
+from meshllm.http.proxy import ProxyApp, is_loopback_address
+from meshllm.runtime import messages as m
+from meshllm.runtime.actor import Actor
+from meshllm.tunnel.core import remote_via_tunnel
 
 
 class Proxy(Actor):

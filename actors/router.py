@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from meshllm import messages as m
-from meshllm.actor import Actor
-from meshllm.membership import mesh_catalog
-from meshllm.routing import Serving, build_route_table
+from meshllm.http.routing import Serving, build_route_table
+from meshllm.mesh.membership import mesh_catalog
+from meshllm.runtime import messages as m
+from meshllm.runtime.actor import Actor
 
 
 class Router(Actor):

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import msgspec
 
-from meshllm import messages as m
-from meshllm.actor import Actor
-from meshllm.config import ModelSpec
-from meshllm.procutil import die_with_parent, stop_process
-from meshllm.supervision import RestartPolicy
-from meshllm.upstream import get_status
+from meshllm.http.upstream import get_status
+from meshllm.runtime import messages as m
+from meshllm.runtime.actor import Actor
+from meshllm.runtime.config import ModelSpec
+from meshllm.runtime.procutil import die_with_parent, stop_process
+from meshllm.runtime.supervision import RestartPolicy
 
 LISTENING = re.compile(rb"listening on https?://[^\s:]+:(\d+)")
 ERRORISH = re.compile(rb"error|failed|cannot|unable|invalid|not found|abort", re.IGNORECASE)
@@ -111,7 +111,7 @@ class ServerSupervisor(Actor):
 
     async def _download(self, spec: ModelSpec) -> str:
         """Fetch a model that is not on disk; '' (and state failed) when that fails."""
-        from meshllm.download import DownloadError, download
+        from meshllm.models.download import DownloadError, download
 
         loop = asyncio.get_running_loop()
         base = m.LocalServerState(model=spec.name, path=spec.target, state="downloading")

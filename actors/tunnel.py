@@ -27,12 +27,12 @@ from typing import Any
 from aioquic.asyncio.protocol import QuicStreamAdapter
 from aioquic.quic.events import StopSendingReceived, StreamDataReceived, StreamReset
 
-from meshllm import messages as m
-from meshllm import wire
-from meshllm.actor import Actor
-from meshllm.identity import load_or_create_key
-from meshllm.quic import AdmissionError, Link, MeshEndpoint, MeshProtocol
-from meshllm.tunnel import (
+from meshllm.mesh import wire
+from meshllm.mesh.identity import load_or_create_key
+from meshllm.mesh.quic import AdmissionError, Link, MeshEndpoint, MeshProtocol
+from meshllm.runtime import messages as m
+from meshllm.runtime.actor import Actor
+from meshllm.tunnel.core import (
     MAX_HEAD_BYTES,
     Address,
     BadRequest,
@@ -47,7 +47,7 @@ from meshllm.tunnel import (
     tunnel_addresses,
 )
 
-log = logging.getLogger("meshllm.tunnel")
+log = logging.getLogger("meshllm.tunnel.core")
 
 CHUNK = 65536
 HEAD_TIMEOUT_S = 10.0

@@ -133,7 +133,7 @@ def _git_commit() -> str | None:
 
 def _llama_server_version() -> str | None:
     try:
-        from meshllm.binaries import find_binary
+        from meshllm.runtime.binaries import find_binary
 
         path = find_binary("llama-server")
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)

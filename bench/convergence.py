@@ -57,7 +57,7 @@ from bench.mesh import (
     wait_api,
     wait_until,
 )
-from meshllm.demo_model import write_demo_model
+from meshllm.models.demo import write_demo_model
 
 TARGET_KILL_S = 5.0
 LLAMA_ARGS = ("--llama-arg=--threads", "--llama-arg=1")

@@ -30,10 +30,10 @@ import zmq
 import zmq.asyncio
 
 from bench.common import REPO
-from meshllm import messages
-from meshllm.bus import ASK, REPLY
-from meshllm.paths import home_from
-from meshllm.procutil import kill_tree as kill_process_tree
+from meshllm.runtime import messages
+from meshllm.runtime.bus import ASK, REPLY
+from meshllm.runtime.paths import home_from
+from meshllm.runtime.procutil import kill_tree as kill_process_tree
 
 LOOPBACK_BIND = ("--bind", "127.0.0.1:0")
 TOKEN_PREFIX = "invite token"

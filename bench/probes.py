@@ -1,6 +1,6 @@
 """Section `probes`: simulated probe and gossip traffic, detection and join at N = 10, 50, 100.
 
-Cheap and in-process: `meshllm.simulation` runs the real sans-I/O cores
+Cheap and in-process: `meshllm.mesh.simulation` runs the real sans-I/O cores
 (`Membership`, `FailureDetector`) of N nodes on a virtual clock, with every
 frame sized by the real wire encoder plus per-packet overhead (IP/UDP, QUIC
 short header, AEAD tag, STREAM frame header, and an ACK packet per frame;
@@ -38,7 +38,7 @@ from bench.common import (
     pyplot,
     table,
 )
-from meshllm import simulation as sim
+from meshllm.mesh import simulation as sim
 
 SETTINGS = {
     "default": (sim.DEFAULT_INTERVAL_S, sim.DEFAULT_TIMEOUT_S),
@@ -119,7 +119,7 @@ def run(ctx: Context) -> str:
     figures = measure(plan)
     result: dict[str, Any] = {
         **record.header(),
-        "source": "meshllm.simulation (in-process, virtual clock, real cores and wire sizes)",
+        "source": "meshllm.mesh.simulation (in-process, virtual clock, real cores and wire sizes)",
         "plan": asdict(plan),
         **figures,
     }
@@ -175,7 +175,8 @@ def render_table(r: dict[str, Any]) -> str:
         f"N={n}: {v['gone_everywhere_s_median'] * 1000:.0f} ms" for n, v in r["leave"].items()
     )
     note = (
-        f"Simulated (meshllm.simulation, {r['model']['network']['latency_s'] * 1000:g} ms one-way "
+        f"Simulated (meshllm.mesh.simulation, "
+        f"{r['model']['network']['latency_s'] * 1000:g} ms one-way "
         f"+ jitter). Detection: median (worst) of {r['plan']['seeds']} seeds. "
         f"Join, all agree: {join}. Graceful leave, gone everywhere: {leave}."
     )

@@ -72,11 +72,11 @@ from bench.common import (
     table,
 )
 from bench.proxy import new_loop
-from meshllm.identity import load_or_create_key
-from meshllm.messages import LocalServerState, MeshView
-from meshllm.procutil import die_with_parent
-from meshllm.quic import Link
-from meshllm.wire import PeerAnnouncement
+from meshllm.mesh.identity import load_or_create_key
+from meshllm.mesh.quic import Link
+from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.runtime.messages import LocalServerState, MeshView
+from meshllm.runtime.procutil import die_with_parent
 
 PATHS = ("raw", "tunnel")
 LOOPS = ("uvloop", "asyncio")

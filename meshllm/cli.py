@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from meshllm import __version__
-from meshllm import messages as m
-from meshllm.paths import DEFAULT_HOME, home_from
+from meshllm.runtime import messages as m
+from meshllm.runtime.paths import DEFAULT_HOME, home_from
 
 HOME_OPTION = click.option(
     "--home",
@@ -136,7 +136,7 @@ def up(
     log_level: str,
 ) -> None:
     """Start a node and run it in the foreground until Ctrl-C or `meshllm ctl stop`."""
-    from meshllm.binaries import BinaryNotFound
+    from meshllm.runtime.binaries import BinaryNotFound
     from meshllm.up import UpError, UpOptions, run
 
     if not 0 <= port <= 65535:
@@ -182,7 +182,7 @@ def ctl() -> None:
 
 
 def _ask(home: str, msg: m.Message, timeout: float = 5.0) -> m.Message:
-    from meshllm.bus import AskTimeout, ask_address
+    from meshllm.runtime.bus import AskTimeout, ask_address
 
     node_home = home_from(home)
     if not (node_home.run_dir / "control.ipc").exists():
@@ -251,8 +251,8 @@ def models() -> None:
 @click.option("--name", default="meshllm-demo", show_default=True, help="Model name.")
 def demo(seed: int, name: str) -> None:
     """Print the path of the built-in demo model, writing it first if needed."""
-    from meshllm.demo_model import ensure_demo_model
-    from meshllm.paths import cache_dir
+    from meshllm.models.demo import ensure_demo_model
+    from meshllm.runtime.paths import cache_dir
 
     click.echo(ensure_demo_model(cache_dir() / "models", seed=seed, name=name))
 
@@ -289,7 +289,7 @@ def _mesh_model_counts(home: str) -> dict[str, int]:
 )
 def list_models(models_dir: Path | None, home: str, min_size_mb: float | None) -> None:
     """List the models on disk, in the built-in catalog and in the mesh of a running node."""
-    from meshllm.models import list_models_table
+    from meshllm.models.files import list_models_table
 
     min_bytes = None if min_size_mb is None else int(min_size_mb * 1_000_000)
     click.echo(list_models_table(models_dir, _mesh_model_counts(home), min_bytes=min_bytes))
@@ -303,8 +303,8 @@ def list_models(models_dir: Path | None, home: str, min_size_mb: float | None) -
 def download_cmd(name: str, models_dir: Path | None, timeout: float, retries: int) -> None:
     """Download NAME (a catalog name, a Hugging Face owner/repo/file.gguf or a URL) into the
     models directory, resuming a partial download; print the file's path."""
-    from meshllm.download import DownloadError, terminal_progress
-    from meshllm.models import ModelNotFound, download_model, resolve_model
+    from meshllm.models.download import DownloadError, terminal_progress
+    from meshllm.models.files import ModelNotFound, download_model, resolve_model
 
     try:
         resolved = resolve_model(name, models_dir)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshllm.messages import NodeStatus
+from meshllm.runtime.messages import NodeStatus
 
 
 def table(rows: list[list[str]]) -> str:

@@ -15,14 +15,8 @@ from typing import Any
 
 import uvloop
 
-from meshllm import logs
-from meshllm.binaries import find_binary
-from meshllm.config import ModelSpec, NodeConfig
-from meshllm.identity import load_or_create_key, node_id_of
-from meshllm.memory import detect_memory
-from meshllm.paths import NodeHome, cache_dir, home_from, models_dir
-from meshllm.runtime import Node, cleanup_run_dir
-from meshllm.token import (
+from meshllm.mesh.identity import load_or_create_key, node_id_of
+from meshllm.mesh.token import (
     InvalidToken,
     InviteToken,
     decode_token,
@@ -31,6 +25,12 @@ from meshllm.token import (
     new_secret,
     split_address,
 )
+from meshllm.placement.memory import detect_memory
+from meshllm.runtime import logs
+from meshllm.runtime.binaries import find_binary
+from meshllm.runtime.config import ModelSpec, NodeConfig
+from meshllm.runtime.paths import NodeHome, cache_dir, home_from, models_dir
+from meshllm.runtime.root import Node, cleanup_run_dir
 
 log = logging.getLogger("meshllm.up")
 
@@ -64,8 +64,8 @@ class UpOptions:
 
 def resolve_model(ref: str) -> ModelSpec:
     """A `--model` value: a GGUF path, a file name in the models directory, or a catalog name."""
-    from meshllm.models import ModelNotFound
-    from meshllm.models import resolve_model as resolve
+    from meshllm.models.files import ModelNotFound
+    from meshllm.models.files import resolve_model as resolve
 
     try:
         found = resolve(ref)
@@ -75,7 +75,7 @@ def resolve_model(ref: str) -> ModelSpec:
     if not found.needs_download:
         size = found.path.stat().st_size
     elif found.url and size is None:
-        from meshllm.download import remote_size
+        from meshllm.models.download import remote_size
 
         # Nodes decide what fits from the announced size (spec: "only models that fit").
         size = remote_size(found.url)
@@ -91,7 +91,7 @@ def resolve_model(ref: str) -> ModelSpec:
 
 def scan_available() -> tuple[ModelSpec, ...]:
     """GGUFs in the models directory that count as models (spec: "Gossip", over 500 MB)."""
-    from meshllm.models import scan_models
+    from meshllm.models.files import scan_models
 
     return tuple(
         ModelSpec(name=f.name, path=str(f.path), size=f.size, target=str(f.path))
@@ -100,7 +100,7 @@ def scan_available() -> tuple[ModelSpec, ...]:
 
 
 def demo_model() -> ModelSpec:
-    from meshllm.demo_model import ensure_demo_model
+    from meshllm.models.demo import ensure_demo_model
 
     path = ensure_demo_model(cache_dir() / "models")
     return ModelSpec(

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from meshllm.binaries import BinaryNotFound, find_binary
-from meshllm.demo_model import ensure_demo_model
-from meshllm.paths import cache_dir
+from meshllm.models.demo import ensure_demo_model
+from meshllm.runtime.binaries import BinaryNotFound, find_binary
+from meshllm.runtime.paths import cache_dir
 from tests.nodes import NodeProcess
 
 

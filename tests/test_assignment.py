@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from meshllm.election import COLD_GRACE_S
+from meshllm.placement.election import COLD_GRACE_S
 from tests.nodes import NodeProcess, chat, mesh_models, token_of, wait_for
 
 pytestmark = pytest.mark.integration

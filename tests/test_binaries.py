@@ -1,4 +1,4 @@
-"""Finding llama.cpp binaries (meshllm.binaries): flag, env var, cache, then PATH."""
+"""Finding llama.cpp binaries (meshllm.runtime.binaries): flag, env var, cache, then PATH."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshllm.binaries import BinaryNotFound, build_dir, find_binary
+from meshllm.runtime.binaries import BinaryNotFound, build_dir, find_binary
 
 
 @pytest.fixture

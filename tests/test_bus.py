@@ -1,4 +1,4 @@
-"""Local actor messaging (meshllm.bus): two Bus endpoints in one process over ipc://."""
+"""Local actor messaging (meshllm.runtime.bus): two Bus endpoints in one process over ipc://."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from meshllm import messages as m
-from meshllm.bus import ASK, REPLY, TELL, AskTimeout, Bus, ask_address
+from meshllm.runtime import messages as m
+from meshllm.runtime.bus import ASK, REPLY, TELL, AskTimeout, Bus, ask_address
 
 T = TypeVar("T")
 WAIT_S = 5.0

@@ -9,10 +9,10 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-import meshllm.logs
+import meshllm.runtime.logs
 import meshllm.up
 from meshllm.cli import main
-from meshllm.demo_model import DEMO_MODEL_NAME
+from meshllm.models.demo import DEMO_MODEL_NAME
 from meshllm.up import UpOptions
 
 
@@ -43,7 +43,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the real home, cache or logging set-up; never start a real node."""
     monkeypatch.setenv("MESHLLM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MESHLLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(meshllm.logs, "setup", lambda *a, **k: None)
+    monkeypatch.setattr(meshllm.runtime.logs, "setup", lambda *a, **k: None)
 
 
 def test_command_tree_is_complete() -> None:

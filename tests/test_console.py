@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from meshllm import console_app
-from meshllm.console_app import ConsoleApp
-from meshllm.mesh_status import MeshStatus, build_mesh_status, own_card
-from meshllm.messages import LocalServerState, MeshView, ModelRoute, RouteTable, RouteTarget
-from meshllm.wire import PeerAnnouncement
+from meshllm.http import console as console_app
+from meshllm.http.console import ConsoleApp
+from meshllm.mesh.status import MeshStatus, build_mesh_status, own_card
+from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.runtime.messages import LocalServerState, MeshView, ModelRoute, RouteTable, RouteTarget
 from tests.nodes import NodeProcess, chat, http, wait_for
 
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""Tests for the tiny random-weight demo model (meshllm.demo_model)."""
+"""Tests for the tiny random-weight demo model (meshllm.models.demo)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 
-from meshllm.demo_model import (
+from meshllm.models.demo import (
     CHATML_TEMPLATE,
     DEMO_MODEL_NAME,
     N_VOCAB,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from meshllm import download as download_mod
-from meshllm.download import (
+from meshllm.models import download as download_mod
+from meshllm.models.download import (
     DownloadError,
     TerminalProgress,
     download,
@@ -29,7 +29,7 @@ from meshllm.download import (
     terminal_progress,
     throttled,
 )
-from meshllm.models import download_model
+from meshllm.models.files import download_model
 
 DATA = os.urandom(300_000) + bytes(range(256)) * 100
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -514,7 +514,7 @@ def test_remote_size_reads_content_length_and_says_none_when_unreachable(tmp_pat
     import http.server
     import threading
 
-    from meshllm.download import remote_size
+    from meshllm.models.download import remote_size
 
     class Head(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self) -> None:

@@ -1,4 +1,7 @@
-"""Auto-assignment, elections, split planning and re-decisions (meshllm.election), sans-I/O."""
+"""Auto-assignment, elections, split planning and re-decisions, sans-I/O.
+
+The core is meshllm.placement.election.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from meshllm.election import (
+from meshllm.mesh.wire import PeerAnnouncement, Role
+from meshllm.placement.election import (
     COLD_GRACE_S,
     DEFER_STAGGER_S,
     DEFER_TIMEOUT_S,
@@ -24,7 +28,6 @@ from meshllm.election import (
     plan_split,
     serving_counts,
 )
-from meshllm.wire import PeerAnnouncement, Role
 
 GB = 10**9
 

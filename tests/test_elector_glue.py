@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from actors.elector import known_models, model_infos
-from meshllm import election
-from meshllm.catalog import CATALOG
-from meshllm.config import ModelSpec
-from meshllm.wire import PeerAnnouncement
+from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.models.catalog import CATALOG
+from meshllm.placement import election
+from meshllm.runtime.config import ModelSpec
 
 MODELS_DIR = "/models"
 

@@ -1,11 +1,11 @@
-"""Failure detection (meshllm.health): probes, indirect probes, declarations of death."""
+"""Failure detection (meshllm.mesh.health): probes, indirect probes, declarations of death."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
 
-from meshllm.health import (
+from meshllm.mesh.health import (
     Action,
     DeclareDead,
     FailureDetector,

@@ -1,11 +1,11 @@
-"""Merging gossip (meshllm.membership): generations, tombstones, refutation, catalog."""
+"""Merging gossip (meshllm.mesh.membership): generations, tombstones, refutation, catalog."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from meshllm.membership import TOMBSTONE_TTL_S, Membership, mesh_catalog
-from meshllm.wire import PeerAnnouncement
+from meshllm.mesh.membership import TOMBSTONE_TTL_S, Membership, mesh_catalog
+from meshllm.mesh.wire import PeerAnnouncement
 
 
 def ann(node_id: str, generation: int, **fields: Any) -> PeerAnnouncement:

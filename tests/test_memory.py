@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from meshllm import memory
-from meshllm.memory import GB, RAM_FRACTION, MemoryInfo, detect_memory, gb_to_bytes
+from meshllm.placement import memory
+from meshllm.placement.memory import GB, RAM_FRACTION, MemoryInfo, detect_memory, gb_to_bytes
 
 GIB = 1 << 30
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from meshllm.procutil import kill_tree
-from meshllm.token import InviteToken, decode_token, encode_token, mesh_id_of, new_secret
+from meshllm.mesh.token import InviteToken, decode_token, encode_token, mesh_id_of, new_secret
+from meshllm.runtime.procutil import kill_tree
 from tests.nodes import NodeProcess, http, mesh_models, token_of, wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Wire messages (meshllm.messages): every type round-trips; junk is rejected."""
+"""Wire messages (meshllm.runtime.messages): every type round-trips; junk is rejected."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from meshllm import messages as m
+from meshllm.runtime import messages as m
 
 ROUTES = m.RouteTable(
     (

@@ -15,10 +15,10 @@ import gguf
 import numpy as np
 import pytest
 
-from meshllm import models as models_mod
-from meshllm.catalog import CATALOG, HF_HOST, find_entry, hf_url
-from meshllm.demo_model import N_CTX, N_LAYER, write_demo_model
-from meshllm.models import (
+from meshllm.models import files as models_mod
+from meshllm.models.catalog import CATALOG, HF_HOST, find_entry, hf_url
+from meshllm.models.demo import N_CTX, N_LAYER, write_demo_model
+from meshllm.models.files import (
     DEFAULT_MIN_MODEL_BYTES,
     MIN_BYTES_ENV,
     GgufHeaderError,
@@ -99,7 +99,7 @@ def test_bad_threshold_in_the_environment_falls_back(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv(MIN_BYTES_ENV, "lots")
-    with caplog.at_level(logging.WARNING, logger="meshllm.models"):
+    with caplog.at_level(logging.WARNING, logger="meshllm.models.files"):
         assert default_min_bytes() == DEFAULT_MIN_MODEL_BYTES
     assert MIN_BYTES_ENV in caplog.text
 
@@ -119,7 +119,7 @@ def test_corrupt_files_are_skipped_with_a_warning(
     (models_dir / "garbage.gguf").write_bytes(os.urandom(4096))
     (models_dir / "badversion.gguf").write_bytes(b"GGUF" + (99).to_bytes(4, "little") + data[8:])
     (models_dir / "empty.gguf").write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="meshllm.models"):
+    with caplog.at_level(logging.WARNING, logger="meshllm.models.files"):
         found = scan_models(models_dir, min_bytes=0)
     assert [m.name for m in found] == ["alpha", "beta"]
     for name in ("truncated", "garbage", "badversion", "empty"):

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from meshllm.procutil import descendants as children_of
+from meshllm.runtime.procutil import descendants as children_of
 from tests.nodes import NodeProcess, alive, http, wait_for
 
 pytestmark = pytest.mark.integration

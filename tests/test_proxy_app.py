@@ -1,4 +1,4 @@
-"""The OpenAI front (meshllm.proxy_app.ProxyApp), driven in-process.
+"""The OpenAI front (meshllm.http.proxy.ProxyApp), driven in-process.
 
 Most tests call the ASGI app directly with a scripted `receive`, against the
 tiny upstream server of `tests.test_upstream`; a few run it under uvicorn on
@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import pytest
 import uvicorn
 
-from meshllm.messages import ModelRoute, RouteTable, RouteTarget
-from meshllm.proxy_app import RETRY_AFTER_S, ProxyApp
+from meshllm.http.proxy import RETRY_AFTER_S, ProxyApp
+from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
 from tests.test_upstream import (
     CHUNKED_HEAD,
     WAIT_S,

@@ -1,4 +1,4 @@
-"""QUIC between nodes (meshllm.quic) over real aioquic on 127.0.0.1: admission by secret.
+"""QUIC between nodes (meshllm.mesh.quic) over real aioquic on 127.0.0.1: admission by secret.
 
 Each test runs its own event loop under a deadline; sockets are bound to port 0.
 """
@@ -19,7 +19,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshllm import quic, wire
+from meshllm.mesh import quic, wire
 
 SECRET = b"k" * 32
 OTHER_SECRET = b"x" * 32

@@ -1,11 +1,11 @@
-"""Route choice (meshllm.routing): table building and the Proxy's lookup."""
+"""Route choice (meshllm.http.routing): table building and the Proxy's lookup."""
 
 from __future__ import annotations
 
 import itertools
 
-from meshllm.messages import LocalServerState, ModelRoute, RouteTable, RouteTarget
-from meshllm.routing import Routes, Serving, build_route_table
+from meshllm.http.routing import Routes, Serving, build_route_table
+from meshllm.runtime.messages import LocalServerState, ModelRoute, RouteTable, RouteTarget
 
 READY_A = LocalServerState(model="a", path="/m/a.gguf", state="ready", port=8001)
 

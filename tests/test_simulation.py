@@ -1,4 +1,4 @@
-"""The in-process mesh simulation (meshllm.simulation) and what it says about the cores."""
+"""The in-process mesh simulation (meshllm.mesh.simulation) and what it says about the cores."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from meshllm import simulation as sim_mod
-from meshllm.simulation import (
+from meshllm.mesh import simulation as sim_mod
+from meshllm.mesh.simulation import (
     NetworkModel,
     Simulation,
     measure_detection,

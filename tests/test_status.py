@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from meshllm import messages as m
+from meshllm.runtime import messages as m
 from meshllm.status import format_status, table
 
 
@@ -97,7 +97,7 @@ def test_format_status_node_serving_nothing() -> None:
 
 
 def test_format_status_shows_the_mesh_memory_total() -> None:
-    from meshllm.wire import PeerAnnouncement
+    from meshllm.mesh.wire import PeerAnnouncement
 
     me = PeerAnnouncement(node_id="node-abc123", generation=1, vram_bytes=8_000_000_000)
     peer = PeerAnnouncement(node_id="node-def456", generation=1, vram_bytes=16_500_000_000)

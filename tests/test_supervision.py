@@ -1,10 +1,10 @@
-"""Restart backoff against flapping (meshllm.supervision.RestartPolicy)."""
+"""Restart backoff against flapping (meshllm.runtime.supervision.RestartPolicy)."""
 
 from __future__ import annotations
 
 import pytest
 
-from meshllm.supervision import RestartPolicy
+from meshllm.runtime.supervision import RestartPolicy
 
 
 def test_delay_doubles_with_each_death_in_the_window() -> None:

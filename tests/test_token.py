@@ -1,4 +1,4 @@
-"""Invite tokens (meshllm.token): round trip and clear errors for damaged tokens."""
+"""Invite tokens (meshllm.mesh.token): round trip and clear errors for damaged tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import base64
 import msgspec
 import pytest
 
-from meshllm.token import (
+from meshllm.mesh.token import (
     PREFIX,
     SECRET_BYTES,
     InvalidToken,

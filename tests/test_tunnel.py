@@ -1,10 +1,10 @@
-"""The Tunnel (meshllm.tunnel, actors.tunnel), run in-process.
+"""The Tunnel (meshllm.tunnel.core, actors.tunnel), run in-process.
 
 The pure parts are tested directly. The rest runs two QUIC endpoints on
 loopback in the test process: the local side (`TunnelClient`, serving a unix
 socket like the Proxy's) and the remote side (`TunnelServer`) in front of the
 tiny HTTP server of `tests.test_upstream` standing in for llama-server.
-Requests go in through `meshllm.upstream.Pool` with a unix path (the Proxy's
+Requests go in through `meshllm.http.upstream.Pool` with a unix path (the Proxy's
 client), or through the whole `ProxyApp` with its `remote` hook.
 """
 
@@ -26,11 +26,15 @@ from typing import Any, TypeVar
 import pytest
 
 from actors.tunnel import Tunnel, TunnelClient, TunnelEndpoint, TunnelProtocol, TunnelServer
-from meshllm import wire
-from meshllm.bus import Bus
-from meshllm.config import NodeConfig
-from meshllm.identity import load_or_create_key
-from meshllm.messages import (
+from meshllm.http.proxy import ProxyApp
+from meshllm.http.upstream import Pool, Response, UpstreamError
+from meshllm.mesh import wire
+from meshllm.mesh.identity import load_or_create_key
+from meshllm.mesh.quic import Link
+from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.runtime.bus import Bus
+from meshllm.runtime.config import NodeConfig
+from meshllm.runtime.messages import (
     ActorError,
     LocalServerState,
     MeshView,
@@ -40,9 +44,7 @@ from meshllm.messages import (
     RouteTarget,
     SuspectPeer,
 )
-from meshllm.proxy_app import ProxyApp
-from meshllm.quic import Link
-from meshllm.tunnel import (
+from meshllm.tunnel.core import (
     BadRequest,
     error_response,
     host_of,
@@ -54,8 +56,6 @@ from meshllm.tunnel import (
     serving_port,
     tunnel_address,
 )
-from meshllm.upstream import Pool, Response, UpstreamError
-from meshllm.wire import PeerAnnouncement
 from tests.test_proxy_app import CHAT, call
 from tests.test_upstream import FakeServer, Request, Responder, chunk, ok, response
 
@@ -450,7 +450,7 @@ def test_silent_generation_outlives_the_quic_idle_timeout(
 ) -> None:
     # A long non-streaming generation sends nothing for a while; keepalive pings
     # must keep the connection from timing out under it.
-    monkeypatch.setattr("meshllm.quic.IDLE_TIMEOUT_S", 0.4)
+    monkeypatch.setattr("meshllm.mesh.quic.IDLE_TIMEOUT_S", 0.4)
 
     async def slow(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
         await asyncio.sleep(1.2)

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 client for the hop to llama-server (meshllm.upstream).
+"""The HTTP/1.1 client for the hop to llama-server (meshllm.http.upstream).
 
 Runs against a tiny asyncio HTTP server in the test process: each test gives it
 a `respond` coroutine that writes exactly the bytes it wants on the wire.
@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from meshllm.upstream import Pool, UpstreamError, get_status
+from meshllm.http.upstream import Pool, UpstreamError, get_status
 
 T = TypeVar("T")
 TEST_TIMEOUT_S = 10.0

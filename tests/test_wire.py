@@ -1,4 +1,4 @@
-"""Frames between nodes (meshllm.wire): round trips, limits, strictness, versions."""
+"""Frames between nodes (meshllm.mesh.wire): round trips, limits, strictness, versions."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import typing
 import msgspec
 import pytest
 
-from meshllm import PROTOCOL_VERSION, wire
+from meshllm import PROTOCOL_VERSION
+from meshllm.mesh import wire
 
 ANN = wire.PeerAnnouncement(
     node_id="0123456789abcdef",

@@ -32,12 +32,12 @@ from urllib.parse import unquote, urlsplit
 
 import gguf
 
-from meshllm.catalog import CATALOG, CatalogEntry, find_entry, hf_url, is_hf_name
-from meshllm.download import ProgressCallback, download, format_bytes
-from meshllm.paths import cache_dir
-from meshllm.paths import models_dir as default_models_dir
+from meshllm.models.catalog import CATALOG, CatalogEntry, find_entry, hf_url, is_hf_name
+from meshllm.models.download import ProgressCallback, download, format_bytes
+from meshllm.runtime.paths import cache_dir
+from meshllm.runtime.paths import models_dir as default_models_dir
 
-log = logging.getLogger("meshllm.models")
+log = logging.getLogger("meshllm.models.files")
 
 DEFAULT_MIN_MODEL_BYTES = 500_000_000
 """The seed counts GGUF files over 500 MB as available models."""

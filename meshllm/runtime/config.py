@@ -33,7 +33,8 @@ class NodeConfig(msgspec.Struct, frozen=True):
     """GGUFs found in the models directory at start (the announced `available_models`)."""
     models_dir: str = ""
     vram_bytes: int = 0
-    """Memory budget for models: VRAM, a share of RAM, or `--max-vram` (see meshllm.memory)."""
+    """Memory budget for models: VRAM, a share of RAM, or `--max-vram`
+    (see meshllm.placement.memory)."""
     memory_source: str = ""
     client: bool = False
     """A lite client serves no model (`--client`)."""

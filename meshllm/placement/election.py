@@ -2,7 +2,7 @@
 
 Spec: `seed/multi-model-mesh.md`. Nothing here reads a socket, a file or a
 clock: the Elector actor builds a `NodeView` from the mesh view, the disk scan
-and the memory detection (`meshllm.memory`), passes the time in, and acts on
+and the memory detection (`meshllm.placement.memory`), passes the time in, and acts on
 the `Decision` it gets back.
 
 Rules
@@ -105,8 +105,8 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from meshllm.membership import mesh_catalog
-from meshllm.wire import PeerAnnouncement
+from meshllm.mesh.membership import mesh_catalog
+from meshllm.mesh.wire import PeerAnnouncement
 
 MEMORY_OVERHEAD = 1.1
 """Memory a model needs per byte of its file (KV cache, compute buffers)."""

@@ -20,9 +20,9 @@ from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import Route
 
-from meshllm.mesh_status import MeshStatus
-from meshllm.proxy_app import forward_until_disconnect, send_error, wait_disconnect
-from meshllm.upstream import Pool
+from meshllm.http.proxy import forward_until_disconnect, send_error, wait_disconnect
+from meshllm.http.upstream import Pool
+from meshllm.mesh.status import MeshStatus
 
 log = logging.getLogger("meshllm.console")
 
@@ -48,7 +48,7 @@ _json = msgspec.json.Encoder()
 
 def load_assets() -> dict[str, tuple[bytes, bytes]]:
     """The page's files, read once from the installed package: path -> (body, type)."""
-    folder = resources.files("meshllm") / "console"
+    folder = resources.files("meshllm.http") / "static"
     return {
         path: (folder.joinpath(name).read_bytes(), kind) for path, (name, kind) in ASSETS.items()
     }

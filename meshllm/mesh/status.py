@@ -11,8 +11,8 @@ from typing import Literal
 
 import msgspec
 
-from meshllm.messages import LocalServerState, MeshView, RouteTable
-from meshllm.wire import PeerAnnouncement
+from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.runtime.messages import LocalServerState, MeshView, RouteTable
 
 ModelStatus = Literal["warm", "cold"]
 

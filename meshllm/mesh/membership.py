@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from meshllm.wire import PeerAnnouncement
+from meshllm.mesh.wire import PeerAnnouncement
 
 TOMBSTONE_TTL_S = 120.0
 

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from meshllm import __version__
 
-log = logging.getLogger("meshllm.download")
+log = logging.getLogger("meshllm.models.download")
 
 ProgressCallback = Callable[[int, int | None], None]
 """Called with (bytes of the file on disk so far, total size or None when unknown)."""

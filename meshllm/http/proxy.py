@@ -21,9 +21,9 @@ from starlette.requests import Request
 from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
-from meshllm.messages import RouteTable, RouteTarget
-from meshllm.routing import Routes
-from meshllm.upstream import Pool, Response, UpstreamError
+from meshllm.http.routing import Routes
+from meshllm.http.upstream import Pool, Response, UpstreamError
+from meshllm.runtime.messages import RouteTable, RouteTarget
 
 log = logging.getLogger("meshllm.proxy")
 

@@ -48,9 +48,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from meshllm import wire
+from meshllm.mesh import wire
 
-log = logging.getLogger("meshllm.quic")
+log = logging.getLogger("meshllm.mesh.quic")
 
 ALPN = "meshllm/1"
 ADMISSION_TIMEOUT_S = 5.0

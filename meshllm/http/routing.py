@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from meshllm.messages import LocalServerState, ModelRoute, RouteTable, RouteTarget
+from meshllm.runtime.messages import LocalServerState, ModelRoute, RouteTable, RouteTarget
 
 
 @dataclass(frozen=True)

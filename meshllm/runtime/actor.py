@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 
 import uvloop
 
-from meshllm import logs
-from meshllm.bus import Bus
-from meshllm.config import NodeConfig
-from meshllm.messages import ActorError, Message, Ping, Pong, Shutdown
-from meshllm.procutil import die_with_parent
+from meshllm.runtime import logs
+from meshllm.runtime.bus import Bus
+from meshllm.runtime.config import NodeConfig
+from meshllm.runtime.messages import ActorError, Message, Ping, Pong, Shutdown
+from meshllm.runtime.procutil import die_with_parent
 
 REPUBLISH_INTERVAL_S = 1.0
 ON_STOP_BUDGET_S = 6.0

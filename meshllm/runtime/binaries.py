@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from meshllm.paths import cache_dir
+from meshllm.runtime.paths import cache_dir
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 """The pinned llama-cpp-python source package whose vendored llama.cpp we build."""

@@ -24,7 +24,7 @@ Each simulated node is a `Membership` plus a `FailureDetector`, driven the way
 - a node that joined through a token dials its bootstrap node again when that
   link ends.
 
-Messages are the real `meshllm.wire` types and every frame is sized with
+Messages are the real `meshllm.mesh.wire` types and every frame is sized with
 `wire.encode_frame`, so byte counts are those on the wire, plus the packet
 overhead below. The network is a virtual clock and an event queue: each
 directed link is a QUIC stream (reliable, in order), so a lost packet is not
@@ -58,8 +58,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from meshllm import health, wire
-from meshllm.membership import Membership
+from meshllm.mesh import health, wire
+from meshllm.mesh.membership import Membership
 
 # -- the figures the simulation rests on ----------------------------------------------
 
@@ -76,7 +76,7 @@ PACKET_PAYLOAD_BYTES = (
     DATAGRAM_BYTES - QUIC_SHORT_HEADER_BYTES - AEAD_TAG_BYTES - STREAM_FRAME_HEADER_BYTES
 )
 
-# Mirrors of the actors' constants (actors/gossiper.py, meshllm/quic.py).
+# Mirrors of the actors' constants (actors/gossiper.py, meshllm/mesh/quic.py).
 ANTI_ENTROPY_S = 2.0
 REDIAL_AFTER_S = 2.0
 DIAL_TIMEOUT_S = 3.0

@@ -11,8 +11,8 @@ from typing import Literal
 
 import msgspec
 
-from meshllm.config import ModelSpec
-from meshllm.wire import PeerAnnouncement
+from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.runtime.config import ModelSpec
 
 ServerStateName = Literal["stopped", "downloading", "loading", "ready", "failed"]
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from meshllm.messages import LocalServerState, RouteTarget
-from meshllm.upstream import Pool
-from meshllm.wire import PeerAnnouncement
+from meshllm.http.upstream import Pool
+from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.runtime.messages import LocalServerState, RouteTarget
 
 NODE_HEADER = b"x-meshllm-node"
 MODEL_HEADER = b"x-meshllm-model"

@@ -21,8 +21,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from meshllm import messages
-from meshllm.messages import ActorError, Message
+from meshllm.runtime import messages
+from meshllm.runtime.messages import ActorError, Message
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from meshllm import messages as m
-from meshllm.actor import actor_main
-from meshllm.bus import Bus
-from meshllm.config import NodeConfig
-from meshllm.supervision import RestartPolicy
+from meshllm.runtime import messages as m
+from meshllm.runtime.actor import actor_main
+from meshllm.runtime.bus import Bus
+from meshllm.runtime.config import NodeConfig
+from meshllm.runtime.supervision import RestartPolicy
 
 log = logging.getLogger("meshllm.node")
 
