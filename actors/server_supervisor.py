@@ -20,9 +20,9 @@ import msgspec
 from meshllm.http.upstream import get_status
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
+from meshllm.runtime.backoff import Backoff
 from meshllm.runtime.config import ModelSpec
 from meshllm.runtime.procutil import die_with_parent, stop_process
-from meshllm.runtime.supervision import RestartPolicy
 
 LISTENING = re.compile(rb"listening on https?://[^\s:]+:(\d+)")
 ERRORISH = re.compile(rb"error|failed|cannot|unable|invalid|not found|abort", re.IGNORECASE)
@@ -50,7 +50,7 @@ class ServerSupervisor(Actor):
     async def on_start(self) -> None:
         self.wanted: ModelSpec | None = None
         self.proc: asyncio.subprocess.Process | None = None
-        self.policy = RestartPolicy(base_s=0.2, max_s=15.0, window_s=60.0)
+        self.policy = Backoff(base_s=0.2, max_s=15.0, window_s=60.0)
         self.output: collections.deque[bytes] = collections.deque(maxlen=60)
         self.state = m.LocalServerState()
         self.wake = asyncio.Event()
@@ -104,7 +104,7 @@ class ServerSupervisor(Actor):
                 await self._run_server_once(spec, path)
             if self.wanted is not spec:
                 continue  # switched or dropped: start the new one without backoff
-            delay = self.policy.on_death(time.monotonic())
+            delay = self.policy.failed(time.monotonic())
             self.log.warning("restarting %s in %.1fs", spec.name, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
@@ -169,7 +169,7 @@ class ServerSupervisor(Actor):
             preexec_fn=die_with_parent,
         )
         base = m.LocalServerState(
-            model=spec.name, path=path, pid=self.proc.pid, restarts=self.policy.restarts
+            model=spec.name, path=path, pid=self.proc.pid, restarts=self.policy.total
         )
         await self._set(msgspec_replace(base, state="loading"))
         port_found: asyncio.Future[int] = asyncio.get_running_loop().create_future()

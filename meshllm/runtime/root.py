@@ -19,9 +19,9 @@ from typing import Any
 
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import actor_main
+from meshllm.runtime.backoff import Backoff
 from meshllm.runtime.bus import Bus
 from meshllm.runtime.config import NodeConfig
-from meshllm.runtime.supervision import RestartPolicy
 
 log = logging.getLogger("meshllm.node")
 
@@ -59,7 +59,7 @@ KILL_GRACE_S = 2.0
 class RunningActor:
     spec: ActorSpec
     process: BaseProcess | None = None
-    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    policy: Backoff = field(default_factory=lambda: Backoff(window_s=30.0))
     restart_handle: asyncio.TimerHandle | None = None
 
 
@@ -110,7 +110,7 @@ class Node:
         proc.join(0)
         if self.stopping:
             return
-        delay = actor.policy.on_death(time.monotonic())
+        delay = actor.policy.failed(time.monotonic())
         log.warning(
             "%s (pid %s) exited with %s; restarting in %.1fs",
             actor.spec.name,
@@ -161,7 +161,7 @@ class Node:
                 name=a.spec.name,
                 pid=(a.process.pid or 0) if a.process else 0,
                 alive=bool(a.process and a.process.is_alive()),
-                restarts=a.policy.restarts,
+                restarts=a.policy.total,
             )
             for a in self.actors.values()
         )
