@@ -65,11 +65,6 @@ def main() -> None:
 )
 @click.option("--llama-server", metavar="PATH", help="llama-server binary to run.")
 @click.option(
-    "--rpc-server",
-    metavar="PATH",
-    help="ggml-rpc-server binary, for tensor split (not implemented yet: kept for it).",
-)
-@click.option(
     "--llama-arg",
     "llama_args",
     multiple=True,
@@ -125,7 +120,6 @@ def up(
     strict_models: bool,
     max_body_mb: float,
     llama_server: str | None,
-    rpc_server: str | None,
     llama_args: tuple[str, ...],
     load_timeout: float,
     bind: str,
@@ -160,7 +154,6 @@ def up(
         console_port=console,
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         llama_server=llama_server,
-        rpc_server=rpc_server,
         llama_args=list(llama_args),
         load_timeout_s=load_timeout,
         bind=bind,

@@ -50,7 +50,6 @@ class UpOptions:
     strict_models: bool = False
     max_body_bytes: int = 16 * 1024 * 1024
     llama_server: str | None = None
-    rpc_server: str | None = None
     llama_args: list[str] = field(default_factory=list)
     load_timeout_s: float = 600.0
     bind: str = "0.0.0.0:0"
@@ -258,14 +257,12 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         available=available,
         models_dir=str(models_dir()),
         vram_bytes=0 if opts.client else memory.budget_bytes,
-        memory_source=memory.source,
         client=opts.client,
         http_host=opts.listen,
         http_port=sock.getsockname()[1],
         strict_models=opts.strict_models,
         max_body_bytes=opts.max_body_bytes,
         llama_server=llama_server,
-        rpc_server=opts.rpc_server or "",
         llama_args=tuple(opts.llama_args),
         load_timeout_s=opts.load_timeout_s,
         join=tuple(opts.join),

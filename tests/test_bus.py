@@ -66,7 +66,7 @@ class Actor:
         self.asked.append(msg)
         if self.answer is not None:
             return await self.answer(msg)
-        return m.Pong(str(self.bus.name), os.getpid())
+        return m.CtlDone(str(self.bus.name))
 
 
 async def echo(msg: m.Message) -> m.Message:
@@ -80,9 +80,9 @@ def test_tell(run_dir: str) -> None:
         a, b = Actor(run_dir, "a"), Bus(run_dir, "b")
         try:
             await b.tell("a", m.DropModel("x"))
-            await b.tell("a", m.Ping())
+            await b.tell("a", m.GetStatus())
             await wait_until(lambda: len(a.told) == 2, "two tells")
-            assert a.told == [m.DropModel("x"), m.Ping()]
+            assert a.told == [m.DropModel("x"), m.GetStatus()]
             assert a.asked == []
         finally:
             a.bus.close()
@@ -95,8 +95,8 @@ def test_ask_reply(run_dir: str) -> None:
     async def main() -> None:
         a, b = Actor(run_dir, "a"), Bus(run_dir, None)  # an asker needs no mailbox
         try:
-            assert await b.ask("a", m.Ping(), timeout=WAIT_S) == m.Pong("a", os.getpid())
-            assert a.asked == [m.Ping()]
+            assert await b.ask("a", m.GetStatus(), timeout=WAIT_S) == m.CtlDone("a")
+            assert a.asked == [m.GetStatus()]
         finally:
             a.bus.close()
             b.close()
@@ -123,8 +123,8 @@ def test_both_directions(run_dir: str) -> None:
     async def main() -> None:
         a, b = Actor(run_dir, "a"), Actor(run_dir, "b")
         try:
-            assert await a.bus.ask("b", m.Ping(), timeout=WAIT_S) == m.Pong("b", os.getpid())
-            assert await b.bus.ask("a", m.Ping(), timeout=WAIT_S) == m.Pong("a", os.getpid())
+            assert await a.bus.ask("b", m.GetStatus(), timeout=WAIT_S) == m.CtlDone("b")
+            assert await b.bus.ask("a", m.GetStatus(), timeout=WAIT_S) == m.CtlDone("a")
         finally:
             a.bus.close()
             b.bus.close()
@@ -136,8 +136,8 @@ def test_ask_timeout_when_nobody_listens(run_dir: str) -> None:
     async def main() -> None:
         b = Bus(run_dir, "b")
         try:
-            with pytest.raises(AskTimeout, match=r"nobody did not answer Ping in 0\.2s"):
-                await b.ask("nobody", m.Ping(), timeout=0.2)
+            with pytest.raises(AskTimeout, match=r"nobody did not answer GetStatus in 0\.2s"):
+                await b.ask("nobody", m.GetStatus(), timeout=0.2)
             assert b._pending == {}
         finally:
             b.close()
@@ -178,7 +178,7 @@ def test_failed_ask_returns_actor_error(run_dir: str) -> None:
             assert reply == m.ActorError("ValueError: no such model")
             # the mailbox still works afterwards
             a.answer = None
-            assert isinstance(await b.ask("a", m.Ping(), timeout=WAIT_S), m.Pong)
+            assert isinstance(await b.ask("a", m.GetStatus(), timeout=WAIT_S), m.CtlDone)
         finally:
             a.bus.close()
             b.close()
@@ -192,7 +192,7 @@ def test_failed_tell_does_not_break_the_mailbox(run_dir: str) -> None:
         try:
             await b.tell("a", m.Shutdown("fail"))
             await wait_until(lambda: a.told, "the failing tell")
-            assert isinstance(await b.ask("a", m.Ping(), timeout=WAIT_S), m.Pong)
+            assert isinstance(await b.ask("a", m.GetStatus(), timeout=WAIT_S), m.CtlDone)
         finally:
             a.bus.close()
             b.close()
@@ -267,7 +267,7 @@ def test_malformed_frames_are_counted_and_do_not_break_the_mailbox(run_dir: str)
         try:
             await raw.send_multipart([b"garbage"])  # wrong frame count
             await raw.send_multipart([TELL, b"", b"\xc1 not msgpack"])
-            await raw.send_multipart([b"X", b"", m.encode(m.Ping())])  # unknown kind
+            await raw.send_multipart([b"X", b"", m.encode(m.GetStatus())])  # unknown kind
             await raw.send_multipart([TELL, b"", b"", b"", b""])  # too many frames
             await raw.send_multipart([ASK, b"9", msgspec.msgpack.encode({"type": "Nope"})])
             # a malformed ask still gets an answer, so its asker does not hang
@@ -278,9 +278,9 @@ def test_malformed_frames_are_counted_and_do_not_break_the_mailbox(run_dir: str)
             assert isinstance(reply, m.ActorError) and "malformed" in reply.message
             await wait_until(lambda: a.bus.malformed == 5, "five malformed frames")
             assert a.told == [] and a.asked == []
-            assert await b.ask("a", m.Ping(), timeout=WAIT_S) == m.Pong("a", os.getpid())
-            await b.tell("a", m.Ping())
-            await wait_until(lambda: a.told == [m.Ping()], "a good tell")
+            assert await b.ask("a", m.GetStatus(), timeout=WAIT_S) == m.CtlDone("a")
+            await b.tell("a", m.GetStatus())
+            await wait_until(lambda: a.told == [m.GetStatus()], "a good tell")
         finally:
             ctx.destroy(linger=0)
             a.bus.close()
@@ -297,12 +297,12 @@ def test_malformed_reply_is_counted_by_the_asker(run_dir: str) -> None:
         b = Bus(run_dir, "b")
         fake.bind(b.address("fake"))
         try:
-            ask = asyncio.ensure_future(b.ask("fake", m.Ping(), timeout=WAIT_S))
+            ask = asyncio.ensure_future(b.ask("fake", m.GetStatus(), timeout=WAIT_S))
             ident, kind, corr, _ = await asyncio.wait_for(fake.recv_multipart(), WAIT_S)
             assert kind == ASK
             await fake.send_multipart([ident, b"junk"])
-            await fake.send_multipart([ident, REPLY, corr, m.encode(m.Pong("fake", 1))])
-            assert await ask == m.Pong("fake", 1)
+            await fake.send_multipart([ident, REPLY, corr, m.encode(m.CtlDone("fake"))])
+            assert await ask == m.CtlDone("fake")
             assert b.malformed == 1
         finally:
             ctx.destroy(linger=0)
@@ -315,10 +315,10 @@ def test_ask_address(run_dir: str) -> None:
     async def main() -> None:
         a = Actor(run_dir, "a")
         try:
-            reply = await ask_address(a.bus.address("a"), m.Ping(), timeout=WAIT_S)
-            assert reply == m.Pong("a", os.getpid())
+            reply = await ask_address(a.bus.address("a"), m.GetStatus(), timeout=WAIT_S)
+            assert reply == m.CtlDone("a")
             with pytest.raises(AskTimeout):
-                await ask_address(a.bus.address("nobody"), m.Ping(), timeout=0.2)
+                await ask_address(a.bus.address("nobody"), m.GetStatus(), timeout=0.2)
         finally:
             a.bus.close()
 

@@ -1,4 +1,4 @@
-"""Auto-assignment, elections, split planning and re-decisions, sans-I/O.
+"""Auto-assignment, elections and re-decisions, sans-I/O.
 
 The core is meshllm.placement.election.
 """
@@ -25,7 +25,6 @@ from meshllm.placement.election import (
     elect_hosts,
     fits,
     need_bytes,
-    plan_split,
     serving_counts,
 )
 
@@ -297,72 +296,6 @@ def test_groups_are_independent() -> None:
 def test_no_servers_no_hosts() -> None:
     assert elect_hosts([]) == {}
     assert elect_hosts([ann("a"), ann("b")]) == {}
-
-
-# -- split planning ---------------------------------------------------------------------------
-
-
-def test_two_fitting_nodes_run_two_solo_servers() -> None:
-    plan = plan_split("M", 2 * GB, [ann("a", "M", vram=24), ann("b", "M", vram=8)])
-    assert (plan.split, plan.host, plan.solo, plan.workers, plan.idle) == (
-        False,
-        "a",
-        ("a", "b"),
-        (),
-        (),
-    )
-    assert plan.role_of("a") == plan.role_of("b") == "solo"
-
-
-def test_a_member_too_small_stays_idle_when_another_fits() -> None:
-    plan = plan_split("M", 20 * GB, [ann("a", "M", vram=24), ann("b", "M", vram=8)])
-    assert not plan.split
-    assert (plan.solo, plan.idle) == (("a",), ("b",))
-    assert plan.role_of("b") == "idle"
-
-
-def test_split_when_no_single_node_fits_takes_the_fewest_workers() -> None:
-    group = [
-        ann("h", "M", vram=40),
-        ann("w1", "M", vram=30),
-        ann("w2", "M", vram=30),
-        ann("w3", "M", vram=10),
-        ann("w4", "M", vram=20),
-    ]
-    plan = plan_split("M", 60 * GB, group)  # needs 66 GB: 40 + 30 is enough
-    assert plan.split and plan.feasible
-    assert plan.host == "h"
-    assert plan.workers == ("w1",)  # ties by id among the 30 GB nodes
-    assert plan.idle == ("w2", "w4", "w3")
-    assert plan.reason == "fits no single node"
-    assert [plan.role_of(n) for n in ("h", "w1", "w2")] == ["host", "worker", "idle"]
-    bigger = plan_split("M", 80 * GB, group)  # 88 GB: 40 + 30 + 30
-    assert bigger.workers == ("w1", "w2")
-
-
-def test_forced_split_takes_one_worker_even_when_the_host_fits() -> None:
-    group = [ann("a", "M", vram=24), ann("b", "M", vram=24), ann("c", "M", vram=24)]
-    plan = plan_split("M", 2 * GB, group, force=True)
-    assert plan.split
-    assert (plan.host, plan.workers, plan.solo, plan.idle) == ("a", ("b",), ("c",), ())
-    assert plan.reason == "forced (--split)"
-
-
-def test_forced_split_alone_runs_solo() -> None:
-    plan = plan_split("M", 2 * GB, [ann("a", "M", vram=24)], force=True)
-    assert (plan.split, plan.solo) == (False, ("a",))
-
-
-def test_split_that_cannot_fit_is_infeasible() -> None:
-    plan = plan_split("M", 100 * GB, [ann("a", "M", vram=24), ann("b", "M", vram=24)])
-    assert not plan.feasible and not plan.split
-    assert plan.idle == ("a", "b")
-    assert "needs" in plan.reason
-
-
-def test_unknown_size_runs_solo_and_empty_groups_have_no_plan() -> None:
-    assert plan_split("M", None, [ann("a", "M", vram=8)]).solo == ("a",)
-    assert not plan_split("M", GB, []).feasible
 
 
 # -- the Elector: holding, re-deciding --------------------------------------------------------

@@ -28,8 +28,6 @@ SERVER = m.LocalServerState(
 # without a sample here are built from their schema by `_build`.
 SAMPLES: dict[type[Any], m.Message] = {
     m.Shutdown: m.Shutdown("ctl stop"),
-    m.Ping: m.Ping(),
-    m.Pong: m.Pong("proxy", 1234),
     m.GetLatest: m.GetLatest("routes"),
     m.Nothing: m.Nothing(),
     m.ActorError: m.ActorError("ValueError: boom"),
@@ -138,10 +136,10 @@ def test_unknown_fields_are_ignored() -> None:
         msgspec.msgpack.encode({"type": "NoSuchMessage"}),
         msgspec.msgpack.encode({"model": "a"}),  # no tag
         msgspec.msgpack.encode({"type": "DropModel"}),  # required field missing
-        msgspec.msgpack.encode({"type": "Pong", "name": "p", "pid": "not an int"}),
+        msgspec.msgpack.encode({"type": "CtlDone", "message": 3}),  # wrong type
         msgspec.msgpack.encode({"type": "LocalServerState", "state": "exploded"}),
         msgspec.msgpack.encode([1, 2, 3]),
-        msgspec.msgpack.encode("Ping"),
+        msgspec.msgpack.encode("GetStatus"),
         msgspec.msgpack.encode(None),
     ],
 )

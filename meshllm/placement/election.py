@@ -1,4 +1,4 @@
-"""Which model a node serves, who hosts each model, and when to split (sans-I/O).
+"""Which model a node serves and who hosts each model (sans-I/O).
 
 Spec: `seed/multi-model-mesh.md`. Nothing here reads a socket, a file or a
 clock: the Elector actor builds a `NodeView` from the mesh view, the disk scan
@@ -88,13 +88,8 @@ same model form a group; its host is the node with the most VRAM (announced
 `vram_bytes`), ties to the smallest node id. Groups are independent.
 
 No accidental tensor split ("No accidental tensor split"). Every member of a
-group that fits the model runs its own llama-server (solo). A group splits
-only when the model fits no single member, or when split is forced
-(``--split``): then the host plus the fewest workers whose budgets, with the
-host's, cover the need (the largest budgets first, ties by node id); a forced
-split takes at least one worker when the group has one. Members left over run
-solo when they fit, else stay idle. A group whose budgets together fall short
-gets no plan (`feasible` is False).
+group runs its own llama-server (solo). Tensor split is not built yet: a model
+that fits no single node runs only where `--model` names it, solo.
 """
 
 from __future__ import annotations
@@ -578,7 +573,7 @@ class Elector:
         return None
 
 
-# -- elections and split planning ----------------------------------------------------
+# -- elections ---------------------------------------------------------------------
 
 
 def _host_key(ann: PeerAnnouncement) -> tuple[int, str]:
@@ -599,85 +594,3 @@ def elect_hosts(announcements: Iterable[PeerAnnouncement]) -> dict[str, str]:
         if host is not None:
             hosts[model] = host
     return hosts
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    """How one election group runs its model."""
-
-    model: str
-    split: bool
-    """A tensor split across `host` and `workers`."""
-    host: str | None
-    """The elected host (split host when `split`)."""
-    workers: tuple[str, ...] = ()
-    """RPC workers of the split, largest budget first."""
-    solo: tuple[str, ...] = ()
-    """Members running their own llama-server."""
-    idle: tuple[str, ...] = ()
-    """Members with nothing to run (too small alone, not needed by the split)."""
-    feasible: bool = True
-    """False when even the whole group's memory falls short."""
-    reason: str = ""
-
-    def role_of(self, node_id: str) -> str:
-        """'host', 'worker', 'solo' or 'idle' for a member of the group."""
-        if self.split and node_id == self.host:
-            return "host"
-        if node_id in self.workers:
-            return "worker"
-        if node_id in self.solo:
-            return "solo"
-        return "idle"
-
-
-def plan_split(
-    model: str,
-    size_bytes: int | None,
-    group: Iterable[PeerAnnouncement],
-    force: bool = False,
-) -> SplitPlan:
-    """Solo servers unless the model fits no member or `force` (`--split`); see module doc."""
-    members = sorted(group, key=_host_key)
-    ids = tuple(m.node_id for m in members)
-    if not members:
-        return SplitPlan(model, False, None, feasible=False, reason="no node serves it")
-    host = members[0]
-    fitting = tuple(m.node_id for m in members if fits(size_bytes, m.vram_bytes))
-    if size_bytes is None or (fitting and (not force or len(members) == 1)):
-        return SplitPlan(model, False, host.node_id, solo=fitting, idle=_rest(ids, fitting))
-    need = need_bytes(size_bytes)
-    total = host.vram_bytes
-    workers: list[str] = []
-    for member in members[1:]:
-        # Forced split takes one worker even when the host fits alone.
-        if total >= need and (workers or not force):
-            break
-        workers.append(member.node_id)
-        total += member.vram_bytes
-    if total < need:
-        return SplitPlan(
-            model,
-            False,
-            host.node_id,
-            idle=ids,
-            feasible=False,
-            reason=f"needs {need} bytes, the group has {total}",
-        )
-    used = {host.node_id, *workers}
-    solo = tuple(i for i in fitting if i not in used)
-    why = "forced (--split)" if force else "fits no single node"
-    return SplitPlan(
-        model,
-        True,
-        host.node_id,
-        workers=tuple(workers),
-        solo=solo,
-        idle=_rest(ids, (*used, *solo)),
-        reason=why,
-    )
-
-
-def _rest(ids: Sequence[str], taken: Iterable[str]) -> tuple[str, ...]:
-    gone = set(taken)
-    return tuple(i for i in ids if i not in gone)

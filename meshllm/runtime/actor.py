@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import os
 import signal
 from typing import Any, ClassVar
 
@@ -19,7 +18,7 @@ import uvloop
 from meshllm.runtime import logs
 from meshllm.runtime.bus import Bus
 from meshllm.runtime.config import NodeConfig
-from meshllm.runtime.messages import ActorError, Message, Ping, Pong, Shutdown
+from meshllm.runtime.messages import ActorError, Message, Shutdown
 from meshllm.runtime.procutil import die_with_parent
 
 REPUBLISH_INTERVAL_S = 1.0
@@ -68,8 +67,6 @@ class Actor:
             await self.on_tell(msg)
 
     async def _dispatch_ask(self, msg: Message) -> Message:
-        if isinstance(msg, Ping):
-            return Pong(self.name, os.getpid())
         return await self.on_ask(msg)
 
     async def _republish_forever(self) -> None:

@@ -35,7 +35,6 @@ class NodeConfig(msgspec.Struct, frozen=True):
     vram_bytes: int = 0
     """Memory budget for models: VRAM, a share of RAM, or `--max-vram`
     (see meshllm.placement.memory)."""
-    memory_source: str = ""
     client: bool = False
     """A lite client serves no model (`--client`)."""
     http_host: str = "127.0.0.1"
@@ -43,7 +42,6 @@ class NodeConfig(msgspec.Struct, frozen=True):
     strict_models: bool = False
     max_body_bytes: int = 16 * 1024 * 1024
     llama_server: str = ""
-    rpc_server: str = ""
     llama_args: tuple[str, ...] = ()
     """Extra arguments appended to every llama-server command line."""
     load_timeout_s: float = 600.0
@@ -59,10 +57,6 @@ class NodeConfig(msgspec.Struct, frozen=True):
     console_port: int = 0
     console_host: str = "127.0.0.1"
     log_level: str = "INFO"
-
-    def ipc(self, name: str) -> str:
-        """The ZeroMQ address of a socket in this node's run directory."""
-        return f"ipc://{self.run_dir}/{name}.ipc"
 
     @property
     def tunnel_http_path(self) -> str:

@@ -23,15 +23,6 @@ class Shutdown(msgspec.Struct, tag=True, frozen=True):
     reason: str = ""
 
 
-class Ping(msgspec.Struct, tag=True, frozen=True):
-    """Liveness check; answered with `Pong`."""
-
-
-class Pong(msgspec.Struct, tag=True, frozen=True):
-    name: str
-    pid: int
-
-
 class GetLatest(msgspec.Struct, tag=True, frozen=True):
     """Ask a publisher for the latest value it published on `topic`."""
 
@@ -181,8 +172,6 @@ class CtlDone(msgspec.Struct, tag=True, frozen=True):
 
 Message = (
     Shutdown
-    | Ping
-    | Pong
     | GetLatest
     | Nothing
     | ActorError

@@ -26,16 +26,6 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def stop_process(proc: asyncio.subprocess.Process, grace_s: float = 3.0) -> None:
     """SIGTERM, wait up to `grace_s`, then SIGKILL; always reaps the child."""
     if proc.returncode is not None:
