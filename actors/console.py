@@ -56,7 +56,7 @@ class Console(Actor):
         self.app = ConsoleApp(
             api_host,
             cfg.http_port,
-            cfg.max_body_bytes,
+            cfg.options.max_body_bytes,
             loopback_only=_is_loopback(cfg.console_host),
         )
         self._update()
@@ -68,13 +68,13 @@ class Console(Actor):
         told = False
         while True:
             try:
-                sock = bind_console(cfg.console_host, cfg.console_port)
+                sock = bind_console(cfg.console_host, cfg.options.console_port)
             except OSError as exc:
                 if not told:
                     self.log.error(
                         "the console cannot listen on %s:%s (%s); retrying every %.0fs",
                         cfg.console_host,
-                        cfg.console_port,
+                        cfg.options.console_port,
                         exc.strerror,
                         BIND_RETRY_S,
                     )
@@ -84,7 +84,7 @@ class Console(Actor):
             break
         self.server = actor_server(self.app, graceful_s=2)
         host = f"[{cfg.console_host}]" if ":" in cfg.console_host else cfg.console_host
-        self.log.info("console on http://%s:%s/", host, cfg.console_port)
+        self.log.info("console on http://%s:%s/", host, cfg.options.console_port)
         try:
             await self.server.serve(sockets=[sock])
         finally:
@@ -104,7 +104,7 @@ class Console(Actor):
 
     def _update(self) -> None:
         cfg = self.config
-        me = own_card(cfg.node_id, cfg.client, self.local, self.vram_bytes, cfg.http_port)
+        me = own_card(cfg.node_id, cfg.options.client, self.local, self.vram_bytes, cfg.http_port)
         self.app.set_status(build_mesh_status(me, self.mesh, self.routes, self.api))
 
     async def on_stop(self) -> None:

@@ -69,7 +69,7 @@ class Elector(Actor):
 
     async def on_start(self) -> None:
         cfg = self.config
-        self.core = election.Elector()
+        self.core = election.Elector(cold_grace_s=cfg.options.cold_grace_s)
         self.mesh = m.MeshView(cfg.node_id)
         self.local = m.LocalServerState()
         self.explicit = cfg.models[0].name if cfg.models else None
@@ -77,7 +77,7 @@ class Elector(Actor):
         self.served_here: set[str] = set()
         # `--join` alone: choose from the mesh's view, not from the empty one before
         # joining (a choice made then would be held: "a decision holds").
-        self.heard_mesh = not cfg.join or self.explicit is not None
+        self.heard_mesh = not cfg.options.join or self.explicit is not None
         self.wake = asyncio.Event()
         self.timer = asyncio.create_task(self._timer())
         await self._decide()

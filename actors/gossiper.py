@@ -45,7 +45,7 @@ class Gossiper(Actor):
             node_id=cfg.node_id,
             generation=boot_generation(),
             version=__version__,
-            role="client" if cfg.client else "idle",
+            role="client" if cfg.options.client else "idle",
             http_port=cfg.http_port,
             requested_models=tuple(spec.name for spec in cfg.models),
             available_models=tuple(spec.name for spec in cfg.available),
@@ -70,7 +70,7 @@ class Gossiper(Actor):
         self.peers_file = Path(cfg.run_dir) / "peers.json"
         await self.endpoint.listen(self.resources["socket"])
         self._spawn(self._anti_entropy())
-        for token in cfg.join:
+        for token in cfg.options.join:
             self._spawn(self._join(token))
         self._spawn(self._redial_remembered())
         await self._publish()
@@ -283,7 +283,7 @@ class Gossiper(Actor):
     async def on_topic(self, topic: str, msg: m.Message) -> None:
         if isinstance(msg, m.LocalServerState):
             serving = msg.model or None
-            role = "client" if self.config.client else ("host" if serving else "idle")
+            role = "client" if self.config.options.client else ("host" if serving else "idle")
             if self.members.update_self(serving=serving, server_state=msg.state, role=role):
                 self._forward(wire.Sync((self.members.me,)))
                 await self._publish()

@@ -20,7 +20,8 @@ class HealthProber(Actor):
 
     async def on_start(self) -> None:
         self.detector = health.FailureDetector(
-            interval=self.config.probe_interval_s, timeout=self.config.probe_timeout_s
+            interval=self.config.options.probe_interval_s,
+            timeout=self.config.options.probe_timeout_s,
         )
         self.wake = asyncio.Event()
         self.task = asyncio.create_task(self._run())

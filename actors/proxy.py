@@ -25,8 +25,8 @@ class Proxy(Actor):
 
     async def on_start(self) -> None:
         self.app = ProxyApp(
-            self.config.strict_models,
-            self.config.max_body_bytes,
+            self.config.options.strict_models,
+            self.config.options.max_body_bytes,
             remote=remote_via_tunnel(self.config.tunnel_http_path),
             loopback_only=is_loopback_address(self.config.http_host),
         )

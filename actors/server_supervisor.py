@@ -156,7 +156,7 @@ class ServerSupervisor(Actor):
             "--host", "127.0.0.1",
             "--port", "0",
             "--no-webui",
-            *self.config.llama_args,
+            *self.config.options.llama_args,
         ]  # fmt: skip
         self.output.clear()
         self.log.info("starting %s", " ".join(cmd))
@@ -196,7 +196,7 @@ class ServerSupervisor(Actor):
         exited = asyncio.ensure_future(self.proc.wait())
         done, _ = await asyncio.wait(
             {port_found, exited},
-            timeout=self.config.load_timeout_s,
+            timeout=self.config.options.load_timeout_s,
             return_when=asyncio.FIRST_COMPLETED,
         )
         exited.cancel()
@@ -209,7 +209,7 @@ class ServerSupervisor(Actor):
 
     async def _await_health(self, port: int) -> bool:
         assert self.proc is not None
-        deadline = time.monotonic() + self.config.load_timeout_s
+        deadline = time.monotonic() + self.config.options.load_timeout_s
         while self.proc.returncode is None and time.monotonic() < deadline:
             try:
                 if await get_status("127.0.0.1", port, "/health", timeout=2.0) == 200:

@@ -3,22 +3,57 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import click
 
 from meshllm import __version__
 from meshllm.runtime import messages as m
-from meshllm.runtime.paths import DEFAULT_HOME, home_from
+from meshllm.runtime.config import UpOptions, flag_of
+from meshllm.runtime.paths import home_from
 
-HOME_OPTION = click.option(
-    "--home",
-    envvar="MESHLLM_HOME",
-    default=str(DEFAULT_HOME),
-    show_default=True,
-    help="Directory for the node's key, config, logs and run directory.",
-)
+F = TypeVar("F", bound=Callable[..., Any])
+UP_FIELDS = {f.name: f for f in dataclasses.fields(UpOptions)}
+_UP_TYPES = get_type_hints(UpOptions)
+
+
+def _checked(check: Callable[[Any], str | None]) -> Callable[[click.Context, Any, Any], Any]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        problem = check(value)
+        if problem is not None:
+            raise click.BadParameter(problem, ctx, param)
+        return value
+
+    return callback
+
+
+def up_option(name: str) -> Callable[[F], F]:
+    """The click option of `UpOptions` field `name`, from the field's type, default and `Flag`."""
+    field = UP_FIELDS[name]
+    flag = flag_of(field)
+    kind = _UP_TYPES[name]
+    kwargs: dict[str, Any] = {"help": flag.help, "metavar": flag.metavar, "envvar": flag.envvar}
+    if get_origin(kind) is list:
+        kwargs.update(multiple=True, type=get_args(kind)[0])
+    elif kind is bool:
+        kwargs.update(is_flag=True)
+    else:
+        # `float | None` takes a float; the default (None) means "not given".
+        types = [t for t in get_args(kind) if t is not type(None)] or [kind]
+        default = field.default if flag.shown_default is None else flag.shown_default
+        kwargs.update(type=types[0], default=default, show_default=default is not None)
+        if flag.choices:
+            kwargs["type"] = click.Choice(flag.choices, case_sensitive=False)
+    if flag.check is not None:
+        kwargs["callback"] = _checked(flag.check)
+    return click.option(flag.name, name, **kwargs)
+
+
+HOME_OPTION = up_option("home")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -31,138 +66,23 @@ def main() -> None:
     """
 
 
+def up_options(command: F) -> F:
+    """Every option of `meshllm up`, one per `UpOptions` field, in the field order."""
+    for name in reversed(UP_FIELDS):
+        command = up_option(name)(command)
+    return command
+
+
 @main.command()
-@click.option(
-    "--model",
-    "models",
-    multiple=True,
-    metavar="MODEL",
-    help="GGUF path, file name in the models directory, catalog name, Hugging Face "
-    "owner/repo/file.gguf or URL (downloaded when not on disk). Repeat to seed the mesh "
-    "catalog: the first is served here. Default (no --join): the built-in demo model.",
-)
-@click.option("--join", multiple=True, metavar="TOKEN", help="Join the mesh of an invite token.")
-@click.option("--client", is_flag=True, help="Lite client: serve no model, route to the mesh.")
-@HOME_OPTION
-@click.option("--port", default=9337, show_default=True, help="Port of the OpenAI API.")
-@click.option(
-    "--listen", default="127.0.0.1", show_default=True, help="Address the OpenAI API binds to."
-)
-@click.option(
-    "--console",
-    default=0,
-    show_default=True,
-    metavar="PORT",
-    help="Serve the web console on 127.0.0.1:PORT (suggested: 3131); 0 turns it off.",
-)
-@click.option(
-    "--strict-models",
-    is_flag=True,
-    help="Answer 404 for an unknown model instead of falling back to the first available one.",
-)
-@click.option(
-    "--max-body-mb", default=16.0, show_default=True, help="Largest request body accepted (MiB)."
-)
-@click.option("--llama-server", metavar="PATH", help="llama-server binary to run.")
-@click.option(
-    "--llama-arg",
-    "llama_args",
-    multiple=True,
-    metavar="ARG",
-    help="Extra argument for llama-server (repeat, e.g. --llama-arg=-c --llama-arg=4096).",
-)
-@click.option(
-    "--load-timeout", default=600.0, show_default=True, help="Seconds a model may take to load."
-)
-@click.option(
-    "--bind",
-    default="0.0.0.0:0",
-    show_default=True,
-    metavar="HOST:PORT",
-    help="UDP address of the mesh (QUIC) endpoint; port 0 picks a free one.",
-)
-@click.option("--advertise", metavar="HOST", help="Host other nodes dial (default: from --bind).")
-@click.option(
-    "--max-vram",
-    type=float,
-    default=None,
-    metavar="GB",
-    help="Memory for models, in GB, used for planning and announced to the mesh "
-    "(default: total VRAM of NVIDIA GPUs, else 75% of RAM).",
-)
-@click.option(
-    "--probe-interval",
-    default=0.5,
-    show_default=True,
-    help="Seconds between health probes (the seed's value is 15).",
-)
-@click.option(
-    "--probe-timeout",
-    default=1.0,
-    show_default=True,
-    help="Seconds a probe may take before the peer is suspected (the seed's value is 5).",
-)
-@click.option(
-    "--log-level",
-    default="INFO",
-    show_default=True,
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    help="Logging level of the node and its actors.",
-)
-def up(
-    models: tuple[str, ...],
-    join: tuple[str, ...],
-    client: bool,
-    home: str,
-    port: int,
-    listen: str,
-    console: int,
-    strict_models: bool,
-    max_body_mb: float,
-    llama_server: str | None,
-    llama_args: tuple[str, ...],
-    load_timeout: float,
-    bind: str,
-    advertise: str | None,
-    max_vram: float | None,
-    probe_interval: float,
-    probe_timeout: float,
-    log_level: str,
-) -> None:
+@up_options
+def up(**given: Any) -> None:
     """Start a node and run it in the foreground until Ctrl-C or `meshllm ctl stop`."""
     from meshllm.runtime.binaries import BinaryNotFound
-    from meshllm.up import UpError, UpOptions, run
+    from meshllm.up import UpError, run
 
-    if not 0 <= port <= 65535:
-        raise click.BadParameter("must be between 0 and 65535", param_hint="--port")
-    if not 0 <= console <= 65535:
-        raise click.BadParameter("must be between 0 and 65535", param_hint="--console")
-    if max_body_mb <= 0:
-        raise click.BadParameter("must be positive", param_hint="--max-body-mb")
-    if max_vram is not None and max_vram < 0:
-        raise click.BadParameter("must not be negative", param_hint="--max-vram")
-    if probe_interval <= 0 or probe_timeout <= 0:
-        raise click.BadParameter("must be positive", param_hint="--probe-interval/--probe-timeout")
-    opts = UpOptions(
-        models=list(models),
-        join=list(join),
-        client=client,
-        home=home,
-        listen=listen,
-        port=port,
-        strict_models=strict_models,
-        console_port=console,
-        max_body_bytes=int(max_body_mb * 1024 * 1024),
-        llama_server=llama_server,
-        llama_args=list(llama_args),
-        load_timeout_s=load_timeout,
-        bind=bind,
-        advertise=advertise,
-        max_vram_gb=max_vram,
-        probe_interval_s=probe_interval,
-        probe_timeout_s=probe_timeout,
-        log_level=log_level.upper(),
-    )
+    # click gives a repeated option as a tuple; UpOptions keeps lists.
+    values: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
+    opts = UpOptions(**values)
     try:
         sys.exit(run(opts))
     except (UpError, BinaryNotFound) as exc:

@@ -9,7 +9,6 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from meshllm.mesh.token import (
 from meshllm.placement.memory import detect_memory
 from meshllm.runtime import logs
 from meshllm.runtime.binaries import find_binary
-from meshllm.runtime.config import ModelSpec, NodeConfig
+from meshllm.runtime.config import ModelSpec, NodeConfig, UpOptions
 from meshllm.runtime.paths import NodeHome, cache_dir, home_from, models_dir
 from meshllm.runtime.root import Node, cleanup_run_dir
 
@@ -37,28 +36,6 @@ log = logging.getLogger("meshllm.up")
 
 class UpError(RuntimeError):
     """A problem the user can fix; its message says how."""
-
-
-@dataclass
-class UpOptions:
-    models: list[str] = field(default_factory=list)
-    join: list[str] = field(default_factory=list)
-    client: bool = False
-    home: str | None = None
-    listen: str = "127.0.0.1"
-    port: int = 9337
-    strict_models: bool = False
-    max_body_bytes: int = 16 * 1024 * 1024
-    llama_server: str | None = None
-    llama_args: list[str] = field(default_factory=list)
-    load_timeout_s: float = 600.0
-    bind: str = "0.0.0.0:0"
-    advertise: str | None = None
-    max_vram_gb: float | None = None
-    probe_interval_s: float = 0.5
-    probe_timeout_s: float = 1.0
-    console_port: int = 0
-    log_level: str = "INFO"
 
 
 def resolve_model(ref: str) -> ModelSpec:
@@ -253,27 +230,18 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         home=str(home.root),
         run_dir=str(home.run_dir),
         node_id=node_id_of(key),
+        options=opts,
         models=tuple(models),
         available=available,
         models_dir=str(models_dir()),
         vram_bytes=0 if opts.client else memory.budget_bytes,
-        client=opts.client,
         http_host=opts.listen,
         http_port=sock.getsockname()[1],
-        strict_models=opts.strict_models,
-        max_body_bytes=opts.max_body_bytes,
         llama_server=llama_server,
-        llama_args=tuple(opts.llama_args),
-        load_timeout_s=opts.load_timeout_s,
-        join=tuple(opts.join),
         mesh_secret=secret,
         advertise_host=advertised,
         gossip_port=gossip_port,
         tunnel_port=tunnel_sock.getsockname()[1],
-        probe_interval_s=opts.probe_interval_s,
-        probe_timeout_s=opts.probe_timeout_s,
-        console_port=opts.console_port,
-        log_level=opts.log_level,
     )
     resources = {
         "proxy": {"socket": sock},

@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 
-from meshllm.placement.election import COLD_GRACE_S
 from tests.nodes import NodeProcess, chat, mesh_models, token_of, wait_for
 
 pytestmark = pytest.mark.integration
@@ -41,6 +40,9 @@ FITS_ONE = ("--max-vram", "0.001")
 seeding node announces, so the seeding node stays the host of its model."""
 FITS_NONE = ("--max-vram", "0.0001")
 """100 KB: no demo model fits."""
+COLD_GRACE_S = 10.0
+"""The cold grace of the spare that moves (`--cold-grace`; 30 s by default): long
+enough that the test sees the model cold before the spare takes it."""
 
 StartNode = Callable[..., NodeProcess]
 
@@ -263,7 +265,8 @@ def test_a_node_with_room_takes_a_model_whose_only_server_dropped(
     # One server each: the next node adds capacity to A (the tie goes to the smaller name).
     # It has less memory than the seed, so the seed stays A's host and j2 is a spare.
     env = models_dir(tmp_path, "j2", models.a, models.b)
-    j2 = start_node("--join", token, *FITS_ONE, *SERVING, name="j2", env=env)
+    grace = ("--cold-grace", str(COLD_GRACE_S))
+    j2 = start_node("--join", token, *FITS_ONE, *SERVING, *grace, name="j2", env=env)
     ids["j2"] = node_id(j2)
     wait_listing(s, {A: {ids["s"], ids["j2"]}, B: {ids["j1"]}})
     assert decisions(j2)[-1] == (A, "least-served-on-disk")

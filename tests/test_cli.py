@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,6 +137,16 @@ def test_up_defaults(captured_up: list[UpOptions], tmp_path: Path) -> None:
     assert opts.models == [] and opts.join == []
     assert opts.home == str(tmp_path / "home")  # from MESHLLM_HOME
     assert opts.max_body_bytes == 16 * 1024 * 1024
+    # The command line's defaults are the dataclass's: each option is defined once.
+    assert opts == dataclasses.replace(UpOptions(), home=str(tmp_path / "home"))
+
+
+def test_up_cold_grace_is_an_option(captured_up: list[UpOptions]) -> None:
+    assert invoke("up", "--cold-grace", "2.5").exit_code == 0
+    assert captured_up[0].cold_grace_s == 2.5
+    result = invoke("up", "--cold-grace", "-1")
+    assert result.exit_code == 2 and "--cold-grace" in result.output
+    assert len(captured_up) == 1
 
 
 @pytest.mark.parametrize("port", ["70000", "65536", "-1", "abc", "1.5"])

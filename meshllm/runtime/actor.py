@@ -106,5 +106,5 @@ def actor_main(target: str, config: NodeConfig, resources: dict[str, Any]) -> No
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    logs.setup(config.log_level, cls.name)
+    logs.setup(config.options.log_level, cls.name)
     uvloop.run(cls(config, resources).run())

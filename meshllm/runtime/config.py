@@ -1,8 +1,168 @@
-"""The node's configuration, built once by `meshllm up` and handed to every actor."""
+"""The node's configuration: what `meshllm up` was asked (`UpOptions`) and what it
+made of that (`NodeConfig`, built once and handed to every actor).
+
+Each option of `meshllm up` is defined once, as a field of `UpOptions`: its
+type, default, flag, help and check. The command line (`meshllm.cli`) is
+generated from these fields, and actors read the same values through
+`NodeConfig.options`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import msgspec
+
+from meshllm.placement.election import COLD_GRACE_S
+from meshllm.runtime.paths import DEFAULT_HOME
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How one `UpOptions` field is written on the command line."""
+
+    name: str
+    """The flag, e.g. `--port`."""
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    """Allowed values, matched without regard to case."""
+    envvar: str | None = None
+    shown_default: Any = None
+    """The default the command line uses and shows, where it is not the field's
+    (`--home`: the field's None means "from the environment, else ~/.meshllm")."""
+    check: Callable[[Any], str | None] | None = None
+    """Returns what is wrong with a value given on the command line, or None."""
+
+
+def option(default: Any, flag: str, help: str, **spec: Any) -> Any:
+    """An `UpOptions` field: its default plus its `Flag` (typed Any so that a field reads
+    `port: int = option(9337, "--port", ...)`)."""
+    cli = Flag(flag, help, **spec)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=list, metadata={"flag": cli})
+    return dataclasses.field(default=default, metadata={"flag": cli})
+
+
+def flag_of(field: dataclasses.Field[Any]) -> Flag:
+    found: Flag = field.metadata["flag"]
+    return found
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be between 0 and 65535"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _not_negative(value: float | None) -> str | None:
+    return None if value is None or value >= 0 else "must not be negative"
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpOptions:
+    """What `meshllm up` was asked; every field is one option of the command, in the order
+    its help lists them."""
+
+    models: list[str] = option(  # noqa: RUF009 (option() makes a dataclasses.field)
+        [],
+        "--model",
+        "GGUF path, file name in the models directory, catalog name, Hugging Face "
+        "owner/repo/file.gguf or URL (downloaded when not on disk). Repeat to seed the mesh "
+        "catalog: the first is served here. Default (no --join): the built-in demo model.",
+        metavar="MODEL",
+    )
+    join: list[str] = option(  # noqa: RUF009
+        [], "--join", "Join the mesh of an invite token.", metavar="TOKEN"
+    )
+    client: bool = option(False, "--client", "Lite client: serve no model, route to the mesh.")
+    home: str | None = option(
+        None,
+        "--home",
+        "Directory for the node's key, config, logs and run directory.",
+        envvar="MESHLLM_HOME",
+        shown_default=str(DEFAULT_HOME),
+    )
+    port: int = option(9337, "--port", "Port of the OpenAI API.", check=_port)
+    listen: str = option("127.0.0.1", "--listen", "Address the OpenAI API binds to.")
+    console_port: int = option(
+        0,
+        "--console",
+        "Serve the web console on 127.0.0.1:PORT (suggested: 3131); 0 turns it off.",
+        metavar="PORT",
+        check=_port,
+    )
+    strict_models: bool = option(
+        False,
+        "--strict-models",
+        "Answer 404 for an unknown model instead of falling back to the first available one.",
+    )
+    max_body_mb: float = option(
+        16.0, "--max-body-mb", "Largest request body accepted (MiB).", check=_positive
+    )
+    llama_server: str | None = option(
+        None, "--llama-server", "llama-server binary to run.", metavar="PATH"
+    )
+    llama_args: list[str] = option(  # noqa: RUF009
+        [],
+        "--llama-arg",
+        "Extra argument for llama-server (repeat, e.g. --llama-arg=-c --llama-arg=4096).",
+        metavar="ARG",
+    )
+    load_timeout_s: float = option(600.0, "--load-timeout", "Seconds a model may take to load.")
+    bind: str = option(
+        "0.0.0.0:0",
+        "--bind",
+        "UDP address of the mesh (QUIC) endpoint; port 0 picks a free one.",
+        metavar="HOST:PORT",
+    )
+    advertise: str | None = option(
+        None, "--advertise", "Host other nodes dial (default: from --bind).", metavar="HOST"
+    )
+    max_vram_gb: float | None = option(
+        None,
+        "--max-vram",
+        "Memory for models, in GB, used for planning and announced to the mesh "
+        "(default: total VRAM of NVIDIA GPUs, else 75% of RAM).",
+        metavar="GB",
+        check=_not_negative,
+    )
+    probe_interval_s: float = option(
+        0.5,
+        "--probe-interval",
+        "Seconds between health probes (the seed's value is 15).",
+        check=_positive,
+    )
+    probe_timeout_s: float = option(
+        1.0,
+        "--probe-timeout",
+        "Seconds a probe may take before the peer is suspected (the seed's value is 5).",
+        check=_positive,
+    )
+    cold_grace_s: float = option(
+        COLD_GRACE_S,
+        "--cold-grace",
+        "Seconds a model must have no server before a spare server of another model "
+        "moves to it (a server that restarts within this time is not replaced).",
+        check=_not_negative,
+    )
+    log_level: str = option(
+        "INFO",
+        "--log-level",
+        "Logging level of the node and its actors.",
+        choices=LOG_LEVELS,
+    )
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
 
 
 class ModelSpec(msgspec.Struct, frozen=True):
@@ -21,12 +181,16 @@ class ModelSpec(msgspec.Struct, frozen=True):
     """Where the file is, or will be once downloaded."""
 
 
-class NodeConfig(msgspec.Struct, frozen=True):
-    """Everything an actor needs to know about its node; immutable for the node's life."""
+class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything an actor needs to know about its node; immutable for the node's life.
+
+    What the user asked is in `options`; the fields here are what `meshllm up`
+    resolved from it (paths, bound ports, identity, the models found)."""
 
     home: str
     run_dir: str
     node_id: str
+    options: UpOptions = msgspec.field(default_factory=UpOptions)
     models: tuple[ModelSpec, ...] = ()
     """`--model` flags in order: the first is served here, the rest seed the catalog."""
     available: tuple[ModelSpec, ...] = ()
@@ -35,28 +199,19 @@ class NodeConfig(msgspec.Struct, frozen=True):
     vram_bytes: int = 0
     """Memory budget for models: VRAM, a share of RAM, or `--max-vram`
     (see meshllm.placement.memory)."""
-    client: bool = False
-    """A lite client serves no model (`--client`)."""
     http_host: str = "127.0.0.1"
-    http_port: int = 9337
-    strict_models: bool = False
-    max_body_bytes: int = 16 * 1024 * 1024
+    """Where the OpenAI API listens (`--listen`)."""
+    http_port: int = 0
+    """The port the OpenAI API is bound to (`--port`, or the one picked for port 0)."""
     llama_server: str = ""
-    llama_args: tuple[str, ...] = ()
-    """Extra arguments appended to every llama-server command line."""
-    load_timeout_s: float = 600.0
-    join: tuple[str, ...] = ()
+    """Path of the llama-server binary (`--llama-server`, else found; empty for a client)."""
     mesh_secret: bytes = b""
     """Admits peers (from the invite token, or made by the first node)."""
     advertise_host: str = "127.0.0.1"
     """Host other nodes dial to reach this one."""
     gossip_port: int = 0
     tunnel_port: int = 0
-    probe_interval_s: float = 0.5
-    probe_timeout_s: float = 1.0
-    console_port: int = 0
     console_host: str = "127.0.0.1"
-    log_level: str = "INFO"
 
     @property
     def tunnel_http_path(self) -> str:

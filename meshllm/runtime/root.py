@@ -34,7 +34,7 @@ class ActorSpec:
 
 
 def _serves(config: NodeConfig) -> bool:
-    return not config.client
+    return not config.options.client
 
 
 ACTORS: list[ActorSpec] = [
@@ -44,7 +44,7 @@ ACTORS: list[ActorSpec] = [
     ActorSpec("health_prober", "actors.health_prober:HealthProber"),
     ActorSpec("router", "actors.router:Router"),
     ActorSpec("tunnel", "actors.tunnel:Tunnel"),
-    ActorSpec("console", "actors.console:Console", lambda c: c.console_port > 0),
+    ActorSpec("console", "actors.console:Console", lambda c: c.options.console_port > 0),
     ActorSpec("proxy", "actors.proxy:Proxy"),
 ]
 
@@ -132,7 +132,7 @@ class Node:
                 self.request_stop(reason or "meshllm ctl stop")
                 return m.CtlDone("stopping")
             case m.DropModel(model=model):
-                if self.config.client or not self.server.model:
+                if self.config.options.client or not self.server.model:
                     return m.ActorError("this node serves no model")
                 if model != self.server.model:
                     return m.ActorError(
@@ -167,7 +167,7 @@ class Node:
         )
         return m.NodeStatus(
             node_id=self.config.node_id,
-            role="client" if self.config.client else "host",
+            role="client" if self.config.options.client else "host",
             home=self.config.home,
             http=f"{self.config.http_host}:{self.config.http_port}",
             server=self.server,
