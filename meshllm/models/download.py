@@ -34,6 +34,7 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from meshllm import __version__
+from meshllm.runtime.backoff import Backoff
 
 log = logging.getLogger("meshllm.models.download")
 
@@ -202,7 +203,8 @@ class _Transfer:
         self.opener = urllib.request.build_opener()
 
     def run(self) -> None:
-        failures = 0
+        # The delay doubles with each consecutive failure; a try that got bytes resets it.
+        policy = Backoff(base_s=self.backoff_s, max_s=self.max_backoff_s)
         while True:
             offset = self._size_on_disk()
             if self.expected_size is not None:
@@ -216,24 +218,24 @@ class _Transfer:
             try:
                 if self._attempt(offset):
                     return
-                failures += 1  # a restart (range refused): bounded like any other failure
+                # A restart (range refused): bounded like any other failure.
                 reason = "the server refused to resume; restarting from zero"
             except _ConnectFailed as exc:
-                if failures == 0:
+                if not policy.recent:
                     raise DownloadError(f"cannot download {self.url}: {exc}") from None
                 reason = str(exc)
-                failures += 1
             except _Transient as exc:
                 reason = str(exc)
-                failures = 0 if self._size_on_disk() > before else failures
-                failures += 1
+                if self._size_on_disk() > before:
+                    policy.reset()
+            delay = policy.failed(time.monotonic())
+            failures = len(policy.recent)
             if failures > self.retries:
                 kept = self._size_on_disk()
                 raise DownloadError(
                     f"download of {self.url} failed after {self.retries} retries: {reason}; "
                     f"{kept} bytes are kept in {self.part}: run the same command again to resume"
                 )
-            delay = min(self.backoff_s * 2 ** (failures - 1), self.max_backoff_s)
             log.warning(
                 "download of %s: %s; retry %d/%d in %.1fs",
                 self.url,
