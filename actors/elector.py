@@ -18,7 +18,7 @@ from meshllm.models.catalog import CATALOG
 from meshllm.placement import election
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
-from meshllm.runtime.config import ModelSpec
+from meshllm.runtime.config import ModelSpec, NodeConfig
 
 
 def known_models(
@@ -63,13 +63,18 @@ def model_infos(specs: dict[str, ModelSpec]) -> dict[str, election.ModelInfo]:
     }
 
 
+def election_core(config: NodeConfig) -> election.Elector:
+    """The election core with this node's timings (`--cold-grace`)."""
+    return election.Elector(cold_grace_s=config.options.cold_grace_s)
+
+
 class Elector(Actor):
     name = "elector"
     subscriptions = {"gossiper": ["mesh"], "server_supervisor": ["local"]}
 
     async def on_start(self) -> None:
         cfg = self.config
-        self.core = election.Elector(cold_grace_s=cfg.options.cold_grace_s)
+        self.core = election_core(cfg)
         self.mesh = m.MeshView(cfg.node_id)
         self.local = m.LocalServerState()
         self.explicit = cfg.models[0].name if cfg.models else None

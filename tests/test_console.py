@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -238,10 +237,8 @@ def test_events_push_each_change_and_keep_alive(monkeypatch: pytest.MonkeyPatch)
         changed = build_mesh_status(
             first.nodes[0], MeshView("aaaa"), RouteTable((ModelRoute("alpha"),)), first.api
         )
-        started = time.monotonic()
         assert app.set_status(changed)
-        event = (await stream.next(1.0))["body"]
-        assert time.monotonic() - started < 1.0
+        event = (await stream.next(1.0))["body"]  # pushed now, not with the next keep-alive
         data = json.loads(event.split(b"data: ", 1)[1])
         assert [(m["name"], m["status"]) for m in data["models"]] == [("alpha", "cold")]
 
@@ -484,12 +481,10 @@ def test_console_in_a_browser(
             20,
             "the first node to notice the second one died",
         )
-        noticed = time.monotonic()
         expect(nodes).to_have_count(1, timeout=2_000)
         expect(page.locator(f'.model-row[data-model="{second_name}"]')).to_have_attribute(
             "data-status", "cold", timeout=2_000
         )
-        assert time.monotonic() - noticed < 2.0
         cold = page.locator(f'.model-row[data-model="{second_name}"]')
         expect(cold.locator(".count")).to_have_text("0 nodes")
         expect(page.locator("#node-total")).to_have_text("1")

@@ -61,10 +61,11 @@ def test_stop_during_a_download_is_prompt(
         "--model", url, "--bind", "127.0.0.1:0", env={"MESHLLM_MODELS_DIR": str(tmp_path)}
     )
     wait_for(lambda: node.status()["server"]["state"] == "downloading", 30, "the download to start")
-    started = time.monotonic()
     assert node.ctl("stop").returncode == 0
-    node.wait_exit(15)
-    took = time.monotonic() - started
-    assert took < 6, f"the node took {took:.1f}s to stop during a download"
+    assert node.wait_exit(15) == 0
+    # The download thread was cancelled, so every actor stopped by itself: the root had
+    # to terminate none (it would after its stop grace).
+    assert "download of slow cancelled" in node.log()
+    assert "did not stop in" not in node.log()
     assert (tmp_path / "slow.gguf.part").exists()  # kept, so the next start resumes
     assert not (tmp_path / "slow.gguf").exists()

