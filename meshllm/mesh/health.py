@@ -18,6 +18,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+DEFAULT_INTERVAL_S = 0.5
+"""A node's probe interval unless told otherwise (`--probe-interval`)."""
+DEFAULT_TIMEOUT_S = 1.0
+"""A node's probe timeout unless told otherwise (`--probe-timeout`)."""
+SEED_INTERVAL_S = 15.0
+"""The seed's probe interval (spec: "Health check")."""
+SEED_TIMEOUT_S = 5.0
+"""The seed's probe timeout."""
+
 
 @dataclass(frozen=True)
 class SendProbe:
@@ -49,8 +58,8 @@ class _Pending:
 
 @dataclass
 class FailureDetector:
-    interval: float = 0.5
-    timeout: float = 1.0
+    interval: float = DEFAULT_INTERVAL_S
+    timeout: float = DEFAULT_TIMEOUT_S
     indirect: int = 2
     rng: random.Random = field(default_factory=random.Random)
     members: set[str] = field(default_factory=set)

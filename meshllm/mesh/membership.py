@@ -32,6 +32,8 @@ class Membership:
     peers: dict[str, PeerAnnouncement] = field(default_factory=dict)
     tombstones: dict[str, tuple[int, float]] = field(default_factory=dict)
     """node id -> (generation at removal, expiry time)."""
+    _fingerprint: int | None = field(default=None, repr=False, compare=False)
+    """`fingerprint()` until the digest changes (it is asked for on every gossip round)."""
 
     @property
     def node_id(self) -> str:
@@ -43,6 +45,7 @@ class Membership:
         if updated == self.me:
             return False
         self.me = msgspec.structs.replace(updated, generation=self.me.generation + 1)
+        self._fingerprint = None
         return True
 
     def merge(self, ann: PeerAnnouncement, now: float) -> bool:
@@ -52,6 +55,7 @@ class Membership:
                 # Someone holds a newer copy of us (we restarted): outrank it. An
                 # equal generation is our own current copy echoed back: no news.
                 self.me = msgspec.structs.replace(self.me, generation=ann.generation + 1)
+                self._fingerprint = None
                 return True
             return False
         stone = self.tombstones.get(ann.node_id)
@@ -63,7 +67,15 @@ class Membership:
         if known is not None and known.generation >= ann.generation:
             return False
         self.peers[ann.node_id] = ann
+        self._fingerprint = None
         return True
+
+    def buried(self, ann: PeerAnnouncement, now: float) -> int | None:
+        """The tombstone's generation if a tombstone keeps `ann` out, else None."""
+        stone = self.tombstones.get(ann.node_id)
+        if stone is not None and ann.generation <= stone[0] and now < stone[1]:
+            return stone[0]
+        return None
 
     def remove(self, node_id: str, generation: int, now: float) -> bool:
         """A node left or died (as of `generation`); True if we had it."""
@@ -71,11 +83,13 @@ class Membership:
             # Reported dead while alive: refute with a newer generation.
             bump = max(self.me.generation, generation) + 1
             self.me = msgspec.structs.replace(self.me, generation=bump)
+            self._fingerprint = None
             return False
         known = self.peers.get(node_id)
         if known is None or known.generation > generation:
             return False
         del self.peers[node_id]
+        self._fingerprint = None
         self.tombstones[node_id] = (generation, now + TOMBSTONE_TTL_S)
         return True
 
@@ -91,8 +105,11 @@ class Membership:
 
     def fingerprint(self) -> int:
         """A 64-bit hash of `digest()`: equal fingerprints mean nothing to exchange."""
-        data = msgspec.msgpack.encode(sorted(self.digest().items()))
-        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 1
+        if self._fingerprint is None:
+            data = msgspec.msgpack.encode(sorted(self.digest().items()))
+            digest = hashlib.blake2b(data, digest_size=8).digest()
+            self._fingerprint = int.from_bytes(digest, "big") >> 1
+        return self._fingerprint
 
     def lacks(self, digest: dict[str, int]) -> bool:
         """True if a node with this digest knows something newer than we do."""

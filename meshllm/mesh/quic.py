@@ -32,7 +32,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
@@ -72,6 +72,48 @@ class Counters:
     garbage_datagrams: int = 0
     refused: int = 0
     malformed_frames: int = 0
+
+
+@dataclass
+class Traffic:
+    """What the endpoint carried, for the benchmark's traffic figures.
+
+    Datagrams are counted at the UDP socket (QUIC headers, AEAD tags, ACK-only
+    packets and retransmissions included; add 28 bytes of IPv4 + UDP header per
+    datagram for bytes on the wire). Control frames are counted by kind
+    (`wire.traffic_kind`) as framed bytes, without packet overhead.
+    """
+
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+    udp_bytes_sent: int = 0
+    udp_bytes_received: int = 0
+    frame_bytes_sent: dict[str, int] = field(default_factory=dict)
+    frame_bytes_received: dict[str, int] = field(default_factory=dict)
+
+    def frame_sent(self, msg: wire.WireMessage, size: int) -> None:
+        kind = wire.traffic_kind(msg)
+        self.frame_bytes_sent[kind] = self.frame_bytes_sent.get(kind, 0) + size
+
+    def frame_received(self, msg: wire.WireMessage, size: int) -> None:
+        kind = wire.traffic_kind(msg)
+        self.frame_bytes_received[kind] = self.frame_bytes_received.get(kind, 0) + size
+
+
+class _CountingTransport:
+    """A datagram transport that counts what goes out, and passes everything on."""
+
+    def __init__(self, transport: Any, traffic: Traffic) -> None:
+        self._transport = transport
+        self._traffic = traffic
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self._traffic.datagrams_sent += 1
+        self._traffic.udp_bytes_sent += len(data)
+        self._transport.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def self_signed(key: ec.EllipticCurvePrivateKey, node_id: str) -> x509.Certificate:
@@ -147,7 +189,9 @@ class Link:
 
     def send(self, msg: wire.WireMessage) -> None:
         if not self.closed.is_set():
-            self.writer.write(wire.encode_frame(msg))
+            frame = wire.encode_frame(msg)
+            self.protocol.endpoint.traffic.frame_sent(msg, len(frame))
+            self.writer.write(frame)
 
     async def open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await self.protocol.create_stream()
@@ -172,6 +216,15 @@ class MeshProtocol(QuicConnectionProtocol):
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        counted = _CountingTransport(transport, self.endpoint.traffic)
+        super().connection_made(cast(asyncio.BaseTransport, counted))
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.endpoint.traffic.datagrams_received += 1
+        self.endpoint.traffic.udp_bytes_received += len(data)
+        super().datagram_received(data, addr)
 
     def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.link is not None:
@@ -236,6 +289,7 @@ class MeshEndpoint:
     on_link: LinkHandler
     stream_handler: StreamHandler = _no_streams
     counters: Counters = field(default_factory=Counters)
+    traffic: Traffic = field(default_factory=Traffic)
 
     def __post_init__(self) -> None:
         self.cert = self_signed(self.key, self.node_id)

@@ -1,34 +1,19 @@
 """An in-process, deterministic simulation of a mesh built from the real cores.
 
-Each simulated node is a `Membership` plus a `FailureDetector`, driven the way
-`actors/gossiper.py` and `actors/health_prober.py` drive them:
-
-- a new link (either side) sends `Sync` of everything we know;
-- our own change goes to every link at once as `Sync((me,))`;
-- fresh announcements from a `Sync` are forwarded once to every other link;
-- every `ANTI_ENTROPY_S` a `Fingerprint` (a hash of the digest) goes to one
-  random link; only when it differs is a full `Digest` sent, answered with
-  `Sync(newer_than(digest))` (and a reply digest if the sender knows more);
-  the same timer expires tombstones and dials
-  known peers that have no link (the lower node id at once, the other after
-  `REDIAL_AFTER_S`);
-- `PeerGone` removes a node and is forwarded once (never to the removed node
-  itself: closing its link discards it); a node told that it is gone refutes
-  with a newer generation; a peer that sends its own announcement while we
-  hold a tombstone for it is told it is gone;
-- `Probe` is answered with `ProbeAck`; `ProbeRequest` is relayed as a probe
-  of our own and the ack is passed back; the detector's `DeclareDead` removes
-  the peer and floods `PeerGone`; a lost link raises a suspicion; a probe of
-  a peer we have no link to dials it and follows on the new link;
-- a second link between two nodes: the one dialed by the lower id is kept;
-- a node that joined through a token dials its bootstrap node again when that
-  link ends.
+Each simulated node is the very `GossipCore` that `actors/gossiper.py` runs
+and the `FailureDetector` that `actors/health_prober.py` runs. This module
+holds no protocol logic: it is a virtual clock, a virtual network and the
+glue the two actors are, feeding each core what happened and carrying out
+the actions it returns (a probe of the detector goes through the gossip
+core, a `Suspect` of the gossip core reaches the detector, a `Publish` sets
+the detector's members).
 
 Messages are the real `meshllm.mesh.wire` types and every frame is sized with
 `wire.encode_frame`, so byte counts are those on the wire, plus the packet
 overhead below. The network is a virtual clock and an event queue: each
-directed link is a QUIC stream (reliable, in order), so a lost packet is not
-lost but retransmitted after a PTO, delaying what follows it on that link.
+link is a QUIC connection whose directions are streams (reliable, in order),
+so a lost packet is not lost but retransmitted after a PTO, delaying what
+follows it on that link.
 
 Per-packet overhead (`PACKET_OVERHEAD_BYTES` = 63):
   IPv4 20 + UDP 8 = 28; QUIC 1-RTT short header 1 (flags) + 8 (aioquic's
@@ -37,14 +22,16 @@ Per-packet overhead (`PACKET_OVERHEAD_BYTES` = 63):
 A frame larger than `PACKET_PAYLOAD_BYTES` (aioquic's 1200-byte datagrams
 less header, tag and frame header) takes several packets. Every frame is
 answered by one ACK-only packet (`ACK_PACKET_BYTES` = 28 + 11 + 16 + ~7 of
-ACK frame = 62): aioquic acks after 1 ms, so a lone frame gets its own ACK;
-piggybacking on a reply is ignored, which errs high. Not modelled: handshake
-bytes of new links, CPU time, the local ZeroMQ hop between Gossiper and
-HealthProber, and retransmissions towards a node that is already dead.
+ACK frame = 62); piggybacking an ACK on a reply is ignored, which errs high.
+Not modelled: handshake bytes of new links, CPU time, the local ZeroMQ hop
+between Gossiper and HealthProber, and retransmissions towards a node that
+is already dead. `bench/gossip_traffic.py` checks these figures against the
+endpoints' own counters on real nodes.
 
 A killed node (kill -9) sends nothing more and its links stay up on the
 other side until QUIC's idle timeout; a node that leaves gracefully sends
-`PeerGone` for itself and closes its links 50 ms later, as `on_stop` does.
+`PeerGone` for itself and closes its links `LEAVE_LINGER_S` later, as the
+Gossiper's `on_stop` does.
 """
 
 from __future__ import annotations
@@ -58,10 +45,27 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from meshllm.mesh import health, wire
+from meshllm.mesh import gossip, health, wire
+from meshllm.mesh.gossip import ANTI_ENTROPY_S, LEAVE_LINGER_S
+from meshllm.mesh.health import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_TIMEOUT_S,
+    SEED_INTERVAL_S,
+    SEED_TIMEOUT_S,
+)
 from meshllm.mesh.membership import Membership
+from meshllm.mesh.quic import IDLE_TIMEOUT_S
 
-# -- the figures the simulation rests on ----------------------------------------------
+__all__ = [
+    "ANTI_ENTROPY_S",
+    "DEFAULT_INTERVAL_S",
+    "DEFAULT_TIMEOUT_S",
+    "IDLE_TIMEOUT_S",
+    "SEED_INTERVAL_S",
+    "SEED_TIMEOUT_S",
+]
+
+# -- the network model --------------------------------------------------------------------
 
 IP_UDP_BYTES = 28
 QUIC_SHORT_HEADER_BYTES = 11
@@ -75,24 +79,11 @@ DATAGRAM_BYTES = 1200
 PACKET_PAYLOAD_BYTES = (
     DATAGRAM_BYTES - QUIC_SHORT_HEADER_BYTES - AEAD_TAG_BYTES - STREAM_FRAME_HEADER_BYTES
 )
-
-# Mirrors of the actors' constants (actors/gossiper.py, meshllm/mesh/quic.py).
-ANTI_ENTROPY_S = 2.0
-REDIAL_AFTER_S = 2.0
-DIAL_TIMEOUT_S = 3.0
-JOIN_BACKOFF_MAX_S = 10.0
-IDLE_TIMEOUT_S = 20.0
-RELAY_TTL_S = 10.0
-LEAVE_LINGER_S = 0.05
 MIN_PTO_S = 0.025
 """aioquic's max_ack_delay; a PTO is about one RTT plus this."""
+DIAL_RTTS = 3
+"""A dial is the QUIC handshake (1 RTT) plus admission (2 RTT)."""
 
-DEFAULT_INTERVAL_S = 0.5
-DEFAULT_TIMEOUT_S = 1.0
-SEED_INTERVAL_S = 15.0
-SEED_TIMEOUT_S = 5.0
-
-PROBE_TYPES = (wire.Probe, wire.ProbeAck, wire.ProbeRequest)
 _EPOCH_MS = 1_764_000_000_000
 """Generations look like `boot_generation()` ones so frames have realistic sizes."""
 
@@ -113,42 +104,51 @@ class NetworkModel:
 
 @dataclass
 class Traffic:
-    """Bytes and packets one node sent and received, by kind."""
+    """Bytes and packets one node sent and received, by kind, on the wire (overhead in)."""
 
     probe_sent: int = 0
     probe_received: int = 0
     probe_packets_sent: int = 0
     gossip_sent: int = 0
     gossip_received: int = 0
+    gossip_packets_sent: int = 0
+    probe_frame_sent: int = 0
+    """Framed bytes of probe messages, without packet overhead."""
+    gossip_frame_sent: int = 0
+    """Framed bytes of gossip messages, without packet overhead."""
 
 
 @dataclass
 class SimNode:
-    """One node: the two cores plus the gossiper's bookkeeping."""
+    """One node: the two cores, and what the network knows about it."""
 
-    members: Membership
+    core: gossip.GossipCore
     detector: health.FailureDetector
-    rng: random.Random
-    links: dict[str, int] = field(default_factory=dict)
-    """peer id -> link id (a link id names one QUIC connection)."""
-    dialing: set[str] = field(default_factory=set)
-    unlinked_since: dict[str, float] = field(default_factory=dict)
-    relays: dict[int, tuple[str, int, float]] = field(default_factory=dict)
-    unsent_probes: dict[str, int] = field(default_factory=dict)
-    """peer id -> nonce of a probe waiting for the link being dialed."""
-    relay_nonce: int = 1 << 40
-    boot_generation: int = 0
-    join_via: str | None = None
-    join_delay: float = 0.2
+    address: str
+    boot_generation: int
+    open_links: set[int] = field(default_factory=set)
+    """Link ids whose connection is open on this side."""
     alive: bool = True
     leaving: bool = False
     paused_until: float = 0.0
     tick_token: int = 0
+    """The prober's timer: only the latest armed tick runs."""
+    timer_token: int = 0
+    """The gossiper's timer: only the latest armed tick runs."""
+    timer_at: float = math.inf
     traffic: Traffic = field(default_factory=Traffic)
 
     @property
     def node_id(self) -> str:
-        return self.members.node_id
+        return self.core.node_id
+
+    @property
+    def members(self) -> Membership:
+        return self.core.members
+
+    @property
+    def links(self) -> dict[str, int]:
+        return self.core.links
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,10 @@ class Simulation:
         self._queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self._link_ids = 0
-        self._channel_free: dict[tuple[str, str], float] = {}
+        self._ends: dict[int, tuple[SimNode, SimNode]] = {}
+        """link id -> the two node incarnations it connects (dialer first)."""
+        self._by_address: dict[str, str] = {}
+        self._channel_free: dict[tuple[int, str], float] = {}
 
     # -- clock -----------------------------------------------------------------------
 
@@ -213,6 +216,7 @@ class Simulation:
     def _new_node(self, join_via: str | None = None, node_id: str = "", index: int = -1) -> SimNode:
         node_id = node_id or f"{self.rng.getrandbits(64):016x}"
         index = index if index >= 0 else len(self.nodes)
+        address = f"10.0.{index // 250}.{index % 250 + 1}:40000"
         me = wire.PeerAnnouncement(
             node_id=node_id,
             generation=(_EPOCH_MS + int(self.now * 1000)) << 8,
@@ -223,68 +227,73 @@ class Simulation:
             server_state="ready",
             available_models=("meshllm-demo",),
             vram_bytes=8 << 30,
-            addresses=(f"10.0.{index // 250}.{index % 250 + 1}:40000",),
+            addresses=(address,),
             tunnel_port=40001,
             model_sizes={"meshllm-demo": 2_000_000},
         )
         node_rng = random.Random(self.rng.getrandbits(64))
+        joins = () if join_via is None else ((self.nodes[join_via].address,),)
+        core = gossip.GossipCore(me, self.now, joins=joins, rng=node_rng)
         detector = health.FailureDetector(
             interval=self.interval, timeout=self.timeout, indirect=self.indirect, rng=node_rng
         )
-        # Nodes start at different moments: spread the probe and digest phases.
+        # Nodes start at different moments: spread the probe phases.
         detector.next_probe_at = self.now + node_rng.uniform(0, self.interval)
-        node = SimNode(Membership(me), detector, node_rng, join_via=join_via)
-        node.boot_generation = me.generation
+        node = SimNode(core, detector, address, me.generation)
         self.nodes[node_id] = node
-        self._at(self.now + node_rng.uniform(0, ANTI_ENTROPY_S), self._anti_entropy, node)
-        self._wake(node)
+        self._by_address[address] = node_id
         return node
 
     def build_mesh(self, n: int) -> list[str]:
         """`n` nodes that already know and link to each other (as after convergence)."""
         created = [self._new_node() for _ in range(n)]
-        seed = created[0].node_id
+        seed = created[0]
         for node in created:
-            node.join_via = None if node.node_id == seed else seed
             for other in created:
                 if other is not node:
                     node.members.merge(other.members.me, self.now)
         for i, a in enumerate(created):
             for b in created[i + 1 :]:
-                self._link_ids += 1
-                a.links[b.node_id] = b.links[a.node_id] = self._link_ids
+                link = self._new_link(a, b)
+                # Both sides hold the same view already: no opening Sync to execute.
+                a.core.link_opened(link, b.node_id, True, self.now, synced=True)
+                b.core.link_opened(link, a.node_id, False, self.now, synced=True)
         for node in created:
-            self._publish(node)
-            if node.join_via is not None:
-                self._at(self.now + 1.0, self._join_check, node)
+            if node is not seed:
+                # As if it had joined with the first node's token (and so rejoins through it).
+                check_at = self.now + gossip.JOIN_CHECK_S
+                joined = gossip.JoinState((seed.address,), next_at=check_at, joined=seed.node_id)
+                node.core.joins = [joined]
+            self._execute(node, node.core.start(self.now))
         return [node.node_id for node in created]
 
     def join(self, via: str) -> str:
         """A new node starts with a token naming `via` and dials it."""
         node = self._new_node(join_via=via)
-        self._join_attempt(node)
+        self._execute(node, node.core.start(self.now))
         return node.node_id
 
     def kill(self, node_id: str) -> None:
         """kill -9: the node goes silent; its peers' links end at QUIC's idle timeout."""
         node = self.nodes[node_id]
         node.alive = False
-        for peer_id, link_id in node.links.items():
-            self._at(self.now + IDLE_TIMEOUT_S, self._link_closed, peer_id, node_id, link_id)
+        for link in node.open_links:
+            peer = self._other_end(link, node)
+            self._at(self.now + IDLE_TIMEOUT_S, self._link_closed, peer, link)
 
     def restart(self, node_id: str, via: str) -> None:
         """A killed node starts again (same key, so same id; a newer generation) and joins."""
         old = self.nodes[node_id]
         assert not old.alive, "kill it first"
-        node = self._new_node(join_via=via, node_id=node_id, index=list(self.nodes).index(node_id))
-        self._join_attempt(node)
+        index = list(self.nodes).index(node_id)
+        node = self._new_node(join_via=via, node_id=node_id, index=index)
+        self._execute(node, node.core.start(self.now))
 
     def leave(self, node_id: str) -> None:
         """A graceful stop: `PeerGone` for ourselves to every link, then close them."""
         node = self.nodes[node_id]
         node.leaving = True
-        me = node.members.me
-        self._forward(node, wire.PeerGone(me.node_id, me.generation, "left"))
+        self._execute(node, node.core.leave())
         self._at(self.now + LEAVE_LINGER_S, self._stop, node)
 
     def pause(self, node_id: str, duration: float) -> None:
@@ -294,15 +303,14 @@ class Simulation:
     def change(self, node_id: str, **changes: Any) -> None:
         """The node's own state changes (e.g. it starts serving): gossip it at once."""
         node = self.nodes[node_id]
-        if node.members.update_self(**changes):
-            self._forward(node, wire.Sync((node.members.me,)))
+        self._execute(node, node.core.update_self(**changes))
 
     def live(self) -> list[SimNode]:
         return [node for node in self.nodes.values() if node.alive]
 
     def _stop(self, node: SimNode) -> None:
-        for peer_id in list(node.links):
-            self._close_link(node, peer_id)
+        for link in list(node.open_links):
+            self._close(node, link)
         node.alive = False
 
     def _runnable(self, node: SimNode, fn: Callable[..., None], *args: Any) -> bool:
@@ -314,10 +322,22 @@ class Simulation:
             return False
         return True
 
-    # -- network ---------------------------------------------------------------------
+    # -- the network -------------------------------------------------------------------
 
-    def _transit(self, src: str, dst: str, packets: int) -> float:
-        """When something sent now on the src->dst stream is delivered (in order)."""
+    def _new_link(self, dialer: SimNode, acceptor: SimNode) -> int:
+        self._link_ids += 1
+        link = self._link_ids
+        self._ends[link] = (dialer, acceptor)
+        dialer.open_links.add(link)
+        acceptor.open_links.add(link)
+        return link
+
+    def _other_end(self, link: int, node: SimNode) -> SimNode:
+        a, b = self._ends[link]
+        return b if a is node else a
+
+    def _transit(self, link: int, src: str, packets: int) -> float:
+        """When something sent now in one direction of `link` is delivered (in order)."""
         net = self.network
         delay = net.latency_s + (self.rng.random() * net.jitter_s if net.jitter_s else 0.0)
         if net.loss:
@@ -327,253 +347,149 @@ class Simulation:
                 while self.rng.random() < net.loss:
                     delay += backoff
                     backoff *= 2
-        key = (src, dst)
+        key = (link, src)
         at = max(self.now + delay, self._channel_free.get(key, 0.0))
         self._channel_free[key] = at
         return at
 
-    def _send(self, node: SimNode, peer_id: str, msg: wire.WireMessage, size: int = 0) -> None:
-        link_id = node.links.get(peer_id)
-        if link_id is None:
+    def _send(self, node: SimNode, link: int, msg: wire.WireMessage, size: int) -> None:
+        if link not in node.open_links:
             return
-        size = size or len(wire.encode_frame(msg))
+        peer = self._other_end(link, node)
         packets = max(1, math.ceil(size / PACKET_PAYLOAD_BYTES))
         on_wire = size + packets * PACKET_OVERHEAD_BYTES
         if self.network.loss:
             # Expected retransmissions: each lost packet is sent again.
             on_wire = round(on_wire / (1 - self.network.loss))
-        probe = isinstance(msg, PROBE_TYPES)
-        peer = self.nodes[peer_id]
+        probe = wire.traffic_kind(msg) == "probe"
+        t = node.traffic
         if probe:
-            node.traffic.probe_sent += on_wire
-            node.traffic.probe_packets_sent += packets
-            peer.traffic.probe_sent += ACK_PACKET_BYTES
-            peer.traffic.probe_packets_sent += 1
+            t.probe_sent += on_wire
+            t.probe_packets_sent += packets
+            t.probe_frame_sent += size
         else:
-            node.traffic.gossip_sent += on_wire
-            peer.traffic.gossip_sent += ACK_PACKET_BYTES
-        at = self._transit(node.node_id, peer_id, packets)
-        self._at(at, self._deliver, peer, node.node_id, link_id, msg, on_wire, probe)
-
-    def _forward(self, node: SimNode, msg: wire.WireMessage, exclude: str = "") -> None:
-        size = len(wire.encode_frame(msg))
-        for peer_id in list(node.links):
-            if peer_id != exclude:
-                self._send(node, peer_id, msg, size)
+            t.gossip_sent += on_wire
+            t.gossip_packets_sent += packets
+            t.gossip_frame_sent += size
+        at = self._transit(link, node.node_id, packets)
+        self._at(at, self._deliver, peer, node, link, msg, on_wire, probe)
 
     def _deliver(
         self,
         node: SimNode,
-        src: str,
-        link_id: int,
+        src: SimNode,
+        link: int,
         msg: wire.WireMessage,
         on_wire: int,
         probe: bool,
     ) -> None:
-        if not self._runnable(node, self._deliver, src, link_id, msg, on_wire, probe):
+        if not self._runnable(node, self._deliver, src, link, msg, on_wire, probe):
             return
-        if node.links.get(src) != link_id:
-            return  # the link ended on this side
-        sender = self.nodes[src].traffic
+        if link not in node.open_links:
+            return  # the connection ended on this side
+        # The receiver acknowledges every packet with an ACK-only packet.
         if probe:
             node.traffic.probe_received += on_wire
-            sender.probe_received += ACK_PACKET_BYTES
+            node.traffic.probe_sent += ACK_PACKET_BYTES
+            node.traffic.probe_packets_sent += 1
+            src.traffic.probe_received += ACK_PACKET_BYTES
         else:
             node.traffic.gossip_received += on_wire
-            sender.gossip_received += ACK_PACKET_BYTES
-        self._on_frame(node, src, msg)
+            node.traffic.gossip_sent += ACK_PACKET_BYTES
+            node.traffic.gossip_packets_sent += 1
+            src.traffic.gossip_received += ACK_PACKET_BYTES
+        self._execute(node, node.core.frame_received(link, msg, self.now))
 
-    def _dial(self, node: SimNode, peer_id: str, then: Callable[[SimNode, bool], None]) -> None:
-        """QUIC handshake (1 RTT) plus admission (2 RTT); fails at the dial timeout."""
-        node.dialing.add(peer_id)
-        done = self.now + 3 * self.network.rtt_s
-        self._at(done, self._dial_done, node, peer_id, self.now + DIAL_TIMEOUT_S, then)
+    def _dial(self, node: SimNode, dial: gossip.Dial) -> None:
+        """Handshake and admission take `DIAL_RTTS` round trips; fail at the dial timeout."""
+        target = dial.peer_id or next(
+            (self._by_address[a] for a in dial.addresses if a in self._by_address), ""
+        )
+        done = self.now + DIAL_RTTS * self.network.rtt_s
+        self._at(done, self._dial_done, node, dial, target, self.now + dial.timeout)
 
-    def _dial_done(
-        self,
-        node: SimNode,
-        peer_id: str,
-        give_up_at: float,
-        then: Callable[[SimNode, bool], None],
-    ) -> None:
-        if not self._runnable(node, self._dial_done, peer_id, give_up_at, then):
+    def _dial_done(self, node: SimNode, dial: gossip.Dial, target: str, give_up_at: float) -> None:
+        if not self._runnable(node, self._dial_done, dial, target, give_up_at):
             return
-        peer = self.nodes[peer_id]
-        if peer.alive and peer.paused_until <= self.now:
-            node.dialing.discard(peer_id)
-            self._link(node, peer)
-            then(node, True)
+        peer = self.nodes.get(target)
+        if peer is not None and peer.alive and peer.paused_until <= self.now:
+            link = self._new_link(node, peer)
+            # The acceptor admits first; the dialer learns of it half a round trip later.
+            self._execute(peer, peer.core.link_opened(link, node.node_id, False, self.now))
+            self._execute(node, node.core.dial_succeeded(dial, link, peer.node_id, self.now))
+        elif peer is not None and peer.alive and self.now < give_up_at:
+            # The peer is frozen: the dial hangs until it resumes or the dial times out.
+            wake = min(peer.paused_until, give_up_at)
+            self._at(wake, self._dial_done, node, dial, target, give_up_at)
         elif self.now < give_up_at:
-            # The peer is frozen or dead: the dial hangs until its timeout.
-            wake = peer.paused_until if peer.alive else give_up_at
-            self._at(min(wake, give_up_at), self._dial_done, node, peer_id, give_up_at, then)
+            self._at(give_up_at, self._dial_done, node, dial, target, give_up_at)
         else:
-            node.dialing.discard(peer_id)
-            then(node, False)
+            self._execute(node, node.core.dial_failed(dial, self.now))
 
-    def _link(self, dialer: SimNode, acceptor: SimNode) -> None:
-        """Both sides' `_on_link`, then Sync all (and a probe that waited for the link).
-
-        A side that still holds a link to the other keeps the one dialed by the
-        lower node id and closes the other, as the gossiper does.
-        """
-        self._link_ids += 1
-        link_id = self._link_ids
-        keep_new = dialer.node_id < acceptor.node_id
-        sides = ((dialer, acceptor), (acceptor, dialer))
-        rejected = not keep_new and any(y.node_id in x.links for x, y in sides)
-        for x, y in sides:
-            if rejected and y.node_id in x.links:
-                continue  # x closes the new connection at once
-            x.links[y.node_id] = link_id
-            x.unlinked_since.pop(y.node_id, None)
-            self._send(x, y.node_id, wire.Sync(tuple(x.members.all())))
-            if (nonce := x.unsent_probes.pop(y.node_id, None)) is not None:
-                self._send(x, y.node_id, wire.Probe(nonce))
-            if rejected:
-                at = self._transit(y.node_id, x.node_id, 1)
-                self._at(at, self._link_closed, x.node_id, y.node_id, link_id)
-
-    def _close_link(self, node: SimNode, peer_id: str) -> None:
-        link_id = node.links.pop(peer_id, None)
-        if link_id is not None:
-            at = self._transit(node.node_id, peer_id, 1)
-            self._at(at, self._link_closed, peer_id, node.node_id, link_id)
-
-    def _link_closed(self, node_id: str, peer_id: str, link_id: int) -> None:
-        """The gossiper's `_read_link` ended: forget the link, suspect the peer."""
-        node = self.nodes[node_id]
-        if not self._runnable_by_id(node, peer_id, link_id):
+    def _close(self, node: SimNode, link: int) -> None:
+        """`node` closes its side of `link`; the other side learns of it after a transit."""
+        if link not in node.open_links:
             return
-        if node.links.get(peer_id) != link_id:
+        node.open_links.discard(link)
+        peer = self._other_end(link, node)
+        self._at(self._transit(link, node.node_id, 1), self._link_closed, peer, link)
+        self._execute(node, node.core.link_closed(link, self.now))
+
+    def _link_closed(self, node: SimNode, link: int) -> None:
+        """The other side closed `link` (or it timed out): the gossiper's read loop ends."""
+        if not self._runnable(node, self._link_closed, link):
             return
-        del node.links[peer_id]
-        if peer_id in node.members.peers:
-            node.unlinked_since[peer_id] = self.now
-            self._act(node, node.detector.suspect(peer_id, self.now))
-            self._wake(node)
+        if link in node.open_links:
+            node.open_links.discard(link)
+            self._execute(node, node.core.link_closed(link, self.now))
 
-    def _runnable_by_id(self, node: SimNode, peer_id: str, link_id: int) -> bool:
-        if not node.alive:
-            return False
-        if node.paused_until > self.now:
-            self._at(node.paused_until, self._link_closed, node.node_id, peer_id, link_id)
-            return False
-        return True
+    # -- the gossiper's glue -----------------------------------------------------------
 
-    # -- the gossiper ----------------------------------------------------------------
-
-    def _on_frame(self, node: SimNode, src: str, msg: wire.WireMessage) -> None:
-        now = self.now
-        match msg:
-            case wire.Sync(announcements=anns):
-                fresh = [a for a in anns if node.members.merge(a, now)]
-                stone = node.members.tombstones.get(src)
-                if stone and any(a.node_id == src for a in anns):
-                    # It talks to us, yet we hold it dead: tell it, so it refutes.
-                    self._send(node, src, wire.PeerGone(src, stone[0], "declared dead"))
-                if fresh:
-                    self._forward(node, wire.Sync(tuple(fresh)), exclude=src)
-                    self._changed(node)
-            case wire.Fingerprint(value=value):
-                if value != node.members.fingerprint():
-                    self._send(node, src, wire.Digest(node.members.digest()))
-            case wire.Digest(generations=gens, reply=reply):
-                missing = node.members.newer_than(gens)
-                if missing:
-                    self._send(node, src, wire.Sync(tuple(missing)))
-                if not reply and node.members.lacks(gens):
-                    self._send(node, src, wire.Digest(node.members.digest(), reply=True))
-            case wire.PeerGone(node_id=node_id, generation=gen):
-                self._remove(node, node_id, gen, exclude=src)
-            case wire.Probe(nonce=nonce):
-                self._send(node, src, wire.ProbeAck(nonce))
-            case wire.ProbeAck(nonce=nonce):
-                relay = node.relays.pop(nonce, None)
-                if relay is not None:
-                    self._send(node, relay[0], wire.ProbeAck(relay[1]))
-                else:
+    def _execute(self, node: SimNode, actions: list[gossip.Action]) -> None:
+        sizes: dict[int, int] = {}
+        for action in actions:
+            match action:
+                case gossip.Send(link=link, msg=msg):
+                    size = sizes.get(id(msg))
+                    if size is None:
+                        size = sizes[id(msg)] = len(wire.encode_frame(msg))
+                    self._send(node, link, msg, size)
+                case gossip.Dial() as dial:
+                    self._dial(node, dial)
+                case gossip.CloseLink(link=link):
+                    self._close(node, link)
+                case gossip.Publish():
+                    # The MeshView reaches the HealthProber: new member set, and a wake-up.
+                    node.detector.set_members(set(node.members.peers))
+                    self._wake(node)
+                case gossip.Suspect(peer_id=peer_id):
+                    self._act(node, node.detector.suspect(peer_id, self.now))
+                    self._wake(node)
+                case gossip.ProbeAnswered(nonce=nonce):
                     node.detector.on_ack(nonce)
-            case wire.ProbeRequest(target=target, nonce=nonce):
-                if target in node.links:
-                    node.relay_nonce += 1
-                    node.relays[node.relay_nonce] = (src, nonce, now + RELAY_TTL_S)
-                    self._send(node, target, wire.Probe(node.relay_nonce))
-            case _:
-                pass
+                case gossip.PeerRemoved(node_id=peer_id, generation=generation):
+                    self.removals.append(self._removal(node, peer_id, generation))
+                case gossip.Refuted() | gossip.UnexpectedFrame():
+                    pass
+        self._arm(node)
 
-    def _remove(self, node: SimNode, node_id: str, generation: int, exclude: str = "") -> None:
-        if node_id == node.node_id:
-            node.members.remove(node_id, generation, self.now)
-            self._forward(node, wire.Sync((node.members.me,)))
+    def _arm(self, node: SimNode) -> None:
+        """Re-arm the gossiper's one timer for the core's next tick."""
+        at = node.core.next_timer()
+        if at != node.timer_at:
+            node.timer_at = at
+            node.timer_token += 1
+            self._at(at, self._gossip_tick, node, node.timer_token)
+
+    def _gossip_tick(self, node: SimNode, token: int) -> None:
+        if token != node.timer_token:
+            return  # superseded by a later re-arm
+        if not self._runnable(node, self._gossip_tick, token):
             return
-        if not node.members.remove(node_id, generation, self.now):
-            return
-        self.removals.append(self._removal(node, node_id, generation))
-        # The copy for the removed node itself never leaves: aioquic drops stream data
-        # still queued when the connection is closed in the same loop iteration.
-        gone = node.links.pop(node_id, None)
-        self._forward(node, wire.PeerGone(node_id, generation, ""), exclude=exclude)
-        if gone is not None:
-            node.links[node_id] = gone
-        node.unlinked_since.pop(node_id, None)
-        self._close_link(node, node_id)
-        self._changed(node)
+        node.timer_at = math.inf
+        self._execute(node, node.core.tick(self.now))
 
-    def _changed(self, node: SimNode) -> None:
-        self._publish(node)
-        self._dial_unlinked(node)
-
-    def _publish(self, node: SimNode) -> None:
-        """The MeshView reaches the HealthProber: new member set, and a wake-up."""
-        node.detector.set_members(set(node.members.peers))
-        self._wake(node)
-
-    def _dial_unlinked(self, node: SimNode) -> None:
-        now = self.now
-        for peer_id in node.members.peers:
-            if peer_id in node.links or peer_id in node.dialing:
-                continue
-            since = node.unlinked_since.setdefault(peer_id, now)
-            if node.node_id < peer_id or now - since > REDIAL_AFTER_S:
-                self._dial(node, peer_id, _ignore_dial_result)
-
-    def _anti_entropy(self, node: SimNode) -> None:
-        if not self._runnable(node, self._anti_entropy):
-            return
-        now = self.now
-        node.members.expire(now)
-        node.relays = {k: v for k, v in node.relays.items() if v[2] > now}
-        if node.links:
-            peer_id = node.rng.choice(list(node.links))
-            self._send(node, peer_id, wire.Fingerprint(node.members.fingerprint()))
-        self._dial_unlinked(node)
-        self._at(now + ANTI_ENTROPY_S, self._anti_entropy, node)
-
-    def _join_attempt(self, node: SimNode) -> None:
-        if not self._runnable(node, self._join_attempt):
-            return
-        assert node.join_via is not None
-        self._dial(node, node.join_via, self._joined)
-
-    def _joined(self, node: SimNode, ok: bool) -> None:
-        if ok:
-            node.join_delay = 0.2
-            self._at(self.now + 1.0, self._join_check, node)
-        else:
-            self._at(self.now + node.join_delay, self._join_attempt, node)
-            node.join_delay = min(node.join_delay * 2, JOIN_BACKOFF_MAX_S)
-
-    def _join_check(self, node: SimNode) -> None:
-        """The join loop: dial the token's node again once that link is gone."""
-        if not self._runnable(node, self._join_check):
-            return
-        if node.join_via in node.links:
-            self._at(self.now + 1.0, self._join_check, node)
-        else:
-            self._join_attempt(node)
-
-    # -- the health prober -----------------------------------------------------------
+    # -- the health prober's glue ------------------------------------------------------
 
     def _wake(self, node: SimNode) -> None:
         """Re-arm the prober's loop to run now (the actor's `wake.set()`)."""
@@ -593,21 +509,14 @@ class Simulation:
         for action in actions:
             match action:
                 case health.SendProbe(node_id=peer_id, nonce=nonce):
-                    if peer_id in node.links:
-                        self._send(node, peer_id, wire.Probe(nonce))
-                    elif peer_id in node.members.peers:
-                        # No link: dial (a dial is a probe too); the probe follows.
-                        node.unsent_probes[peer_id] = nonce
-                        if peer_id not in node.dialing:
-                            self._dial(node, peer_id, _ignore_dial_result)
+                    self._execute(node, node.core.probe(peer_id, nonce, self.now))
                 case health.SendProbeRequest(via=via, target=target, nonce=nonce):
-                    self._send(node, via, wire.ProbeRequest(target, nonce))
+                    self._execute(node, node.core.probe_via(via, target, nonce))
                 case health.DeclareDead(node_id=peer_id):
                     ann = node.members.peers.get(peer_id)
                     gen = ann.generation if ann is not None else 0
                     self.declared_dead.append(self._removal(node, peer_id, gen))
-                    if ann is not None:
-                        self._remove(node, peer_id, ann.generation)
+                    self._execute(node, node.core.peer_died(peer_id, self.now))
 
     # -- what tests and the benchmark look at ----------------------------------------
 
@@ -635,10 +544,6 @@ class Simulation:
         return True
 
 
-def _ignore_dial_result(node: SimNode, ok: bool) -> None:
-    pass
-
-
 # -- measurements -----------------------------------------------------------------------
 
 
@@ -657,7 +562,15 @@ class ProbeTraffic:
     probe_packets_per_s: float
     """Mean over nodes of probe packets sent per second."""
     gossip_bytes_per_s: float
-    """Mean over nodes of gossip bytes sent per second (digests and their answers)."""
+    """Mean over nodes of gossip bytes sent per second (fingerprints, digests, answers)."""
+    gossip_in_out_bytes_per_s: float
+    """Mean over nodes of gossip bytes sent plus received per second."""
+    packets_per_s: float
+    """Mean over nodes of packets sent per second (gossip and probes, ACKs included)."""
+    probe_frame_bytes_per_s: float
+    """Mean over nodes of framed probe bytes sent per second (no packet overhead)."""
+    gossip_frame_bytes_per_s: float
+    """Mean over nodes of framed gossip bytes sent per second (no packet overhead)."""
     false_removals: int
 
 
@@ -711,16 +624,16 @@ def measure_probe_traffic(
     start = sim.now
     sim.run_until(start + duration)
     span = sim.now - start
-    sent: list[float] = []
-    in_out: list[float] = []
-    packets: list[float] = []
-    gossip: list[float] = []
+    rates: dict[str, list[float]] = {}
     for node_id, node in sim.nodes.items():
-        t, b = node.traffic, before[node_id]
-        sent.append((t.probe_sent - b.probe_sent) / span)
-        in_out.append((t.probe_sent - b.probe_sent + t.probe_received - b.probe_received) / span)
-        packets.append((t.probe_packets_sent - b.probe_packets_sent) / span)
-        gossip.append((t.gossip_sent - b.gossip_sent) / span)
+        t, b = asdict(node.traffic), asdict(before[node_id])
+        d = {k: (t[k] - b[k]) / span for k in t}
+        d["probe_in_out"] = d["probe_sent"] + d["probe_received"]
+        d["gossip_in_out"] = d["gossip_sent"] + d["gossip_received"]
+        d["packets"] = d["probe_packets_sent"] + d["gossip_packets_sent"]
+        for k, v in d.items():
+            rates.setdefault(k, []).append(v)
+    sent = rates["probe_sent"]
     return ProbeTraffic(
         nodes=n,
         interval_s=interval,
@@ -728,9 +641,13 @@ def measure_probe_traffic(
         duration_s=duration,
         probe_bytes_per_s=statistics.fmean(sent),
         probe_bytes_per_s_max=max(sent),
-        probe_in_out_bytes_per_s=statistics.fmean(in_out),
-        probe_packets_per_s=statistics.fmean(packets),
-        gossip_bytes_per_s=statistics.fmean(gossip),
+        probe_in_out_bytes_per_s=statistics.fmean(rates["probe_in_out"]),
+        probe_packets_per_s=statistics.fmean(rates["probe_packets_sent"]),
+        gossip_bytes_per_s=statistics.fmean(rates["gossip_sent"]),
+        gossip_in_out_bytes_per_s=statistics.fmean(rates["gossip_in_out"]),
+        packets_per_s=statistics.fmean(rates["packets"]),
+        probe_frame_bytes_per_s=statistics.fmean(rates["probe_frame_sent"]),
+        gossip_frame_bytes_per_s=statistics.fmean(rates["gossip_frame_sent"]),
         false_removals=len(sim.false_removals()),
     )
 

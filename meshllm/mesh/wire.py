@@ -153,6 +153,21 @@ WireMessage = (
 )
 
 
+TrafficKind = Literal["gossip", "probe", "other"]
+
+GOSSIP_MESSAGES = (Sync, Fingerprint, Digest, PeerGone)
+PROBE_MESSAGES = (Probe, ProbeAck, ProbeRequest)
+
+
+def traffic_kind(msg: WireMessage) -> TrafficKind:
+    """Which budget a frame counts against (endpoint counters and the simulation alike)."""
+    if isinstance(msg, GOSSIP_MESSAGES):
+        return "gossip"
+    if isinstance(msg, PROBE_MESSAGES):
+        return "probe"
+    return "other"
+
+
 class Envelope(msgspec.Struct, frozen=True, array_like=True):
     v: int
     msg: WireMessage

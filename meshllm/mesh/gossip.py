@@ -1,0 +1,480 @@
+"""The gossip protocol (sans-I/O): membership, anti-entropy, links, dialing, leave, refute.
+
+One `GossipCore` per node. Its driver (`actors/gossiper.py` over QUIC, or
+`meshllm.mesh.simulation` on a virtual clock) tells it what happened, always
+with the current time, and carries out the actions it returns; `next_timer()`
+says when `tick()` is due. The core never touches a socket or a clock.
+
+The protocol (spec: "Gossip"):
+
+- a new link (either side) starts with `Sync` of everything we know;
+- our own change goes to every link at once as `Sync((me,))` ("State changes
+  ... trigger a regossip to all peers"); news about third parties, the fresh
+  part of a `Sync`, is forwarded once to every other link;
+- anti-entropy: every `ANTI_ENTROPY_S` a `Fingerprint` (a hash of our digest)
+  goes to one random link. Equal fingerprints end the exchange. A different
+  one is answered with our `Digest`; a `Digest` is answered with `Sync` of
+  what the sender lacks, plus a reply `Digest` when we lack something, which
+  is answered with `Sync` in turn. An announcement that one of our tombstones
+  keeps out is answered with `PeerGone`, so a stale copy is removed on the
+  other side instead of being offered forever. A mismatch thus always ends
+  with both sides equal;
+- `PeerGone` removes a node (it leaves a tombstone, `membership`) and is
+  forwarded once, never to the removed node itself (we close its link, which
+  would discard it). A node told that it is gone refutes with a newer
+  generation; a peer that sends its own announcement while we hold it dead
+  is told so, and refutes in turn;
+- membership is transitive: a known peer without a link is dialed, by the
+  lower node id at once and by the other after `REDIAL_AFTER_S` (both dial
+  only when one of them cannot). When both dial at once, each side keeps the
+  link dialed by the lower node id; a link older than `DUPLICATE_RACE_S` may
+  be dead (the peer's Gossiper restarted) and the fresh one replaces it;
+- an invite token's addresses are dialed until admitted, and again whenever
+  that link ends (a seed node that restarted knows nobody), with
+  `meshllm.runtime.backoff.Backoff` between failed tries;
+- probes of the failure detector (`meshllm.mesh.health`) travel on the links:
+  a probe of a peer we have no link to dials it and follows on the new link
+  (a dropped probe would get a live peer declared dead); a `ProbeRequest` is
+  relayed as a probe of our own and its ack passed back.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from meshllm.mesh import wire
+from meshllm.mesh.membership import Membership
+from meshllm.runtime.backoff import Backoff
+
+ANTI_ENTROPY_S = 2.0
+"""How often a fingerprint goes to one random link; also tombstone and relay expiry."""
+DUPLICATE_RACE_S = 3.0
+"""Two links to one peer opened within this are a dial race, not a stale link."""
+REDIAL_AFTER_S = 2.0
+"""How long the higher node id waits for the lower one to dial before dialing itself."""
+DIAL_TIMEOUT_S = 3.0
+"""Time a dial (QUIC handshake and admission) may take."""
+REMEMBERED_DIAL_TIMEOUT_S = 2.0
+"""Time a dial of a peer remembered from the previous run may take."""
+JOIN_BACKOFF_BASE_S = 0.2
+JOIN_BACKOFF_MAX_S = 10.0
+JOIN_CHECK_S = 1.0
+"""How often a join checks that its link to the token's node still stands."""
+RELAY_TTL_S = 10.0
+"""How long a relayed probe waits for its ack."""
+LEAVE_LINGER_S = 0.05
+"""Between the leave notices and closing the links, so the notices go out."""
+
+
+# -- actions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send `msg` on a link."""
+
+    link: int
+    """The driver's id of the link."""
+    peer_id: str
+    """The node at the other end."""
+    msg: wire.WireMessage
+
+
+@dataclass(frozen=True)
+class Dial:
+    """Connect to the first of `addresses` that admits us; report with `dial_*`."""
+
+    addresses: tuple[str, ...]
+    peer_id: str = ""
+    """The node expected there ("" for an invite token or a remembered address)."""
+    join: int = -1
+    """Index of the invite token this dial is for (-1: none)."""
+    timeout: float = DIAL_TIMEOUT_S
+    """Give up after this many seconds."""
+
+
+@dataclass(frozen=True)
+class CloseLink:
+    """Close a link (a duplicate, or the link of a node that is gone)."""
+
+    link: int
+    peer_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Publish:
+    """The set of peers or an announcement changed: show the mesh view to the node."""
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """Something failed talking to a peer (its link ended): probe it now."""
+
+    peer_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProbeAnswered:
+    """The ack of one of our probes (`nonce`) arrived."""
+
+    nonce: int
+
+
+@dataclass(frozen=True)
+class PeerRemoved:
+    """A peer left or was found dead; its link is closed, the mesh told."""
+
+    node_id: str
+    generation: int
+    """The generation it was removed at (a tombstone keeps older copies out)."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuted:
+    """The mesh held this node gone; it announced itself again with a newer generation."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class UnexpectedFrame:
+    """A peer sent a frame that has no place on a gossip link; it was dropped."""
+
+    peer_id: str
+    kind: str
+    """The frame's message type."""
+
+
+Action = (
+    Send
+    | Dial
+    | CloseLink
+    | Publish
+    | Suspect
+    | ProbeAnswered
+    | PeerRemoved
+    | Refuted
+    | UnexpectedFrame
+)
+
+
+@dataclass
+class _Link:
+    link_id: int
+    peer_id: str
+    dialed: bool
+    """We dialed it (else the peer did)."""
+    opened_at: float
+
+
+@dataclass
+class JoinState:
+    """One invite token: its addresses are dialed until admitted, and again when that link ends."""
+
+    addresses: tuple[str, ...]
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(base_s=JOIN_BACKOFF_BASE_S, max_s=JOIN_BACKOFF_MAX_S)
+    )
+    next_at: float = 0.0
+    """When to dial again, or check that the link still stands."""
+    dialing: bool = False
+    joined: str | None = None
+    """The node the token's address led to last time."""
+
+
+class GossipCore:
+    """One node's side of the gossip protocol."""
+
+    def __init__(
+        self,
+        me: wire.PeerAnnouncement,
+        now: float,
+        *,
+        joins: tuple[tuple[str, ...], ...] = (),
+        remembered: tuple[str, ...] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.members = Membership(me)
+        self.rng = rng or random.Random()
+        self.links: dict[str, int] = {}
+        """peer id -> the driver's id of our link to it."""
+        self._links: dict[int, _Link] = {}
+        self.dialing: set[str] = set()
+        """Peers being dialed (one dial at a time per peer)."""
+        self.unlinked_since: dict[str, float] = {}
+        self.relays: dict[int, tuple[str, int, float]] = {}
+        """our nonce -> (peer that asked, its nonce, expiry) of a relayed probe."""
+        self.relay_nonce = 1 << 40
+        """Above the failure detector's nonces, so a relayed ack is never taken for ours."""
+        self.unsent_probes: dict[str, int] = {}
+        """peer id -> nonce of a probe that waits for the link being dialed."""
+        self.joins = [JoinState(tuple(addresses), next_at=now) for addresses in joins]
+        self.remembered = remembered
+        self.stopping = False
+        # Nodes start at different moments; a random phase keeps their rounds apart.
+        self.next_anti_entropy = now + self.rng.uniform(0, ANTI_ENTROPY_S)
+
+    @property
+    def node_id(self) -> str:
+        return self.members.node_id
+
+    # -- what the driver tells us ------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """The node is up: publish ourselves, dial remembered peers and invite tokens."""
+        out: list[Action] = [Publish()]
+        for address in self.remembered:
+            out.append(Dial((address,), timeout=REMEMBERED_DIAL_TIMEOUT_S))
+        out += self.tick(now)
+        return out
+
+    def link_opened(
+        self, link: int, peer_id: str, dialed: bool, now: float, *, synced: bool = False
+    ) -> list[Action]:
+        """An admitted link to `peer_id` is up (`synced`: both sides hold the same view)."""
+        out: list[Action] = []
+        if self.stopping or peer_id == self.node_id:
+            return [CloseLink(link, peer_id, "not now")]
+        old_id = self.links.get(peer_id)
+        if old_id is not None:
+            old = self._links[old_id]
+            racing = now - old.opened_at < DUPLICATE_RACE_S
+            mine = self.node_id
+            keep_new = not racing or (dialed and mine < peer_id) or (not dialed and peer_id < mine)
+            if not keep_new:
+                return [CloseLink(link, peer_id, "duplicate link")]
+            del self._links[old_id]
+            out.append(CloseLink(old_id, peer_id, "duplicate link"))
+        self.links[peer_id] = link
+        self._links[link] = _Link(link, peer_id, dialed, now)
+        self.unlinked_since.pop(peer_id, None)
+        if not synced:
+            out.append(Send(link, peer_id, wire.Sync(tuple(self.members.all()))))
+        if (nonce := self.unsent_probes.pop(peer_id, None)) is not None:
+            out.append(Send(link, peer_id, wire.Probe(nonce)))
+        return out
+
+    def link_closed(self, link: int, now: float) -> list[Action]:
+        """A link ended (either side closed it, or it timed out)."""
+        info = self._links.pop(link, None)
+        if info is None:
+            return []  # a duplicate we dropped, or one replaced since
+        del self.links[info.peer_id]
+        if self.stopping:
+            return []
+        for join in self.joins:
+            if join.joined == info.peer_id and not join.dialing:
+                join.next_at = min(join.next_at, now + join.backoff.failed(now))
+        if info.peer_id not in self.members.peers:
+            return []
+        self.unlinked_since[info.peer_id] = now
+        return [Suspect(info.peer_id, "link")]
+
+    def dial_succeeded(self, dial: Dial, link: int, peer_id: str, now: float) -> list[Action]:
+        """`dial` reached `peer_id` and was admitted: the link is up."""
+        self.dialing.discard(dial.peer_id)
+        if 0 <= dial.join < len(self.joins):
+            join = self.joins[dial.join]
+            join.dialing, join.joined = False, peer_id
+            join.backoff.reset()
+            join.next_at = now + JOIN_CHECK_S
+        return self.link_opened(link, peer_id, True, now)
+
+    def dial_failed(self, dial: Dial, now: float) -> list[Action]:
+        """No address of `dial` admitted us in time."""
+        self.dialing.discard(dial.peer_id)
+        if 0 <= dial.join < len(self.joins):
+            join = self.joins[dial.join]
+            join.dialing = False
+            join.next_at = now + join.backoff.failed(now)
+        return []
+
+    def frame_received(self, link: int, msg: wire.WireMessage, now: float) -> list[Action]:
+        """A frame arrived on a link."""
+        info = self._links.get(link)
+        if info is None or self.stopping:
+            return []  # the link was replaced or dropped on our side
+        src = info.peer_id
+        out: list[Action] = []
+        match msg:
+            case wire.Sync(announcements=anns):
+                self._on_sync(link, src, anns, now, out)
+            case wire.Fingerprint(value=value):
+                if value != self.members.fingerprint():
+                    out.append(Send(link, src, wire.Digest(self.members.digest())))
+            case wire.Digest(generations=gens, reply=reply):
+                if missing := self.members.newer_than(gens):
+                    out.append(Send(link, src, wire.Sync(tuple(missing))))
+                if not reply and self.members.lacks(gens):
+                    out.append(Send(link, src, wire.Digest(self.members.digest(), reply=True)))
+            case wire.PeerGone(node_id=node_id, generation=generation, reason=reason):
+                self._remove(node_id, generation, reason, now, out, exclude=src)
+            case wire.Probe(nonce=nonce):
+                out.append(Send(link, src, wire.ProbeAck(nonce)))
+            case wire.ProbeAck(nonce=nonce):
+                relay = self.relays.pop(nonce, None)
+                if relay is None:
+                    out.append(ProbeAnswered(nonce))
+                elif (back := self.links.get(relay[0])) is not None:
+                    out.append(Send(back, relay[0], wire.ProbeAck(relay[1])))
+            case wire.ProbeRequest(target=target, nonce=nonce):
+                if (to := self.links.get(target)) is not None:
+                    self.relay_nonce += 1
+                    self.relays[self.relay_nonce] = (src, nonce, now + RELAY_TTL_S)
+                    out.append(Send(to, target, wire.Probe(self.relay_nonce)))
+            case _:
+                out.append(UnexpectedFrame(src, type(msg).__name__))
+        return out
+
+    def probe(self, peer_id: str, nonce: int, now: float) -> list[Action]:
+        """The failure detector probes `peer_id` directly."""
+        if (link := self.links.get(peer_id)) is not None:
+            return [Send(link, peer_id, wire.Probe(nonce))]
+        ann = self.members.peers.get(peer_id)
+        if ann is None:
+            return []
+        # No link (it ended while we were frozen or cut off): a dropped probe would
+        # get a live peer declared dead. Dial it; the probe follows on the new link.
+        self.unsent_probes[peer_id] = nonce
+        out: list[Action] = []
+        self._dial(peer_id, ann.addresses, out)
+        return out
+
+    def probe_via(self, via: str, target: str, nonce: int) -> list[Action]:
+        """The failure detector asks `via` to probe `target` for us."""
+        if (link := self.links.get(via)) is not None:
+            return [Send(link, via, wire.ProbeRequest(target, nonce))]
+        return []
+
+    def peer_died(self, node_id: str, now: float) -> list[Action]:
+        """The failure detector found `node_id` dead: remove it and tell the mesh."""
+        out: list[Action] = []
+        if (ann := self.members.peers.get(node_id)) is not None:
+            self._remove(node_id, ann.generation, "did not answer probes", now, out)
+        return out
+
+    def update_self(self, **changes: object) -> list[Action]:
+        """Our own announcement changes (e.g. we start serving): tell every link at once."""
+        if not self.members.update_self(**changes):
+            return []
+        out: list[Action] = [Publish()]
+        self._forward(wire.Sync((self.members.me,)), out)
+        return out
+
+    def leave(self) -> list[Action]:
+        """A graceful stop: `PeerGone` for ourselves to every link; close them after a linger."""
+        self.stopping = True
+        me = self.members.me
+        out: list[Action] = []
+        self._forward(wire.PeerGone(me.node_id, me.generation, "left"), out)
+        return out
+
+    def next_timer(self) -> float:
+        """When `tick` is next due."""
+        due = [j.next_at for j in self.joins if not j.dialing]
+        return min([self.next_anti_entropy, *due])
+
+    def tick(self, now: float) -> list[Action]:
+        """Everything due at `now`: an anti-entropy round, redials, join checks."""
+        out: list[Action] = []
+        if self.stopping:
+            return out
+        if now >= self.next_anti_entropy:
+            self.next_anti_entropy = now + ANTI_ENTROPY_S
+            self.members.expire(now)
+            self.relays = {k: v for k, v in self.relays.items() if v[2] > now}
+            if self.links:
+                peer_id = self.rng.choice(list(self.links))
+                fingerprint = wire.Fingerprint(self.members.fingerprint())
+                out.append(Send(self.links[peer_id], peer_id, fingerprint))
+            self._dial_unlinked(now, out)
+        for index, join in enumerate(self.joins):
+            if join.dialing or now < join.next_at:
+                continue
+            if join.joined is not None and join.joined in self.links:
+                join.next_at = now + JOIN_CHECK_S
+            else:
+                join.dialing = True
+                out.append(Dial(join.addresses, join=index))
+        return out
+
+    # -- inside ------------------------------------------------------------------------
+
+    def _on_sync(
+        self,
+        link: int,
+        src: str,
+        anns: tuple[wire.PeerAnnouncement, ...],
+        now: float,
+        out: list[Action],
+    ) -> None:
+        fresh: list[wire.PeerAnnouncement] = []
+        for ann in anns:
+            stone = self.members.buried(ann, now)
+            if stone is not None:
+                # We hold it gone: say so, rather than let the sender offer it forever. If
+                # it is the sender itself (frozen, cut off: it never got the PeerGone), it
+                # refutes with a newer generation.
+                reason = "declared dead" if ann.node_id == src else "gone"
+                out.append(Send(link, src, wire.PeerGone(ann.node_id, stone, reason)))
+            elif self.members.merge(ann, now):
+                # A newer copy of ourselves means we were outranked and bumped: pass on
+                # the bumped one.
+                fresh.append(self.members.me if ann.node_id == self.node_id else ann)
+        if fresh:
+            self._forward(wire.Sync(tuple(fresh)), out, exclude=src)
+            self._changed(now, out)
+
+    def _remove(
+        self,
+        node_id: str,
+        generation: int,
+        reason: str,
+        now: float,
+        out: list[Action],
+        exclude: str = "",
+    ) -> None:
+        if node_id == self.node_id:
+            self.members.remove(node_id, generation, now)
+            out.append(Refuted(reason))
+            self._forward(wire.Sync((self.members.me,)), out)
+            return
+        if not self.members.remove(node_id, generation, now):
+            return
+        out.append(PeerRemoved(node_id, generation, reason))
+        self.unlinked_since.pop(node_id, None)
+        # Not to the removed node itself: closing its link would discard the notice.
+        link = self.links.pop(node_id, None)
+        if link is not None:
+            del self._links[link]
+        self._forward(wire.PeerGone(node_id, generation, reason), out, exclude=exclude)
+        if link is not None:
+            out.append(CloseLink(link, node_id, reason))
+        self._changed(now, out)
+
+    def _changed(self, now: float, out: list[Action]) -> None:
+        out.append(Publish())
+        self._dial_unlinked(now, out)
+
+    def _forward(self, msg: wire.WireMessage, out: list[Action], exclude: str = "") -> None:
+        for peer_id, link in self.links.items():
+            if peer_id != exclude:
+                out.append(Send(link, peer_id, msg))
+
+    def _dial(self, peer_id: str, addresses: tuple[str, ...], out: list[Action]) -> None:
+        if peer_id not in self.dialing and addresses:
+            self.dialing.add(peer_id)
+            out.append(Dial(addresses, peer_id=peer_id))
+
+    def _dial_unlinked(self, now: float, out: list[Action]) -> None:
+        for peer_id, ann in self.members.peers.items():
+            if peer_id in self.links or peer_id in self.dialing or not ann.addresses:
+                continue
+            since = self.unlinked_since.setdefault(peer_id, now)
+            # The lower node id dials; the other waits a little before dialing too.
+            if self.node_id < peer_id or now - since > REDIAL_AFTER_S:
+                self._dial(peer_id, ann.addresses, out)
