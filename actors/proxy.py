@@ -16,7 +16,7 @@ from meshllm.http.asgi import actor_server
 from meshllm.http.proxy import ProxyApp, is_loopback_address
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
-from meshllm.tunnel.core import remote_via_tunnel
+from meshllm.tunnel.hop import remote_via_tunnel
 
 
 class Proxy(Actor):

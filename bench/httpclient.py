@@ -6,8 +6,10 @@ than httpx or requests, whose per-request CPU would otherwise dominate on a
 small machine. It does only what the benchmark needs:
 
 - requests are prebuilt bytes (`build_request`), written in one call;
-- responses with Content-Length or chunked bodies; the body is not kept, only
-  its size, except the SSE events of a stream, whose arrival times are taken;
+- responses with Content-Length or chunked bodies, parsed by meshllm's own
+  response parser (`meshllm.http.h1`, on httptools); the body is not kept,
+  only its size, except the SSE events of a stream, whose arrival times are
+  taken;
 - a response that says `Connection: close` (llama-server after a streamed
   response, or at its keep-alive limit) or a server that closes the socket
   marks the connection dead; `Endpoint` reconnects *before* the next request's
@@ -22,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import cast
 
-MAX_HEAD = 64 * 1024
+from meshllm.http.h1 import ResponseError, ResponseReader
+
 CONTENT_MARK = b'"content":"'
 
 
@@ -58,20 +61,20 @@ def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
     ).encode() + body
 
 
-class Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection; one request at a time."""
+class Connection(ResponseReader, asyncio.Protocol):
+    """One HTTP/1.1 connection; one request at a time (meshllm's own response parser)."""
 
     def __init__(self) -> None:
+        ResponseReader.__init__(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.buf = bytearray()
         self.waiter: asyncio.Future[Reply] | None = None
         self.reply = Reply()
-        self.keep_alive = True
         self.got_bytes = False
+        self.checked = False
         self.sse = False
         self.events = bytearray()
-        self._reset()
+        self.now = 0.0
 
     # -- asyncio.Protocol -----------------------------------------------------
 
@@ -88,15 +91,20 @@ class Connection(asyncio.Protocol):
                 waiter.set_exception(StaleConnection(str(exc)))
 
     def data_received(self, data: bytes) -> None:
-        now = time.perf_counter()
+        self.now = time.perf_counter()
         self.got_bytes = True
-        self.buf += data
         try:
-            self._parse(now)
+            self.feed(data)
+            if self.head_done and not self.checked:
+                self._check_head()
+        except ResponseError as exc:
+            self._fail(HTTPError(f"bad response: {exc}"))
+            return
         except HTTPError as exc:
             self._fail(exc)
-        except ValueError as exc:
-            self._fail(HTTPError(f"bad response: {exc}"))
+            return
+        if self.done:
+            self._finish(self.now)
 
     # -- request --------------------------------------------------------------
 
@@ -104,7 +112,11 @@ class Connection(asyncio.Protocol):
         """Send a prebuilt request and wait for the whole response."""
         if self.closed or self.transport is None:
             raise StaleConnection("connection already closed")
-        self._reset()
+        self.expect()
+        self.reply = Reply()
+        self.got_bytes = False
+        self.checked = False
+        self.events.clear()
         self.sse = sse
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self.waiter = waiter
@@ -121,15 +133,19 @@ class Connection(asyncio.Protocol):
 
     # -- parsing ----------------------------------------------------------------
 
-    def _reset(self) -> None:
-        self.reply = Reply()
-        self.got_bytes = False
-        self.buf.clear()
-        self.events.clear()
-        self.head_done = False
-        self.length: int | None = None
-        self.chunked = False
-        self.chunk_left = -1  # bytes left in the current chunk (incl. CRLF); -1: need size
+    def _check_head(self) -> None:
+        self.checked = True
+        self.reply.status = self.status
+        if not 200 <= self.status < 300:
+            # Read no further: the connection is dropped and the caller told.
+            raise HTTPError(f"HTTP {self.status}")
+        if self.length is None and not self.chunked:
+            raise HTTPError("response has neither Content-Length nor chunked body")
+
+    def body_piece(self, data: bytes) -> None:
+        self.reply.body_bytes += len(data)
+        if self.sse:
+            self._feed_events(data, self.now)
 
     def _fail(self, exc: HTTPError) -> None:
         self.close()
@@ -142,77 +158,6 @@ class Connection(asyncio.Protocol):
             self.close()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(self.reply)
-
-    def _parse(self, now: float) -> None:
-        buf = self.buf
-        if not self.head_done:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise HTTPError("response head too large")
-                return
-            self._parse_head(bytes(buf[:end]))
-            del buf[: end + 4]
-            self.head_done = True
-        if self.chunked:
-            self._parse_chunked(now)
-        elif self.length is not None:
-            self.reply.body_bytes += len(buf)
-            if self.sse:
-                self._feed_events(bytes(buf), now)
-            buf.clear()
-            if self.reply.body_bytes >= self.length:
-                self._finish(now)
-        else:
-            raise HTTPError("response has neither Content-Length nor chunked body")
-
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        self.reply.status = int(parts[1])
-        for line in lines[1:]:
-            key, _, value = line.partition(b":")
-            key = key.strip().lower()
-            if key == b"content-length":
-                self.length = int(value)
-            elif key == b"transfer-encoding":
-                self.chunked = b"chunked" in value.lower()
-            elif key == b"connection":
-                self.keep_alive = value.strip().lower() != b"close"
-        if not 200 <= self.reply.status < 300:
-            # Read no further: the connection is dropped and the caller told.
-            raise HTTPError(f"HTTP {self.reply.status}")
-
-    def _parse_chunked(self, now: float) -> None:
-        buf = self.buf
-        while True:
-            if self.chunk_left == -2:  # after the last chunk: its closing CRLF
-                if len(buf) < 2:
-                    return
-                del buf[:2]
-                self._finish(now)
-                return
-            if self.chunk_left == -1:
-                eol = buf.find(b"\r\n")
-                if eol < 0:
-                    return
-                size = int(bytes(buf[:eol]).split(b";", 1)[0], 16)
-                del buf[: eol + 2]
-                # No trailers from the servers measured here: size 0 ends the body.
-                self.chunk_left = size + 2 if size else -2
-                continue
-            take = min(self.chunk_left, len(buf))
-            if take == 0:
-                return
-            data = min(take, max(self.chunk_left - 2, 0))  # the rest is the chunk's CRLF
-            if data:
-                self.reply.body_bytes += data
-                if self.sse:
-                    self._feed_events(bytes(buf[:data]), now)
-            del buf[:take]
-            self.chunk_left -= take
-            if self.chunk_left == 0:
-                self.chunk_left = -1
 
     def _feed_events(self, data: bytes, now: float) -> None:
         events = self.events

@@ -3,7 +3,7 @@
 Two processes on loopback, one event loop each, as two nodes' Tunnel actors
 are (the remote side is a child process of the bench):
 
-    tunnel: fetcher -> unix socket -> TunnelClient -> QUIC stream (TunnelEndpoint,
+    tunnel: fetcher -> unix socket -> TunnelClient -> QUIC stream (MeshEndpoint,
             admitted) -> TunnelServer -> TCP -> a fake upstream HTTP server on
             127.0.0.1 that answers `size` bytes in 64 KiB chunks
     raw:    aioquic client -> one QUIC stream -> aioquic server whose stream
@@ -58,7 +58,6 @@ from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
 
-from actors.tunnel import CHUNK, TunnelClient, TunnelEndpoint, TunnelServer
 from bench.common import (
     Context,
     RunRecord,
@@ -72,11 +71,15 @@ from bench.common import (
     table,
 )
 from bench.proxy import new_loop
+from meshllm.http.upstream import Pool
 from meshllm.mesh.identity import load_or_create_key
-from meshllm.mesh.quic import Link
+from meshllm.mesh.quic import Link, MeshEndpoint
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.runtime.messages import LocalServerState, MeshView
 from meshllm.runtime.procutil import die_with_parent
+from meshllm.tunnel.client import CHUNK, TunnelClient
+from meshllm.tunnel.hop import TunnelRoute
+from meshllm.tunnel.server import TunnelServer
 
 PATHS = ("raw", "tunnel")
 LOOPS = ("uvloop", "asyncio")
@@ -206,7 +209,7 @@ def remote_main(secret: bytes, kind: str, conn: Connection) -> None:
         )
         upstream_port = upstream.sockets[0].getsockname()[1]
         server = TunnelServer(LocalServerState(model=MODEL, state="ready", port=upstream_port))
-        remote = TunnelEndpoint(
+        remote = MeshEndpoint(
             "remote", secret, load_or_create_key(None), _accept, server.handle_stream
         )
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -292,7 +295,7 @@ async def rig(tmp: Path, kind: str) -> AsyncIterator[Rig]:
         target=remote_main, args=(secret, kind, theirs), name="bench-tunnel-remote", daemon=True
     )
     proc.start()
-    local: TunnelEndpoint | None = None
+    local: MeshEndpoint | None = None
     client: TunnelClient | None = None
     try:
         deadline = time.monotonic() + 30
@@ -301,7 +304,7 @@ async def rig(tmp: Path, kind: str) -> AsyncIterator[Rig]:
                 raise RuntimeError("the remote side did not start")
             await asyncio.sleep(0.02)
         tunnel_port, raw_port = ours.recv()
-        local = TunnelEndpoint("local", secret, load_or_create_key(None), _accept)
+        local = MeshEndpoint("local", secret, load_or_create_key(None), _accept)
         client = TunnelClient(local)
         peer = PeerAnnouncement(
             node_id="remote", generation=1, addresses=("127.0.0.1:1",), tunnel_port=tunnel_port
@@ -333,23 +336,22 @@ async def rig(tmp: Path, kind: str) -> AsyncIterator[Rig]:
 
 
 async def fetch_tunnel(rig: Rig, size: int) -> tuple[int, float]:
-    """Body bytes and seconds of one `size`-byte response through the tunnel."""
-    reader, writer = await asyncio.open_unix_connection(rig.unix_path)
-    request = (
-        f"GET /bulk/{size} HTTP/1.1\r\nhost: upstream\r\nx-meshllm-node: remote\r\n"
-        f"x-meshllm-model: {MODEL}\r\ncontent-length: 0\r\n\r\n"
-    ).encode()
-    t0 = time.perf_counter()
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"tunnel answered {head[:200]!r}")
-    got = 0
-    while data := await reader.read(1 << 20):
-        got += len(data)
-    elapsed = time.perf_counter() - t0
-    writer.close()
-    return got, elapsed
+    """Body bytes and seconds of one `size`-byte response through the tunnel.
+
+    Sent as the Proxy sends it: a request frame on a unix connection of a pool.
+    """
+    pool = Pool("meshllm-tunnel", 0, unix_path=rig.unix_path)
+    try:
+        t0 = time.perf_counter()
+        resp = await TunnelRoute(pool, "remote", MODEL).request("GET", f"/bulk/{size}")
+        if resp.status != 200:
+            raise RuntimeError(f"tunnel answered {resp.status}: {(await resp.body())[:200]!r}")
+        got = 0
+        async for data in resp.iter_body():
+            got += len(data)
+        return got, time.perf_counter() - t0
+    finally:
+        pool.close()
 
 
 async def fetch_raw(protocol: QuicConnectionProtocol, size: int) -> tuple[int, float]:

@@ -21,8 +21,9 @@ from starlette.requests import Request
 from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
+from meshllm.http.errors import RETRY_AFTER_S, error_body
 from meshllm.http.routing import Routes
-from meshllm.http.upstream import Pool, Response, UpstreamError
+from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError
 from meshllm.runtime.messages import RouteTable, RouteTarget
 
 log = logging.getLogger("meshllm.proxy")
@@ -33,7 +34,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 _FORWARDED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-RETRY_AFTER_S = 2
 
 
 class _Peek(msgspec.Struct):
@@ -46,13 +46,6 @@ class _Peek(msgspec.Struct):
 
 _peek = msgspec.json.Decoder(_Peek)
 _json = msgspec.json.Encoder()
-
-
-def error_body(status: int, message: str, code: str | None = None) -> bytes:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return _json.encode(
-        {"error": {"message": message, "type": kind, "param": None, "code": code or str(status)}}
-    )
 
 
 async def send_error(
@@ -121,7 +114,7 @@ class ProxyApp:
         self,
         strict_models: bool = False,
         max_body_bytes: int = 16 * 1024 * 1024,
-        remote: Callable[[RouteTarget], tuple[Pool, list[tuple[bytes, bytes]]]] | None = None,
+        remote: Callable[[RouteTarget], Upstream] | None = None,
         loopback_only: bool = False,
     ) -> None:
         self.max_body_bytes = max_body_bytes
@@ -240,21 +233,29 @@ class ProxyApp:
             else:
                 await send_error(send, 503, why, "model_not_ready", retry_after=True)
             return
+        upstream: Upstream
         if target.local:
-            pool, extra = self.pools.get("127.0.0.1", target.port), list[tuple[bytes, bytes]]()
+            upstream = self.pools.get("127.0.0.1", target.port)
         elif self.remote is not None:
-            pool, extra = self.remote(target)
+            upstream = self.remote(target)
         else:
             await send_error(send, 503, "remote models need the tunnel", "no_tunnel")
             return
-        headers = [(b"content-type", b"application/json"), *extra]
         await forward_until_disconnect(
-            pool, "POST", scope["path"], body, headers, receive, send, "upstream", "upstream_error"
+            upstream,
+            "POST",
+            scope["path"],
+            body,
+            JSON_HEADERS,
+            receive,
+            send,
+            "upstream",
+            "upstream_error",
         )
 
 
 async def forward_until_disconnect(
-    pool: Pool,
+    pool: Upstream,
     method: str,
     path: str,
     body: bytes,
@@ -302,7 +303,7 @@ async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], state: _W
 
 
 async def _relay(
-    pool: Pool,
+    pool: Upstream,
     method: str,
     path: str,
     body: bytes,
@@ -314,7 +315,7 @@ async def _relay(
     try:
         resp = await pool.request(method, path, body, headers)
     except UpstreamError as exc:
-        log.warning("%s %s:%s failed: %s", what, pool.host, pool.port, exc)
+        log.warning("%s %s failed: %s", what, pool.where, exc)
         await send_error(send, 502, f"{what} failed: {exc}", code)
         return
     await relay_response(resp, send)

@@ -1,20 +1,26 @@
 """A minimal HTTP/1.1 client on an asyncio Protocol, for the hop to llama-server.
 
 The proxy's cost is dominated by its HTTP client, so this one does only what
-the hop needs: keep-alive pooling, Content-Length and chunked bodies, and
-streaming the body out as it arrives. It parses in `data_received` (no stream
-reader, no task per read): the head once, then the body pieces are queued for
-the consumer, which is woken through one future per wait. llama-server closes
-the connection after a streamed response although it advertised keep-alive, so
-a pooled connection can be dead when reused: a request whose connection fails
-before any response byte arrives is retried once on a fresh connection.
+the hop needs: keep-alive pooling and streaming the body out as it arrives.
+Responses are parsed in `data_received` by the one shared parser
+(`meshllm.http.h1`); body pieces are queued for the consumer, which is woken
+through one future per wait. llama-server closes the connection after a
+streamed response although it advertised keep-alive, so a pooled connection
+can be dead when reused: a request whose connection fails before any
+response byte arrives is retried once on a fresh connection.
+
+`Pool.request` writes an HTTP/1.1 request; `Pool.exchange` sends bytes the
+caller framed itself (the Proxy's hop to the Tunnel sends a tunnel frame) and
+reads an HTTP/1.1 response all the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import Protocol, cast
+
+from meshllm.http.h1 import MAX_HEAD_BYTES, ResponseError, ResponseReader
 
 HOP_BY_HOP = frozenset(
     {
@@ -29,20 +35,9 @@ HOP_BY_HOP = frozenset(
         b"host",
     }
 )
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = MAX_HEAD_BYTES
 PAUSE_BYTES = 1024 * 1024
 """Stop reading from the upstream while this much body waits for the consumer."""
-
-# Body states of a Connection.
-_HEAD = 0  # waiting for the response head
-_LENGTH = 1  # Content-Length body
-_CHUNK_SIZE = 2  # chunked: waiting for a chunk-size line
-_CHUNK_DATA = 3  # chunked: waiting for the rest of a chunk (data + CRLF)
-_TRAILERS = 4  # chunked: after the last chunk, until the empty line
-_EOF = 5  # body delimited by the connection closing
-_DONE = 6  # the whole response has arrived
-_IDLE = 7  # no request in flight
-_GOT_HEAD = 8  # head arrived, not yet parsed: body bytes wait in the buffer
 
 
 class UpstreamError(ConnectionError):
@@ -53,22 +48,20 @@ class _StaleConnection(Exception):
     pass
 
 
-class Connection(asyncio.Protocol):
+class Connection(ResponseReader, asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
     def __init__(self) -> None:
+        ResponseReader.__init__(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.buf = bytearray()
-        self.state = _IDLE
+        self.busy = False
+        """A request is in flight: its response has not been read to the end."""
         self.got_bytes = False
-        self.head: bytes | None = None
-        self.pieces: list[bytes] = []
         self.queued = 0
         self.paused = False
         self.error: Exception | None = None
         self.waiter: asyncio.Future[None] | None = None
-        self.left = 0  # Content-Length: body bytes still to come; chunked: chunk bytes + 2
 
     # -- asyncio.Protocol -----------------------------------------------------------
 
@@ -77,40 +70,30 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        state = self.state
-        if self.error is not None:
-            pass  # already failed; this close is ours
-        elif state == _EOF and exc is None:
-            if self.buf:
-                self.pieces.append(bytes(self.buf))
-                self.buf.clear()
-            self.state = _DONE
-        elif state == _HEAD:
-            if self.got_bytes:
+        if self.error is None and self.busy and not (exc is None and self.closed_cleanly()):
+            if not self.got_bytes:
+                self.error = _StaleConnection(str(exc))
+            elif not self.head_done:
                 self.error = UpstreamError("upstream closed mid-headers")
             else:
-                self.error = _StaleConnection(str(exc))
-        elif state == _GOT_HEAD:
-            pass  # begin_body sees `closed`
-        elif state not in (_DONE, _IDLE):
-            self.error = UpstreamError(f"upstream closed mid-body: {exc or 'connection closed'}")
+                reason = exc or "connection closed"
+                self.error = UpstreamError(f"upstream closed mid-body: {reason}")
         self._wake()
 
     def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
-        if self.state in (_DONE, _IDLE):
+        if not self.busy or self.done:
             self.close()  # bytes nobody asked for: the connection cannot be reused
             return
-        self.buf += data
+        self.got_bytes = True
         try:
-            self._parse()
-        except UpstreamError as exc:
-            self._fail(exc)
-        except ValueError as exc:
+            self.feed(data)
+        except ResponseError as exc:
             self._fail(UpstreamError(f"upstream broke the response: {exc}"))
-        if self.queued > PAUSE_BYTES and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        if self.pieces:
+            self.queued += len(data)
+            if self.queued > PAUSE_BYTES and not self.paused and self.transport is not None:
+                self.paused = True
+                self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -126,14 +109,12 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def start(self, data: bytes) -> None:
-        self.buf.clear()
-        self.pieces.clear()
+    def start(self, data: bytes, no_body: bool = False) -> None:
+        self.expect(no_body)
         self.queued = 0
         self.got_bytes = False
-        self.head = None
         self.error = None
-        self.state = _HEAD
+        self.busy = True
         assert self.transport is not None
         self.transport.write(data)
 
@@ -164,119 +145,18 @@ class Connection(asyncio.Protocol):
         self.error = exc
         self.close()
 
-    # -- parsing ------------------------------------------------------------------
-
-    def _parse(self) -> None:
-        buf = self.buf
-        if self.state == _HEAD:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEADER_BYTES:
-                    raise UpstreamError("upstream headers too large")
-                return
-            if end > MAX_HEADER_BYTES:
-                raise UpstreamError("upstream headers too large")
-            self.head = bytes(buf[: end + 4])
-            del buf[: end + 4]
-            self.state = _GOT_HEAD
-            return
-        if self.state != _GOT_HEAD:
-            self._parse_body()
-
-    def begin_body(self, length: int | None, chunked: bool) -> None:
-        """Called once the head is parsed: how the body is delimited."""
-        if chunked:
-            self.state = _CHUNK_SIZE
-        elif length is not None:
-            self.state = _LENGTH
-            self.left = length
-        else:
-            self.state = _EOF
-        self._parse_body()
-        if self.closed and self.error is None and self.state != _DONE:
-            # Closed before the head was parsed: what came is all there is.
-            if self.state == _EOF:
-                self.state = _DONE
-            else:
-                self.error = UpstreamError("upstream closed mid-body")
-
-    def _parse_body(self) -> None:
-        buf = self.buf
-        state = self.state
-        if state == _LENGTH:
-            if buf:
-                take = min(len(buf), self.left)
-                piece = bytes(buf) if take == len(buf) else bytes(buf[:take])
-                buf.clear()  # bytes beyond the body: dropped (see data_received)
-                self.left -= take
-                self.pieces.append(piece)
-                self.queued += take
-            if self.left == 0:
-                self.state = _DONE
-            return
-        if state == _EOF:
-            if buf:
-                self.pieces.append(bytes(buf))
-                self.queued += len(buf)
-                buf.clear()
-            return
-        while True:
-            if state == _CHUNK_SIZE:
-                eol = buf.find(b"\r\n")
-                if eol < 0:
-                    if len(buf) > MAX_HEADER_BYTES:
-                        raise UpstreamError("upstream chunk-size line too long")
-                    break
-                size = int(bytes(buf[:eol]).split(b";", 1)[0], 16)
-                if size < 0:
-                    raise ValueError(f"negative chunk size {size}")
-                del buf[: eol + 2]
-                if size == 0:
-                    state = _TRAILERS
-                else:
-                    self.left = size + 2
-                    state = _CHUNK_DATA
-            elif state == _CHUNK_DATA:
-                if len(buf) < self.left:
-                    break
-                size = self.left - 2
-                if buf[size : size + 2] != b"\r\n":
-                    raise ValueError("chunk not followed by CRLF")
-                self.pieces.append(bytes(buf[:size]))
-                self.queued += size
-                del buf[: size + 2]
-                state = _CHUNK_SIZE
-            else:  # _TRAILERS (none from llama-server) end with an empty line.
-                eol = buf.find(b"\r\n")
-                if eol < 0:
-                    break
-                del buf[: eol + 2]
-                if eol == 0:
-                    state = _DONE
-                    break
-        self.state = state
-
 
 class Response:
     """A response whose body is read on demand with `body()` or `iter_body()`."""
 
-    def __init__(
-        self,
-        pool: Pool,
-        conn: Connection,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        length: int | None,
-        chunked: bool,
-        keep_alive: bool,
-    ) -> None:
+    def __init__(self, pool: Pool, conn: Connection) -> None:
         self.pool = pool
         self.conn = conn
-        self.status = status
-        self.headers = headers
-        self.length = length
-        self.chunked = chunked
-        self.keep_alive = keep_alive
+        self.status = conn.status
+        self.headers = conn.headers
+        self.length = conn.length
+        self.chunked = conn.chunked
+        self.keep_alive = conn.keep_alive
         self._done = False
 
     def forward_headers(self) -> list[tuple[bytes, bytes]]:
@@ -289,7 +169,7 @@ class Response:
     def complete(self) -> bool:
         """True when the whole body has already arrived (`body()` will not wait)."""
         conn = self.conn
-        return conn is not None and conn.state == _DONE and conn.error is None
+        return conn is not None and conn.done and conn.error is None
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         conn = self.conn
@@ -301,23 +181,19 @@ class Response:
                     continue
                 if conn.error is not None:
                     raise _as_upstream(conn.error)
-                if conn.state == _DONE:
+                if conn.done:
                     break
                 if conn.closed:
                     raise UpstreamError("upstream closed mid-body")
                 await conn.wait()
-            if self.length is None and not self.chunked:
-                self.keep_alive = False
             self._done = True
         finally:
             self.release()
 
     async def body(self) -> bytes:
         conn = self.conn
-        if conn is not None and conn.state == _DONE and conn.error is None:
+        if conn is not None and conn.done and conn.error is None:
             pieces = conn.take()  # all there: no iteration
-            if self.length is None and not self.chunked:
-                self.keep_alive = False
             self._done = True
             self.release()
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -328,8 +204,8 @@ class Response:
         if self.conn is None:
             return
         conn, self.conn = self.conn, None  # type: ignore[assignment]
-        if self._done and self.keep_alive and not conn.buf:
-            conn.state = _IDLE
+        conn.busy = False
+        if self._done and conn.keep_alive:
             self.pool.put(conn)
         else:
             conn.close()
@@ -341,8 +217,23 @@ def _as_upstream(exc: Exception) -> UpstreamError:
     return UpstreamError(f"upstream broke the response: {exc}")
 
 
+class Upstream(Protocol):
+    """What the Proxy forwards a request to: a `Pool`, or a route through the Tunnel."""
+
+    where: str
+    """For messages: where the requests go."""
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> Response: ...
+
+
 class Pool:
-    """Keep-alive connections to one host:port."""
+    """Keep-alive connections to one host:port (or one unix socket)."""
 
     def __init__(
         self, host: str, port: int, max_idle: int = 64, unix_path: str | None = None
@@ -354,6 +245,7 @@ class Pool:
         self.max_idle = max_idle
         self.idle: list[Connection] = []
         self.host_header = f"{host}:{port}".encode()
+        self.where = unix_path or f"{host}:{port}"
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -363,8 +255,7 @@ class Pool:
             else:
                 _, proto = await loop.create_connection(Connection, self.host, self.port)
         except OSError as exc:
-            where = self.unix_path or f"{self.host}:{self.port}"
-            raise UpstreamError(f"cannot connect to {where}: {exc}") from exc
+            raise UpstreamError(f"cannot connect to {self.where}: {exc}") from exc
         return proto
 
     def put(self, conn: Connection) -> None:
@@ -389,32 +280,33 @@ class Pool:
         for key, value in headers or ():
             head += [key, b": ", value, b"\r\n"]
         head.append(b"content-length: %d\r\n\r\n" % len(body))
-        data = b"".join(head) + body
+        return await self.exchange(b"".join(head) + body, method == "HEAD")
+
+    async def exchange(self, data: bytes, no_body: bool = False) -> Response:
+        """Send `data` (a whole request, framed by the caller) and wait for the response head."""
         while self.idle:
             conn = self.idle.pop()
             if not conn.usable():
                 conn.close()
                 continue
             try:
-                return await self._exchange(conn, data)
+                return await self._exchange(conn, data, no_body)
             except _StaleConnection:
                 conn.close()  # closed by the server while idle: try the next one
         conn = await self._connect()
         try:
-            return await self._exchange(conn, data)
+            return await self._exchange(conn, data, no_body)
         except _StaleConnection as exc:
             conn.close()
-            raise UpstreamError(f"{self.host}:{self.port} closed the connection") from exc
+            raise UpstreamError(f"{self.where} closed the connection") from exc
 
-    async def _exchange(self, conn: Connection, data: bytes) -> Response:
+    async def _exchange(self, conn: Connection, data: bytes, no_body: bool) -> Response:
         try:
-            conn.start(data)
-            while conn.head is None:
+            conn.start(data, no_body)
+            while not conn.head_done:
                 if conn.error is not None:
                     raise conn.error
                 if conn.closed:
-                    if conn.got_bytes:
-                        raise UpstreamError("upstream closed mid-headers")
                     raise _StaleConnection("connection closed")
                 await conn.wait()
         except _StaleConnection:
@@ -422,42 +314,7 @@ class Pool:
         except BaseException:
             conn.close()
             raise
-        return _parse_head(self, conn, conn.head)
-
-
-def _parse_head(pool: Pool, conn: Connection, head: bytes) -> Response:
-    lines = head[:-4].split(b"\r\n")
-    try:
-        _, status_text = lines[0].split(b" ", 2)[:2]
-        status = int(status_text)
-    except ValueError as exc:
-        conn.close()
-        raise UpstreamError(f"bad status line {lines[0]!r}") from exc
-    headers: list[tuple[bytes, bytes]] = []
-    length: int | None = None
-    chunked = False
-    keep_alive = True
-    for line in lines[1:]:
-        key, _, value = line.partition(b":")
-        key = key.strip().lower()
-        value = value.strip()
-        headers.append((key, value))
-        if key == b"content-length":
-            length = int(value) if value.isdigit() else -1
-            if length < 0:
-                conn.close()
-                raise UpstreamError(f"bad Content-Length {value!r}")
-        elif key == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-        elif key == b"connection":
-            keep_alive = value.lower() != b"close"
-    try:
-        conn.begin_body(None if chunked else length, chunked)
-    except ValueError as exc:
-        conn._fail(UpstreamError(f"upstream broke the response: {exc}"))
-    except UpstreamError as exc:
-        conn._fail(exc)
-    return Response(pool, conn, status, headers, length, chunked, keep_alive)
+        return Response(self, conn)
 
 
 async def get_status(host: str, port: int, path: str, timeout: float = 2.0) -> int:

@@ -16,6 +16,14 @@ middle cannot relay them. Frames before admission are capped at
 garbage, or is too slow is disconnected. After admission the first stream
 carries framed control messages (`Link.send`); other streams are handed to
 the endpoint's stream handler (the Tunnel's HTTP streams).
+
+Every adaptation of aioquic lives in this module, and `pyproject.toml` pins
+the aioquic versions it was tested against: the pacer for uvloop's
+millisecond clock (`CoarseClockPacer`), the flow-control windows, and the
+stream ends plain aioquic leaves unseen (a peer's RESET_STREAM and
+STOP_SENDING, and the readers it keeps for every stream ever opened), which
+`MeshProtocol` and `release_stream` handle through aioquic's private stream
+fields.
 """
 
 from __future__ import annotations
@@ -34,12 +42,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamAdapter
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    StopSendingReceived,
+    StreamDataReceived,
+    StreamReset,
+)
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from aioquic.quic.recovery import QuicPacketPacer
 from cryptography import x509
@@ -59,6 +72,15 @@ CLOCK_TICK_S = 0.001
 """Resolution of uvloop's clock."""
 IDLE_TIMEOUT_S = 20.0
 ERROR_REFUSED = 0x100
+STREAM_CANCELLED = 0x1
+"""Application error code of a stream given up by either side (RESET_STREAM, STOP_SENDING)."""
+STREAM_WINDOW_BYTES = 1024 * 1024
+"""Flow-control window per stream: one request's bytes in flight before the reader
+catches up (aioquic's default, stated here so that it is a decision)."""
+CONNECTION_WINDOW_BYTES = 8 * 1024 * 1024
+"""Flow-control window of a whole connection: every tunnel stream to a peer shares
+it, so it is larger than aioquic's 1 MiB default, which a few concurrent
+responses would fill."""
 
 
 class AdmissionError(ConnectionError):
@@ -211,6 +233,10 @@ class MeshProtocol(QuicConnectionProtocol):
         self.first_stream_seen = False
         self.closed = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.stop_waiters: dict[int, asyncio.Future[None]] = {}
+        """Stream id -> set when the peer resets the stream or sends STOP_SENDING."""
+        self.abandoned: set[int] = set()
+        """Streams released before their end came in: what still arrives is dropped."""
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -238,6 +264,23 @@ class MeshProtocol(QuicConnectionProtocol):
             self.close(error_code=ERROR_REFUSED, reason_phrase="not admitted")
 
     def quic_event_received(self, event: Any) -> None:
+        # aioquic's asyncio layer ignores RESET_STREAM (a reader then waits forever)
+        # and STOP_SENDING; a cancelled request has to end the other side's work too.
+        if isinstance(event, StreamDataReceived | StreamReset | StopSendingReceived):
+            stream_id = event.stream_id
+            if stream_id in self.abandoned and not isinstance(event, StopSendingReceived):
+                # Late data would otherwise look like a new stream from the peer.
+                if isinstance(event, StreamReset) or event.end_stream:
+                    self.abandoned.discard(stream_id)
+                return
+            if isinstance(event, StreamReset):
+                reader = self._stream_readers.get(stream_id)
+                if reader is not None and reader.exception() is None:
+                    reader.set_exception(ConnectionResetError("stream reset by the peer"))
+            if not isinstance(event, StreamDataReceived):
+                waiter = self.stop_waiters.get(stream_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
         super().quic_event_received(event)
         if isinstance(event, ConnectionTerminated):
             self.closed.set()
@@ -245,10 +288,68 @@ class MeshProtocol(QuicConnectionProtocol):
             for task in list(self.tasks):
                 task.cancel()
 
+    def release(self, stream_id: int, reader: asyncio.StreamReader, reset: bool) -> None:
+        """Forget a stream we are done with; STOP_SENDING if its end has not come in yet.
+
+        `reset`: also abort what we were still sending (RESET_STREAM; no effect
+        once everything we sent was acknowledged). aioquic keeps a reader for
+        every stream the connection ever carried; this drops ours.
+        """
+        send = reset
+        stream = self._quic._streams.get(stream_id)
+        if stream is not None and not stream.receiver.is_finished:
+            with contextlib.suppress(Exception):
+                self._quic.stop_stream(stream_id, STREAM_CANCELLED)
+            self.abandoned.add(stream_id)
+            send = True
+        if reset:
+            with contextlib.suppress(Exception):
+                self._quic.reset_stream(stream_id, STREAM_CANCELLED)
+        if self._stream_readers.get(stream_id) is reader:
+            del self._stream_readers[stream_id]
+        self.stop_waiters.pop(stream_id, None)
+        pending = self._transmit_task
+        if send or pending is not None:
+            # Now, not on the next loop turn: the end of a response goes out at
+            # once, and the transmit its writes scheduled is not run for nothing.
+            if pending is not None:
+                pending.cancel()
+            with contextlib.suppress(Exception):
+                self.transmit()
+
     def remote_address(self) -> tuple[str, int]:
         addr = self._quic._network_paths[0].addr if self._quic._network_paths else ("", 0)
         host = str(addr[0]).removeprefix("::ffff:")
         return host, int(addr[1])
+
+
+def _stream_of(writer: asyncio.StreamWriter) -> tuple[MeshProtocol | None, int]:
+    transport = writer.transport
+    if isinstance(transport, QuicStreamAdapter) and isinstance(transport.protocol, MeshProtocol):
+        return transport.protocol, transport.stream_id
+    return None, -1
+
+
+def stop_waiter(writer: asyncio.StreamWriter) -> asyncio.Future[None]:
+    """A future set when the peer resets this stream or asks us to stop sending on it."""
+    protocol, stream_id = _stream_of(writer)
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    if protocol is not None:
+        protocol.stop_waiters[stream_id] = waiter
+    return waiter
+
+
+def release_stream(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, abort: bool = False
+) -> None:
+    """Done with a stream: forget it; `abort`: give it up both ways."""
+    protocol, stream_id = _stream_of(writer)
+    if protocol is None:
+        return
+    protocol.release(stream_id, reader, reset=abort)
+    # Nothing more goes out: a later close (StreamWriter.__del__ too) would try
+    # a FIN on a stream that may be reset or discarded by now, which raises.
+    writer.transport._closing = True  # type: ignore[attr-defined]
 
 
 StreamHandler = Callable[[Link, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -299,7 +400,11 @@ class MeshEndpoint:
 
     def _config(self, is_client: bool) -> QuicConfiguration:
         config = QuicConfiguration(
-            is_client=is_client, alpn_protocols=[ALPN], idle_timeout=IDLE_TIMEOUT_S
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            idle_timeout=IDLE_TIMEOUT_S,
+            max_data=CONNECTION_WINDOW_BYTES,
+            max_stream_data=STREAM_WINDOW_BYTES,
         )
         if is_client:
             # Peers are authenticated by the mesh secret, not by a CA.

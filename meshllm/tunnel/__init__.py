@@ -1,7 +1,8 @@
 """Requests for a model served elsewhere, carried over QUIC.
 
-The sans-I/O parts of the Tunnel actor: the frame the Proxy sends over its
-unix connection, the stream header between two nodes' Tunnels, and the
-bridge between a QUIC stream and an asyncio stream. See docs/design.md,
-"The request path".
+The Tunnel actor's parts: the frame the Proxy sends over its unix
+connections and the Proxy's end of that hop (`hop`), the requesting side
+(`client`), the host's side (`server`), and the decisions without I/O
+(`core`). The aioquic adaptations they rely on are in `meshllm.mesh.quic`.
+See docs/design.md, "The request path".
 """

@@ -1,0 +1,143 @@
+"""The request frame of the Proxy -> Tunnel hop, and the Proxy's end of that hop.
+
+The Proxy sends a request for a remote model to the Tunnel's unix socket as
+one `TunnelRequest` frame (a 4-byte big-endian length, then msgpack) followed
+by `body_length` body bytes; the Tunnel answers in plain HTTP/1.1, which the
+Proxy reads with the same client and parser as a local llama-server's answer.
+Connections stay open across requests, one request at a time, like
+keep-alive HTTP. The requesting Tunnel passes the frame on unchanged down
+the QUIC stream, so the host's Tunnel reads the very same frame.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import msgspec
+
+from meshllm.http.upstream import Pool, Response
+from meshllm.runtime.messages import RouteTarget
+
+LENGTH_BYTES = 4
+MAX_FRAME_BYTES = 64 * 1024
+"""Largest frame (without the body): a request head is small."""
+MAX_BODY_BYTES = 256 * 1024 * 1024
+"""Only bounds what a broken frame can make a Tunnel buffer; the Proxy enforces
+the user's own body limit before anything reaches the hop."""
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TEXT = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+_PATH = re.compile(r"/[^\x00-\x20\x7f]*")
+_DROPPED = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"te"}
+)
+"""Set by the host's upstream client itself, or meaningful on one hop only."""
+
+
+class FrameError(ValueError):
+    """A frame that cannot be forwarded (answered with a 400)."""
+
+
+class TunnelRequest(msgspec.Struct, frozen=True):
+    """A request for `model` on node `node`; its body follows the frame.
+
+    New fields get defaults: Tunnels of different versions read each other's frames.
+    """
+
+    node: str
+    """The node whose llama-server answers (the target)."""
+    model: str
+    """The model that node serves: checked there against what it really serves."""
+    method: str
+    path: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    """End-to-end request headers (names lower-case), passed to llama-server."""
+    body_length: int = 0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(TunnelRequest)
+
+
+def encode_request(request: TunnelRequest) -> bytes:
+    """The frame: length, then msgpack."""
+    payload = _encoder.encode(request)
+    if len(payload) > MAX_FRAME_BYTES:
+        raise FrameError(f"request frame of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
+    return len(payload).to_bytes(LENGTH_BYTES, "big") + payload
+
+
+def frame_length(prefix: bytes | bytearray) -> int:
+    """The payload size a frame's first `LENGTH_BYTES` announce; `FrameError` if too big."""
+    size = int.from_bytes(prefix[:LENGTH_BYTES], "big")
+    if size > MAX_FRAME_BYTES:
+        raise FrameError(f"request frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
+    return size
+
+
+def decode_request(payload: bytes) -> TunnelRequest:
+    """A frame's payload, checked: whatever passes here is safe to write as an HTTP head."""
+    try:
+        request = _decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise FrameError(f"malformed request frame: {exc}") from None
+    if not request.node or not request.model:
+        raise FrameError("the request frame names no target node or model")
+    if not _TOKEN.fullmatch(request.method.encode()):
+        raise FrameError(f"bad method {request.method[:40]!r}")
+    if not _PATH.fullmatch(request.path):
+        raise FrameError(f"bad path {request.path[:200]!r}")
+    for name, value in request.headers:
+        if not _TOKEN.fullmatch(name) or not _TEXT.fullmatch(value):
+            raise FrameError(f"bad header {name[:100]!r}")
+    if not 0 <= request.body_length <= MAX_BODY_BYTES:
+        raise FrameError(f"bad body length {request.body_length}")
+    return request
+
+
+def upstream_headers(request: TunnelRequest) -> list[tuple[bytes, bytes]]:
+    """The frame's headers that go on to llama-server."""
+    return [(k, v) for k, v in request.headers if k.lower() not in _DROPPED]
+
+
+# -- the Proxy's end ----------------------------------------------------------------------
+
+
+class TunnelRoute:
+    """Requests for one (node, model), sent as frames over the Tunnel's shared `Pool`."""
+
+    def __init__(self, pool: Pool, node: str, model: str) -> None:
+        self.pool = pool
+        self.node = node
+        self.model = model
+        self.where = f"node {node} through the tunnel"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> Response:
+        frame = encode_request(
+            TunnelRequest(self.node, self.model, method, path, tuple(headers or ()), len(body))
+        )
+        return await self.pool.exchange(frame + body)
+
+
+def remote_via_tunnel(unix_path: str) -> Callable[[RouteTarget], TunnelRoute]:
+    """The Proxy's `remote` hook: every remote target goes to the Tunnel's unix socket."""
+    pool = Pool("meshllm-tunnel", 0, max_idle=64, unix_path=unix_path)
+    routes: dict[tuple[str, str], TunnelRoute] = {}
+
+    def remote(target: RouteTarget) -> TunnelRoute:
+        key = (target.node_id, target.model)
+        route = routes.get(key)
+        if route is None:
+            if len(routes) > 1024:
+                routes.clear()  # targets come and go; the pool is what is shared
+            route = routes[key] = TunnelRoute(pool, target.node_id, target.model)
+        return route
+
+    return remote
