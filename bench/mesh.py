@@ -1,30 +1,23 @@
 """Several real nodes on loopback for the mesh sections: start, ask, kill -9, always stop.
 
-`bench/node.py` starts one serving node and waits until its llama-server is
-ready; the mesh sections also need lite clients (no llama-server), nodes that
-are started without waiting (to time a join), a kill -9 of a node's whole
-process tree, and cheap status polls. Polls go to each node's control socket
-(what `meshllm ctl status --json` asks) over one persistent ZeroMQ socket per
-node, so polling every few tens of milliseconds costs the nodes little.
+Built on `meshllm.testing.NodeProcess`, the harness the tests use too. The
+mesh sections also need lite clients (no llama-server), nodes that are started
+without waiting (to time a join), a kill -9 of a node's whole process tree, and
+cheap status polls. Polls go to each node's control socket (what `meshllm ctl
+status --json` asks) over one persistent ZeroMQ socket per node, so polling
+every few tens of milliseconds costs the nodes little.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -32,69 +25,35 @@ import zmq.asyncio
 from bench.common import REPO
 from meshllm.runtime import messages
 from meshllm.runtime.bus import ASK, REPLY
-from meshllm.runtime.paths import home_from
-from meshllm.runtime.procutil import kill_tree as kill_process_tree
+from meshllm.testing import NodeError, NodeProcess
 
 LOOPBACK_BIND = ("--bind", "127.0.0.1:0")
-TOKEN_PREFIX = "invite token"
-PORT_LINE = re.compile(rb"OpenAI API at http://[\d.]+:(\d+)/v1")
+
+MeshError = NodeError
+"""What the mesh sections catch: a node exited, or a wait ran out."""
 
 
-class MeshError(RuntimeError):
-    pass
+class MeshNode(NodeProcess):
+    """One `meshllm up` process of a mesh section, known by a short name."""
 
-
-@dataclass
-class MeshNode:
-    """One `meshllm up` process (own session, own temp home, own log file)."""
-
-    name: str
-    home: Path
-    proc: subprocess.Popen[bytes]
-    log_file: IO[bytes]
-    started_at: float
-    """perf_counter() just before the process was started."""
-    args: tuple[str, ...] = ()
-    api_port: int = 0
-    node_id: str = ""
-    killed: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, name: str, home: Path, *args: str, repo: Path | None = None) -> None:
+        super().__init__(home, *args, cwd=repo or REPO)
+        self.name = name
+        self.node_id = ""
+        """Filled in by the first status that answers (`StatusClient.status`)."""
+        self.extra: dict[str, Any] = {}
 
     @property
-    def log_path(self) -> Path:
-        return self.home / "node-stdout.log"
+    def api_port(self) -> int:
+        """The API port once known (`NodeProcess.port`)."""
+        return self.port
 
-    @property
-    def control_path(self) -> Path:
-        return home_from(self.home).run_dir / "control.ipc"
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None and not self.killed:
-            raise MeshError(
-                f"node {self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
-            )
-
-    def port_from_log(self) -> int:
-        try:
-            data = self.log_path.read_bytes()
-        except OSError:
-            return 0
-        match = PORT_LINE.search(data)
-        return int(match.group(1)) if match else 0
+    @api_port.setter
+    def api_port(self, port: int) -> None:
+        self.port = port
 
     def token(self) -> str:
-        """The invite token a first node prints (the line after `invite token ...`)."""
-        lines = self.log().splitlines()
-        for i, line in enumerate(lines[:-1]):
-            if line.startswith(TOKEN_PREFIX) and lines[i + 1].strip():
-                return lines[i + 1].strip()
-        return ""
+        return self.token_from_log()
 
 
 def start_node(
@@ -102,18 +61,9 @@ def start_node(
 ) -> MeshNode:
     """Start `meshllm up --home TMP --port 0 ARGS` and return at once (nothing awaited)."""
     home = home or Path(tempfile.mkdtemp(prefix=f"meshllm-bench-{name}-"))
-    log_file = (home / "node-stdout.log").open("ab")
-    cmd = [sys.executable, "-m", "meshllm", "up", "--home", str(home), "--port", "0", *args]
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=repo or REPO,
-        start_new_session=True,
-    )
-    return MeshNode(name, home, proc, log_file, started, args=args)
+    node = MeshNode(name, home, *args, repo=repo)
+    node.start(wait=False)
+    return node
 
 
 async def wait_until(what: str, nodes: Iterable[MeshNode], timeout: float, probe: Any) -> Any:
@@ -170,32 +120,18 @@ async def http_get_status(port: int, path: str, timeout: float = 2.0) -> int:
 
 
 def kill_tree(node: MeshNode) -> list[int]:
-    """kill -9 as a machine losing power: SIGSTOP the whole tree first, then SIGKILL it.
-
-    Stopping first means no process sees another die and says goodbye (a leave
-    notice, a QUIC close). Returns the pids.
-    """
-    node.killed = True
-    return kill_process_tree(node.proc.pid)
+    """kill -9 as a machine losing power (`NodeProcess.kill_tree`); returns the pids."""
+    return node.kill_tree()
 
 
 def stop_all(nodes: Iterable[MeshNode], grace_s: float = 15.0) -> None:
     """SIGTERM every node at once, wait, then SIGKILL each process group; remove the homes."""
     nodes = list(nodes)
     for node in nodes:
-        if node.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                node.proc.send_signal(signal.SIGTERM)
+        node.terminate()
     deadline = time.monotonic() + grace_s
     for node in nodes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            node.proc.wait(max(0.1, deadline - time.monotonic()))
-    for node in nodes:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(node.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            node.proc.wait(5)
-        node.log_file.close()
+        node.stop(grace_s=max(0.1, deadline - time.monotonic()))
         shutil.rmtree(node.home, ignore_errors=True)
 
 

@@ -63,7 +63,7 @@ from bench.common import (
     table,
 )
 from bench.httpclient import Endpoint, HTTPError
-from bench.node import Node, running_node
+from meshllm.testing import NodeProcess, running_node
 
 CHAT = "/v1/chat/completions"
 TARGET_ADDED_P50_MS = 1.0
@@ -129,10 +129,10 @@ def summary(ms: list[float]) -> dict[str, float]:
 class Paths:
     """The two endpoints under test and the processes whose CPU time we watch."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeProcess) -> None:
         self.node = node
-        self.ports = {"direct": node.server_port, "node": node.api_port}
-        self.proxy_pid = (node.actor_pids or {}).get("proxy", 0)
+        self.ports = {"direct": node.server_port, "node": node.port}
+        self.proxy_pid = node.actor_pids.get("proxy", 0)
 
     def endpoint(self, path: str) -> Endpoint:
         return Endpoint("127.0.0.1", self.ports[path])
@@ -378,7 +378,7 @@ def py_spy(pid: int, out: Path, enabled: bool) -> Iterator[None]:
             print(f"  py-spy wrote no profile:\n{why}", file=sys.stderr)
 
 
-async def measure(node: Node, plan: Plan, ctx: Context) -> dict[str, Any]:
+async def measure(node: NodeProcess, plan: Plan, ctx: Context) -> dict[str, Any]:
     paths = Paths(node)
     model = node.model
     say = _say
@@ -424,8 +424,8 @@ def run(ctx: Context) -> str:
     node_args = ctx.node_args()
     with running_node(*node_args, repo=ctx.node_repo or REPO) as node:
         _say(
-            f"node API :{node.api_port}, llama-server :{node.server_port}, "
-            f"proxy pid {(node.actor_pids or {}).get('proxy')}"
+            f"node API :{node.port}, llama-server :{node.server_port}, "
+            f"proxy pid {node.actor_pids.get('proxy')}"
         )
         with asyncio.Runner(loop_factory=new_loop) as runner:
             figures = runner.run(measure(node, plan, ctx))

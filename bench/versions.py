@@ -27,8 +27,8 @@ from bench.common import (
     table,
     write_json,
 )
-from bench.node import running_node
 from bench.proxy import CHAT, Paths, chat_body, new_loop, summary, throughput_round, warmup
+from meshllm.testing import running_node
 
 NAMES = ("base", "this")
 

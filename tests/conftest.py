@@ -8,7 +8,7 @@ import pytest
 from meshllm.models.demo import ensure_demo_model
 from meshllm.runtime.binaries import BinaryNotFound, find_binary
 from meshllm.runtime.paths import cache_dir
-from tests.nodes import NodeProcess
+from meshllm.testing import NodeProcess
 
 
 @pytest.fixture(scope="session")

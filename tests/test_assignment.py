@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.nodes import NodeProcess, chat, mesh_models, token_of, wait_for
+from meshllm.testing import NodeProcess, chat, mesh_models, token_of, wait_for
 
 pytestmark = pytest.mark.integration
 

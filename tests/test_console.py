@@ -26,7 +26,7 @@ from meshllm.http.console import ConsoleApp
 from meshllm.mesh.status import MeshStatus, build_mesh_status, own_card
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.runtime.messages import LocalServerState, MeshView, ModelRoute, RouteTable, RouteTarget
-from tests.nodes import NodeProcess, chat, http, wait_for
+from meshllm.testing import NodeProcess, chat, http, wait_for
 
 T = TypeVar("T")
 GiB = 1024**3
@@ -474,7 +474,6 @@ def test_console_in_a_browser(
         page.screenshot(path=str(SCREENSHOT))
 
         # A node dies: its box goes, its model turns cold, without a reload.
-        assert b.proc is not None
         os.killpg(b.proc.pid, signal.SIGKILL)
         wait_for(
             lambda: len(console_status(console)["nodes"]) == 1,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import NodeProcess, wait_for
+from meshllm.testing import NodeProcess, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from meshllm.runtime.procutil import descendants as children_of
-from tests.nodes import NodeProcess, alive, http, wait_for
+from meshllm.testing import NodeProcess, alive, http, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -199,7 +199,6 @@ def meshllm_up(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
 
 
 def descendants(node: NodeProcess) -> list[int]:
-    assert node.proc is not None
     found = children_of(node.proc.pid)
     server_pid = node.status()["server"]["pid"]
     assert server_pid in found, f"llama-server {server_pid} is not under the node: {found}"
@@ -536,7 +535,7 @@ def test_drop_other_model_changes_nothing(shared: Shared) -> None:
     after = shared.node.status()
     assert after["server"] == before["server"]
     assert after["actors"] == before["actors"]
-    assert shared.node.proc is not None and shared.node.proc.poll() is None
+    assert shared.node.proc.poll() is None
     assert_serves(shared.port)
 
 
@@ -710,19 +709,16 @@ def _assert_stops(node: NodeProcess, stop: Callable[[], None]) -> None:
 
 
 def test_sigterm_stops_everything(node: NodeProcess) -> None:
-    assert node.proc is not None
     proc = node.proc
     _assert_stops(node, lambda: proc.send_signal(signal.SIGTERM))
 
 
 def test_ctrl_c_stops_everything(node: NodeProcess) -> None:
-    assert node.proc is not None
     group = node.proc.pid  # the node leads its own process group, like in a terminal
     _assert_stops(node, lambda: os.killpg(group, signal.SIGINT))
 
 
 def test_kill_9_of_the_root_leaves_no_orphan(node: NodeProcess) -> None:
-    assert node.proc is not None
     pids = descendants(node)
     node.proc.kill()
     assert node.wait_exit(5) == -signal.SIGKILL

@@ -1,0 +1,326 @@
+"""Real `meshllm up` processes for the tests and the benchmark: start, wait, ask, always stop.
+
+The one harness that `tests/` and `bench/` share. It lives in the package, not
+in either of them, because both drive the same command line the same way and
+neither should import the other. A node runs `python -m meshllm up` in its own
+session (so a stop reaches its whole process group), with its own home and a
+log file that holds the root's and every actor's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import IO, Any
+
+from meshllm.runtime.paths import home_from
+from meshllm.runtime.procutil import kill_tree
+
+API_LINE = re.compile(rb"OpenAI API at http://[\d.]+:(\d+)/v1")
+"""The line `meshllm up` logs once its API listens; the port is read from it."""
+TOKEN_PREFIX = "invite token"
+"""A first node prints this line, then its invite token on the next one."""
+
+
+class NodeError(AssertionError):
+    """A node exited when it should not have, or a wait ran out (says what it last saw)."""
+
+
+class NodeExited(NodeError):
+    """The node's process is gone: no wait on it can succeed any more."""
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll `predicate` until it returns something truthy; fail saying what it last saw."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except NodeExited:
+            raise
+        except Exception as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise NodeError(f"timed out after {timeout}s waiting for {what}; last saw: {last!r}")
+
+
+def http(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | dict[str, Any] | None = None,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request to 127.0.0.1:port: (status, lower-cased headers, body)."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        conn.request(method, path, body=data, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def chat(port: int, model: str, content: str = "hello", max_tokens: int = 16, **extra: Any) -> Any:
+    """A deterministic (temperature 0) chat completion that must answer 200."""
+    status, _, body = http(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **extra,
+        },
+    )
+    assert status == 200, body
+    return json.loads(body)
+
+
+def mesh_models(port: int, timeout: float = 5) -> dict[str, dict[str, Any]]:
+    """`/v1/models` of a node: model id -> its `meshllm` field (status, nodes)."""
+    status, _, body = http(port, "GET", "/v1/models", timeout=timeout)
+    assert status == 200, body
+    return {m["id"]: m["meshllm"] for m in json.loads(body)["data"]}
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class NodeProcess:
+    """`meshllm up --home HOME ARGS` in its own process group, with its own log file.
+
+    `cwd` is the source tree the node runs from (`python -m meshllm` there), so
+    two versions of meshllm can run side by side; by default, this process's.
+    """
+
+    def __init__(
+        self, home: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        self.home = home
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        self.log_path = home / "node-stdout.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+        self.started_at = 0.0
+        """perf_counter() just before the process was started."""
+        self.port = 0
+        """The OpenAI API's port, once known (`start`, `port_from_log`)."""
+        self.killed = False
+        """Killed on purpose (`kill_tree`): its exit is no failure."""
+        self.model = ""
+        self.server_port = 0
+        self.server_pid = 0
+        self.actor_pids: dict[str, int] = {}
+        """What `wait_serving` found: the warm model, its llama-server and the actors."""
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise RuntimeError(f"the node in {self.home} was never started")
+        return self._proc
+
+    @property
+    def control_path(self) -> Path:
+        """The node's control socket (what `meshllm ctl` talks to)."""
+        return home_from(self.home).run_dir / "control.ipc"
+
+    def start(self, wait: bool = True, timeout: float = 30) -> NodeProcess:
+        """Start the node (`--port 0` unless the arguments name one); with `wait`, return
+        once its API port is in the log."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._log_file = self.log_path.open("ab")
+        cmd = [sys.executable, "-m", "meshllm", "up", "--home", str(self.home), *self.args]
+        if "--port" not in self.args:
+            cmd += ["--port", "0"]
+        self.started_at = time.perf_counter()
+        self._proc = subprocess.Popen(
+            cmd,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        if wait:
+            wait_for(self._started, timeout, f"{self.home} to open its API")
+        return self
+
+    def _started(self) -> int:
+        self.check_alive()
+        return self.port_from_log()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        """Fail with the end of the log if the node exited (unless it was killed on purpose)."""
+        if self.proc.poll() is not None and not self.killed:
+            raise NodeExited(
+                f"node {self.home} exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
+            )
+
+    def port_from_log(self) -> int:
+        """The API port from the log (0 while it is not there yet); remembered in `port`."""
+        if not self.port:
+            try:
+                match = API_LINE.search(self.log_path.read_bytes())
+            except OSError:
+                match = None
+            self.port = int(match.group(1)) if match else 0
+        return self.port
+
+    def token_from_log(self) -> str:
+        """The invite token a first node prints ("" when it printed none)."""
+        lines = self.log().splitlines()
+        for i, line in enumerate(lines[:-1]):
+            if line.startswith(TOKEN_PREFIX) and lines[i + 1].strip():
+                return lines[i + 1].strip()
+        return ""
+
+    def warm_models(self) -> set[str]:
+        _status, _, body = http(self.port, "GET", "/v1/models", timeout=2)
+        data = json.loads(body)["data"]
+        return {m["id"] for m in data if m.get("meshllm", {}).get("status") == "warm"}
+
+    def wait_ready(self, model: str | None = None, timeout: float = 60) -> NodeProcess:
+        """Until `model` (any model, if None) is warm in this node's `/v1/models`."""
+
+        def ready() -> bool:
+            self.check_alive()
+            warm = self.warm_models()
+            return model in warm if model else bool(warm)
+
+        wait_for(ready, timeout, f"{model or 'a model'} to be warm on :{self.port}")
+        return self
+
+    def wait_serving(self, timeout: float = 60) -> NodeProcess:
+        """Until this node's own llama-server is ready; fills `model`, `server_port`,
+        `server_pid` and `actor_pids`."""
+
+        def ready() -> dict[str, Any] | None:
+            self.check_alive()
+            st = self.status()
+            server = st.get("server") or {}
+            return st if server.get("state") == "ready" and server.get("port") else None
+
+        st = wait_for(ready, timeout, "llama-server to be ready", interval=0.1)
+        self.model = st["server"]["model"]
+        self.server_port = int(st["server"]["port"])
+        self.server_pid = int(st["server"].get("pid") or 0)
+        self.actor_pids = {a["name"]: int(a["pid"]) for a in st.get("actors", [])}
+        return self
+
+    def ctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """`meshllm ctl ARGS --home HOME`."""
+        return subprocess.run(
+            [sys.executable, "-m", "meshllm", "ctl", *args, "--home", str(self.home)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=self.cwd,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """`meshllm ctl status --json`."""
+        out = self.ctl("status", "--json")
+        if out.returncode != 0:
+            raise NodeError(f"ctl status failed: {out.stderr.strip()}")
+        data: dict[str, Any] = json.loads(out.stdout)
+        return data
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM (the same shutdown as `meshllm ctl stop`), without waiting."""
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGTERM)
+
+    def kill_tree(self) -> list[int]:
+        """kill -9 of the whole tree, as a machine losing power (`procutil.kill_tree`)."""
+        self.killed = True
+        return kill_tree(self.proc.pid)
+
+    def stop(self, grace_s: float = 15) -> None:
+        """Always leaves nothing behind: SIGTERM, then SIGKILL of the whole group."""
+        if self._proc is None:
+            return
+        self.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(grace_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5)
+        if self._log_file is not None:
+            self._log_file.close()
+
+
+def token_of(node: NodeProcess, timeout: float = 10) -> str:
+    """The node's invite token: from its log (a first node prints it), else `meshllm ctl
+    token` (any node)."""
+
+    def find() -> str | None:
+        if token := node.token_from_log():
+            return token
+        out = node.ctl("token", timeout=5)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+    token: str = wait_for(find, timeout, f"the invite token of {node.home}", interval=0.2)
+    return token
+
+
+@contextlib.contextmanager
+def running_node(
+    *args: str, timeout: float = 60, keep_home: bool = False, repo: Path | None = None
+) -> Iterator[NodeProcess]:
+    """`meshllm up ARGS` (the demo model unless `args` say otherwise) in a temporary home,
+    serving: its model warm and its llama-server ready. Always stopped, its home removed
+    (unless `keep_home`)."""
+    home = Path(tempfile.mkdtemp(prefix="meshllm-node-"))
+    node = NodeProcess(home, *args, cwd=repo)
+    try:
+        node.start(timeout=timeout)
+        node.wait_ready(timeout=timeout)
+        node.wait_serving(timeout=timeout)
+        yield node
+    finally:
+        node.stop()
+        if not keep_home:
+            shutil.rmtree(home, ignore_errors=True)
