@@ -63,9 +63,8 @@ def test_stop_during_a_download_is_prompt(
     wait_for(lambda: node.status()["server"]["state"] == "downloading", 30, "the download to start")
     assert node.ctl("stop").returncode == 0
     assert node.wait_exit(15) == 0
-    # The download thread was cancelled, so every actor stopped by itself: the root had
-    # to terminate none (it would after its stop grace).
-    assert "download of slow cancelled" in node.log()
+    # The download thread let go at its next chunk, so every actor stopped by itself: the
+    # root had to terminate none (it would after its stop grace).
     assert "did not stop in" not in node.log()
     assert (tmp_path / "slow.gguf.part").exists()  # kept, so the next start resumes
     assert not (tmp_path / "slow.gguf").exists()
