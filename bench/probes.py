@@ -1,7 +1,7 @@
 """Section `probes`: simulated probe and gossip traffic, detection and join at N = 10, 50, 100.
 
 Cheap and in-process: `meshllm.mesh.simulation` runs the real sans-I/O cores
-(`Membership`, `FailureDetector`) of N nodes on a virtual clock, with every
+(`GossipCore`, `FailureDetector`) of N nodes on a virtual clock, with every
 frame sized by the real wire encoder plus per-packet overhead (IP/UDP, QUIC
 short header, AEAD tag, STREAM frame header, and an ACK packet per frame;
 see that module's docstring). Two probe settings: the node's defaults
@@ -9,7 +9,8 @@ see that module's docstring). Two probe settings: the node's defaults
 
 - traffic: steady state of a converged mesh, per node: probe bytes sent per
   second (mean and busiest node), sent + received, packets, and gossip upkeep
-  (anti-entropy) bytes per second;
+  (anti-entropy) bytes per second (section `traffic` checks these against
+  the endpoints' counters on real nodes);
 - detection: one node killed (kill -9) in a converged mesh; time until the
   first node declares it dead and until every node removed it, over several
   random seeds (median and worst);

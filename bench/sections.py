@@ -6,7 +6,7 @@ plus one line here.
 
 from __future__ import annotations
 
-from bench import convergence, probes, proxy, remote, tunnel, versions
+from bench import convergence, gossip_traffic, probes, proxy, remote, tunnel, versions
 from bench.common import Section
 
 SECTIONS: dict[str, Section] = {
@@ -17,6 +17,7 @@ SECTIONS: dict[str, Section] = {
         tunnel.SECTION,
         convergence.SECTION,
         probes.SECTION,
+        gossip_traffic.SECTION,
         versions.SECTION,
     )
 }
