@@ -1,5 +1,5 @@
-"""Elector: decides which model this node serves (spec: "Joining nodes", "Per-model
-election groups"), as glue around `meshllm.placement.election.Elector`.
+"""Elector: decides which model this node serves (docs/design.md,
+"Placement"), as glue around `meshllm.placement.election.Elector`.
 
 It follows the mesh view and this node's server state, re-decides when they
 change (and at the core's own deadlines), and publishes the wanted model on

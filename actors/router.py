@@ -26,7 +26,7 @@ class Router(Actor):
         await self._recompute()
 
     async def _recompute(self) -> None:
-        # The mesh catalog counts this node's own disk too (spec: "Gossip").
+        # The mesh catalog counts this node's own disk too (a cold model may be ours).
         own = {spec.name for spec in (*self.config.models, *self.config.available)}
         catalog = own | mesh_catalog(self.mesh.peers)
         remote = [

@@ -53,7 +53,7 @@ def resolve_model(ref: str) -> ModelSpec:
     elif found.url and size is None:
         from meshllm.models.download import remote_size
 
-        # Nodes decide what fits from the announced size (spec: "only models that fit").
+        # Nodes decide what fits from the announced size (docs/design.md, "Placement").
         size = remote_size(found.url)
     return ModelSpec(
         name=found.name,
@@ -66,7 +66,7 @@ def resolve_model(ref: str) -> ModelSpec:
 
 
 def scan_available() -> tuple[ModelSpec, ...]:
-    """GGUFs in the models directory that count as models (spec: "Gossip", over 500 MB)."""
+    """GGUFs in the models directory that count as models (over 500 MB)."""
     from meshllm.models.files import scan_models
 
     return tuple(

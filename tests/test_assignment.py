@@ -1,5 +1,5 @@
-"""Auto-assignment with real nodes on loopback (issue 4, item 7; spec: "Starting a mesh",
-"Joining nodes", "Auto-assignment priority").
+"""Auto-assignment with real nodes on loopback (docs/design.md,
+"Placement").
 
 A seeding node names two models and serves the first; the second is listed cold
 until a node joining with `--join` alone takes it: the file on its disk (rule 1)

@@ -1,4 +1,4 @@
-"""The mesh with real processes on loopback (issue 3, item 8; issue 4, item 6).
+"""The mesh with real processes on loopback.
 
 Three serving nodes and a lite client share one mesh (a module fixture):
 

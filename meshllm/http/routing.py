@@ -1,6 +1,6 @@
 """Route choice (sans-I/O): which node answers a request for a model.
 
-Spec: `seed/multi-model-mesh.md`, "Routing": a local model goes to the local
+docs/design.md, "The request path": a local model goes to the local
 llama-server, a remote one through the tunnel to its host, and an unknown
 model falls back to the first available target (unless `--strict-models`).
 """
@@ -32,7 +32,7 @@ def build_route_table(
     """The table the Proxy routes by: warm models (with targets) then cold ones.
 
     Targets are ordered local first, then by node id, so every node picks the
-    same host for a model (the seed's "picks one deterministically").
+    same host for a model.
     """
     servers: list[Serving] = list(remote)
     if local.model and local.state == "ready" and local.port:

@@ -2,7 +2,7 @@
 
 Built from what a node already knows (its own server state, the gossiped
 announcements of its peers and the Router's table), so the console never asks
-another actor anything per request. Spec: `seed/multi-model-mesh.md`, "Console".
+another actor anything per request. See docs/design.md, "Actors".
 """
 
 from __future__ import annotations

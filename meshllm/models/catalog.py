@@ -101,7 +101,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         file="Qwen2.5-32B-Instruct-Q4_K_M.gguf",
         size=19_851_336_576,
         sha256="2e5f6daea180dbc59f65a40641e94d3973b5dbaa32b3c0acf54647fa874e519e",
-        description="Qwen2.5 32B Instruct (the seed's example of a model to split)",
+        description="Qwen2.5 32B Instruct (a model to split across nodes)",
     ),
     CatalogEntry(
         name="Llama-3.2-1B-Instruct-Q4_K_M",

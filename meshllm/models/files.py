@@ -1,7 +1,7 @@
 """Model files: what is on disk, what a `--model` value means, and `meshllm models`.
 
-- `scan_models` lists the GGUF files of the models directory over a size threshold (the seed,
-  "Gossip": `available_models` are "GGUFs on disk (>500MB, scanned from ~/.models/)"), with
+- `scan_models` lists the GGUF files of the models directory over a size threshold (the
+  announced `available_models`: GGUFs on disk over 500 MB in ~/.models/), with
   what their headers say (architecture, layer count, context length, name).
 - `resolve_model` turns a `--model` value into a file: a path, a file name in the models
   directory, a catalog name, or a Hugging Face `owner/repo/file.gguf` reference (the last two
@@ -257,7 +257,7 @@ class LocalModel:
 
 
 def default_min_bytes() -> int:
-    """The size threshold: `MESHLLM_MIN_MODEL_BYTES`, else 500 MB (the seed's rule)."""
+    """The size threshold: `MESHLLM_MIN_MODEL_BYTES`, else 500 MB."""
     raw = os.environ.get(MIN_BYTES_ENV, "").strip()
     if raw:
         try:

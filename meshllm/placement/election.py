@@ -1,6 +1,6 @@
 """Which model a node serves and who hosts each model (sans-I/O).
 
-Spec: `seed/multi-model-mesh.md`. Nothing here reads a socket, a file or a
+docs/design.md, "Placement". Nothing here reads a socket, a file or a
 clock: the Elector actor builds a `NodeView` from the mesh view, the disk scan
 and the memory detection (`meshllm.placement.memory`), passes the time in, and acts on
 the `Decision` it gets back.
@@ -41,8 +41,8 @@ can only go to a large node, a small one can still be taken by anyone who
 comes later), unknown sizes last, then by name. Nothing that fits: no model,
 the node waits for capacity.
 
-Re-decision without flapping ("Health check": dead models go cold; issue 4:
-"a decision holds until the mesh changes again"). `Elector` holds its
+Re-decision without flapping (dead models go cold; a decision holds until
+the mesh changes again). `Elector` holds its
 decision; a node serving a model keeps it unless the model failed on this node
 or no longer fits its budget, with one exception below. A node without a model
 (waiting for capacity) looks again at every mesh change and takes what the
@@ -263,7 +263,10 @@ def _tier(cand: _Candidate, counts: Mapping[str, int]) -> int:
 def _best(
     candidates: Iterable[_Candidate], counts: Mapping[str, int]
 ) -> tuple[_Candidate, int] | None:
-    """The seed's priority ("Auto-assignment priority"), ties as the module docstring says."""
+    """The auto-assignment priority (docs/design.md, "Placement").
+
+    Ties break as the module docstring says.
+    """
 
     def key(c: _Candidate) -> tuple[int, int, int, str]:
         size_key = -c.size_bytes if c.size_bytes is not None else 1

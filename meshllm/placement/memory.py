@@ -1,4 +1,4 @@
-"""How much memory this node can give to a model (spec: "Console", "Total mesh VRAM").
+"""How much memory this node can give to a model (docs/design.md, "Placement").
 
 Order of sources:
 

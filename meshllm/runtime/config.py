@@ -137,13 +137,13 @@ class UpOptions:
     probe_interval_s: float = option(
         0.5,
         "--probe-interval",
-        "Seconds between health probes (the seed's value is 15).",
+        "Seconds between health probes (15 is gentler on slow links).",
         check=_positive,
     )
     probe_timeout_s: float = option(
         1.0,
         "--probe-timeout",
-        "Seconds a probe may take before the peer is suspected (the seed's value is 5).",
+        "Seconds a probe may take before the peer is suspected (5 is gentler on slow links).",
         check=_positive,
     )
     cold_grace_s: float = option(
