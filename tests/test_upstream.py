@@ -534,3 +534,100 @@ def test_get_status_times_out_on_a_silent_server() -> None:
                 await get_status("127.0.0.1", srv.port, "/health", timeout=0.2)
 
     run(main())
+
+
+# -- the shared response parser's bounds and details (meshllm.http.h1) ------------------------
+
+
+def one_shot(data: bytes) -> Responder:
+    """Writes `data` as the whole response, then waits for the client to hang up."""
+
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(data)
+        await w.drain()
+        await wait_eof(r)
+        return False
+
+    return respond
+
+
+async def read_all(srv: FakeServer, method: str = "POST") -> tuple[int, list[bytes]]:
+    resp = await Pool("127.0.0.1", srv.port).request(method, "/")
+    return resp.status, [piece async for piece in resp.iter_body()]
+
+
+@pytest.mark.parametrize(
+    ("tail", "what"),
+    [
+        (b"0\r\nX-T: " + b"t" * 100_000 + b"\r\n\r\n", "trailers too large"),
+        (b"5;ext=" + b"e" * 300_000, "a chunk-size line that never ends"),
+        (b"0\r\n" + b"X-T: 1\r\n" * 20_000 + b"\r\n", "too many trailers"),
+    ],
+)
+def test_unbounded_framing_is_an_upstream_error(tail: bytes, what: str) -> None:
+    async def main() -> None:
+        async with FakeServer(one_shot(CHUNKED_HEAD + chunk(b"data: 1\n\n") + tail)) as srv:
+            with pytest.raises(UpstreamError, match="too large"):
+                await read_all(srv)
+            await srv.wait_closed(0)
+
+    run(main())
+
+
+def test_head_sent_byte_by_byte_is_still_bounded() -> None:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(100):
+            w.write(b"s" * 1000)
+            await w.drain()
+        await wait_eof(r)
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            with pytest.raises(UpstreamError, match="too large"):
+                await read_all(srv)
+
+    run(main())
+
+
+def test_chunks_are_passed_on_whole_even_when_split_across_reads() -> None:
+    event = b"data: " + b"x" * 3000 + b"\n\n"
+
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        data = CHUNKED_HEAD + chunk(event) + chunk(b"data: 2\n\n") + b"0\r\n\r\n"
+        for i in range(0, len(data), 700):
+            w.write(data[i : i + 700])
+            await w.drain()
+            await asyncio.sleep(0.001)
+        return True
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            assert await read_all(srv) == (200, [event, b"data: 2\n\n"])
+
+    run(main())
+
+
+def test_interim_response_is_skipped() -> None:
+    data = b"HTTP/1.1 100 Continue\r\n\r\n" + response(b"final", headers=("X-A: 1",))
+
+    async def main() -> None:
+        async with FakeServer(one_shot(data)) as srv:
+            resp = await Pool("127.0.0.1", srv.port).request("POST", "/")
+            assert (resp.status, resp.headers) == (200, [(b"content-length", b"5"), (b"x-a", b"1")])
+            assert await resp.body() == b"final"
+
+    run(main())
+
+
+def test_head_response_has_no_body_and_the_connection_is_not_reused() -> None:
+    async def main() -> None:
+        async with FakeServer(ok(b"a body HEAD does not get")) as srv:
+            pool = Pool("127.0.0.1", srv.port)
+            resp = await pool.request("HEAD", "/")
+            assert resp.status == 200 and resp.length == 0
+            assert await resp.body() == b""
+            assert pool.idle == []
+
+    run(main())

@@ -152,6 +152,8 @@ class ResponseReader:
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
+        if self.done:
+            return  # a body the response to a HEAD request must not have
         if not self.chunked:
             self.body_piece(body)
             return

@@ -46,7 +46,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamAdapter
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
 from aioquic.quic.events import (
     ConnectionTerminated,
     StopSendingReceived,
@@ -55,6 +55,7 @@ from aioquic.quic.events import (
 )
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.tls import Epoch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -77,6 +78,11 @@ STREAM_CANCELLED = 0x1
 STREAM_WINDOW_BYTES = 1024 * 1024
 """Flow-control window per stream: one request's bytes in flight before the reader
 catches up (aioquic's default, stated here so that it is a decision)."""
+LONE_ACK_DELAY_S = 0.02
+"""How long the ACK of a lone packet may wait for data to ride on (the next request
+or its response): below the 25 ms max_ack_delay aioquic announces, so the peer's
+loss timer never fires for it. Once a second packet is waiting, aioquic's 1 ms
+applies again (bulk transfers keep their pace)."""
 CONNECTION_WINDOW_BYTES = 8 * 1024 * 1024
 """Flow-control window of a whole connection: every tunnel stream to a peer shares
 it, so it is larger than aioquic's 1 MiB default, which a few concurrent
@@ -237,6 +243,8 @@ class MeshProtocol(QuicConnectionProtocol):
         """Stream id -> set when the peer resets the stream or sends STOP_SENDING."""
         self.abandoned: set[int] = set()
         """Streams released before their end came in: what still arrives is dropped."""
+        self._data_pending = False
+        """Stream data was written since the last transmit."""
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -250,7 +258,50 @@ class MeshProtocol(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self.endpoint.traffic.datagrams_received += 1
         self.endpoint.traffic.udp_bytes_received += len(data)
-        super().datagram_received(data, addr)
+        quic = self._quic
+        now = self._loop.time()
+        space = quic._spaces.get(Epoch.ONE_RTT)
+        waiting = space is not None and space.ack_at is not None
+        quic.receive_datagram(cast(bytes, data), addr, now=now)
+        if space is not None and space.ack_at is not None:
+            if not waiting:
+                space.ack_at = now + LONE_ACK_DELAY_S
+            elif space.ack_at > now + quic._ack_delay:
+                space.ack_at = now + quic._ack_delay
+        self._process_events()
+        if _may_have_to_send(quic, now):
+            # aioquic transmits at once here; later in this loop turn instead, so
+            # datagrams read together are answered together, and what the streams'
+            # handlers write in answer (a response) goes in the same packets.
+            QuicConnectionProtocol._transmit_soon(self)
+        else:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """What aioquic's `transmit` does after sending: the timer for the next due event."""
+        timer_at = self._quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
+
+    def _transmit_soon(self) -> None:
+        self._data_pending = True
+        super()._transmit_soon()
+
+    def transmit(self) -> None:
+        if self._data_pending:
+            self._data_pending = False
+            # aioquic sends an ACK only once it is due (1 ms after the packet it
+            # acknowledges), even when a packet goes out before then: a request
+            # answered within that time cost the peer a second, ACK-only,
+            # datagram. ACKs ride on the data we send anyway.
+            space = self._quic._spaces.get(Epoch.ONE_RTT)
+            if space is not None and space.ack_at is not None:
+                space.ack_at = 0.0
+        super().transmit()
 
     def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.link is not None:
@@ -321,6 +372,49 @@ class MeshProtocol(QuicConnectionProtocol):
         addr = self._quic._network_paths[0].addr if self._quic._network_paths else ("", 0)
         host = str(addr[0]).removeprefix("::ffff:")
         return host, int(addr[1])
+
+
+def _may_have_to_send(quic: QuicConnection, now: float) -> bool:
+    """False when a received datagram left nothing that must go out before the timer.
+
+    A transmit that finds nothing to send still builds and drops a packet, about as
+    costly as sending one; after every request and every response that was most of
+    what was received (stream data, ACKs). True for anything queued that aioquic's
+    `_write_application` would send: due ACKs, stream data (new, or lost and
+    queued again), resets, stop requests, pings, probes, path responses, connection
+    ids, and whatever the handshake and closing need. Flow-control credit is not
+    checked: it follows received data, whose ACK timer transmits within 1 ms (or
+    `LONE_ACK_DELAY_S` for a single packet, too little to use up a window).
+    Finished streams are forgotten at the next transmit instead.
+    """
+    if quic._state is not QuicConnectionState.CONNECTED or not quic._handshake_complete:
+        return True
+    space = quic._spaces.get(Epoch.ONE_RTT)
+    if space is None or (space.ack_at is not None and space.ack_at <= now):
+        return True
+    if (
+        quic._close_pending
+        or quic._ping_pending
+        or quic._probe_pending
+        or quic._handshake_done_pending
+        or quic._streams_blocked_pending
+        or quic._retire_connection_ids
+        or quic._datagrams_pending
+    ):
+        return True
+    paths = quic._network_paths
+    if not paths or paths[0].remote_challenges or not paths[0].is_validated:
+        return True
+    if any(not cid.was_sent for cid in quic._host_cids):
+        return True
+    crypto = quic._crypto_streams.get(Epoch.ONE_RTT)
+    if crypto is not None and not crypto.sender.buffer_is_empty:
+        return True
+    for stream in quic._streams_queue:
+        sender = stream.sender
+        if not sender.buffer_is_empty or sender.reset_pending or stream.receiver.stop_pending:
+            return True
+    return False
 
 
 def _stream_of(writer: asyncio.StreamWriter) -> tuple[MeshProtocol | None, int]:
