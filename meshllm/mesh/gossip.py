@@ -237,8 +237,10 @@ class GossipCore:
     ) -> list[Action]:
         """An admitted link to `peer_id` is up (`synced`: both sides hold the same view)."""
         out: list[Action] = []
-        if self.stopping or peer_id == self.node_id:
-            return [CloseLink(link, peer_id, "not now")]
+        if self.stopping:
+            return [CloseLink(link, peer_id, "stopping")]
+        if peer_id == self.node_id:
+            return [CloseLink(link, peer_id, "a link to this node itself")]
         old_id = self.links.get(peer_id)
         if old_id is not None:
             old = self._links[old_id]

@@ -60,15 +60,6 @@ from meshllm.mesh.health import (
 from meshllm.mesh.membership import Membership
 from meshllm.mesh.quic import IDLE_TIMEOUT_S
 
-__all__ = [
-    "ANTI_ENTROPY_S",
-    "DEFAULT_INTERVAL_S",
-    "DEFAULT_TIMEOUT_S",
-    "IDLE_TIMEOUT_S",
-    "SEED_INTERVAL_S",
-    "SEED_TIMEOUT_S",
-]
-
 # -- the network model --------------------------------------------------------------------
 
 IP_UDP_BYTES = 28
