@@ -245,6 +245,8 @@ class MeshProtocol(QuicConnectionProtocol):
         """Streams released before their end came in: what still arrives is dropped."""
         self._data_pending = False
         """Stream data was written since the last transmit."""
+        self._timer_now = 0.0
+        """The deadline of the timer being handled: the time the next transmit sends at."""
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -301,7 +303,27 @@ class MeshProtocol(QuicConnectionProtocol):
             space = self._quic._spaces.get(Epoch.ONE_RTT)
             if space is not None and space.ack_at is not None:
                 space.ack_at = 0.0
-        super().transmit()
+        # aioquic's own transmit, but at `_timer_now` after a timer (see _handle_timer).
+        self._transmit_task = None
+        now = self._loop.time()
+        if self._timer_now > now:
+            now = self._timer_now
+        self._timer_now = 0.0
+        transport = self._transport
+        assert transport is not None
+        for data, addr in self._quic.datagrams_to_send(now=now):
+            transport.sendto(data, addr)
+        self._arm_timer()
+
+    def _handle_timer(self) -> None:
+        # uvloop's clock moves in whole milliseconds, and a timer can fire while the
+        # clock still reads the millisecond before aioquic's deadline. aioquic handles
+        # the timer at the deadline but then sends at the clock's time, when nothing
+        # is due yet (the ACK the timer was for), and arms the timer again for the
+        # same deadline: it fires again at once, until the clock moves on. Sending
+        # at the deadline too ends that.
+        self._timer_now = self._timer_at or 0.0
+        super()._handle_timer()
 
     def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.link is not None:
