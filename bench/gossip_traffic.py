@@ -245,6 +245,8 @@ def run(ctx: Context) -> str:
             stop_all(nodes)
     except MeshError as exc:
         raise SystemExit(f"traffic: {exc}") from None
+    comparison = compare(real, plan)
+    large = measure_large(plan)
     result: dict[str, Any] = {
         **record.header(),
         "setup": {
@@ -258,8 +260,8 @@ def run(ctx: Context) -> str:
         },
         "plan": asdict(plan),
         "real": real,
-        "comparison": compare(real, plan),
-        "simulated_large": measure_large(plan),
+        "comparison": comparison,
+        "simulated_large": large,
         "anti_entropy_s": sim.ANTI_ENTROPY_S,
     }
     return publish(ctx, "traffic", result, render_table, plot)
