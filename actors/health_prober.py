@@ -1,4 +1,4 @@
-"""HealthProber: finds dead peers and has the Gossiper remove them (spec: "Health check").
+"""HealthProber: finds dead peers and has the Gossiper remove them (docs/design.md).
 
 Glue around `meshllm.mesh.health.FailureDetector`; probes travel through the Gossiper.
 """

@@ -15,7 +15,7 @@ up and left to converge and settle, then, `reps` times:
    nodes list the newcomer, and until the newcomer lists all old nodes.
 2. kill -9: that newcomer's whole process tree is SIGSTOPped (so nothing can
    say goodbye) and then SIGKILLed; timed until the first, and until the
-   last, of the other nodes no longer lists it. Target (issue 3): gone from
+   last, of the other nodes no longer lists it. Target: gone from
    every node within 5 s.
 
 Statuses are polled from every node's control socket (what `meshllm ctl

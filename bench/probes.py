@@ -5,7 +5,7 @@ Cheap and in-process: `meshllm.mesh.simulation` runs the real sans-I/O cores
 frame sized by the real wire encoder plus per-packet overhead (IP/UDP, QUIC
 short header, AEAD tag, STREAM frame header, and an ACK packet per frame;
 see that module's docstring). Two probe settings: the node's defaults
-(probe every 0.5 s, 1 s timeout) and the seed's (15 s, 5 s).
+(probe every 0.5 s, 1 s timeout) and the gentler slow-link ones (15 s, 5 s).
 
 - traffic: steady state of a converged mesh, per node: probe bytes sent per
   second (mean and busiest node), sent + received, packets, and gossip upkeep
@@ -18,7 +18,7 @@ see that module's docstring). Two probe settings: the node's defaults
   every other's latest announcement, and the gossip bytes per node it cost
   (median over seeds); graceful leave likewise.
 
-Targets (issue 3): a kill -9 is gone everywhere within 5 s (default
+Targets: a kill -9 is gone everywhere within 5 s (default
 settings); probe traffic stays small at N = 100 (stated, no number given).
 Writes `probes.json` and `probes.png` under the results directory.
 """
@@ -43,7 +43,7 @@ from meshllm.mesh import simulation as sim
 
 SETTINGS = {
     "default": (sim.DEFAULT_INTERVAL_S, sim.DEFAULT_TIMEOUT_S),
-    "seed": (sim.SEED_INTERVAL_S, sim.SEED_TIMEOUT_S),
+    "slow": (sim.SLOW_INTERVAL_S, sim.SLOW_TIMEOUT_S),
 }
 TARGET_KILL_S = 5.0
 
@@ -188,7 +188,7 @@ def plot(r: dict[str, Any], out: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    colors = {"default": "#dd8452", "seed": "#4c72b0"}
+    colors = {"default": "#dd8452", "slow": "#4c72b0"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
     for name, setting in r["settings"].items():

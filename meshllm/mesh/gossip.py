@@ -5,11 +5,11 @@ One `GossipCore` per node. Its driver (`actors/gossiper.py` over QUIC, or
 with the current time, and carries out the actions it returns; `next_timer()`
 says when `tick()` is due. The core never touches a socket or a clock.
 
-The protocol (spec: "Gossip"):
+The protocol (docs/design.md, "Gossip and failure detection"):
 
 - a new link (either side) starts with `Sync` of everything we know;
-- our own change goes to every link at once as `Sync((me,))` ("State changes
-  ... trigger a regossip to all peers"); news about third parties, the fresh
+- our own change goes to every link at once as `Sync((me,))` (peers learn
+  a change at once, not at the next anti-entropy round); news about third parties, the fresh
   part of a `Sync`, is forwarded once to every other link;
 - anti-entropy: every `ANTI_ENTROPY_S` a `Fingerprint` (a hash of our digest)
   goes to one random link. Equal fingerprints end the exchange. A different

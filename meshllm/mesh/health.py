@@ -9,7 +9,7 @@ closed, a tunnel stream failed) starts the same procedure at once.
 Each node sends about one probe and one ack per interval whatever the mesh
 size, so traffic per node stays flat as the mesh grows; detection of a
 killed node takes about interval + 2 x timeout after its first missed probe.
-The seed's figures (every 15 s, 5 s timeout) are `--probe-interval 15
+Gentler settings for slow links (every 15 s, 5 s timeout) are `--probe-interval 15
 --probe-timeout 5`.
 """
 
@@ -22,10 +22,10 @@ DEFAULT_INTERVAL_S = 0.5
 """A node's probe interval unless told otherwise (`--probe-interval`)."""
 DEFAULT_TIMEOUT_S = 1.0
 """A node's probe timeout unless told otherwise (`--probe-timeout`)."""
-SEED_INTERVAL_S = 15.0
-"""The seed's probe interval (spec: "Health check")."""
-SEED_TIMEOUT_S = 5.0
-"""The seed's probe timeout."""
+SLOW_INTERVAL_S = 15.0
+"""A gentler probe interval for slow or wide-area links."""
+SLOW_TIMEOUT_S = 5.0
+"""A gentler probe timeout for slow or wide-area links."""
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,11 @@
 
 Each node owns its `PeerAnnouncement` and bumps its generation on every
 change; when two copies of a node's announcement meet, the higher generation
-wins (spec: "Gossip"). A node that left or died leaves a tombstone, so an old
-copy still travelling through the mesh cannot bring it back; only a newer
-generation (the node restarted, or refuted a false death) can. Generations
-start from the wall clock at boot, so a restarted node outranks its past self.
+wins (docs/design.md, "Gossip and failure detection"). A node that left or
+died leaves a tombstone, so an old copy still travelling through the mesh
+cannot bring it back; only a newer generation (the node restarted, or
+refuted a false death) can. Generations start from the wall clock at boot, so a
+restarted node outranks its past self.
 """
 
 from __future__ import annotations

@@ -54,8 +54,8 @@ from meshllm.mesh.gossip import ANTI_ENTROPY_S, LEAVE_LINGER_S
 from meshllm.mesh.health import (
     DEFAULT_INTERVAL_S,
     DEFAULT_TIMEOUT_S,
-    SEED_INTERVAL_S,
-    SEED_TIMEOUT_S,
+    SLOW_INTERVAL_S,
+    SLOW_TIMEOUT_S,
 )
 from meshllm.mesh.membership import Membership
 from meshllm.mesh.quic import IDLE_TIMEOUT_S
@@ -741,7 +741,7 @@ def standard_figures(sizes: tuple[int, ...] = (10, 50, 100), seed: int = 0) -> d
     """The figures the README quotes: traffic, detection, join and leave at each size."""
     settings = {
         "default": (DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S),
-        "seed": (SEED_INTERVAL_S, SEED_TIMEOUT_S),
+        "slow": (SLOW_INTERVAL_S, SLOW_TIMEOUT_S),
     }
     out: dict[str, Any] = {
         "packet_overhead_bytes": PACKET_OVERHEAD_BYTES,

@@ -22,7 +22,7 @@ class NodeCard(msgspec.Struct, frozen=True, kw_only=True):
 
     node_id: str
     role: str
-    """host, worker, client, or idle (a node waiting for capacity)."""
+    """host, client, or idle (a node waiting for capacity)."""
     state: str
     """State of the node's llama-server: stopped, loading, ready or failed."""
     model: str | None

@@ -18,7 +18,7 @@ from meshllm import PROTOCOL_VERSION
 MAX_FRAME_BYTES = 1 << 20
 HEADER = 4
 
-Role = Literal["host", "worker", "client", "idle"]
+Role = Literal["host", "client", "idle"]
 
 
 class WireError(Exception):
@@ -30,7 +30,7 @@ class FrameTooLarge(WireError):
 
 
 class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
-    """What a node tells the mesh about itself (spec: "Gossip")."""
+    """What a node tells the mesh about itself (docs/design.md, "Gossip and failure detection")."""
 
     node_id: str
     generation: int
