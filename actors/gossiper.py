@@ -117,7 +117,13 @@ class Gossiper(Actor):
 
     def _on_timer(self) -> None:
         self.timer = None
-        self._spawn(self._run(self.core.tick(time.monotonic())))
+        try:
+            actions = self.core.tick(time.monotonic())
+        except Exception:
+            # A bug must not stop anti-entropy and redials for good: log it, tick again.
+            self.log.exception("gossip timer failed")
+            actions = []
+        self._spawn(self._run(actions))
 
     # -- links -----------------------------------------------------------------------------
 
@@ -132,7 +138,8 @@ class Gossiper(Actor):
         for address in dial.addresses:
             try:
                 link = await self.endpoint.dial(*split_address(address), timeout=dial.timeout)
-            except (OSError, ConnectionError, wire.WireError, InvalidToken) as exc:
+            # ValueError: an announced name that no resolver takes (a label over 63 bytes).
+            except (OSError, ValueError, ConnectionError, wire.WireError) as exc:
                 log = self.log.warning if dial.join >= 0 else self.log.debug
                 log("dialing %s at %s failed: %s", dial.peer_id or "a node", address, exc)
                 continue
@@ -160,7 +167,15 @@ class Gossiper(Actor):
                     self.log.warning("dropped a frame from %s: %s", link.peer_id, exc)
                     continue
                 traffic.frame_received(msg, wire.HEADER + len(payload))
-                await self._run(self.core.frame_received(link_id, msg, time.monotonic()))
+                try:
+                    actions = self.core.frame_received(link_id, msg, time.monotonic())
+                except Exception:
+                    # One frame that trips a bug costs that frame, not the link.
+                    self.log.exception(
+                        "handling a %s from %s failed", type(msg).__name__, link.peer_id
+                    )
+                    continue
+                await self._run(actions)
         except (asyncio.IncompleteReadError, ConnectionError, wire.WireError) as exc:
             self.log.info("link to %s ended: %s", link.peer_id, exc or "closed")
         finally:

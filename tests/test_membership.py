@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+import pytest
+
+from meshllm import PROTOCOL_VERSION
+from meshllm.mesh import wire
 from meshllm.mesh.membership import TOMBSTONE_TTL_S, Membership, mesh_catalog
 from meshllm.mesh.wire import PeerAnnouncement
 
@@ -150,3 +155,27 @@ def test_fingerprint_matches_only_for_equal_digests() -> None:
     assert a.fingerprint() != b.fingerprint()
     assert a.lacks(b.digest())
     assert not b.lacks(a.digest())
+
+
+def test_generations_past_the_bound_are_refused_on_the_wire() -> None:
+    # A hostile member's PeerGone or Sync at the top of the integer range would push
+    # our generation past what msgpack encodes and break every frame we send after.
+    for msg in (
+        wire.PeerGone("me", wire.GENERATION_MAX),
+        wire.Sync((ann("me", 2**64 - 1),)),
+        wire.Digest({"me": wire.GENERATION_MAX}),
+    ):
+        payload = msgspec.msgpack.encode(wire.Envelope(PROTOCOL_VERSION, msg))
+        with pytest.raises(wire.WireError):
+            wire.decode_payload(payload)
+
+
+def test_refuting_the_highest_valid_generation_stays_encodable() -> None:
+    m = mesh()
+    top = wire.GENERATION_MAX - 1
+    assert not m.remove("me", top, now=0)  # refuted, not removed
+    assert m.me.generation == top
+    assert m.merge(ann("me", top), now=0) is False
+    assert m.update_self(serving="x")
+    assert m.me.generation == top
+    wire.decode_payload(wire.encode_frame(wire.Sync((m.me,)))[wire.HEADER :])

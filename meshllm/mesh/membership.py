@@ -18,9 +18,14 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.mesh.wire import GENERATION_MAX, PeerAnnouncement
 
 TOMBSTONE_TTL_S = 120.0
+
+
+def _bump(generation: int) -> int:
+    """The next generation, saturating below `GENERATION_MAX` (a valid one on every wire)."""
+    return min(generation + 1, GENERATION_MAX - 1)
 
 
 def boot_generation() -> int:
@@ -45,7 +50,7 @@ class Membership:
         updated = msgspec.structs.replace(self.me, **changes)
         if updated == self.me:
             return False
-        self.me = msgspec.structs.replace(updated, generation=self.me.generation + 1)
+        self.me = msgspec.structs.replace(updated, generation=_bump(self.me.generation))
         self._fingerprint = None
         return True
 
@@ -55,7 +60,7 @@ class Membership:
             if ann.generation > self.me.generation:
                 # Someone holds a newer copy of us (we restarted): outrank it. An
                 # equal generation is our own current copy echoed back: no news.
-                self.me = msgspec.structs.replace(self.me, generation=ann.generation + 1)
+                self.me = msgspec.structs.replace(self.me, generation=_bump(ann.generation))
                 self._fingerprint = None
                 return True
             return False
@@ -82,7 +87,7 @@ class Membership:
         """A node left or died (as of `generation`); True if we had it."""
         if node_id == self.node_id:
             # Reported dead while alive: refute with a newer generation.
-            bump = max(self.me.generation, generation) + 1
+            bump = _bump(max(self.me.generation, generation))
             self.me = msgspec.structs.replace(self.me, generation=bump)
             self._fingerprint = None
             return False

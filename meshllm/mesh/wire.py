@@ -9,7 +9,7 @@ defaults, so nodes of different versions interoperate. A frame over
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -19,6 +19,11 @@ MAX_FRAME_BYTES = 1 << 20
 HEADER = 4
 
 Role = Literal["host", "client", "idle"]
+
+GENERATION_MAX = 2**62
+"""Generations stay below this (a boot generation is ~2**49); bumps saturate here,
+so no peer can push one past what msgpack and every decoder take."""
+Generation = Annotated[int, msgspec.Meta(ge=0, lt=GENERATION_MAX)]
 
 
 class WireError(Exception):
@@ -33,7 +38,7 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     """What a node tells the mesh about itself (docs/design.md, "Gossip and failure detection")."""
 
     node_id: str
-    generation: int
+    generation: Generation
     """Grows with every change; the higher one wins when two copies meet."""
     version: str = ""
     role: Role = "idle"
@@ -99,7 +104,7 @@ class Fingerprint(msgspec.Struct, tag=True, frozen=True):
 class Digest(msgspec.Struct, tag=True, frozen=True):
     """node id -> generation known to the sender (anti-entropy)."""
 
-    generations: dict[str, int]
+    generations: dict[str, Generation]
     reply: bool = False
     """An answer to a digest: never answered with another digest (no ping-pong)."""
 
@@ -108,7 +113,7 @@ class PeerGone(msgspec.Struct, tag=True, frozen=True):
     """A node left (graceful) or was found dead; remove it now."""
 
     node_id: str
-    generation: int
+    generation: Generation
     reason: str = ""
 
 
