@@ -83,6 +83,8 @@ LONE_ACK_DELAY_S = 0.02
 or its response): below the 25 ms max_ack_delay aioquic announces, so the peer's
 loss timer never fires for it. Once a second packet is waiting, aioquic's 1 ms
 applies again (bulk transfers keep their pace)."""
+HOST_CID_BYTES = 8
+"""Length of our connection ids (aioquic's default `connection_id_length`)."""
 CONNECTION_WINDOW_BYTES = 8 * 1024 * 1024
 """Flow-control window of a whole connection: every tunnel stream to a peer shares
 it, so it is larger than aioquic's 1 MiB default, which a few concurrent
@@ -455,6 +457,21 @@ def stop_waiter(writer: asyncio.StreamWriter) -> asyncio.Future[None]:
     return waiter
 
 
+def write_last(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write `data` and end the stream (`write`, then `write_eof`) in one STREAM frame.
+
+    The FIN goes with the data instead of in a second call into aioquic.
+    """
+    adapter = writer.transport
+    if not isinstance(adapter, QuicStreamAdapter):
+        writer.write(data)
+        writer.write_eof()
+    elif not adapter._closing:
+        adapter._closing = True
+        adapter.protocol._quic.send_stream_data(adapter.stream_id, data, end_stream=True)
+        adapter.protocol._transmit_soon()
+
+
 def release_stream(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, abort: bool = False
 ) -> None:
@@ -482,13 +499,23 @@ class _CountingServer(QuicServer):
         self.endpoint = endpoint
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        raw = cast(bytes, data)
+        if len(raw) > HOST_CID_BYTES and raw[0] & 0xC0 == 0x40:
+            # A 1-RTT (short header) packet, nearly every datagram: its connection
+            # comes straight from the destination connection id that follows the
+            # first byte, instead of parsing the header here, again in aioquic's
+            # server and a third time in the connection.
+            protocol = self._protocols.get(raw[1 : 1 + HOST_CID_BYTES])
+            if protocol is not None:
+                protocol.datagram_received(raw, addr)
+                return
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=8)  # type: ignore[arg-type]
+            header = pull_quic_header(Buffer(data=raw), host_cid_length=HOST_CID_BYTES)
         except ValueError:
             self.endpoint.counters.garbage_datagrams += 1
             return
         if header.destination_cid not in self._protocols and (
-            header.packet_type != QuicPacketType.INITIAL or len(data) < 1200
+            header.packet_type != QuicPacketType.INITIAL or len(raw) < 1200
         ):
             # For no connection of ours and no valid connection attempt (a client's
             # Initial is padded to 1200 bytes): aioquic drops it silently; count it.
@@ -521,6 +548,7 @@ class MeshEndpoint:
             idle_timeout=IDLE_TIMEOUT_S,
             max_data=CONNECTION_WINDOW_BYTES,
             max_stream_data=STREAM_WINDOW_BYTES,
+            connection_id_length=HOST_CID_BYTES,
         )
         if is_client:
             # Peers are authenticated by the mesh secret, not by a CA.

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 from meshllm.http.errors import error_response
 from meshllm.mesh import wire
-from meshllm.mesh.quic import AdmissionError, Link, MeshEndpoint, release_stream
+from meshllm.mesh.quic import AdmissionError, Link, MeshEndpoint, release_stream, write_last
 from meshllm.runtime import messages as m
 from meshllm.tunnel.core import Address, peers_to_drop, tunnel_addresses
 from meshllm.tunnel.hop import (
@@ -379,8 +379,7 @@ class TunnelClient:
                     wire.TunnelOpen(request.model)
                 )
             # The whole request at once: the host cannot have refused any of it yet.
-            qwriter.write(opening + data)
-            qwriter.write_eof()
+            write_last(qwriter, opening + data)
             while chunk := await qreader.read(CHUNK):
                 conn.write(chunk)
                 ex.forwarded += len(chunk)

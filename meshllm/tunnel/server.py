@@ -19,7 +19,7 @@ import logging
 from meshllm.http.errors import error_response
 from meshllm.http.upstream import HOP_BY_HOP, Pool, Response, UpstreamError
 from meshllm.mesh import wire
-from meshllm.mesh.quic import Link, release_stream, stop_waiter
+from meshllm.mesh.quic import Link, release_stream, stop_waiter, write_last
 from meshllm.runtime import messages as m
 from meshllm.tunnel.core import LAST_CHUNK, chunk, response_head, serving_port
 from meshllm.tunnel.hop import (
@@ -122,10 +122,10 @@ class TunnelServer:
                 resp = await pool.request(request.method, request.path, body, headers)
             except UpstreamError as exc:
                 msg = f"cannot reach the llama-server for {request.model!r}: {exc}"
-                writer.write(error_response(502, msg, "upstream_error"))
+                last = error_response(502, msg, "upstream_error")
             else:
-                await _relay(resp, writer)
-            writer.write_eof()
+                last = await _relay(resp, writer)
+            write_last(writer, last)
             completed = True
         except asyncio.CancelledError:
             if not gave_up.done() or task.uncancel() > 0:
@@ -146,26 +146,25 @@ class TunnelServer:
             self.pool.close()
 
 
-async def _relay(resp: Response, writer: asyncio.StreamWriter) -> None:
+async def _relay(resp: Response, writer: asyncio.StreamWriter) -> bytes:
+    """Write the response down the stream but for its last bytes, which are returned."""
     headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
     if resp.complete():
         data = await resp.body()
-        writer.write(response_head(resp.status, headers, len(data)) + data)
-        return
+        return response_head(resp.status, headers, len(data)) + data
     if resp.length is not None:
         writer.write(response_head(resp.status, headers, resp.length))
         async for piece in resp.iter_body():
             writer.write(piece)
-        return
+        return b""
     writer.write(response_head(resp.status, headers, None))
     async for piece in resp.iter_body():
         writer.write(chunk(piece))
-    writer.write(LAST_CHUNK)
+    return LAST_CHUNK
 
 
 def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: bytes) -> None:
     """Answer a stream and end it; the rest of its request is refused (STOP_SENDING)."""
     with contextlib.suppress(Exception):
-        writer.write(response)
-        writer.write_eof()
+        write_last(writer, response)
     release_stream(reader, writer)
