@@ -14,14 +14,17 @@ Sections (`all` runs them in this order):
     tunnel       tunnel bulk throughput vs a raw aioquic stream, same QUIC config
     convergence  N = 2, 4, 8 real nodes: agreement after a join and after a kill -9
     probes       simulated probe/gossip traffic, detection and join at N = 10..100
+    traffic      gossip and probe bytes per node: N = 2, 4, 8 real nodes (endpoint
+                 counters) next to the simulation; then simulated N = 100..1000
     versions     this tree's node vs another tree's (not in `all`; --base-repo)
 
 Each section starts the real nodes it needs (`meshllm up` in a temp home, on
 the demo model; `tunnel` runs the tunnel code in two processes of its own,
 `probes` the in-process simulation), measures side by side in one interleaved
 run, always stops them, writes `bench/results/SECTION.json` (machine info,
-timestamps, every figure and ratio) and `bench/results/SECTION.png`, and prints a markdown table
-that the README quotes. Timings are ratios or differences between paths
+timestamps, every figure and ratio) and `bench/results/SECTION.png` (tracked
+files: a run replaces the committed figures; `--results DIR` writes elsewhere),
+and prints a markdown table that the README quotes. Timings are ratios or differences between paths
 measured in the same run, never absolute numbers from different runs: the
 machines are small and shared.
 

@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which section to run (default: all)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: fewer requests, shorter rounds (~20 s)"
+        "--quick", action="store_true", help="smoke run: fewer requests, shorter rounds (a few minutes for all)"
     )
     parser.add_argument(
         "--results",
