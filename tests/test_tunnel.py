@@ -33,7 +33,7 @@ from meshllm.http.proxy import ProxyApp
 from meshllm.http.upstream import Pool, Response, UpstreamError
 from meshllm.mesh import wire
 from meshllm.mesh.identity import load_or_create_key
-from meshllm.mesh.quic import Link, MeshEndpoint
+from meshllm.mesh.quic import Link, MeshEndpoint, release_stream
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.runtime.bus import Bus
 from meshllm.runtime.config import NodeConfig
@@ -885,3 +885,95 @@ def closed_udp_port() -> int:
 
 def exists(path: str) -> bool:
     return os.path.exists(path)
+
+
+# -- a hostile host: its bytes are parsed, never trusted ----------------------------------------
+
+HostScript = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def hostile_host(m: Mesh, script: HostScript) -> AsyncIterator[None]:
+    """A member "evil" in the client's view whose Tunnel answers every stream with `script`."""
+
+    async def handle(
+        link: Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read(-1)  # the whole request, up to its FIN
+        try:
+            await script(writer)
+        finally:
+            release_stream(reader, writer)
+
+    evil = MeshEndpoint("evil", SECRET, load_or_create_key(None), _no_setup, handle)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    await evil.listen(udp)
+    port = udp.getsockname()[1]
+    m.client.set_view(MeshView("local", (peer("remote", m.tunnel_port), peer("evil", port))))
+    try:
+        yield
+    finally:
+        evil.close()
+
+
+async def _inject(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nmine")
+    await asyncio.sleep(0.2)
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nINJECTED")
+    writer.write_eof()
+
+
+async def _short(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+    writer.write_eof()
+
+
+async def _close_delimited(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+    writer.write_eof()
+
+
+async def _never_ends(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nmine")
+    await asyncio.sleep(3600)
+
+
+async def _second_response(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nmineHTTP/1.1 200 OK\r\n\r\nextra")
+    writer.write_eof()
+
+
+@pytest.mark.parametrize(
+    ("script", "first"),
+    [
+        (_inject, b"mine"),
+        (_never_ends, b"mine"),
+        (_second_response, 502),  # in one read: nothing of it is passed on
+        (_short, None),
+        (_close_delimited, b"until the end"),
+    ],
+)
+def test_a_hostile_host_cannot_answer_the_next_request(
+    tmp_path: Path, script: HostScript, first: bytes | int | None
+) -> None:
+    # The Proxy keeps its unix connections to the Tunnel open: whatever a host sends
+    # past its response, or short of it, must not reach the next request (for
+    # another node) nor keep it waiting.
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"fine")) as m, hostile_host(m, script):
+            resp = await within(WAIT_S, "evil's response head", m.request(node="evil"))
+            if first is None:
+                with pytest.raises(UpstreamError):
+                    await within(WAIT_S, "a response cut short", resp.body())
+            elif isinstance(first, int):
+                assert resp.status == first
+                await within(WAIT_S, "the error's body", resp.body())
+            else:
+                assert await within(WAIT_S, "evil's body", resp.body()) == first
+            for _ in range(3):
+                honest = await within(WAIT_S, "the next request", m.request())
+                assert honest.status == 200
+                assert await within(WAIT_S, "its body", honest.body()) == b"fine"
+
+    run(main())

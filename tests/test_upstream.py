@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from meshllm.http.h1 import ResponseReader
 from meshllm.http.upstream import Pool, UpstreamError, get_status
 
 T = TypeVar("T")
@@ -631,3 +632,23 @@ def test_head_response_has_no_body_and_the_connection_is_not_reused() -> None:
             assert pool.idle == []
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    ("coding", "chunked"),
+    [
+        (b"chunked", True),
+        (b"Chunked ", True),
+        (b"gzip, chunked", True),
+        (b"xchunked", False),
+        (b"chunked, gzip", False),
+    ],
+)
+def test_chunked_is_decided_as_llhttp_decides(coding: bytes, chunked: bool) -> None:
+    # A parser that calls a body chunked while llhttp reads it to the close would
+    # hold it back and report a complete response as cut short.
+    reader = ResponseReader()
+    reader.expect()
+    reader.feed(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + coding + b"\r\n\r\n")
+    assert reader.chunked is chunked
+    assert reader.head_done

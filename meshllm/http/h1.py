@@ -27,14 +27,14 @@ class ResponseError(ValueError):
 class ResponseReader:
     """One connection's responses, parsed as they arrive; one response at a time.
 
-        Call `expect()` before each request, then `feed()` every byte received.
-        After the head: `status`, `headers` (names lower-cased), `length` (None:
-        chunked, or until the server closes), `chunked`, `keep_alive`. Body bytes
-        are appended to `pieces` (override `body_piece` to do otherwise); `done` is
-        set when the response is complete. The pieces of a chunked body are whole
+    Call `expect()` before each request, then `feed()` every byte received.
+    After the head: `status`, `headers` (names lower-cased), `length` (None:
+    chunked, or until the server closes), `chunked`, `keep_alive`. Body bytes
+    are appended to `pieces` (override `body_piece` to do otherwise); `done` is
+    set when the response is complete. The pieces of a chunked body are whole
     chunks (up to `CHUNK_HOLD_BYTES`), so an upstream that breaks off in the
-    middle of a chunk never passes half an SSE event on. A body delimited by the connection
-        closing is complete when `closed_cleanly()` is called.
+    middle of a chunk never passes half an SSE event on. A body delimited by
+    the connection closing is complete when `closed_cleanly()` is called.
     """
 
     def __init__(self) -> None:
@@ -118,7 +118,8 @@ class ResponseReader:
         if name == b"content-length":
             self.length = int(value)
         elif name == b"transfer-encoding":
-            self.chunked = value.lower().rstrip().endswith(b"chunked")
+            # As llhttp decides: chunked when the last coding listed is "chunked".
+            self.chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from meshllm.http.errors import error_response
+from meshllm.http.h1 import ResponseError, ResponseReader
 from meshllm.mesh import wire
 from meshllm.mesh.quic import AdmissionError, Link, MeshEndpoint, release_stream, write_last
 from meshllm.runtime import messages as m
@@ -50,6 +51,13 @@ KEEPALIVE_S = 5.0
 longer than QUIC's idle timeout, which would otherwise close the connection."""
 
 SuspectHandler = Callable[[str, str], Awaitable[None]]
+
+
+class _ResponseCheck(ResponseReader):
+    """Follows a host's response only to find where it ends; keeps no body."""
+
+    def body_piece(self, data: bytes) -> None:
+        pass
 
 
 class _Exchange:
@@ -340,6 +348,13 @@ class TunnelClient:
                 reusable = True
         except ConnectionError:
             pass  # the Proxy went away
+        except Exception as exc:
+            # Whatever else breaks: an error, never a connection closed without one
+            # (the Proxy would send the request again).
+            log.warning("request to %s failed: %r", ex.node_id, exc)
+            if ex.forwarded == 0:
+                conn.write(error_response(502, f"tunnel error: {exc}", "tunnel_error"))
+                reusable = True
         finally:
             peers = self.exchanges.get(ex.node_id)
             if peers is not None:
@@ -371,6 +386,11 @@ class TunnelClient:
             conn.write(error_response(503, msg, "peer_unreachable", True))
             return True
         ex.link = link
+        # The host's bytes are parsed, not trusted: the Proxy's connection carries the
+        # next request after this response, so a host that sends more than one
+        # response, or ends short, must not leave bytes for the next exchange to read.
+        check = _ResponseCheck()
+        check.expect(no_body=request.method == "HEAD")
         finished = False
         try:
             opening = self.openings.get(request.model)
@@ -381,11 +401,18 @@ class TunnelClient:
             # The whole request at once: the host cannot have refused any of it yet.
             write_last(qwriter, opening + data)
             while chunk := await qreader.read(CHUNK):
+                try:
+                    check.feed(chunk)
+                except ResponseError as exc:
+                    log.warning("node %s sent a broken response: %s", node_id, exc)
+                    break  # not forwarded; the Proxy's connection closes below
                 conn.write(chunk)
                 ex.forwarded += len(chunk)
                 await conn.drain()
-            # A closed connection ends its streams as if they were complete.
-            finished = not link.closed.is_set()
+                if check.done:
+                    break  # whole: what may follow on the stream is not read
+            # Reusable only when the response ended where its own framing says.
+            finished = check.done and check.keep_alive and not link.closed.is_set()
         except ConnectionResetError:
             pass  # the host reset the stream: a response cut short
         finally:
