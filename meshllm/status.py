@@ -23,7 +23,8 @@ def format_status(s: NodeStatus) -> str:
     members = [*s.peers, *([s.me] if s.me else [])]
     if members:
         total = sum(p.vram_bytes for p in members)
-        out += [f"mesh: {len(members)} nodes, {total / 1e9:.1f} GB of model memory", ""]
+        nodes = f"{len(members)} node" + ("" if len(members) == 1 else "s")
+        out += [f"mesh: {nodes}, {total / 1e9:.1f} GB of model memory", ""]
     model_rows = [["MODEL", "STATUS", "NODES"]]
     for route in s.routes.models:
         status = "warm" if route.targets else "cold"

@@ -432,7 +432,8 @@ def resolve_model(
         )
     tried.append(f"a file at {as_path}")
 
-    for base in (directory, *extra):
+    # An absolute path names one file: the directories would only repeat it.
+    for base in () if as_path.is_absolute() else (directory, *extra):
         candidates = [base / ref]
         if not ref.lower().endswith(".gguf"):
             candidates.append(base / f"{ref}.gguf")
