@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which section to run (default: all)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: fewer requests, shorter rounds (a few minutes for all)"
+        "--quick",
+        action="store_true",
+        help="smoke run: fewer requests, shorter rounds",
     )
     parser.add_argument(
         "--results",
