@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import Route
 
-from meshllm.http.proxy import forward_until_disconnect, send_error, wait_disconnect
+from meshllm.http.proxy import forward_until_disconnect, read_body, wait_disconnect
 from meshllm.http.upstream import Pool
 from meshllm.mesh.status import MeshStatus
 
@@ -176,7 +176,7 @@ class ConsoleApp:
 
     async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass a `/v1/*` request to the node's Proxy and stream the answer back."""
-        body = await self._read_body(receive, send)
+        body = await read_body(scope, receive, send, self.max_body_bytes)
         if body is None:
             return
         path = scope["path"]
@@ -196,23 +196,6 @@ class ConsoleApp:
             "the node's API",
             "api_unreachable",
         )
-
-    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                limit = f"request body exceeds the limit of {self.max_body_bytes} bytes"
-                await send_error(send, 413, limit, "body_too_large")
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     def close_upstream(self) -> None:
         self.upstream.close()

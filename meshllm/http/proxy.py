@@ -188,34 +188,8 @@ class ProxyApp:
 
     # -- forwarding ------------------------------------------------------------
 
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await send_error(send, 400, "invalid Content-Length header")
-                    return None
-                if declared > self.max_body_bytes:
-                    await send_error(send, 413, _too_large(self.max_body_bytes), "body_too_large")
-                    return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await send_error(send, 413, _too_large(self.max_body_bytes), "body_too_large")
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
     async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await self._read_body(scope, receive, send)
+        body = await read_body(scope, receive, send, self.max_body_bytes)
         if body is None:
             return
         try:
@@ -362,6 +336,35 @@ async def _http_error(request: Request, exc: Exception) -> HTTPResponse:
         headers=exc.headers,
         media_type="application/json",
     )
+
+
+async def read_body(scope: Scope, receive: Receive, send: Send, limit: int) -> bytes | None:
+    """The whole request body, at most `limit` bytes; None once an error went out or
+    the client left (a declared length over the limit is refused before reading)."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                await send_error(send, 400, "invalid Content-Length header")
+                return None
+            if declared > limit:
+                await send_error(send, 413, _too_large(limit), "body_too_large")
+                return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            await send_error(send, 413, _too_large(limit), "body_too_large")
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _too_large(limit: int) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from meshllm.mesh import health
 from meshllm.placement.election import COLD_GRACE_S
 from meshllm.runtime.paths import DEFAULT_HOME
 
@@ -135,15 +136,16 @@ class UpOptions:
         check=_not_negative,
     )
     probe_interval_s: float = option(
-        0.5,
+        health.DEFAULT_INTERVAL_S,
         "--probe-interval",
-        "Seconds between health probes (15 is gentler on slow links).",
+        f"Seconds between health probes ({health.SLOW_INTERVAL_S:g} is gentler on slow links).",
         check=_positive,
     )
     probe_timeout_s: float = option(
-        1.0,
+        health.DEFAULT_TIMEOUT_S,
         "--probe-timeout",
-        "Seconds a probe may take before the peer is suspected (5 is gentler on slow links).",
+        f"Seconds a probe may take before the peer is suspected "
+        f"({health.SLOW_TIMEOUT_S:g} is gentler on slow links).",
         check=_positive,
     )
     cold_grace_s: float = option(
