@@ -58,6 +58,7 @@ class Console(Actor):
             cfg.http_port,
             cfg.options.max_body_bytes,
             loopback_only=_is_loopback(cfg.console_host),
+            cors_origins=cfg.options.cors_origins,
         )
         self._update()
         self.server: ActorServer | None = None

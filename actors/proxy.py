@@ -29,6 +29,7 @@ class Proxy(Actor):
             self.config.options.max_body_bytes,
             remote=remote_via_tunnel(self.config.tunnel_http_path),
             loopback_only=is_loopback_address(self.config.http_host),
+            cors_origins=self.config.options.cors_origins,
         )
         sock: socket.socket = self.resources["socket"]
         self.server = actor_server(

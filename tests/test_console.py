@@ -129,7 +129,13 @@ class Exchange:
     """One request played into the ASGI app; what it sends is queued for the test."""
 
     def __init__(
-        self, app: ConsoleApp, method: str, path: str, body: bytes = b"", host: bytes = b"127.0.0.1"
+        self,
+        app: ConsoleApp,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        host: bytes = b"127.0.0.1",
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.gone = asyncio.Event()
@@ -145,7 +151,7 @@ class Exchange:
             "raw_path": path.encode(),
             "query_string": query.encode(),
             "root_path": "",
-            "headers": [(b"host", host), (b"content-type", b"application/json")],
+            "headers": [(b"host", host), (b"content-type", b"application/json")] + (headers or []),
             "client": ("127.0.0.1", 1),
             "server": ("127.0.0.1", 3131),
         }
@@ -214,6 +220,105 @@ def test_other_host_names_are_refused() -> None:
             allowed = Exchange(app, "GET", "/api/status", host=host)
             assert (await allowed.start())[0] == 200
             await allowed.rest()
+
+    run(main())
+
+
+CROSS_SITE = [
+    [(b"origin", b"https://evil.example"), (b"sec-fetch-site", b"cross-site")],
+    [(b"sec-fetch-site", b"cross-site")],
+    [(b"origin", b"http://127.0.0.1:9337"), (b"sec-fetch-site", b"same-site")],
+]
+
+
+@pytest.mark.parametrize("browser", CROSS_SITE)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/"),
+        ("GET", "/api/status"),
+        ("GET", "/api/events"),
+        ("POST", "/v1/chat/completions"),
+    ],
+)
+def test_cross_site_requests_are_403(
+    browser: list[tuple[bytes, bytes]], method: str, path: str
+) -> None:
+    """Another site's page gets nothing: not the status, not the node's API."""
+
+    async def main() -> None:
+        app = ConsoleApp("127.0.0.1", 1, cors_origins=["https://app.example.com"])
+        app.set_status(mesh_status())
+        refused = Exchange(app, method, path, b'{"model":"m"}', b"127.0.0.1:3131", browser)
+        status, headers = await refused.start()
+        error = json.loads(await refused.rest())["error"]
+        assert status == 403 and headers[b"content-type"] == b"application/json"
+        assert error["code"] == "cross_site_refused" and "--cors-origin" in error["message"]
+        assert b"access-control-allow-origin" not in headers
+
+    run(main())
+
+
+def test_the_pages_own_requests_are_same_origin() -> None:
+    """What the page itself fetches (status, events, /v1) and the page load keep working."""
+
+    async def main() -> None:
+        app = ConsoleApp("127.0.0.1", 1)
+        app.set_status(mesh_status())
+        own = [(b"origin", b"http://localhost:3131"), (b"sec-fetch-site", b"same-origin")]
+        for path, headers in [
+            ("/", [(b"sec-fetch-site", b"none")]),
+            ("/app.js", [(b"sec-fetch-site", b"same-origin")]),
+            ("/api/status", own),
+        ]:
+            ex = Exchange(app, "GET", path, host=b"localhost:3131", headers=headers)
+            status, got = await ex.start()
+            await ex.rest()
+            assert status == 200 and b"access-control-allow-origin" not in got
+        stream = Exchange(app, "GET", "/api/events", host=b"localhost:3131", headers=own)
+        assert (await stream.start())[0] == 200
+        await stream.next()
+        app.close()
+        await asyncio.wait_for(stream.task, 1)
+        # /v1 from the page reaches the pass-through (here: an API that is down).
+        chat = Exchange(app, "POST", "/v1/chat/completions", b"{}", b"localhost:3131", own)
+        status, _ = await chat.start()
+        assert status == 502 and b"api_unreachable" in await chat.rest()
+        app.close_upstream()
+
+    run(main())
+
+
+def test_allowed_origin_gets_cors_headers_streaming_and_preflight() -> None:
+    async def main() -> None:
+        origin = b"https://app.example.com"
+        app = ConsoleApp("127.0.0.1", 1, cors_origins=["https://app.example.com"])
+        app.set_status(mesh_status())
+        browser = [(b"origin", origin), (b"sec-fetch-site", b"cross-site")]
+        api = Exchange(app, "GET", "/api/status", host=b"127.0.0.1:3131", headers=browser)
+        status, headers = await api.start()
+        await api.rest()
+        assert status == 200
+        assert headers[b"access-control-allow-origin"] == origin
+        assert headers[b"vary"] == b"Origin"
+        stream = Exchange(app, "GET", "/api/events", host=b"127.0.0.1:3131", headers=browser)
+        status, headers = await stream.start()
+        assert status == 200 and headers[b"content-type"] == b"text/event-stream"
+        assert headers[b"access-control-allow-origin"] == origin
+        await stream.next()
+        app.close()
+        await asyncio.wait_for(stream.task, 1)
+        ask = [*browser, (b"access-control-request-method", b"POST")]
+        ask.append((b"access-control-request-headers", b"content-type"))
+        pre = Exchange(app, "OPTIONS", "/v1/chat/completions", host=b"127.0.0.1:3131", headers=ask)
+        status, headers = await pre.start()
+        assert await pre.rest() == b""
+        assert status == 204
+        assert headers[b"access-control-allow-origin"] == origin
+        assert headers[b"access-control-allow-headers"] == b"content-type"
+        assert b"POST" in headers[b"access-control-allow-methods"]
+        assert headers[b"vary"] == b"Origin"
+        app.close_upstream()
 
     run(main())
 

@@ -667,3 +667,187 @@ def test_loopback_api_answers_only_to_loopback_host_names(host: bytes, allowed: 
                 assert not srv.requests
 
     run(main())
+
+
+# -- browsers: cross-site requests (meshllm.http.origin) ------------------------------------
+
+APP_ORIGIN = b"https://app.example.com"
+
+
+def acao(c: Call) -> list[bytes]:
+    start = next(m for m in c.messages if m["type"] == "http.response.start")
+    return [v for k, v in start["headers"] if k.lower() == b"access-control-allow-origin"]
+
+
+@pytest.mark.parametrize(
+    "browser",
+    [
+        [(b"origin", b"https://evil.example"), (b"sec-fetch-site", b"cross-site")],
+        [(b"origin", b"https://evil.example")],
+        [(b"sec-fetch-site", b"cross-site")],
+        [(b"origin", b"http://127.0.0.1:3131"), (b"sec-fetch-site", b"same-site")],
+        [(b"origin", b"null")],
+    ],
+)
+@pytest.mark.parametrize("path", [CHAT, "/v1/models", "/health"])
+def test_cross_site_request_is_403_and_never_forwarded(
+    browser: list[tuple[bytes, bytes]], path: str
+) -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, loopback_only=True, cors_origins=["https://app.example.com"])
+            method = "POST" if path == CHAT else "GET"
+            c = await complete(call(app, path, CHAT_BODY, method=method, headers=browser))
+            error = assert_openai_error(c, 403, "cross_site_refused")
+            assert "--cors-origin" in error["message"]
+            assert not acao(c)
+            assert not srv.requests
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "browser",
+    [
+        [],
+        [(b"origin", b"http://127.0.0.1:9337"), (b"sec-fetch-site", b"same-origin")],
+        [(b"sec-fetch-site", b"none")],
+    ],
+)
+def test_requests_without_browser_headers_or_same_origin_are_unaffected(
+    browser: list[tuple[bytes, bytes]],
+) -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, loopback_only=True)
+            c = await complete(call(app, CHAT, CHAT_BODY, headers=browser))
+            assert c.status == 200 and len(srv.requests) == 1
+            assert not acao(c)
+            assert b"vary" not in c.response_headers
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("allowed", "origin"),
+    [(["https://app.example.com"], APP_ORIGIN), (["*"], b"https://any.example")],
+)
+def test_allowed_origin_gets_cors_headers_replacing_the_upstreams(
+    allowed: list[str], origin: bytes
+) -> None:
+    async def main() -> None:
+        async with FakeServer(ok(b"{}", "Access-Control-Allow-Origin: *")) as srv:
+            app = app_for(srv.port, cors_origins=allowed)
+            browser = [(b"origin", origin), (b"sec-fetch-site", b"cross-site")]
+            c = await complete(call(app, CHAT, CHAT_BODY, headers=browser))
+            assert c.status == 200 and c.body == b"{}"
+            assert acao(c) == [origin]
+            assert c.response_headers[b"vary"] == b"Origin"
+            # The page's Origin is not passed to llama-server.
+            assert "origin" not in srv.requests[0].headers
+
+    run(main())
+
+
+def test_allowed_origin_streaming_response_gets_cors_headers() -> None:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(CHUNKED_HEAD + chunk(b"data: 1\n\n") + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await w.drain()
+        return True
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            app = app_for(srv.port, cors_origins=["https://app.example.com"])
+            browser = [(b"origin", APP_ORIGIN), (b"sec-fetch-site", b"cross-site")]
+            c = await complete(call(app, CHAT, {**CHAT_BODY, "stream": True}, headers=browser))
+            assert c.status == 200
+            assert c.response_headers[b"content-type"] == b"text/event-stream"
+            assert acao(c) == [APP_ORIGIN]
+            assert c.response_headers[b"vary"] == b"Origin"
+            assert c.body == b"data: 1\n\ndata: [DONE]\n\n"
+
+    run(main())
+
+
+def test_allowed_origin_also_gets_cors_headers_on_errors() -> None:
+    async def main() -> None:
+        app = app_for(closed_port(), cors_origins=["https://app.example.com"])
+        browser = [(b"origin", APP_ORIGIN)]
+        c = await complete(call(app, CHAT, {"model": "demo"}, headers=browser))
+        assert_openai_error(c, 502, "upstream_error")
+        assert acao(c) == [APP_ORIGIN]
+
+    run(main())
+
+
+def preflight(app: ProxyApp, origin: bytes, requested: bytes | None = None) -> Call:
+    headers = [
+        (b"host", b"127.0.0.1:9337"),
+        (b"origin", origin),
+        (b"sec-fetch-site", b"cross-site"),
+        (b"access-control-request-method", b"POST"),
+    ]
+    if requested is not None:
+        headers.append((b"access-control-request-headers", requested))
+    return Call(app, "OPTIONS", CHAT, [b""], headers)
+
+
+def test_preflight_of_an_allowed_origin() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, loopback_only=True, cors_origins=["https://app.example.com"])
+            c = await complete(preflight(app, APP_ORIGIN, b"content-type, authorization"))
+            assert c.status == 204 and c.body == b""
+            headers = c.response_headers
+            assert headers[b"access-control-allow-origin"] == APP_ORIGIN
+            assert b"POST" in headers[b"access-control-allow-methods"]
+            assert headers[b"access-control-allow-headers"] == b"content-type, authorization"
+            assert headers[b"vary"] == b"Origin"
+            assert not srv.requests
+
+    run(main())
+
+
+def test_preflight_of_another_origin_is_403() -> None:
+    async def main() -> None:
+        app = app_for(closed_port(), cors_origins=["https://app.example.com"])
+        c = await complete(preflight(app, b"https://evil.example", b"content-type"))
+        assert_openai_error(c, 403, "cross_site_refused")
+        assert not acao(c)
+
+    run(main())
+
+
+def test_rebinding_page_still_gets_421_before_the_origin_check() -> None:
+    async def main() -> None:
+        app = app_for(closed_port(), loopback_only=True)
+        c = call(app, CHAT, CHAT_BODY, headers=[(b"origin", b"http://evil.example:9337")])
+        c.headers = [(k, b"evil.example:9337" if k == b"host" else v) for k, v in c.headers]
+        await complete(c)
+        assert_openai_error(c, 421, "421")
+
+    run(main())
+
+
+def test_over_http_cross_site_is_403_and_allowed_origin_gets_cors() -> None:
+    async def main() -> None:
+        async with FakeServer(ok(b"{}")) as srv:
+            app = app_for(srv.port, loopback_only=True, cors_origins=["https://app.example.com"])
+            body = json.dumps(CHAT_BODY).encode()
+            async with serving(app) as port:
+
+                def request(origin: bytes) -> bytes:
+                    return (
+                        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                        b"Origin: %s\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                        % (port, origin, len(body), body)
+                    )
+
+                status, headers, _ = await http_exchange(port, request(b"https://evil.example"))
+                assert status == 403 and not srv.requests
+                status, headers, _ = await http_exchange(port, request(APP_ORIGIN))
+                assert status == 200
+                assert headers["access-control-allow-origin"] == APP_ORIGIN.decode()
+
+    run(main())

@@ -20,7 +20,13 @@ from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import Route
 
-from meshllm.http.proxy import forward_until_disconnect, read_body, wait_disconnect
+from meshllm.http.origin import Policy, from_browser
+from meshllm.http.proxy import (
+    browser_request,
+    forward_until_disconnect,
+    read_body,
+    wait_disconnect,
+)
 from meshllm.http.upstream import Pool
 from meshllm.mesh.status import MeshStatus
 
@@ -73,8 +79,10 @@ class ConsoleApp:
         api_port: int,
         max_body_bytes: int = 16 * 1024 * 1024,
         loopback_only: bool = True,
+        cors_origins: tuple[str, ...] | list[str] = (),
     ) -> None:
         self.assets = load_assets()
+        self.cors = Policy(cors_origins)
         self.upstream = Pool(api_host, api_port)
         self.max_body_bytes = max_body_bytes
         self.status_body = b"{}"
@@ -97,6 +105,13 @@ class ConsoleApp:
         self.app = Starlette(routes=routes, middleware=middleware)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The page's own requests are same-origin; another site's page is refused
+        # (403) unless --cors-origin allows it (meshllm.http.origin).
+        if scope["type"] == "http" and from_browser(scope["headers"]):
+            answer = await browser_request(scope, send, self.cors)
+            if answer is None:
+                return
+            send = answer
         await self.app(scope, receive, send)  # type: ignore[arg-type]
 
     def set_status(self, status: MeshStatus) -> bool:

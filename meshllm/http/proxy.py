@@ -22,6 +22,15 @@ from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
 from meshllm.http.errors import RETRY_AFTER_S, error_body
+from meshllm.http.origin import (
+    Policy,
+    Verdict,
+    browser_headers,
+    from_browser,
+    judge,
+    preflight_headers,
+    with_cors,
+)
 from meshllm.http.routing import Routes
 from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError
 from meshllm.runtime.messages import RouteTable, RouteTarget
@@ -56,6 +65,46 @@ async def send_error(
         headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": error_body(status, message, code)})
+
+
+async def browser_request(scope: Scope, send: Send, policy: Policy) -> Send | None:
+    """Judge a request that `from_browser` found a browser's (`meshllm.http.origin`).
+
+    Returns the `send` to answer it with (one that adds CORS headers for an allowed
+    origin), or None when it is answered here: refused with 403, or a preflight."""
+    host, origin, site = browser_headers(scope["headers"])
+    verdict = judge(scope.get("scheme", "http"), host, origin, site, policy)
+    if verdict is Verdict.SAME_ORIGIN:
+        return send
+    if verdict is Verdict.REFUSED or origin is None:
+        await send_error(
+            send,
+            403,
+            "cross-site requests are refused; allow the page's origin with --cors-origin",
+            "cross_site_refused",
+        )
+        return None
+    allowed = origin
+    if scope["method"] == "OPTIONS":
+        headers = dict(scope["headers"])
+        if b"access-control-request-method" in headers:
+            requested = headers.get(b"access-control-request-headers")
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 204,
+                    "headers": preflight_headers(allowed, requested),
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return None
+
+    async def send_cors(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": with_cors(message.get("headers", ()), allowed)}
+        await send(message)
+
+    return send_cors
 
 
 class _Raw:
@@ -116,9 +165,11 @@ class ProxyApp:
         max_body_bytes: int = 16 * 1024 * 1024,
         remote: Callable[[RouteTarget], Upstream] | None = None,
         loopback_only: bool = False,
+        cors_origins: tuple[str, ...] | list[str] = (),
     ) -> None:
         self.max_body_bytes = max_body_bytes
         self.loopback_only = loopback_only
+        self.cors = Policy(cors_origins)
         self.strict_models = strict_models
         self.remote = remote
         self.pools = PoolMap()
@@ -137,10 +188,18 @@ class ProxyApp:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.loopback_only and scope["type"] == "http" and not loopback_host(scope):
-            # A web page that rebinds its own name to 127.0.0.1 must not drive the mesh.
-            await send_error(send, 421, "this endpoint answers only to a loopback host name")
-            return
+        if scope["type"] == "http":
+            if self.loopback_only and not loopback_host(scope):
+                # A web page that rebinds its own name to 127.0.0.1 must not drive the mesh.
+                await send_error(send, 421, "this endpoint answers only to a loopback host name")
+                return
+            # A web page on another site must not drive it either, unless --cors-origin
+            # allows it; requests without browser headers (SDKs, curl) skip this.
+            if from_browser(scope["headers"]):
+                answer = await browser_request(scope, send, self.cors)
+                if answer is None:
+                    return
+                send = answer
         # The forwarded endpoints skip Starlette's middleware and router (about 10% of
         # the proxy's CPU per request); every other request goes through Starlette.
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _FORWARDED:

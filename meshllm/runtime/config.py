@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from meshllm.http.origin import check_origins
 from meshllm.mesh import health
 from meshllm.placement.election import COLD_GRACE_S
 from meshllm.runtime.paths import DEFAULT_HOME
@@ -107,6 +108,15 @@ class UpOptions:
     )
     max_body_mb: float = option(
         16.0, "--max-body-mb", "Largest request body accepted (MiB).", check=_positive
+    )
+    cors_origins: list[str] = option(  # noqa: RUF009
+        [],
+        "--cors-origin",
+        "Web page origin allowed to call the API and the console from a browser "
+        "(repeat, e.g. --cors-origin https://app.example.com; '*' allows any). "
+        "Other sites are refused with 403.",
+        metavar="ORIGIN",
+        check=check_origins,
     )
     llama_server: str | None = option(
         None, "--llama-server", "llama-server binary to run.", metavar="PATH"
