@@ -3,6 +3,11 @@
 A reconcile loop (circus's shape): compare the wanted server with the running
 one, start or stop until they match, restart a dead server with backoff, and
 publish `LocalServerState` on topic `local` at every change.
+
+llama-server's port is picked here, never read from its output (which prints
+model metadata, so a model could name any port): the supervisor takes a free
+port on 127.0.0.1, passes it with `--port`, and calls the server ready only
+when that port answers /health with 200 while the process is alive.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import asyncio
 import collections
 import contextlib
 import re
+import socket
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgspec
@@ -24,7 +31,11 @@ from meshllm.runtime.backoff import Backoff
 from meshllm.runtime.config import ModelSpec
 from meshllm.runtime.procutil import die_with_parent, stop_process
 
-LISTENING = re.compile(rb"listening on https?://[^\s:]+:(\d+)")
+BIND_FAILED = re.compile(
+    rb"couldn't bind HTTP server socket, hostname: 127\.0\.0\.1, port: (\d+)\s*$"
+)
+"""llama-server's own message (server-http.cpp) when the port it was given is taken."""
+BIND_TRIES = 3
 ERRORISH = re.compile(rb"error|failed|cannot|unable|invalid|not found|abort", re.IGNORECASE)
 HEALTH_POLL_S = 0.05
 OUTPUT_LINE_BYTES = 64 * 1024
@@ -32,6 +43,24 @@ OUTPUT_LINE_BYTES = 64 * 1024
 
 class DownloadCancelled(Exception):
     """The wanted model changed (or the node stops) while its file was downloading."""
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago. Another process may take it before
+    llama-server binds it: llama-server then exits saying so (`bind_failed`) and is started
+    again at once on another port; /health on the port is what makes the server ready."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bind_failed(lines: Iterable[bytes], port: int) -> bool:
+    """Whether llama-server's output says it could not bind `port` (whole lines only)."""
+    return any(
+        (match := BIND_FAILED.search(line)) is not None and int(match.group(1)) == port
+        for line in lines
+    )
 
 
 def failure_reason(lines: collections.deque[bytes], returncode: int | None) -> str:
@@ -100,8 +129,9 @@ class ServerSupervisor(Actor):
                 await self.wake.wait()
                 continue
             path = spec.path or await self._download(spec)
-            if path and self.wanted is spec:
-                await self._run_server_once(spec, path)
+            for _ in range(BIND_TRIES if path else 0):
+                if self.wanted is not spec or not await self._run_server_once(spec, path):
+                    break  # a taken port (rare race) is retried at once on another one
             if self.wanted is not spec:
                 continue  # switched or dropped: start the new one without backoff
             delay = self.policy.failed(time.monotonic())
@@ -147,14 +177,16 @@ class ServerSupervisor(Actor):
             return ""
         return spec.target
 
-    async def _run_server_once(self, spec: ModelSpec, path: str) -> None:
-        """Start llama-server, watch it until it exits, publish every state change."""
+    async def _run_server_once(self, spec: ModelSpec, path: str) -> bool:
+        """Start llama-server, watch it until it exits, publish every state change.
+        True when it exited because another process had taken its port."""
+        port = free_port()
         cmd = [
             self.config.llama_server,
             "--model", path,
             "--alias", spec.name,
             "--host", "127.0.0.1",
-            "--port", "0",
+            "--port", str(port),
             "--no-webui",
             *self.config.options.llama_args,
         ]  # fmt: skip
@@ -171,16 +203,12 @@ class ServerSupervisor(Actor):
         base = m.LocalServerState(
             model=spec.name, path=path, pid=self.proc.pid, restarts=self.policy.total
         )
-        await self._set(msgspec_replace(base, state="loading"))
-        port_found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        reader = asyncio.create_task(self._read_output(port_found))
+        await self._set(msgspec_replace(base, state="loading", port=port))
+        reader = asyncio.create_task(self._read_output())
         try:
-            port = await self._await_port(port_found)
-            if port:
-                await self._set(msgspec_replace(base, state="loading", port=port))
-                if await self._await_health(port):
-                    await self._set(msgspec_replace(base, state="ready", port=port))
-                    self.policy.reset()
+            if await self._await_health(port):
+                await self._set(msgspec_replace(base, state="ready", port=port))
+                self.policy.reset()
             await self.proc.wait()
             await asyncio.wait_for(reader, 2)
         finally:
@@ -190,22 +218,7 @@ class ServerSupervisor(Actor):
             self.proc = None
         if self.wanted is spec:
             await self._set(msgspec_replace(base, state="failed", reason=reason))
-
-    async def _await_port(self, port_found: asyncio.Future[int]) -> int:
-        assert self.proc is not None
-        exited = asyncio.ensure_future(self.proc.wait())
-        done, _ = await asyncio.wait(
-            {port_found, exited},
-            timeout=self.config.options.load_timeout_s,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        exited.cancel()
-        if port_found in done:
-            return port_found.result()
-        if not done:
-            self.output.append(b"error: llama-server did not open its port in time")
-            await stop_process(self.proc)
-        return 0
+        return bind_failed(self.output, port)
 
     async def _await_health(self, port: int) -> bool:
         assert self.proc is not None
@@ -222,15 +235,13 @@ class ServerSupervisor(Actor):
             await stop_process(self.proc)
         return False
 
-    async def _read_output(self, port_found: asyncio.Future[int]) -> None:
+    async def _read_output(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         with self.log_path.open("ab") as logfile:
             while line := await _read_line(self.proc.stdout):
                 logfile.write(line)
                 logfile.flush()
                 self.output.append(line.rstrip())
-                if not port_found.done() and (match := LISTENING.search(line)):
-                    port_found.set_result(int(match.group(1)))
 
     async def on_stop(self) -> None:
         self.wanted = None
