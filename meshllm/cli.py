@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 import click
 
 from meshllm import __version__
+from meshllm.mesh.token import ENV_VAR as TOKEN_ENV
 from meshllm.runtime import messages as m
 from meshllm.runtime.config import UpOptions, flag_of
 from meshllm.runtime.paths import home_from
@@ -82,6 +84,8 @@ def up(**given: Any) -> None:
 
     # click gives a repeated option as a tuple; UpOptions keeps lists.
     values: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
+    # Read (when --join was not given): llama-server and the actors need not inherit it.
+    os.environ.pop(TOKEN_ENV, None)
     opts = UpOptions(**values)
     try:
         sys.exit(run(opts))
@@ -139,11 +143,28 @@ def drop(home: str, model: str) -> None:
 
 @ctl.command()
 @HOME_OPTION
-def token(home: str) -> None:
+@click.option(
+    "--out",
+    metavar="FILE",
+    help="Write the token to FILE (mode 0600) instead of printing it, e.g. "
+    "--out ~/.meshllm-token; others join with `meshllm up --join @FILE`.",
+)
+def token(home: str, out: str | None) -> None:
     """Print this node's invite token (others join with `meshllm up --join TOKEN`)."""
+    from meshllm.mesh.token import InvalidToken, write_token_file
+
     reply = _ask(home, m.GetToken())
     assert isinstance(reply, m.CtlDone)
-    click.echo(reply.message)
+    if out is None:
+        click.echo(reply.message)
+        return
+    try:
+        write_token_file(out, reply.message)
+    except InvalidToken as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
+    click.echo(f"invite token written to {out} (mode 0600)", err=True)
 
 
 @ctl.command()

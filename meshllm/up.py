@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -23,6 +24,7 @@ from meshllm.mesh.token import (
     mesh_id_of,
     new_secret,
     split_address,
+    token_text,
 )
 from meshllm.placement.memory import detect_memory
 from meshllm.runtime import logs
@@ -208,7 +210,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         if opts.client and not opts.join:
             raise UpError("a lite client needs a mesh to join: pass --join TOKEN")
         try:
-            tokens = [decode_token(text) for text in opts.join]
+            tokens = [decode_token(token_text(value)) for value in opts.join]
             bind_host, bind_port = split_address(opts.bind, allow_zero=True)
         except InvalidToken as exc:
             raise UpError(str(exc)) from None
@@ -230,7 +232,8 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         home=str(home.root),
         run_dir=str(home.run_dir),
         node_id=node_id_of(key),
-        options=opts,
+        # The tokens themselves (not @FILE): the Gossiper dials their addresses.
+        options=dataclasses.replace(opts, join=[encode_token(t) for t in tokens]),
         models=tuple(models),
         available=available,
         models_dir=str(models_dir()),

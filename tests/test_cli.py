@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,10 +12,13 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+import meshllm.cli
 import meshllm.runtime.logs
 import meshllm.up
 from meshllm.cli import main
+from meshllm.mesh.token import InviteToken, decode_token, encode_token, new_secret, token_text
 from meshllm.models.demo import DEMO_MODEL_NAME
+from meshllm.runtime import messages as m
 from meshllm.up import UpOptions
 
 
@@ -44,6 +49,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the real home, cache or logging set-up; never start a real node."""
     monkeypatch.setenv("MESHLLM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MESHLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MESHLLM_TOKEN", raising=False)
     monkeypatch.setattr(meshllm.runtime.logs, "setup", lambda *a, **k: None)
 
 
@@ -245,3 +251,93 @@ def test_advertised_host_prefers_the_flag_then_the_bind_address() -> None:
     wildcard = advertise_host("0.0.0.0", None)
     # Never the 127.0.1.1 that a Debian host name resolves to, unless nothing else exists.
     assert wildcard == "127.0.0.1" or not wildcard.startswith("127.")
+
+
+TOKEN = encode_token(InviteToken(new_secret(), ("127.0.0.1:7",), "m"))
+
+
+def test_up_takes_the_token_from_the_environment(
+    captured_up: list[UpOptions], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESHLLM_TOKEN", TOKEN)
+    assert invoke("up").exit_code == 0
+    assert captured_up[-1].join == [TOKEN]
+    assert "MESHLLM_TOKEN" not in os.environ  # not inherited by llama-server and the actors
+    monkeypatch.setenv("MESHLLM_TOKEN", TOKEN)
+    assert invoke("up", "--join", "@given").exit_code == 0
+    assert captured_up[-1].join == ["@given"]  # --join wins
+
+
+def test_join_at_file_reads_the_stripped_token(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(f"\n  {TOKEN}\n")
+    assert token_text(f"@{path}") == TOKEN
+    assert decode_token(token_text(f"@{path}")) == decode_token(TOKEN)
+    assert token_text(TOKEN) == TOKEN
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "does not exist"),
+        ("", "is empty"),
+        (" \n", "is empty"),
+        ("dir", "cannot read the token file"),
+        ("hello", "an invite token starts with"),
+    ],
+)
+def test_up_join_at_file_errors_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | None, says: str
+) -> None:
+    path = tmp_path / "token"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    for args in (["--join", f"@{path}"], []):
+        monkeypatch.setenv("MESHLLM_TOKEN", f"@{path}")
+        result = invoke("up", "--client", "--home", str(tmp_path / "h"), *args)
+        assert result.exit_code == 1, result.output
+        assert says in result.output and "Traceback" not in result.output
+    assert invoke("up", "--join", "@", "--home", str(tmp_path / "h")).exit_code == 1
+
+
+@pytest.fixture
+def node_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`meshllm ctl token` answered as a running node would."""
+    monkeypatch.setattr(meshllm.cli, "_ask", lambda home, msg: m.CtlDone(TOKEN))
+
+
+@pytest.mark.usefixtures("node_token")
+def test_ctl_token_out_writes_a_0600_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    result = invoke("ctl", "token", "--out", str(path))
+    assert result.exit_code == 0, result.output
+    assert TOKEN not in result.output
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert token_text(f"@{path}") == TOKEN
+    assert invoke("ctl", "token", "--out", str(path)).exit_code == 0  # ours, 0600: replaced
+    assert invoke("ctl", "token").output.strip() == TOKEN
+
+
+@pytest.mark.usefixtures("node_token")
+def test_ctl_token_out_refuses_a_file_others_can_read(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("old")
+    path.chmod(0o644)
+    result = invoke("ctl", "token", "--out", str(path))
+    assert result.exit_code == 1 and "readable by others" in result.output
+    assert path.read_text() == "old"
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    result = invoke("ctl", "token", "--out", str(link))
+    assert result.exit_code == 1 and "not a regular file" in result.output
+    assert path.read_text() == "old"
+    if os.getuid() == 0:
+        path.chmod(0o600)
+        os.chown(path, 1, 1)
+        result = invoke("ctl", "token", "--out", str(path))
+        assert result.exit_code == 1 and "another user" in result.output
+        assert path.read_text() == "old"
+    result = invoke("ctl", "token", "--out", str(tmp_path / "no" / "dir"))
+    assert result.exit_code == 1 and "cannot write" in result.output

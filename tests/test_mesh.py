@@ -438,3 +438,23 @@ def test_malformed_token_is_a_clear_cli_error(tmp_path: Path, token: str, says: 
     assert out.returncode != 0
     assert says in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_client_joins_with_the_token_in_a_file(mesh: Mesh, tmp_path: Path) -> None:
+    mesh.restore()
+    path = tmp_path / "token"
+    out = mesh.nodes["A"].ctl("token", "--out", str(path))
+    assert out.returncode == 0, out.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text().strip()
+    client = NodeProcess(tmp_path / "c2", "--client", "--join", f"@{path}", *LOOPBACK)
+    try:
+        client.start()
+        cmdline = Path(f"/proc/{client.proc.pid}/cmdline").read_bytes()
+        assert f"@{path}".encode() in cmdline and token.encode() not in cmdline
+        wait_for(lambda: set(mesh_models(client.port)) == {M1, M2}, 30, "the mesh's models")
+        client_id = client.status()["node_id"]
+        peers = {p["node_id"] for p in mesh.nodes["A"].status()["peers"]}
+        assert client_id in peers
+    finally:
+        client.stop()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import secrets
+import stat
 
 import msgspec
 
@@ -69,3 +71,51 @@ def split_address(address: str, allow_zero: bool = False) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
         raise InvalidToken(f"bad address {address!r} (want host:port)")
     return host.strip("[]"), int(port)
+
+
+ENV_VAR = "MESHLLM_TOKEN"
+"""Environment variable `meshllm up` takes the invite token from when no --join is given."""
+
+
+def token_text(value: str) -> str:
+    """A `--join` value as token text: `@FILE` is the stripped content of FILE (`~` is
+    expanded), anything else is the token itself. Keeps the secret off the command line."""
+    if not value.startswith("@"):
+        return value
+    path = os.path.expanduser(value[1:])
+    if not path:
+        raise InvalidToken("--join @FILE names no file (want e.g. @~/.meshllm-token)")
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read(64 * 1024).strip()
+    except FileNotFoundError:
+        raise InvalidToken(f"the token file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InvalidToken(f"cannot read the token file {path}: {reason}") from None
+    if not text:
+        raise InvalidToken(f"the token file {path} is empty")
+    return text
+
+
+def write_token_file(path: str, token: str) -> None:
+    """Write `token` to `path`, readable by this user only (mode 0600). An existing file
+    is replaced only if it is a regular file of this user that no one else can read."""
+    path = os.path.expanduser(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidToken(f"{path} exists and is not a regular file; not replaced") from None
+        if st.st_uid != os.getuid():
+            raise InvalidToken(f"{path} belongs to another user; not replaced") from None
+        if st.st_mode & 0o077:
+            raise InvalidToken(
+                f"{path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); not replaced"
+            ) from None
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        os.fchmod(file.fileno(), 0o600)
+        file.write(token + "\n")

@@ -82,7 +82,14 @@ class UpOptions:
         metavar="MODEL",
     )
     join: list[str] = option(  # noqa: RUF009
-        [], "--join", "Join the mesh of an invite token.", metavar="TOKEN"
+        [],
+        "--join",
+        "Join the mesh of an invite token. @FILE reads the token from FILE, which keeps "
+        "the secret out of the process list (e.g. --join @~/.meshllm-token, written by "
+        "`meshllm ctl token --out ~/.meshllm-token`). Without --join, the token is taken "
+        "from the MESHLLM_TOKEN environment variable (a token or @FILE) when it is set.",
+        metavar="TOKEN|@FILE",
+        envvar="MESHLLM_TOKEN",
     )
     client: bool = option(False, "--client", "Lite client: serve no model, route to the mesh.")
     home: str | None = option(
