@@ -617,8 +617,14 @@ def test_failed_llama_server_gives_503(start_node: Callable[..., NodeProcess]) -
 
     server = wait_for(failed, 30, "llama-server to be reported failed")
     assert "this-flag-does-not-exist" in server["reason"], server
-    table = node.ctl("status").stdout
-    assert "failed (" in table and "this-flag-does-not-exist" in table, table
+
+    # The server is restarted with backoff, so a later read may find it loading again.
+    def failed_in_table() -> str | None:
+        table = node.ctl("status").stdout
+        return table if "failed (" in table else None
+
+    table = wait_for(failed_in_table, 30, "ctl status to show the failure")
+    assert "this-flag-does-not-exist" in table, table
 
     status, headers, data = http(node.port, "POST", "/v1/chat/completions", chat_body(4))
     assert status == 503, data
