@@ -12,7 +12,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
@@ -22,6 +21,9 @@ from starlette.routing import Route
 
 from meshllm.http.origin import Policy, from_browser
 from meshllm.http.proxy import (
+    Receive,
+    Scope,
+    Send,
     browser_request,
     forward_until_disconnect,
     read_body,
@@ -31,10 +33,6 @@ from meshllm.http.upstream import Pool
 from meshllm.mesh.status import MeshStatus
 
 log = logging.getLogger("meshllm.console")
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 KEEPALIVE_S = 15.0
 """A comment line this often keeps idle event streams open through proxies."""
