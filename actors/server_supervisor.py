@@ -7,7 +7,8 @@ publish `LocalServerState` on topic `local` at every change.
 llama-server's port is picked here, never read from its output (which prints
 model metadata, so a model could name any port): the supervisor takes a free
 port on 127.0.0.1, passes it with `--port`, and calls the server ready only
-when that port answers /health with 200 while the process is alive.
+when that port answers /health with 200 and the listening socket is the
+child's own (another local user could take the port first and answer).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.runtime.backoff import Backoff
 from meshllm.runtime.config import ModelSpec
-from meshllm.runtime.procutil import die_with_parent, stop_process
+from meshllm.runtime.procutil import die_with_parent, listens_on_loopback, stop_process
 
 BIND_FAILED = re.compile(
     rb"couldn't bind HTTP server socket, hostname: 127\.0\.0\.1, port: (\d+)\s*$"
@@ -225,7 +226,9 @@ class ServerSupervisor(Actor):
         deadline = time.monotonic() + self.config.options.load_timeout_s
         while self.proc.returncode is None and time.monotonic() < deadline:
             try:
-                if await get_status("127.0.0.1", port, "/health", timeout=2.0) == 200:
+                if await get_status(
+                    "127.0.0.1", port, "/health", timeout=2.0
+                ) == 200 and listens_on_loopback(self.proc.pid, port):
                     return True
             except (OSError, TimeoutError):
                 pass

@@ -3,11 +3,15 @@ llama-server's output: a model whose metadata says "listening on ..." changes no
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from actors.server_supervisor import bind_failed, free_port
 from meshllm.models.demo import write_demo_model
+from meshllm.runtime.procutil import listens_on_loopback
 from meshllm.testing import chat, running_node
 
 HOSTILE = "listening on http://127.0.0.1:1"
@@ -18,6 +22,31 @@ def test_free_port_is_a_bindable_loopback_port() -> None:
     assert 0 < port < 65536
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_a_port_squatted_by_another_process_is_not_the_childs() -> None:
+    # Another local user can bind the picked port before llama-server does and answer
+    # /health: the listening socket must be the child's own before it counts as ready.
+    squatter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
+            "print(s.getsockname()[1], flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert squatter.stdout is not None
+        port = int(squatter.stdout.readline())
+        assert listens_on_loopback(squatter.pid, port)
+        assert not listens_on_loopback(os.getpid(), port)
+        assert not listens_on_loopback(squatter.pid, free_port())
+    finally:
+        squatter.kill()
+        squatter.wait()
 
 
 def test_only_llama_servers_own_bind_error_for_our_port_counts() -> None:

@@ -77,3 +77,31 @@ def kill_tree(pid: int) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
     return stopped
+
+
+def listens_on_loopback(pid: int, port: int) -> bool:
+    """Whether process `pid` itself holds the listening socket on 127.0.0.1:`port`.
+
+    Another local user could bind a port the node picked before its child does
+    and answer `/health`: only the socket's inode among the child's own file
+    descriptors proves whose it is. Where /proc cannot tell (not Linux), True.
+    """
+    wanted = f"0100007F:{port:04X}"
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return not Path("/proc/net/tcp").exists()
+    except OSError:
+        return False
+    inodes = {
+        fields[9]
+        for fields in (line.split() for line in lines)
+        if len(fields) > 9 and fields[1] == wanted and fields[3] == "0A"  # 0A: LISTEN
+    }
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
