@@ -339,5 +339,15 @@ def test_ctl_token_out_refuses_a_file_others_can_read(tmp_path: Path) -> None:
         result = invoke("ctl", "token", "--out", str(path))
         assert result.exit_code == 1 and "another user" in result.output
         assert path.read_text() == "old"
+    # A hard link to another of our files (swapped in by someone who can write the
+    # directory) is not emptied and overwritten either.
+    other = tmp_path / "other"
+    other.write_text("keep")
+    other.chmod(0o600)
+    hard = tmp_path / "hard"
+    os.link(other, hard)
+    result = invoke("ctl", "token", "--out", str(hard))
+    assert result.exit_code == 1 and "other hard links" in result.output
+    assert other.read_text() == "keep"
     result = invoke("ctl", "token", "--out", str(tmp_path / "no" / "dir"))
     assert result.exit_code == 1 and "cannot write" in result.output

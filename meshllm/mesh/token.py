@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
 import secrets
 import stat
@@ -106,16 +107,32 @@ def write_token_file(path: str, token: str) -> None:
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        st = os.lstat(path)
+        # Checked on the opened file itself, and emptied only after the checks: a
+        # path swapped in between (a link to another file) is never truncated.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            # ELOOP: a symbolic link, which O_NOFOLLOW refuses to open.
+            why = (
+                "is not a regular file"
+                if exc.errno == errno.ELOOP
+                else f"cannot be opened ({exc.strerror})"
+            )
+            raise InvalidToken(f"{path} exists and {why}; not replaced") from None
+        st = os.fstat(fd)
+        why = ""
         if not stat.S_ISREG(st.st_mode):
-            raise InvalidToken(f"{path} exists and is not a regular file; not replaced") from None
-        if st.st_uid != os.getuid():
-            raise InvalidToken(f"{path} belongs to another user; not replaced") from None
-        if st.st_mode & 0o077:
-            raise InvalidToken(
-                f"{path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); not replaced"
-            ) from None
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+            why = "exists and is not a regular file"
+        elif st.st_uid != os.getuid():
+            why = "belongs to another user"
+        elif st.st_mode & 0o077:
+            why = f"is readable by others (mode {stat.S_IMODE(st.st_mode):o})"
+        elif st.st_nlink != 1:
+            why = "has other hard links"
+        if why:
+            os.close(fd)
+            raise InvalidToken(f"{path} {why}; not replaced") from None
+        os.ftruncate(fd, 0)
     with os.fdopen(fd, "w", encoding="utf-8") as file:
         os.fchmod(file.fileno(), 0o600)
         file.write(token + "\n")
