@@ -50,6 +50,7 @@ class Gossiper(Actor):
             vram_bytes=cfg.vram_bytes,
             model_sizes={s.name: s.size for s in (*cfg.models, *cfg.available) if s.size},
             model_urls={s.name: s.url for s in cfg.models if s.url},
+            model_sha256={s.name: s.sha256 for s in cfg.models if s.url and s.sha256},
             addresses=(f"{cfg.advertise_host}:{cfg.gossip_port}",),
             tunnel_port=cfg.tunnel_port,
         )

@@ -57,6 +57,9 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     """Bytes of the models this node has or requested, where known (for fit checks)."""
     model_urls: dict[str, str] = {}
     """Download sources of the models this node requested, so others can fetch them."""
+    model_sha256: dict[str, str] = {}
+    """SHA-256 (hex) of those downloads: a peer fetches a proposed model only with
+    its size and digest, and checks both."""
 
 
 # -- admission (the first stream of every connection) ---------------------------
