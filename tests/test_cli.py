@@ -133,7 +133,7 @@ def test_up_forwards_options(captured_up: list[UpOptions], tmp_path: Path) -> No
     assert opts.strict_models and not opts.client
     assert opts.max_body_bytes == 512 * 1024
     assert opts.llama_args == ["-c", "4096"]
-    assert opts.log_level == "DEBUG"
+    assert opts.log_level == "debug"
 
 
 def test_up_defaults(captured_up: list[UpOptions], tmp_path: Path) -> None:

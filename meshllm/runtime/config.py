@@ -65,7 +65,7 @@ def _not_negative(value: float | None) -> str | None:
     return None if value is None or value >= 0 else "must not be negative"
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +173,7 @@ class UpOptions:
         check=_not_negative,
     )
     log_level: str = option(
-        "INFO",
+        "info",
         "--log-level",
         "Logging level of the node and its actors.",
         choices=LOG_LEVELS,
