@@ -85,8 +85,9 @@ def test_format_status_failed_server_shows_reason_and_no_port() -> None:
     server = m.LocalServerState(model="demo", state="failed", reason="out of memory")
     text = format_status(_status(server))
     node = _blocks(text)[0]
-    assert "failed (out of memory)" in node[1]
+    assert node[1].split()[3] == "failed"
     assert node[1].rstrip().endswith("-")  # no llama-server port
+    assert node[2] == "failed: out of memory"  # the reason on a line of its own
     assert "MODEL  STATUS" not in text  # no routes: no model table
 
 
@@ -105,3 +106,21 @@ def test_format_status_shows_the_mesh_memory_total() -> None:
     text = format_status(status)
     assert "mesh: 2 nodes, 24.5 GB of model memory" in text
     assert "node-def456" in text
+
+
+def test_format_status_lite_client_has_no_server_state() -> None:
+    status = msgspec.structs.replace(_status(m.LocalServerState()), role="client")
+    row = _blocks(format_status(status))[0][1].split()
+    assert row[1:4] == ["client", "-", "-"]
+
+
+def test_peer_strings_cannot_drive_the_terminal() -> None:
+    from meshllm.mesh.wire import PeerAnnouncement
+
+    hostile = "\x1b[2J\x1b]0;owned\x07" + "x" * 500
+    peer = PeerAnnouncement(node_id="node-def456", generation=1, server_state=hostile)
+    status = msgspec.structs.replace(_status(m.LocalServerState()), peers=(peer,))
+    text = format_status(status)
+    assert "\x1b" not in text and "\x07" not in text
+    assert all(len(line) < 300 for line in text.splitlines())
+    assert "?[2J?]0;owned?" in text
