@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from meshllm import __version__
 from meshllm.runtime.backoff import Backoff
@@ -415,9 +415,12 @@ class _Transfer:
         if code in (408, 425, 429) or code >= 500:
             raise _Transient(f"HTTP {code} {exc.reason}")
         if 300 <= code < 400:
+            # urllib refuses some redirects itself (file://, a loop, too many) with the 3xx.
+            location = urljoin(exc.url or self.url, exc.headers.get("Location") or "")
+            if not _is_http_url(location):
+                raise DownloadError(_not_http_redirect(self.url, location))
             raise DownloadError(
-                f"cannot download {self.url}: more than {MAX_REDIRECTS} redirects, or a "
-                f"redirect without a usable Location (HTTP {code})"
+                f"cannot download {self.url}: more than {MAX_REDIRECTS} redirects (HTTP {code})"
             )
         hint = ""
         if code == 404:
@@ -533,13 +536,24 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         headers: http.client.HTTPMessage,
         newurl: str,
     ) -> urllib.request.Request | None:
-        split = urlsplit(newurl)
-        if split.scheme.lower() not in ("http", "https") or not split.hostname:
-            raise DownloadError(
-                f"cannot download {req.full_url}: the server redirects to {newurl[:200]!r}, "
-                "which is not an http(s) URL"
-            )
+        if not _is_http_url(newurl):
+            raise DownloadError(_not_http_redirect(req.full_url, newurl))
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        split = urlsplit(url)
+    except ValueError:
+        return False
+    return split.scheme.lower() in ("http", "https") and bool(split.hostname)
+
+
+def _not_http_redirect(url: str, location: str) -> str:
+    return (
+        f"cannot download {url}: the server redirects to {location[:200]!r}, which is not "
+        "an http(s) URL"
+    )
 
 
 def _check_disk_space(part: Path, needed: int) -> None:

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import gguf
 
@@ -534,8 +534,26 @@ def _from_url(ref: str, directory: Path) -> ResolvedModel:
             repo_id, file, directory, source="huggingface", url=hf_url(repo_id, file, revision)
         )
     return ResolvedModel(
-        name=_model_name(file_name), path=directory / file_name, source="url", url=ref
+        name=_model_name(file_name),
+        path=directory / file_name,
+        source="url",
+        url=urlunsplit(split._replace(fragment="")),
+        sha256=_fragment_sha256(ref, split.fragment),
     )
+
+
+def _fragment_sha256(ref: str, fragment: str) -> str | None:
+    """The digest a `--model URL#sha256=HEX` carries: the download is checked against it and
+    the node announces it, so that peers can fetch the model too (they need size and digest).
+    """
+    if not fragment:
+        return None
+    key, _, value = fragment.partition("=")
+    if key.lower() != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ModelNotFound(
+            f"model URL {ref!r}: the only fragment understood is #sha256= and 64 hex digits"
+        )
+    return value.lower()
 
 
 # --- meshllm models list / download ----------------------------------------------------------
