@@ -18,8 +18,10 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ from meshllm.models.catalog import (
 )
 from meshllm.models.download import DownloadError, download_file, part_path
 from meshllm.runtime.config import ModelSpec
+from meshllm.testing import NodeProcess, token_of, wait_for
 
 DATA = os.urandom(200_000)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -424,3 +427,109 @@ def test_a_real_full_disk(server: Server, tmp_path: Path, announced: bool) -> No
     assert re.search(expected, outcome["error"]), outcome
     assert outcome["permanent"] and not outcome["part"]
     assert server.requests == ([] if announced else [path])
+
+
+# --- real nodes ---------------------------------------------------------------------------------
+
+ONE_THREAD = ("--llama-arg=-t", "--llama-arg=1")
+LOOPBACK = ("--bind", "127.0.0.1:0")
+
+
+class _Files(SimpleHTTPRequestHandler):
+    """Serves a directory and records (method, path) of every request."""
+
+    seen: list[tuple[str, str]]
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        self.seen.append((self.command, self.path))
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def model_server(tmp_path: Path, second_model: Path) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """A local HTTP server holding the second demo model: (its URL, the requests seen)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(second_model, served / second_model.name)
+    seen: list[tuple[str, str]] = []
+    handler = type("Files", (_Files,), {"seen": seen})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(served)))
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/{second_model.name}", seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def _models_env(tmp_path: Path, name: str, *files: Path) -> dict[str, str]:
+    directory = tmp_path / f"models-{name}"
+    directory.mkdir()
+    for f in files:
+        shutil.copy(f, directory / f.name)
+    return {"MESHLLM_MODELS_DIR": str(directory), "MESHLLM_MIN_MODEL_BYTES": "1000"}
+
+
+@pytest.mark.integration
+def test_a_node_does_not_fetch_a_proposal_without_a_digest(
+    start_node: Callable[..., NodeProcess],
+    demo_model: Path,
+    model_server: tuple[str, list[tuple[str, str]]],
+    tmp_path: Path,
+) -> None:
+    """The seed proposes the second model by URL with no sha256: a joining node with nothing
+    on disk says why the model has no download source there, serves nothing, and never
+    requests the file."""
+    url, seen = model_server
+    env = _models_env(tmp_path, "seed", demo_model)
+    seed = start_node(
+        "--model", str(demo_model), "--model", url, *LOOPBACK, *ONE_THREAD, name="seed", env=env
+    ).wait_ready(demo_model.stem)
+    name = url.rsplit("/", 1)[1].removesuffix(".gguf")
+    joined = start_node(
+        "--join", token_of(seed), *LOOPBACK, name="j1", env=_models_env(tmp_path, "j1")
+    )
+    wait_for(
+        lambda: (
+            f"model {name!r} proposed by" in joined.log() and "no sha256 announced" in joined.log()
+        ),
+        30,
+        "the joining node to refuse the proposal",
+    )
+    wait_for(lambda: "decided: serve nothing" in joined.log(), 30, "the joining node to decide")
+    assert "decided: serve " + name not in joined.log()
+    assert joined.status()["server"]["state"] == "stopped"
+    assert [m for m, _ in seen] == ["HEAD"]  # the seed sized it; nobody fetched it
+
+
+@pytest.mark.integration
+def test_a_download_that_cannot_succeed_fails_once_with_its_reason(
+    start_node: Callable[..., NodeProcess],
+    model_server: tuple[str, list[tuple[str, str]]],
+    tmp_path: Path,
+) -> None:
+    """A 404 is permanent: the node's server is failed with the reason in `ctl status`, and
+    the file is not requested again (before this change the supervisor retried it every
+    fraction of a second, forever)."""
+    url, seen = model_server
+    missing = url.rsplit("/", 1)[0] + "/missing.gguf"
+    node = start_node("--model", missing, *LOOPBACK, env=_models_env(tmp_path, "n"))
+    server = wait_for(
+        lambda: (s := node.status()["server"])["state"] == "failed" and s,
+        30,
+        "the download to fail",
+    )
+    assert "HTTP 404" in server["reason"] and "no such file" in server["reason"]
+    assert "HTTP 404" in node.ctl("status").stdout
+    # A negative check needs a window: 2 s, in which the old supervisor retried ~5 times.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert [r for r in seen if r[0] == "GET"] == [("GET", "/missing.gguf")]
+        assert node.status()["server"]["state"] == "failed"
+        time.sleep(0.1)
+    assert "restarting missing" not in node.log()
