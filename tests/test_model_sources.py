@@ -9,6 +9,7 @@ with `unshare`, where the system allows it; a fake writer otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import json
@@ -24,9 +25,11 @@ from functools import partial
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from actors.elector import model_sources
+from actors.server_supervisor import DOWNLOAD_TRIES, ServerSupervisor
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.models import download as download_mod
 from meshllm.models.catalog import (
@@ -36,7 +39,9 @@ from meshllm.models.catalog import (
     proposed_source,
 )
 from meshllm.models.download import DownloadError, download_file, part_path
-from meshllm.runtime.config import ModelSpec
+from meshllm.runtime import messages as m
+from meshllm.runtime.backoff import Backoff
+from meshllm.runtime.config import ModelSpec, NodeConfig
 from meshllm.testing import NodeProcess, token_of, wait_for
 
 DATA = os.urandom(200_000)
@@ -196,7 +201,7 @@ class Server:
 
     @property
     def requests(self) -> list[str]:
-        return self.handler.requests  # type: ignore[attr-defined, no-any-return]
+        return self.handler.requests  # type: ignore[attr-defined]
 
     def redirect(self, path: str, location: str) -> None:
         self.handler.redirects[path] = location  # type: ignore[attr-defined]
@@ -232,6 +237,16 @@ def test_wrong_size_is_refused_and_leaves_nothing(server: Server, tmp_path: Path
     with pytest.raises(DownloadError, match="size mismatch") as err:
         fetch(server.url("/m.gguf"), dest, size=len(DATA) - 1)
     assert err.value.permanent
+    assert not dest.exists() and not part_path(dest).exists()
+
+
+def test_a_server_sending_more_than_the_announced_size_is_cut_off(
+    server: Server, tmp_path: Path
+) -> None:
+    """No Content-Length: only the announced size bounds what lands on disk."""
+    dest = tmp_path / "m.gguf"
+    with pytest.raises(DownloadError, match="sent more than the 1000 bytes"):
+        fetch(server.url("/no-length.gguf"), dest, size=1000)
     assert not dest.exists() and not part_path(dest).exists()
 
 
@@ -533,3 +548,67 @@ def test_a_download_that_cannot_succeed_fails_once_with_its_reason(
         assert node.status()["server"]["state"] == "failed"
         time.sleep(0.1)
     assert "restarting missing" not in node.log()
+
+
+# --- the supervisor gives up ----------------------------------------------------------------------
+
+
+class _Published:
+    """Stands in for the actor's bus: keeps what it publishes."""
+
+    def __init__(self) -> None:
+        self.states: list[m.LocalServerState] = []
+        self.changed = asyncio.Event()
+
+    async def publish(self, topic: str, msg: m.Message) -> None:
+        assert isinstance(msg, m.LocalServerState)
+        self.states.append(msg)
+        self.changed.set()
+
+    async def until(self, predicate: Callable[[m.LocalServerState], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not (self.states and predicate(self.states[-1])):
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.mark.parametrize("permanent", [True, False])
+def test_the_supervisor_gives_up_on_a_download_that_keeps_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, permanent: bool
+) -> None:
+    """A permanent failure (404, digest, disk full) is tried once; one that may pass (the
+    downloader's own retries ran out) up to DOWNLOAD_TRIES times, with the shared Backoff;
+    then the model stays failed with the reason until another one is wanted."""
+    calls: list[str] = []
+
+    def failing(url: str, dest: Path, **_: object) -> None:
+        calls.append(url)
+        raise DownloadError("the server said no", permanent=permanent)
+
+    monkeypatch.setattr(download_mod, "download_file", failing)
+    config = NodeConfig(home=str(tmp_path), run_dir=str(tmp_path), node_id="n")
+    spec = ModelSpec("x", url="http://127.0.0.1:1/x.gguf", target=str(tmp_path / "x.gguf"))
+
+    async def scenario() -> None:
+        sup = ServerSupervisor(config)
+        sup.bus = published = _Published()  # type: ignore[assignment]
+        await sup.on_start()
+        sup.download_policy = Backoff(base_s=0.0, max_s=0.0)  # no waiting between tries
+        try:
+            await sup.on_topic("wanted", m.ServeModel(spec, "test"))
+            await published.until(lambda s: s.state == "failed" and sup.gave_up is spec)
+            for _ in range(20):
+                await asyncio.sleep(0)  # the loop would try again here if it were going to
+            assert len(calls) == (1 if permanent else DOWNLOAD_TRIES)
+            reason = published.states[-1].reason
+            assert "the server said no" in reason
+            assert ("gave up" in reason) is not permanent
+            # Another wanted model is tried again.
+            other = msgspec.structs.replace(spec, name="y")
+            await sup.on_topic("wanted", m.ServeModel(other, "test"))
+            await published.until(lambda s: s.model == "y" and s.state == "failed")
+            assert len(calls) > (1 if permanent else DOWNLOAD_TRIES)
+        finally:
+            await sup.on_stop()
+
+    asyncio.run(scenario())

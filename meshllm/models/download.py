@@ -168,34 +168,28 @@ def download_file(
                 permanent=False,
             ) from None
         try:
-            if expected_size is not None:
-                _check_disk_space(part, expected_size - os.fstat(f.fileno()).st_size)
-            _Transfer(
-                url,
-                f,
-                part=part,
-                expected_size=expected_size,
-                progress=progress,
-                timeout=timeout,
-                retries=retries,
-                backoff_s=backoff_s,
-                max_backoff_s=max_backoff_s,
-                chunk_size=chunk_size,
-                sleep=sleep,
-            ).run()
-            os.fsync(f.fileno())
-            digest = _verify(f, part, expected_size, sha256)
-            size = os.fstat(f.fileno()).st_size
-            _publish(part, dest, digest)
-        except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                part.unlink(missing_ok=True)
-                raise DownloadError(
-                    f"disk full while downloading {dest.name} into {dest.parent} "
-                    f"({exc.strerror}); the partial file was removed: free some space "
-                    "and try again"
-                ) from None
-            raise DownloadError(f"cannot write {part}: {exc.strerror or exc}") from None
+            try:
+                if expected_size is not None:
+                    _check_disk_space(part, expected_size - os.fstat(f.fileno()).st_size)
+                _Transfer(
+                    url,
+                    f,
+                    part=part,
+                    expected_size=expected_size,
+                    progress=progress,
+                    timeout=timeout,
+                    retries=retries,
+                    backoff_s=backoff_s,
+                    max_backoff_s=max_backoff_s,
+                    chunk_size=chunk_size,
+                    sleep=sleep,
+                ).run()
+                os.fsync(f.fileno())
+                digest = _verify(f, part, expected_size, sha256)
+                size = os.fstat(f.fileno()).st_size
+                _publish(part, dest, digest)
+            except OSError as exc:  # the transfer's network errors are handled inside it
+                raise _write_error(exc, part, dest) from None
         except BaseException:
             # Keep a partial file for the next attempt to resume, but not an empty one.
             with contextlib.suppress(OSError):
@@ -203,6 +197,18 @@ def download_file(
                     part.unlink()
             raise
     return Downloaded(dest, size, digest)
+
+
+def _write_error(exc: OSError, part: Path, dest: Path) -> DownloadError:
+    """The error for a failed write; a full disk removes the partial file (retrying cannot
+    help until someone frees space, and the partial file only takes more of it)."""
+    if exc.errno in _NO_SPACE:
+        part.unlink(missing_ok=True)
+        return DownloadError(
+            f"disk full while downloading {dest.name} into {dest.parent} ({exc.strerror}); "
+            "the partial file was removed: free some space and try again"
+        )
+    return DownloadError(f"cannot write {part}: {exc.strerror or exc}")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -221,19 +227,18 @@ def _keep_existing(dest: Path, expected_size: int | None, sha256: str | None) ->
     if dest.is_symlink() or not dest.is_file():
         raise DownloadError(f"{dest} already exists and is not a regular file; it is not replaced")
     size = dest.stat().st_size
-    digest = file_sha256(dest)
-    if (sha256 and digest != sha256.lower()) or (
-        expected_size is not None and size != expected_size
-    ):
-        raise DownloadError(
-            f"{dest} already exists with different contents ({size} bytes, sha256 {digest}; "
-            f"expected {expected_size} bytes, sha256 {sha256 or 'unknown'}); it is not "
-            "replaced: move it away to download this model"
-        )
     if not sha256:
         raise DownloadError(
             f"{dest} already exists and no sha256 is known to check it against; it is not "
             "replaced: move it away to download this model"
+        )
+    digest = file_sha256(dest) if expected_size in (None, size) else None
+    if digest != sha256.lower():
+        found = f"{size} bytes" + (f", sha256 {digest}" if digest else "")
+        wanted = f"{expected_size} bytes, " if expected_size is not None else ""
+        raise DownloadError(
+            f"{dest} already exists with different contents ({found}; expected {wanted}"
+            f"sha256 {sha256.lower()}); it is not replaced: move it away to download this model"
         )
     return Downloaded(dest, size, digest)
 
@@ -266,10 +271,11 @@ def remote_size(url: str, timeout: float = 3.0) -> int | None:
     so that nodes can tell whether it fits them.
     """
     request = urllib.request.Request(url, method="HEAD")
+    opener = urllib.request.build_opener(_RedirectHandler)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             return _int_header(response.headers.get("content-length"))
-    except (OSError, ValueError, http.client.HTTPException):
+    except (OSError, ValueError, http.client.HTTPException, DownloadError):
         return None
 
 
@@ -496,6 +502,7 @@ class _Transfer:
             if not chunk:
                 break
             if total is not None and offset + received + len(chunk) > total:
+                self._truncate()  # what this server sent is not the file: keep none of it
                 raise DownloadError(
                     f"size mismatch: the server sent more than the {total} bytes expected "
                     f"for {self.url}"
