@@ -168,6 +168,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if self.path == "/escape.gguf":  # a reason phrase with a terminal escape
+            self.send_response(403, "\x1b[2Jdenied")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path == "/no-length.gguf":  # the body ends when the connection closes
             self.send_response(200)
             self.send_header("Connection", "close")
@@ -340,6 +345,12 @@ def test_a_symlink_at_the_destination_is_not_followed(server: Server, tmp_path: 
     with pytest.raises(DownloadError, match="cannot write"):
         fetch(server.url("/m.gguf"), models / "p.gguf")
     assert outside.read_bytes() == b"keep"
+
+
+def test_a_servers_reason_phrase_is_not_passed_on_raw(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="HTTP 403") as err:
+        fetch(server.url("/escape.gguf"), tmp_path / "x.gguf")
+    assert "\x1b" not in str(err.value) and "?[2Jdenied" in str(err.value)
 
 
 def test_a_404_is_permanent_and_not_retried(server: Server, tmp_path: Path) -> None:

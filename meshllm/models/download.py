@@ -419,7 +419,7 @@ class _Transfer:
             self._truncate()
             return False
         if code in (408, 425, 429) or code >= 500:
-            raise _Transient(f"HTTP {code} {exc.reason}")
+            raise _Transient(f"HTTP {code} {_phrase(exc.reason)}")
         if 300 <= code < 400:
             # urllib refuses some redirects itself (file://, a loop, too many) with the 3xx.
             location = urljoin(exc.url or self.url, exc.headers.get("Location") or "")
@@ -433,7 +433,7 @@ class _Transfer:
             hint = ": no such file (check the repository and file name)"
         elif code in (401, 403):
             hint = ": access denied (the repository may be gated or private)"
-        raise DownloadError(f"cannot download {self.url}: HTTP {code} {exc.reason}{hint}")
+        raise DownloadError(f"cannot download {self.url}: HTTP {code} {_phrase(exc.reason)}{hint}")
 
     def _connect_error(self, reason: object) -> Exception:
         where = f"{self.host}:{self.port}"
@@ -546,6 +546,13 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         if not _is_http_url(newurl):
             raise DownloadError(_not_http_redirect(req.full_url, newurl))
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _phrase(reason: object) -> str:
+    """A server's reason phrase, made safe for logs and `ctl status` (the server may be a
+    peer's choice: its text could hold terminal escapes)."""
+    text = str(reason)[:80]
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _is_http_url(url: str) -> bool:
