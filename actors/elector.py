@@ -12,43 +12,71 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from meshllm.mesh.wire import PeerAnnouncement
-from meshllm.models.catalog import CATALOG
+from meshllm.models.catalog import CATALOG, SourceRefused, find_entry, proposed_source
 from meshllm.placement import election
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.runtime.config import ModelSpec, NodeConfig
 
+REPORTED_MAX = 1024
+"""How many refused proposals the Elector remembers having logged."""
 
-def known_models(
+
+class ModelSources(NamedTuple):
+    specs: dict[str, ModelSpec]
+    """Every model this node could serve, by name: on its disk, or with a download source."""
+    refused: dict[tuple[str, str], str]
+    """(peer node id, model name) -> why the source that peer proposed is not used."""
+
+
+def model_sources(
     own: tuple[ModelSpec, ...], announcements: list[PeerAnnouncement], models_dir: str
-) -> dict[str, ModelSpec]:
-    """Every model this node could serve, by name: on its disk, or with a download source.
+) -> ModelSources:
+    """Every model this node could serve, and the peers' proposals it refused.
 
-    Sources, most specific first: this node's own files and `--model` flags, the
-    URLs peers announce for the models they requested, the built-in catalog.
+    Sources, most trusted first: this node's own files and `--model` flags, the built-in
+    catalog, then the downloads peers propose for the models they requested. A proposal is
+    used only when `proposed_source` accepts it (size and SHA-256 announced, http(s), a name
+    that is not the catalog's); its file is named after the model, inside `models_dir`. When
+    peers propose different sources for one name, the lowest node id's is used (every node
+    then picks the same one; the digest decides what is served, not the URL).
     """
     specs: dict[str, ModelSpec] = {}
+    refused: dict[tuple[str, str], str] = {}
+    own_names = {spec.name for spec in own}
+    for ann in sorted(announcements, key=lambda a: a.node_id):
+        for name, url in ann.model_urls.items():
+            if name in own_names or find_entry(name) is not None:
+                continue  # this node's own choice, or the catalog's source: never a peer's
+            try:
+                source = proposed_source(
+                    name, url, ann.model_sizes.get(name), ann.model_sha256.get(name)
+                )
+            except SourceRefused as exc:
+                refused[(ann.node_id, name)] = str(exc)
+                continue
+            target = str(Path(models_dir) / source.file)
+            specs.setdefault(
+                name, ModelSpec(name, "", source.url, source.size, source.sha256, target)
+            )
     for entry in CATALOG:
         target = str(Path(models_dir) / entry.file)
         specs[entry.name] = ModelSpec(
             entry.name, "", entry.url, entry.size or 0, entry.sha256 or "", target
         )
-    for ann in announcements:
-        for name, url in ann.model_urls.items():
-            size = ann.model_sizes.get(name, 0)
-            file_name = url.rsplit("/", 1)[-1].split("?", 1)[0] or f"{name}.gguf"
-            if not safe_file_name(file_name):
-                continue  # a peer's name must not steer a download out of the models dir
-            specs[name] = ModelSpec(name, "", url, size, "", str(Path(models_dir) / file_name))
     for spec in own:
         specs[spec.name] = spec
-    return specs
+    return ModelSources(specs, refused)
 
 
-def safe_file_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+def known_models(
+    own: tuple[ModelSpec, ...], announcements: list[PeerAnnouncement], models_dir: str
+) -> dict[str, ModelSpec]:
+    """Every model this node could serve, by name (see `model_sources`)."""
+    return model_sources(own, announcements, models_dir).specs
 
 
 def model_infos(specs: dict[str, ModelSpec]) -> dict[str, election.ModelInfo]:
@@ -80,6 +108,7 @@ class Elector(Actor):
         self.explicit = cfg.models[0].name if cfg.models else None
         self.wanted: ModelSpec | None = None
         self.served_here: set[str] = set()
+        self.reported: set[tuple[str, str, str]] = set()
         # `--join` alone: choose from the mesh's view, not from the empty one before
         # joining (a choice made then would be held: "a decision holds").
         self.heard_mesh = not cfg.options.join or self.explicit is not None
@@ -117,7 +146,8 @@ class Elector(Actor):
         announcements = list(self.mesh.peers)
         if self.mesh.me is not None:
             announcements.append(self.mesh.me)
-        specs = known_models((*cfg.available, *cfg.models), announcements, cfg.models_dir)
+        specs, refused = model_sources((*cfg.available, *cfg.models), announcements, cfg.models_dir)
+        self._report_refused(refused)
         view = election.NodeView(
             node_id=cfg.node_id,
             budget_bytes=cfg.vram_bytes,
@@ -135,6 +165,23 @@ class Elector(Actor):
         if spec != self.wanted:
             self.wanted = spec
             await self.bus.publish("wanted", m.ServeModel(spec, reason))
+
+    def _report_refused(self, refused: dict[tuple[str, str], str]) -> None:
+        """Say once why a peer's proposed download is not used (the model then has no
+        download source here). Names come from gossip: logged with %r, truncated."""
+        for (node_id, name), reason in refused.items():
+            key = (node_id, name, reason)
+            if key in self.reported:
+                continue
+            if len(self.reported) >= REPORTED_MAX:
+                self.reported.clear()  # bounded: a peer cycling names cannot grow it
+            self.reported.add(key)
+            self.log.warning(
+                "model %r proposed by %r has no download source here: %s",
+                name[:80],
+                node_id[:80],
+                reason,
+            )
 
     async def _timer(self) -> None:
         """Re-run the decision at the core's own deadlines (claims that expire, cold grace)."""

@@ -40,6 +40,10 @@ BIND_TRIES = 3
 ERRORISH = re.compile(rb"error|failed|cannot|unable|invalid|not found|abort", re.IGNORECASE)
 HEALTH_POLL_S = 0.05
 OUTPUT_LINE_BYTES = 64 * 1024
+DOWNLOAD_TRIES = 3
+"""Downloads of one wanted model that fail for a reason that may pass (the server down,
+the connection dropping after the downloader's own retries) before the model is failed for
+good; a permanent failure (HTTP 4xx, wrong size or digest, disk full) fails it at once."""
 
 
 class DownloadCancelled(Exception):
@@ -81,6 +85,11 @@ class ServerSupervisor(Actor):
         self.wanted: ModelSpec | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.policy = Backoff(base_s=0.2, max_s=15.0, window_s=60.0)
+        self.download_policy = Backoff(base_s=2.0, max_s=60.0)
+        self.gave_up: ModelSpec | None = None
+        self.fetched: dict[str, str] = {}
+        """Targets downloaded and checked by this actor: a restart does not check them again."""
+        """The wanted model whose download failed for good (until another is wanted)."""
         self.output: collections.deque[bytes] = collections.deque(maxlen=60)
         self.state = m.LocalServerState()
         self.wake = asyncio.Event()
@@ -97,6 +106,7 @@ class ServerSupervisor(Actor):
             self.wanted = msg.spec
             self.download_cancel.set()
             self.policy.reset()
+            self.download_policy.reset()
             if self.proc is not None:
                 await stop_process(self.proc)
             self.wake.set()
@@ -129,20 +139,28 @@ class ServerSupervisor(Actor):
                     await self._set(m.LocalServerState())
                 await self.wake.wait()
                 continue
-            path = spec.path or await self._download(spec)
+            path = spec.path or self.fetched.get(spec.target) or await self._download(spec)
             for _ in range(BIND_TRIES if path else 0):
                 if self.wanted is not spec or not await self._run_server_once(spec, path):
                     break  # a taken port (rare race) is retried at once on another one
             if self.wanted is not spec:
                 continue  # switched or dropped: start the new one without backoff
-            delay = self.policy.failed(time.monotonic())
+            if self.gave_up is spec:
+                await self.wake.wait()  # failed for good: only a new wanted model moves on
+                continue
+            policy = self.policy if path else self.download_policy
+            delay = policy.failed(time.monotonic())
             self.log.warning("restarting %s in %.1fs", spec.name, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
 
     async def _download(self, spec: ModelSpec) -> str:
-        """Fetch a model that is not on disk; '' (and state failed) when that fails."""
-        from meshllm.models.download import DownloadError, download
+        """Fetch a model that is not on disk; '' (and state failed) when that fails.
+
+        A failure that retrying cannot fix, or the `DOWNLOAD_TRIES`th of the others, sets
+        `gave_up`: the model stays failed, with the reason, instead of being fetched again
+        every few seconds (a 404, a wrong digest or a full disk would only repeat)."""
+        from meshllm.models.download import DownloadError, download_file
 
         loop = asyncio.get_running_loop()
         base = m.LocalServerState(model=spec.name, path=spec.target, state="downloading")
@@ -160,10 +178,10 @@ class ServerSupervisor(Actor):
                 asyncio.run_coroutine_threadsafe(self._set(state), loop)
 
         await self._set(base)
-        self.log.info("downloading %s from %s", spec.name, spec.url)
+        self.log.info("downloading %s from %r", spec.name, spec.url[:200])
         try:
-            await asyncio.to_thread(
-                download,
+            done = await asyncio.to_thread(
+                download_file,
                 spec.url,
                 Path(spec.target),
                 expected_size=spec.size or None,
@@ -174,9 +192,20 @@ class ServerSupervisor(Actor):
             self.log.info("download of %s cancelled (the partial file is kept)", spec.name)
             return ""
         except (DownloadError, OSError) as exc:
-            await self._set(msgspec_replace(base, state="failed", reason=str(exc)))
+            permanent = not isinstance(exc, DownloadError) or exc.permanent
+            tries = len(self.download_policy.recent) + 1
+            reason = str(exc)
+            if permanent or tries >= DOWNLOAD_TRIES:
+                self.gave_up = spec
+                if not permanent:
+                    reason += f" (gave up after {tries} tries)"
+            self.log.warning("download of %s failed: %s", spec.name, reason)
+            await self._set(msgspec_replace(base, state="failed", reason=reason))
             return ""
-        return spec.target
+        self.download_policy.reset()
+        self.fetched[spec.target] = str(done.path)
+        self.log.info("downloaded %s: %d bytes, sha256 %s", spec.name, done.size, done.sha256)
+        return str(done.path)
 
     async def _run_server_once(self, spec: ModelSpec, path: str) -> bool:
         """Start llama-server, watch it until it exits, publish every state change.

@@ -13,6 +13,7 @@ Every node has its own models directory (`MESHLLM_MODELS_DIR`) and counts the
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import threading
@@ -225,10 +226,13 @@ def test_rule2_unserved_model_is_downloaded(
     start_node: StartNode, models: Models, tmp_path: Path, file_server: FileServer
 ) -> None:
     url = file_server.url(models.b.name)
-    s = seed(start_node, models, models_dir(tmp_path, "seed"), "--model", url)
+    digest = hashlib.sha256(models.b.read_bytes()).hexdigest()
+    # Others fetch a proposed model only with its size and digest: the URL carries the digest.
+    s = seed(start_node, models, models_dir(tmp_path, "seed"), "--model", f"{url}#sha256={digest}")
     assert_cold(s, B)
     announced = me(s)
     assert announced["requested_models"] == [A, B] and announced["model_urls"] == {B: url}
+    assert announced["model_sha256"] == {B: digest}
     # The seed only asks B's size (so others can tell whether it fits), never fetches it.
     assert file_server.requests == [("HEAD", f"/{models.b.name}")]
     assert announced["model_sizes"][B] == models.b.stat().st_size

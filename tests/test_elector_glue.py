@@ -14,18 +14,25 @@ from meshllm.runtime.config import ModelSpec
 MODELS_DIR = "/models"
 
 
+SHA = "ab" * 32
+
+
 def ann(
     node_id: str,
     urls: dict[str, str] | None = None,
     sizes: dict[str, int] | None = None,
     requested: tuple[str, ...] = (),
+    sha256: dict[str, str] | None = None,
 ) -> PeerAnnouncement:
+    """An announcement; every proposed URL gets the digest SHA unless `sha256` is given."""
+    urls = urls or {}
     return PeerAnnouncement(
         node_id=node_id,
         generation=1,
         requested_models=requested,
-        model_urls=urls or {},
+        model_urls=urls,
         model_sizes=sizes or {},
+        model_sha256={name: SHA for name in urls} if sha256 is None else sha256,
     )
 
 
@@ -40,21 +47,24 @@ def test_nothing_known_but_the_catalog() -> None:
         )
 
 
-def test_a_peer_url_makes_a_model_downloadable_with_the_peers_size() -> None:
+def test_a_peer_url_makes_a_model_downloadable_with_the_peers_size_and_digest() -> None:
     peer = ann("p", {"B": "http://127.0.0.1:8000/files/B.gguf"}, {"B": 4242, "X": 7})
     spec = known_models((), [peer], MODELS_DIR)["B"]
     assert spec == ModelSpec(
-        "B", "", "http://127.0.0.1:8000/files/B.gguf", 4242, "", "/models/B.gguf"
+        "B", "", "http://127.0.0.1:8000/files/B.gguf", 4242, SHA, "/models/B.gguf"
     )
     # Sizes alone (a model on the peer's disk, no URL) give no way to get the model.
     assert "X" not in known_models((), [peer], MODELS_DIR)
 
 
-def test_url_file_name_ignores_the_query_and_falls_back_to_the_model_name() -> None:
-    peer = ann("p", {"B": "http://h/dl/b-file.gguf?token=1&x=2", "C": "http://h/dl/"})
+def test_the_file_is_named_after_the_model_never_after_the_url() -> None:
+    peer = ann(
+        "p",
+        {"B": "http://h/dl/b-file.gguf?token=1&x=2", "C": "http://h/dl/"},
+        {"B": 1, "C": 2},
+    )
     specs = known_models((), [peer], MODELS_DIR)
-    assert specs["B"].target == "/models/b-file.gguf"
-    assert specs["B"].size == 0  # the peer announced no size: unknown
+    assert specs["B"].target == "/models/B.gguf"
     assert specs["C"].target == "/models/C.gguf"
 
 
@@ -64,16 +74,17 @@ def test_own_specs_win_over_peers_and_the_catalog() -> None:
         ModelSpec("B", path="/disk/B.gguf", size=10, target="/disk/B.gguf"),
         ModelSpec(name, path="/disk/cat.gguf", size=11, target="/disk/cat.gguf"),
     )
-    peer = ann("p", {"B": "http://h/B.gguf", name: "http://h/cat.gguf"}, {"B": 99})
+    peer = ann("p", {"B": "http://h/B.gguf", name: "http://h/cat.gguf"}, {"B": 99, name: 1})
     specs = known_models(own, [peer], MODELS_DIR)
     assert specs["B"] == own[0]
     assert specs[name] == own[1]
 
 
-def test_a_peer_url_wins_over_the_catalog_and_later_own_specs_win() -> None:
-    name = CATALOG[0].name
-    peer = ann("p", {name: "http://mirror/x.gguf"}, {name: 5})
-    assert known_models((), [peer], MODELS_DIR)[name].url == "http://mirror/x.gguf"
+def test_a_peer_url_never_replaces_the_catalog_and_later_own_specs_win() -> None:
+    entry = CATALOG[0]
+    peer = ann("p", {entry.name: "http://mirror/x.gguf"}, {entry.name: 5})
+    spec = known_models((), [peer], MODELS_DIR)[entry.name]
+    assert (spec.url, spec.size, spec.sha256) == (entry.url, entry.size, entry.sha256)
     # `available` comes before `--model` in the Elector's call: a --model flag wins.
     on_disk = ModelSpec("A", path="/d/A.gguf", size=1, target="/d/A.gguf")
     flagged = ModelSpec("A", url="http://h/A.gguf", target="/models/A.gguf")
@@ -81,7 +92,7 @@ def test_a_peer_url_wins_over_the_catalog_and_later_own_specs_win() -> None:
 
 
 def test_the_models_directory_is_joined_as_a_path() -> None:
-    peer = ann("p", {"B": "http://h/B.gguf"})
+    peer = ann("p", {"B": "http://h/B.gguf"}, {"B": 1})
     spec = known_models((), [peer], "/some/dir/")["B"]
     assert spec.target == str(Path("/some/dir") / "B.gguf")
 
@@ -120,11 +131,10 @@ def test_infos_of_known_models_feed_the_priority() -> None:
 
 
 def test_a_peer_cannot_steer_a_download_out_of_the_models_dir() -> None:
-    from actors.elector import safe_file_name
-
-    assert safe_file_name("model.gguf")
-    for bad in ("", "../x.gguf", ".hidden.gguf", "a/b.gguf", "..", "a\\b.gguf"):
-        assert not safe_file_name(bad), bad
+    bad = ("", "../x", ".hidden", "a/b", "..", "a\\b", "x\0y")
+    peer = ann("p", dict.fromkeys(bad, "http://h/m.gguf"), dict.fromkeys(bad, 1))
+    specs = known_models((), [peer], MODELS_DIR)
+    assert not set(bad) & set(specs)
 
 
 def test_the_cold_grace_comes_from_the_node_options() -> None:

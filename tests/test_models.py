@@ -362,6 +362,31 @@ def test_resolve_a_plain_url(tmp_path: Path) -> None:
         resolve_model("http://127.0.0.1:1/files/", tmp_path)
 
 
+def test_a_url_may_carry_its_sha256_in_the_fragment(tmp_path: Path) -> None:
+    digest = "AB" * 32
+    r = resolve_model(f"http://127.0.0.1:1/files/x.gguf?t=1#sha256={digest}", tmp_path)
+    assert r.url == "http://127.0.0.1:1/files/x.gguf?t=1"  # the fragment is not sent
+    assert r.sha256 == digest.lower()
+    for bad in ("#sha256=12", "#md5=" + "0" * 32, "#x"):
+        with pytest.raises(ModelNotFound, match="#sha256="):
+            resolve_model(f"http://127.0.0.1:1/files/x.gguf{bad}", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://h/..%2F..%2Fescape.gguf",
+        "http://h/a%2Fb.gguf",
+        "http://h/.hidden.gguf",
+        "http://h/x%00y.gguf",
+        "https://huggingface.co/o/r/resolve/main/..%2Fup.gguf",
+    ],
+)
+def test_a_url_cannot_name_a_file_outside_the_models_dir(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ModelNotFound, match="safe"):
+        resolve_model(url, tmp_path)
+
+
 def test_unknown_model_says_what_was_tried(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound) as info:
         resolve_model("no-such-model", tmp_path / "models", extra_dirs=[])

@@ -9,13 +9,19 @@ metadata of each file, cross-checked in more than one independent public record)
 that does not end with exactly these bytes is refused. Where a digest was not known for sure it
 is `None` and only the size is checked. If a publisher ever replaces a file, the check fails
 loudly instead of serving a different model under the same name: update the entry then.
+
+The catalog is trusted; what peers announce is not. `proposed_source` is the one gate a
+download source from gossip passes through: it never names a catalog model (the catalog's own
+source always wins), it carries an http(s) URL, an exact size and a SHA-256 (so the download
+can be checked), and its file name in the models directory is derived from the validated
+model name, never from the URL (a URL path could name another model's file).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 HF_HOST = "https://huggingface.co"
 
@@ -161,3 +167,73 @@ def find_entry(name: str, catalog: tuple[CatalogEntry, ...] = CATALOG) -> Catalo
         if wanted in (entry.name.lower(), entry.file.lower().removesuffix(".gguf")):
             return entry
     return None
+
+
+# --- download sources peers propose ------------------------------------------------------------
+
+MAX_PROPOSED_BYTES = 1 << 40
+"""The largest model a peer may propose (1 TiB): bigger sizes are nonsense, not models."""
+MAX_URL_CHARS = 2048
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+"""A proposed model's name, which is also its file's stem: no separators, no leading dot."""
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class SourceRefused(ValueError):
+    """A peer's proposed download source that this node will not use; the message says why."""
+
+
+@dataclass(frozen=True)
+class ProposedSource:
+    """A download source from gossip that passed every check of `proposed_source`."""
+
+    name: str
+    url: str
+    size: int
+    sha256: str
+    """Lowercase hex."""
+
+    @property
+    def file(self) -> str:
+        """The file name in the models directory: the model's name, never the URL's."""
+        return f"{self.name}.gguf"
+
+
+def is_model_name(name: str) -> bool:
+    """True for a name that is safe as a file stem in the models directory."""
+    return bool(_MODEL_NAME.match(name)) and not name.lower().endswith((".gguf", ".part"))
+
+
+def proposed_source(name: str, url: str, size: int | None, sha256: str | None) -> ProposedSource:
+    """Check a download source a peer announced for the model `name`.
+
+    Raises `SourceRefused` with a reason when the name is not a safe file stem, names a
+    catalog model (gossip never overrides the catalog), the URL is not http(s), or the size or
+    SHA-256 is missing or malformed: without them the download could not be checked.
+    """
+    if not is_model_name(name):
+        raise SourceRefused(
+            "not a valid model name (letters, digits and . _ + - only, at most 128 characters, "
+            "starting with a letter or digit)"
+        )
+    if find_entry(name) is not None:
+        raise SourceRefused("a catalog model: only the catalog's own source is used")
+    if not url or len(url) > MAX_URL_CHARS or not url.isprintable() or " " in url:
+        raise SourceRefused(f"the URL is empty, too long or has odd characters: {url[:80]!r}")
+    try:
+        split = urlsplit(url)
+        split.port  # noqa: B018 (raises ValueError on a port out of range)
+    except ValueError:
+        raise SourceRefused(f"malformed URL {url[:80]!r}") from None
+    if split.scheme.lower() not in ("http", "https") or not split.hostname:
+        raise SourceRefused(f"not an http(s) URL: {url[:80]!r}")
+    if size is None or isinstance(size, bool) or size <= 0:
+        raise SourceRefused("no size announced, so the download could not be checked")
+    if size > MAX_PROPOSED_BYTES:
+        raise SourceRefused(f"announced size {size} is over the limit of {MAX_PROPOSED_BYTES}")
+    if not sha256:
+        raise SourceRefused("no sha256 announced, so the download could not be checked")
+    if not _SHA256_HEX.match(sha256):
+        raise SourceRefused(f"the announced sha256 is not 64 hex digits: {sha256[:80]!r}")
+    return ProposedSource(name=name, url=url, size=size, sha256=sha256.lower())

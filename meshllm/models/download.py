@@ -8,6 +8,14 @@ whole file, and the download restarts from zero). A connection dropped mid-trans
 a bounded number of times with exponential backoff, resuming each time from where it stopped.
 Failures that retrying cannot fix (offline, DNS, HTTP 4xx, wrong size or digest) raise
 `DownloadError` at once, with a message that says what happened and what to do.
+
+The URL, and so the server, may come from a peer (a model proposed in gossip, with its size
+and SHA-256), so nothing the server says is trusted: redirects go to http(s) only and at most
+`MAX_REDIRECTS` times; the size is checked before and after; the file lands only at `dest`
+and never replaces a file already there (one with the expected digest is simply kept); a full
+disk (ENOSPC) ends the download at once, with the partial file removed, instead of being
+retried like a dropped connection. `DownloadError.permanent` tells a caller whether trying
+again later could help.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
-from urllib.parse import urlsplit
+from typing import IO, TextIO
+from urllib.parse import urljoin, urlsplit
 
 from meshllm import __version__
 from meshllm.runtime.backoff import Backoff
@@ -44,13 +53,33 @@ ProgressCallback = Callable[[int, int | None], None]
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRIES = 5
 CHUNK_SIZE = 1 << 20
+MAX_REDIRECTS = 5
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _CONTENT_RANGE_UNSATISFIED = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 
 
 class DownloadError(RuntimeError):
-    """A download that failed; the message says why and, where possible, what to do."""
+    """A download that failed; the message says why and, where possible, what to do.
+
+    `permanent` is False for failures that trying again later may fix (the server was down or
+    kept dropping the connection, another process holds the file); True for the rest (HTTP
+    4xx, wrong size or digest, a refused redirect, a full disk, a file already in the way).
+    """
+
+    def __init__(self, message: str, *, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A finished, checked download: where it is, its size and its SHA-256 (lowercase hex)."""
+
+    path: Path
+    size: int
+    sha256: str
 
 
 class _Transient(Exception):
@@ -88,46 +117,151 @@ def download(
     count); the wait between them doubles from `backoff_s` up to `max_backoff_s`.
     Returns `dest`. Raises `DownloadError`.
     """
+    return download_file(
+        url,
+        dest,
+        expected_size=expected_size,
+        sha256=sha256,
+        progress=progress,
+        timeout=timeout,
+        retries=retries,
+        backoff_s=backoff_s,
+        max_backoff_s=max_backoff_s,
+        chunk_size=chunk_size,
+        sleep=sleep,
+    ).path
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike[str],
+    *,
+    expected_size: int | None = None,
+    sha256: str | None = None,
+    progress: ProgressCallback | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = 1.0,
+    max_backoff_s: float = 30.0,
+    chunk_size: int = CHUNK_SIZE,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Downloaded:
+    """`download`, returning the file's size and SHA-256 as well (computed once the file is
+    whole, so a node can announce the digest of a model it fetched without one)."""
     dest = Path(dest)
     part = part_path(dest)
+    if _exists(dest):
+        return _keep_existing(dest, expected_size, sha256)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a symlink planted at the .part's name is not written through.
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise DownloadError(f"cannot write {part}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "r+b") as f:
+    # Unbuffered: a full disk shows up at the write that hit it, not at a later close.
+    with os.fdopen(fd, "r+b", buffering=0) as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DownloadError(
-                f"another process is already downloading {dest.name} (into {part})"
+                f"another process is already downloading {dest.name} (into {part})",
+                permanent=False,
             ) from None
         try:
-            _Transfer(
-                url,
-                f,
-                part=part,
-                expected_size=expected_size,
-                progress=progress,
-                timeout=timeout,
-                retries=retries,
-                backoff_s=backoff_s,
-                max_backoff_s=max_backoff_s,
-                chunk_size=chunk_size,
-                sleep=sleep,
-            ).run()
-            f.flush()
-            os.fsync(f.fileno())
-            _verify(f, part, expected_size, sha256)
-            os.replace(part, dest)
+            try:
+                if expected_size is not None:
+                    _check_disk_space(part, expected_size - os.fstat(f.fileno()).st_size)
+                _Transfer(
+                    url,
+                    f,
+                    part=part,
+                    expected_size=expected_size,
+                    progress=progress,
+                    timeout=timeout,
+                    retries=retries,
+                    backoff_s=backoff_s,
+                    max_backoff_s=max_backoff_s,
+                    chunk_size=chunk_size,
+                    sleep=sleep,
+                ).run()
+                os.fsync(f.fileno())
+                digest = _verify(f, part, expected_size, sha256)
+                size = os.fstat(f.fileno()).st_size
+                _publish(part, dest, digest)
+            except OSError as exc:  # the transfer's network errors are handled inside it
+                raise _write_error(exc, part, dest) from None
         except BaseException:
             # Keep a partial file for the next attempt to resume, but not an empty one.
             with contextlib.suppress(OSError):
-                f.flush()
                 if part.exists() and os.fstat(f.fileno()).st_size == 0:
                     part.unlink()
             raise
-    return dest
+    return Downloaded(dest, size, digest)
+
+
+def _write_error(exc: OSError, part: Path, dest: Path) -> DownloadError:
+    """The error for a failed write; a full disk removes the partial file (retrying cannot
+    help until someone frees space, and the partial file only takes more of it)."""
+    if exc.errno in _NO_SPACE:
+        part.unlink(missing_ok=True)
+        return DownloadError(
+            f"disk full while downloading {dest.name} into {dest.parent} ({exc.strerror}); "
+            "the partial file was removed: free some space and try again"
+        )
+    return DownloadError(f"cannot write {part}: {exc.strerror or exc}")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 (lowercase hex) of a file on disk."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _exists(path: Path) -> bool:
+    return os.path.lexists(path)
+
+
+def _keep_existing(dest: Path, expected_size: int | None, sha256: str | None) -> Downloaded:
+    """A file is already at `dest`: keep it if it is the expected one, else refuse (an
+    existing file is never replaced, whatever the download's source)."""
+    if dest.is_symlink() or not dest.is_file():
+        raise DownloadError(f"{dest} already exists and is not a regular file; it is not replaced")
+    size = dest.stat().st_size
+    if not sha256:
+        raise DownloadError(
+            f"{dest} already exists and no sha256 is known to check it against; it is not "
+            "replaced: move it away to download this model"
+        )
+    digest = file_sha256(dest) if expected_size in (None, size) else None
+    if digest != sha256.lower():
+        found = f"{size} bytes" + (f", sha256 {digest}" if digest else "")
+        wanted = f"{expected_size} bytes, " if expected_size is not None else ""
+        raise DownloadError(
+            f"{dest} already exists with different contents ({found}; expected {wanted}"
+            f"sha256 {sha256.lower()}); it is not replaced: move it away to download this model"
+        )
+    return Downloaded(dest, size, digest)
+
+
+def _publish(part: Path, dest: Path, digest: str) -> None:
+    """Move the finished `.part` to `dest` without replacing anything that appeared there
+    meanwhile: a hard link fails if `dest` exists (a rename would silently replace it)."""
+    try:
+        os.link(part, dest, follow_symlinks=False)
+    except FileExistsError:
+        part.unlink(missing_ok=True)
+        _keep_existing(dest, None, digest)  # the same file from elsewhere is fine
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if _exists(dest):  # no hard links on this file system: check, then rename
+            part.unlink(missing_ok=True)
+            _keep_existing(dest, None, digest)
+            return
+        os.replace(part, dest)
+        return
+    part.unlink()
 
 
 def remote_size(url: str, timeout: float = 3.0) -> int | None:
@@ -137,17 +271,17 @@ def remote_size(url: str, timeout: float = 3.0) -> int | None:
     so that nodes can tell whether it fits them.
     """
     request = urllib.request.Request(url, method="HEAD")
+    opener = urllib.request.build_opener(_RedirectHandler)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             return _int_header(response.headers.get("content-length"))
-    except (OSError, ValueError, http.client.HTTPException):
+    except (OSError, ValueError, http.client.HTTPException, DownloadError):
         return None
 
 
-def _verify(
-    f: io.BufferedRandom, part: Path, expected_size: int | None, sha256: str | None
-) -> None:
-    """Check the finished `.part`; a wrong one is removed (resuming it could never help)."""
+def _verify(f: io.FileIO, part: Path, expected_size: int | None, sha256: str | None) -> str:
+    """Check the finished `.part` and return its SHA-256; a wrong one is removed (resuming
+    it could never help)."""
     size = os.fstat(f.fileno()).st_size
     if expected_size is not None and size != expected_size:
         part.unlink(missing_ok=True)
@@ -155,15 +289,15 @@ def _verify(
             f"size mismatch: got {size} bytes, expected {expected_size}; the partial file was "
             "removed (the file on the server may have changed: check the catalog entry)"
         )
-    if sha256:
-        f.seek(0)
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if digest != sha256.lower():
-            part.unlink(missing_ok=True)
-            raise DownloadError(
-                f"sha256 mismatch: got {digest}, expected {sha256.lower()}; the partial file "
-                "was removed (corrupted transfer, or the file on the server changed)"
-            )
+    f.seek(0)
+    digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if sha256 and digest != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"sha256 mismatch: got {digest}, expected {sha256.lower()}; the partial file "
+            "was removed (corrupted transfer, or the file on the server changed)"
+        )
+    return digest
 
 
 class _Transfer:
@@ -172,7 +306,7 @@ class _Transfer:
     def __init__(
         self,
         url: str,
-        f: io.BufferedRandom,
+        f: io.FileIO,
         *,
         part: Path,
         expected_size: int | None,
@@ -200,7 +334,7 @@ class _Transfer:
             raise DownloadError(f"cannot download {url!r}: not an http(s) URL")
         self.host = split.hostname
         self.port = split.port or (443 if split.scheme == "https" else 80)
-        self.opener = urllib.request.build_opener()
+        self.opener = urllib.request.build_opener(_RedirectHandler)
 
     def run(self) -> None:
         # The delay doubles with each consecutive failure; a try that got bytes resets it.
@@ -222,7 +356,9 @@ class _Transfer:
                 reason = "the server refused to resume; restarting from zero"
             except _ConnectFailed as exc:
                 if not policy.recent:
-                    raise DownloadError(f"cannot download {self.url}: {exc}") from None
+                    raise DownloadError(
+                        f"cannot download {self.url}: {exc}", permanent=False
+                    ) from None
                 reason = str(exc)
             except _Transient as exc:
                 reason = str(exc)
@@ -234,7 +370,8 @@ class _Transfer:
                 kept = self._size_on_disk()
                 raise DownloadError(
                     f"download of {self.url} failed after {self.retries} retries: {reason}; "
-                    f"{kept} bytes are kept in {self.part}: run the same command again to resume"
+                    f"{kept} bytes are kept in {self.part}: run the same command again to resume",
+                    permanent=False,
                 )
             log.warning(
                 "download of %s: %s; retry %d/%d in %.1fs",
@@ -247,11 +384,9 @@ class _Transfer:
             self.sleep(delay)
 
     def _size_on_disk(self) -> int:
-        self.f.flush()
         return self.f.seek(0, os.SEEK_END)
 
     def _truncate(self, size: int = 0) -> None:
-        self.f.flush()
         self.f.truncate(size)
         self.f.seek(size)
 
@@ -284,13 +419,21 @@ class _Transfer:
             self._truncate()
             return False
         if code in (408, 425, 429) or code >= 500:
-            raise _Transient(f"HTTP {code} {exc.reason}")
+            raise _Transient(f"HTTP {code} {_phrase(exc.reason)}")
+        if 300 <= code < 400:
+            # urllib refuses some redirects itself (file://, a loop, too many) with the 3xx.
+            location = urljoin(exc.url or self.url, exc.headers.get("Location") or "")
+            if not _is_http_url(location):
+                raise DownloadError(_not_http_redirect(self.url, location))
+            raise DownloadError(
+                f"cannot download {self.url}: more than {MAX_REDIRECTS} redirects (HTTP {code})"
+            )
         hint = ""
         if code == 404:
             hint = ": no such file (check the repository and file name)"
         elif code in (401, 403):
             hint = ": access denied (the repository may be gated or private)"
-        raise DownloadError(f"cannot download {self.url}: HTTP {code} {exc.reason}{hint}")
+        raise DownloadError(f"cannot download {self.url}: HTTP {code} {_phrase(exc.reason)}{hint}")
 
     def _connect_error(self, reason: object) -> Exception:
         where = f"{self.host}:{self.port}"
@@ -349,16 +492,25 @@ class _Transfer:
         received = 0
         if self.progress:
             self.progress(offset, total)
-        try:
-            while chunk := response.read(self.chunk_size):
-                self.f.write(chunk)
-                received += len(chunk)
-                if self.progress:
-                    self.progress(offset + received, total)
-        except (TimeoutError, http.client.HTTPException, OSError) as exc:
-            raise _Transient(
-                f"connection dropped after {offset + received} bytes: {_describe(exc)}"
-            ) from None
+        while True:
+            try:
+                chunk = response.read(self.chunk_size)
+            except (TimeoutError, http.client.HTTPException, OSError) as exc:
+                raise _Transient(
+                    f"connection dropped after {offset + received} bytes: {_describe(exc)}"
+                ) from None
+            if not chunk:
+                break
+            if total is not None and offset + received + len(chunk) > total:
+                self._truncate()  # what this server sent is not the file: keep none of it
+                raise DownloadError(
+                    f"size mismatch: the server sent more than the {total} bytes expected "
+                    f"for {self.url}"
+                )
+            self._write(chunk)  # an OSError here is the disk's, not the connection's
+            received += len(chunk)
+            if self.progress:
+                self.progress(offset + received, total)
         if length is not None and received < length:
             raise _Transient(
                 f"connection closed after {offset + received} of {offset + length} bytes"
@@ -366,6 +518,56 @@ class _Transfer:
         if total is not None and offset + received < total:
             raise _Transient(f"connection closed after {offset + received} of {total} bytes")
         return True
+
+    def _write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            written = self.f.write(view)
+            if not written:  # None (not for a file) or 0: no progress is a full disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[written:]
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows at most `MAX_REDIRECTS` redirects, and only to http(s) URLs (urllib's own
+    handler also follows ftp://, and its limit is 10)."""
+
+    max_redirections = MAX_REDIRECTS
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if not _is_http_url(newurl):
+            raise DownloadError(_not_http_redirect(req.full_url, newurl))
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _phrase(reason: object) -> str:
+    """A server's reason phrase, made safe for logs and `ctl status` (the server may be a
+    peer's choice: its text could hold terminal escapes)."""
+    text = str(reason)[:80]
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        split = urlsplit(url)
+    except ValueError:
+        return False
+    return split.scheme.lower() in ("http", "https") and bool(split.hostname)
+
+
+def _not_http_redirect(url: str, location: str) -> str:
+    return (
+        f"cannot download {url}: the server redirects to {location[:200]!r}, which is not "
+        "an http(s) URL"
+    )
 
 
 def _check_disk_space(part: Path, needed: int) -> None:

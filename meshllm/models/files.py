@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import gguf
 
@@ -470,8 +470,21 @@ def resolve_model(
     raise ModelNotFound(message)
 
 
+def is_safe_file_name(name: str) -> bool:
+    """True for a file name that stays inside the directory it is joined to: a URL's last
+    segment, unquoted, may hold `/` (from %2F), `..` or a NUL."""
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\\0")
+        and name.isprintable()
+    )
+
+
 def _hf_model(repo: str, file: str, directory: Path, *, source: str, url: str) -> ResolvedModel:
     file_name = PurePosixPath(file).name
+    if not is_safe_file_name(file_name):
+        raise ModelNotFound(f"{file!r} is not a file name that is safe in the models directory")
     entry = next((e for e in CATALOG if e.repo == repo and e.file == file), None)
     return ResolvedModel(
         name=_model_name(file_name),
@@ -507,8 +520,11 @@ def _from_url(ref: str, directory: Path) -> ResolvedModel:
     split = urlsplit(ref)
     segments = [unquote(s) for s in split.path.split("/") if s]
     file_name = segments[-1] if segments else ""
-    if not file_name.lower().endswith(".gguf") or file_name in (".gguf", "..", "."):
-        raise ModelNotFound(f"model URL {ref!r} does not end in a .gguf file name")
+    if not file_name.lower().endswith(".gguf") or not is_safe_file_name(file_name):
+        raise ModelNotFound(
+            f"model URL {ref!r} does not end in a .gguf file name that is safe to create in "
+            "the models directory (no path separators, no leading dot)"
+        )
     host = (split.hostname or "").lower()
     # https://huggingface.co/{owner}/{repo}/{resolve|blob}/{revision}/{path...}
     if host == "huggingface.co" and len(segments) >= 5 and segments[2] in ("resolve", "blob"):
@@ -518,8 +534,26 @@ def _from_url(ref: str, directory: Path) -> ResolvedModel:
             repo_id, file, directory, source="huggingface", url=hf_url(repo_id, file, revision)
         )
     return ResolvedModel(
-        name=_model_name(file_name), path=directory / file_name, source="url", url=ref
+        name=_model_name(file_name),
+        path=directory / file_name,
+        source="url",
+        url=urlunsplit(split._replace(fragment="")),
+        sha256=_fragment_sha256(ref, split.fragment),
     )
+
+
+def _fragment_sha256(ref: str, fragment: str) -> str | None:
+    """The digest a `--model URL#sha256=HEX` carries: the download is checked against it and
+    the node announces it, so that peers can fetch the model too (they need size and digest).
+    """
+    if not fragment:
+        return None
+    key, _, value = fragment.partition("=")
+    if key.lower() != "sha256" or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ModelNotFound(
+            f"model URL {ref!r}: the only fragment understood is #sha256= and 64 hex digits"
+        )
+    return value.lower()
 
 
 # --- meshllm models list / download ----------------------------------------------------------

@@ -185,7 +185,8 @@ class UpOptions:
 
 
 class ModelSpec(msgspec.Struct, frozen=True):
-    """A model this node was asked for with `--model`."""
+    """A model this node can serve: asked for with `--model`, found on disk, from the
+    catalog, or proposed by a peer (`actors.elector.model_sources`)."""
 
     name: str
     """Name clients use in the `model` field (the GGUF file's stem)."""
@@ -196,6 +197,8 @@ class ModelSpec(msgspec.Struct, frozen=True):
     size: int = 0
     """Size in bytes when known (0: unknown)."""
     sha256: str = ""
+    """SHA-256 (lowercase hex) the download is checked against; empty: unknown. A model
+    peers propose is only ever downloaded with one (see `meshllm.models.catalog`)."""
     target: str = ""
     """Where the file is, or will be once downloaded."""
 
