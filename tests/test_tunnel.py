@@ -50,6 +50,7 @@ from meshllm.runtime.messages import (
 from meshllm.tunnel.client import TunnelClient
 from meshllm.tunnel.core import (
     LAST_CHUNK,
+    PeerQuota,
     host_of,
     peers_to_drop,
     response_head,
@@ -58,12 +59,17 @@ from meshllm.tunnel.core import (
 )
 from meshllm.tunnel.core import chunk as encode_chunk
 from meshllm.tunnel.hop import (
+    FORWARDED_PATHS,
+    MAX_BODY_BYTES,
     MAX_FRAME_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
     FrameError,
     TunnelRequest,
     TunnelRoute,
     decode_request,
     encode_request,
+    forwarded,
     remote_via_tunnel,
     upstream_headers,
 )
@@ -117,7 +123,9 @@ def test_request_frame_round_trip() -> None:
     assert decode_request(frame()) == req
     # a newer Tunnel's extra field is ignored; a missing optional one defaults
     assert decode_request(frame(priority=3)) == req
-    payload = msgspec.msgpack.encode({"node": "n", "model": "m", "method": "GET", "path": "/"})
+    payload = msgspec.msgpack.encode(
+        {"node": "n", "model": "m", "method": "POST", "path": "/v1/embeddings"}
+    )
     assert decode_request(payload).body_length == 0
 
 
@@ -148,6 +156,64 @@ HEADERS_T = ((b"content-type", b"application/json"),)
 def test_malformed_request_frame_is_refused(payload: bytes) -> None:
     with pytest.raises(FrameError):
         decode_request(payload)
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "code"),
+    [
+        ({"method": "GET", "path": "/props"}, 403, "not_forwarded"),
+        ({"path": "/slots/0?action=save"}, 403, "not_forwarded"),
+        ({"path": "/v1/chat/completions?x=1"}, 403, "not_forwarded"),
+        ({"path": "/v1/chat/completions/"}, 403, "not_forwarded"),
+        ({"path": "/lora-adapters"}, 403, "not_forwarded"),
+        ({"method": "DELETE"}, 403, "not_forwarded"),
+        ({"method": "GET"}, 403, "not_forwarded"),
+        ({"body_length": MAX_BODY_BYTES + 1}, 413, "body_too_large"),
+        ({"headers": [[b"x-%d" % i, b"v"] for i in range(MAX_HEADERS + 1)]}, 431, None),
+        ({"headers": [[b"x-big", b"v" * (MAX_HEADER_BYTES + 1)]]}, 431, None),
+    ],
+)
+def test_what_the_proxy_would_not_forward_is_refused(
+    fields: dict[str, Any], status: int, code: str | None
+) -> None:
+    with pytest.raises(FrameError) as caught:
+        decode_request(frame(**fields))
+    assert caught.value.status == status
+    assert caught.value.code == (code or "headers_too_large")
+
+
+def test_allowlist_and_limits_accept_what_the_proxy_forwards() -> None:
+    for path in FORWARDED_PATHS:
+        assert forwarded("POST", path) and not forwarded("GET", path)
+        assert decode_request(frame(path=path)).path == path
+    assert decode_request(frame(body_length=MAX_BODY_BYTES)).body_length == MAX_BODY_BYTES
+    many = [[b"x-%d" % i, b"v"] for i in range(MAX_HEADERS)]
+    assert len(decode_request(frame(headers=many)).headers) == MAX_HEADERS
+    # the node's own limit replaces the default, both ways
+    assert decode_request(frame(body_length=100), max_body=100).body_length == 100
+    with pytest.raises(FrameError, match="limit of 99 bytes"):
+        decode_request(frame(body_length=100), max_body=99)
+    assert decode_request(frame(body_length=10**9), max_body=10**9).body_length == 10**9
+
+
+def test_peer_quota_counts_each_peer_alone() -> None:
+    quota = PeerQuota(streams=2, body_bytes=100)
+    assert quota.open("evil") and quota.open("evil")
+    assert not quota.open("evil")  # at its cap
+    assert quota.open("honest")  # another peer is not affected
+    quota.close("evil")
+    assert quota.open("evil") and not quota.open("evil")
+    for _ in range(3):
+        quota.close("evil")
+    quota.close("honest")
+    assert quota.streams == {}  # closing more than was opened never goes negative
+    assert quota.reserve("evil", 60) and not quota.reserve("evil", 41)
+    assert quota.reserve("evil", 40) and quota.reserve("evil", 0)
+    assert quota.reserve("honest", 100)
+    quota.free("evil", 100)
+    quota.free("honest", 100)
+    assert quota.body_bytes == {}
+    assert not quota.reserve("evil", 101)  # one body over the whole budget
 
 
 def test_oversized_request_frame_is_refused() -> None:
@@ -858,12 +924,14 @@ def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
                 pool = Pool("meshllm-tunnel", 0, unix_path=path)
                 route = TunnelRoute(pool, "remote", "demo")
                 resp = await within(
-                    WAIT_S, "the answer", route.request("POST", "/x", b"{}", HEADERS)
+                    WAIT_S, "the answer", route.request("POST", "/v1/completions", b"{}", HEADERS)
                 )
                 assert (resp.status, await resp.body()) == (200, b"from the host")
                 local.client.dial_timeout_s = 0.3
                 dead = TunnelRoute(pool, "dead", "demo")
-                resp = await within(WAIT_S, "the 503", dead.request("POST", "/x", b"{}", HEADERS))
+                resp = await within(
+                    WAIT_S, "the 503", dead.request("POST", "/v1/completions", b"{}", HEADERS)
+                )
                 assert resp.status == 503
                 pool.close()
                 await wait_for("a SuspectPeer", lambda: bool(prober.told))
