@@ -73,7 +73,7 @@ from meshllm.tunnel.hop import (
     remote_via_tunnel,
     upstream_headers,
 )
-from meshllm.tunnel.server import TunnelServer
+from meshllm.tunnel.server import TunnelServer, guard_control
 from tests.test_proxy_app import CHAT, call
 from tests.test_upstream import FakeServer, Request, Responder, chunk, ok, response
 
@@ -339,10 +339,12 @@ async def mesh(
     tmp_path: Path,
     respond: Responder,
     model: str = "demo",
+    server_kwargs: dict[str, Any] | None = None,
     **client_kwargs: Any,
 ) -> AsyncIterator[Mesh]:
     async with FakeServer(respond) as llama:
-        server = TunnelServer(LocalServerState(model=model, state="ready", port=llama.port))
+        ready = LocalServerState(model=model, state="ready", port=llama.port)
+        server = TunnelServer(ready, **(server_kwargs or {}))
         remote = MeshEndpoint(
             "remote", SECRET, load_or_create_key(None), _no_setup, server.handle_stream
         )
@@ -1043,5 +1045,134 @@ def test_a_hostile_host_cannot_answer_the_next_request(
                 honest = await within(WAIT_S, "the next request", m.request())
                 assert honest.status == 200
                 assert await within(WAIT_S, "its body", honest.body()) == b"fine"
+
+    run(main())
+
+
+# -- the host's rules, in-process (black-box: tests/test_tunnel_host.py) ------------------------
+
+
+async def _send(link: Link, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await link.open_stream()
+    writer.write(data)  # at once: aioquic takes a stream id only with its first write
+    return reader, writer
+
+
+def test_body_deadline_is_on_progress_not_on_the_whole_body(tmp_path: Path) -> None:
+    stall_s = 1.0
+    body = b'{"model": "demo", "pad": "' + b"x" * 20 + b'"}'
+
+    async def main() -> None:
+        kwargs = {"body_stall_s": stall_s}
+        async with mesh(tmp_path, closing(b"fine"), server_kwargs=kwargs) as m:
+            link = await m.local.dial("127.0.0.1", m.tunnel_port)
+            head = wire.encode_frame(wire.TunnelOpen("demo")) + with_length(
+                frame(body_length=len(body))
+            )
+            # A byte every stall_s / 20: the body takes longer than stall_s, yet arrives.
+            reader, writer = await _send(link, head)
+            for byte in body:
+                writer.write(bytes([byte]))
+                await asyncio.sleep(stall_s / 20)
+            writer.write_eof()
+            raw = await within(WAIT_S, "the answer", reader.read(-1))
+            assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"fine")
+            assert m.llama.requests[0].body == body
+            release_stream(reader, writer)
+            # Stalled: a 408 once stall_s passed without a byte.
+            reader, writer = await _send(link, head + body[:5])
+            raw = await within(WAIT_S + stall_s, "the 408", reader.read(-1))
+            status, error, _ = error_of(raw)
+            assert (status, error["code"]) == (408, "request_timeout")
+            release_stream(reader, writer)
+            assert len(m.llama.requests) == 1
+            await wait_for("quota released", lambda: not m.server.quota.streams)
+            assert m.server.quota.body_bytes == {}
+            link.close()
+
+    run(main())
+
+
+def test_streams_over_a_peers_cap_get_429_and_others_go_on(tmp_path: Path) -> None:
+    async def main() -> None:
+        kwargs = {"max_streams_per_peer": 2}
+        async with mesh(tmp_path, closing(b"fine"), server_kwargs=kwargs) as m:
+            evil = MeshEndpoint("evil", SECRET, load_or_create_key(None), _no_setup)
+            try:
+                link = await evil.dial("127.0.0.1", m.tunnel_port)
+                opening = wire.encode_frame(wire.TunnelOpen("demo"))
+                held = [await _send(link, opening) for _ in range(2)]
+                over = [await _send(link, opening) for _ in range(2)]
+                for reader, writer in over:
+                    raw = await within(WAIT_S, "the 429", reader.read(-1))
+                    status, error, headers = error_of(raw)
+                    assert (status, error["code"]) == (429, "too_many_streams")
+                    assert headers[b"retry-after"] == b"2"
+                    release_stream(reader, writer)
+                assert m.server.quota.streams == {"evil": 2}
+                # another peer is not affected
+                resp = await within(WAIT_S, "the honest answer", m.request())
+                assert resp.status == 200 and await resp.body() == b"fine"
+                # a held stream that ends frees its place
+                reader, writer = held.pop()
+                release_stream(reader, writer, abort=True)
+                await wait_for("a freed place", lambda: m.server.quota.streams == {"evil": 1})
+                reader, writer = await _send(link, opening + with_length(frame(body_length=0)))
+                writer.write_eof()
+                raw = await within(WAIT_S, "the answer", reader.read(-1))
+                assert raw.startswith(b"HTTP/1.1 200"), raw
+                release_stream(reader, writer)
+                link.close()
+                await wait_for("the quota emptied", lambda: not m.server.quota.streams)
+            finally:
+                evil.close()
+
+    run(main())
+
+
+def test_body_over_the_requesting_nodes_limit_is_413_there(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"never"), max_body_bytes=100) as m:
+            resp = await within(WAIT_S, "the 413", m.request(b"{" + b" " * 100 + b"}"))
+            assert resp.status == 413
+            assert json.loads(await resp.body())["error"]["code"] == "body_too_large"
+            assert m.llama.requests == [] and not m.client.links
+
+    run(main())
+
+
+def test_data_on_the_control_stream_closes_the_link_both_ways(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"fine")) as m:
+            # The host's side: guard_control runs for every incoming link.
+            m.remote.on_link = guard_control
+            link = await m.local.dial("127.0.0.1", m.tunnel_port)
+            link.writer.write(b"x" * 100_000)
+            await within(WAIT_S, "the link to close", link.closed.wait())
+            assert m.remote.counters.malformed_frames == 1
+
+            # The requesting side: a host that writes on the control stream of the
+            # link the client dialed loses it.
+            async def chatty(link: Link) -> None:
+                link.writer.write(b"x" * 100_000)
+
+            evil = MeshEndpoint("evil", SECRET, load_or_create_key(None), chatty)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            await evil.listen(udp)
+            try:
+                port = udp.getsockname()[1]
+                m.client.set_view(
+                    MeshView("local", (peer("remote", m.tunnel_port), peer("evil", port)))
+                )
+                dialed = await within(
+                    WAIT_S, "the dial", m.client._link("evil", ("127.0.0.1", port))
+                )
+                await within(WAIT_S, "the link to close", dialed.closed.wait())
+                # the honest host is still served
+                resp = await within(WAIT_S, "the answer", m.request())
+                assert resp.status == 200 and await resp.body() == b"fine"
+            finally:
+                evil.close()
 
     run(main())
