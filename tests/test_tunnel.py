@@ -1147,14 +1147,14 @@ def test_data_on_the_control_stream_closes_the_link_both_ways(tmp_path: Path) ->
             # The host's side: guard_control runs for every incoming link.
             m.remote.on_link = guard_control
             link = await m.local.dial("127.0.0.1", m.tunnel_port)
-            link.writer.write(b"x" * 100_000)
+            link.writer.write(b"x" * 10_000)
             await within(WAIT_S, "the link to close", link.closed.wait())
             assert m.remote.counters.malformed_frames == 1
 
             # The requesting side: a host that writes on the control stream of the
             # link the client dialed loses it.
             async def chatty(link: Link) -> None:
-                link.writer.write(b"x" * 100_000)
+                link.writer.write(b"x" * 10_000)
 
             evil = MeshEndpoint("evil", SECRET, load_or_create_key(None), chatty)
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
