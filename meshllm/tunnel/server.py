@@ -237,9 +237,12 @@ class TunnelServer:
         why: str,
         code: str = "bad_request",
     ) -> None:
-        """A request that broke a rule: answered with an error, nothing forwarded."""
+        """A request that broke a rule: answered with an error, nothing forwarded.
+
+        Logged at debug level only: the error goes back to the member's node, and a
+        member sending bad requests by the thousand must not fill this node's log."""
         self.refused += 1
-        log.info("refused a tunnelled request from %s: %s", link.peer_id, why)
+        log.debug("refused a tunnelled request from %s: %s", link.peer_id, why)
         _answer(reader, writer, error_response(status, why, code))
 
     async def _forward(
