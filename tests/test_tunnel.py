@@ -196,6 +196,13 @@ def test_allowlist_and_limits_accept_what_the_proxy_forwards() -> None:
     assert decode_request(frame(body_length=10**9), max_body=10**9).body_length == 10**9
 
 
+def test_the_tunnel_allows_exactly_what_the_proxy_forwards() -> None:
+    # One definition for both (the Proxy imports it); until then, no drift.
+    from meshllm.http import proxy
+
+    assert proxy._FORWARDED == FORWARDED_PATHS
+
+
 def test_peer_quota_counts_each_peer_alone() -> None:
     quota = PeerQuota(streams=2, body_bytes=100)
     assert quota.open("evil") and quota.open("evil")
