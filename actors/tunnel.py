@@ -15,11 +15,11 @@ import os
 import socket
 
 from meshllm.mesh.identity import load_or_create_key
-from meshllm.mesh.quic import Link, MeshEndpoint
+from meshllm.mesh.quic import MeshEndpoint
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.tunnel.client import TunnelClient
-from meshllm.tunnel.server import TunnelServer
+from meshllm.tunnel.server import TunnelServer, guard_control
 
 
 class Tunnel(Actor):
@@ -30,15 +30,18 @@ class Tunnel(Actor):
 
     async def on_start(self) -> None:
         # Everything on_topic touches exists before the first await.
-        self.server = TunnelServer()
+        max_body = self.config.options.max_body_bytes
+        self.server = TunnelServer(max_body_bytes=max_body)
         self.endpoint = MeshEndpoint(
             self.config.node_id,
             self.config.mesh_secret,
             load_or_create_key(None),
-            on_link=_accept_link,
+            # Incoming links need no setup (their streams go to `handle_stream`), but
+            # their control stream must not buffer what a member sends there.
+            on_link=guard_control,
             stream_handler=self.server.handle_stream,
         )
-        self.client = TunnelClient(self.endpoint, suspect=self._suspect)
+        self.client = TunnelClient(self.endpoint, suspect=self._suspect, max_body_bytes=max_body)
         sock: socket.socket | None = self.resources.get("socket")
         if sock is not None:
             await self.endpoint.listen(sock)
@@ -64,7 +67,3 @@ class Tunnel(Actor):
         self.endpoint.close()
         with contextlib.suppress(OSError):
             os.unlink(self.config.tunnel_http_path)
-
-
-async def _accept_link(link: Link) -> None:
-    """Incoming links need no setup: their streams go to `TunnelServer.handle_stream`."""

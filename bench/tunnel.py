@@ -42,6 +42,7 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import ssl
@@ -86,6 +87,7 @@ LOOPS = ("uvloop", "asyncio")
 TARGET_LOOP = "uvloop"
 TARGET_RATIO = 0.8
 MODEL = "bulk"
+_CONTENT_LENGTH = re.compile(rb"(?im)^content-length: *(\d+)")
 MB = 1_000_000
 WARM_BYTES = 4096
 PROBE_BYTES = 64_000
@@ -141,10 +143,12 @@ async def _send_body(writer: asyncio.StreamWriter, size: int, chunk: bytes, drai
 async def upstream_handler(
     chunk: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
-    """`GET /bulk/SIZE` -> SIZE bytes with a Content-Length, then close."""
+    """A request whose body is SIZE in decimal -> SIZE bytes with a Content-Length, then
+    close. (A completion endpoint's path: the tunnel carries only what the Proxy forwards.)"""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
-        size = int(head.split(b" ", 2)[1].rsplit(b"/", 1)[1])
+        length = _CONTENT_LENGTH.search(head)
+        size = int(await reader.readexactly(int(length[1]) if length else 0))
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n" % size
@@ -343,7 +347,8 @@ async def fetch_tunnel(rig: Rig, size: int) -> tuple[int, float]:
     pool = Pool("meshllm-tunnel", 0, unix_path=rig.unix_path)
     try:
         t0 = time.perf_counter()
-        resp = await TunnelRoute(pool, "remote", MODEL).request("GET", f"/bulk/{size}")
+        route = TunnelRoute(pool, "remote", MODEL)
+        resp = await route.request("POST", "/v1/completions", str(size).encode())
         if resp.status != 200:
             raise RuntimeError(f"tunnel answered {resp.status}: {(await resp.body())[:200]!r}")
         got = 0

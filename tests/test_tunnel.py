@@ -50,6 +50,7 @@ from meshllm.runtime.messages import (
 from meshllm.tunnel.client import TunnelClient
 from meshllm.tunnel.core import (
     LAST_CHUNK,
+    PeerQuota,
     host_of,
     peers_to_drop,
     response_head,
@@ -58,16 +59,21 @@ from meshllm.tunnel.core import (
 )
 from meshllm.tunnel.core import chunk as encode_chunk
 from meshllm.tunnel.hop import (
+    FORWARDED_PATHS,
+    MAX_BODY_BYTES,
     MAX_FRAME_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
     FrameError,
     TunnelRequest,
     TunnelRoute,
     decode_request,
     encode_request,
+    forwarded,
     remote_via_tunnel,
     upstream_headers,
 )
-from meshllm.tunnel.server import TunnelServer
+from meshllm.tunnel.server import TunnelServer, guard_control
 from tests.test_proxy_app import CHAT, call
 from tests.test_upstream import FakeServer, Request, Responder, chunk, ok, response
 
@@ -117,7 +123,9 @@ def test_request_frame_round_trip() -> None:
     assert decode_request(frame()) == req
     # a newer Tunnel's extra field is ignored; a missing optional one defaults
     assert decode_request(frame(priority=3)) == req
-    payload = msgspec.msgpack.encode({"node": "n", "model": "m", "method": "GET", "path": "/"})
+    payload = msgspec.msgpack.encode(
+        {"node": "n", "model": "m", "method": "POST", "path": "/v1/embeddings"}
+    )
     assert decode_request(payload).body_length == 0
 
 
@@ -148,6 +156,71 @@ HEADERS_T = ((b"content-type", b"application/json"),)
 def test_malformed_request_frame_is_refused(payload: bytes) -> None:
     with pytest.raises(FrameError):
         decode_request(payload)
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "code"),
+    [
+        ({"method": "GET", "path": "/props"}, 403, "not_forwarded"),
+        ({"path": "/slots/0?action=save"}, 403, "not_forwarded"),
+        ({"path": "/v1/chat/completions?x=1"}, 403, "not_forwarded"),
+        ({"path": "/v1/chat/completions/"}, 403, "not_forwarded"),
+        ({"path": "/lora-adapters"}, 403, "not_forwarded"),
+        ({"method": "DELETE"}, 403, "not_forwarded"),
+        ({"method": "GET"}, 403, "not_forwarded"),
+        ({"body_length": MAX_BODY_BYTES + 1}, 413, "body_too_large"),
+        ({"headers": [[b"x-%d" % i, b"v"] for i in range(MAX_HEADERS + 1)]}, 431, None),
+        ({"headers": [[b"x-big", b"v" * (MAX_HEADER_BYTES + 1)]]}, 431, None),
+    ],
+)
+def test_what_the_proxy_would_not_forward_is_refused(
+    fields: dict[str, Any], status: int, code: str | None
+) -> None:
+    with pytest.raises(FrameError) as caught:
+        decode_request(frame(**fields))
+    assert caught.value.status == status
+    assert caught.value.code == (code or "headers_too_large")
+
+
+def test_allowlist_and_limits_accept_what_the_proxy_forwards() -> None:
+    for path in FORWARDED_PATHS:
+        assert forwarded("POST", path) and not forwarded("GET", path)
+        assert decode_request(frame(path=path)).path == path
+    assert decode_request(frame(body_length=MAX_BODY_BYTES)).body_length == MAX_BODY_BYTES
+    many = [[b"x-%d" % i, b"v"] for i in range(MAX_HEADERS)]
+    assert len(decode_request(frame(headers=many)).headers) == MAX_HEADERS
+    # the node's own limit replaces the default, both ways
+    assert decode_request(frame(body_length=100), max_body=100).body_length == 100
+    with pytest.raises(FrameError, match="limit of 99 bytes"):
+        decode_request(frame(body_length=100), max_body=99)
+    assert decode_request(frame(body_length=10**9), max_body=10**9).body_length == 10**9
+
+
+def test_the_tunnel_allows_exactly_what_the_proxy_forwards() -> None:
+    # One definition for both (the Proxy imports it); until then, no drift.
+    from meshllm.http import proxy
+
+    assert proxy._FORWARDED == FORWARDED_PATHS
+
+
+def test_peer_quota_counts_each_peer_alone() -> None:
+    quota = PeerQuota(streams=2, body_bytes=100)
+    assert quota.open("evil") and quota.open("evil")
+    assert not quota.open("evil")  # at its cap
+    assert quota.open("honest")  # another peer is not affected
+    quota.close("evil")
+    assert quota.open("evil") and not quota.open("evil")
+    for _ in range(3):
+        quota.close("evil")
+    quota.close("honest")
+    assert quota.streams == {}  # closing more than was opened never goes negative
+    assert quota.reserve("evil", 60) and not quota.reserve("evil", 41)
+    assert quota.reserve("evil", 40) and quota.reserve("evil", 0)
+    assert quota.reserve("honest", 100)
+    quota.free("evil", 100)
+    quota.free("honest", 100)
+    assert quota.body_bytes == {}
+    assert not quota.reserve("evil", 101)  # one body over the whole budget
 
 
 def test_oversized_request_frame_is_refused() -> None:
@@ -273,10 +346,12 @@ async def mesh(
     tmp_path: Path,
     respond: Responder,
     model: str = "demo",
+    server_kwargs: dict[str, Any] | None = None,
     **client_kwargs: Any,
 ) -> AsyncIterator[Mesh]:
     async with FakeServer(respond) as llama:
-        server = TunnelServer(LocalServerState(model=model, state="ready", port=llama.port))
+        ready = LocalServerState(model=model, state="ready", port=llama.port)
+        server = TunnelServer(ready, **(server_kwargs or {}))
         remote = MeshEndpoint(
             "remote", SECRET, load_or_create_key(None), _no_setup, server.handle_stream
         )
@@ -858,12 +933,14 @@ def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
                 pool = Pool("meshllm-tunnel", 0, unix_path=path)
                 route = TunnelRoute(pool, "remote", "demo")
                 resp = await within(
-                    WAIT_S, "the answer", route.request("POST", "/x", b"{}", HEADERS)
+                    WAIT_S, "the answer", route.request("POST", "/v1/completions", b"{}", HEADERS)
                 )
                 assert (resp.status, await resp.body()) == (200, b"from the host")
                 local.client.dial_timeout_s = 0.3
                 dead = TunnelRoute(pool, "dead", "demo")
-                resp = await within(WAIT_S, "the 503", dead.request("POST", "/x", b"{}", HEADERS))
+                resp = await within(
+                    WAIT_S, "the 503", dead.request("POST", "/v1/completions", b"{}", HEADERS)
+                )
                 assert resp.status == 503
                 pool.close()
                 await wait_for("a SuspectPeer", lambda: bool(prober.told))
@@ -975,5 +1052,134 @@ def test_a_hostile_host_cannot_answer_the_next_request(
                 honest = await within(WAIT_S, "the next request", m.request())
                 assert honest.status == 200
                 assert await within(WAIT_S, "its body", honest.body()) == b"fine"
+
+    run(main())
+
+
+# -- the host's rules, in-process (black-box: tests/test_tunnel_host.py) ------------------------
+
+
+async def _send(link: Link, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await link.open_stream()
+    writer.write(data)  # at once: aioquic takes a stream id only with its first write
+    return reader, writer
+
+
+def test_body_deadline_is_on_progress_not_on_the_whole_body(tmp_path: Path) -> None:
+    stall_s = 1.0
+    body = b'{"model": "demo", "pad": "' + b"x" * 20 + b'"}'
+
+    async def main() -> None:
+        kwargs = {"body_stall_s": stall_s}
+        async with mesh(tmp_path, closing(b"fine"), server_kwargs=kwargs) as m:
+            link = await m.local.dial("127.0.0.1", m.tunnel_port)
+            head = wire.encode_frame(wire.TunnelOpen("demo")) + with_length(
+                frame(body_length=len(body))
+            )
+            # A byte every stall_s / 20: the body takes longer than stall_s, yet arrives.
+            reader, writer = await _send(link, head)
+            for byte in body:
+                writer.write(bytes([byte]))
+                await asyncio.sleep(stall_s / 20)
+            writer.write_eof()
+            raw = await within(WAIT_S, "the answer", reader.read(-1))
+            assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"fine")
+            assert m.llama.requests[0].body == body
+            release_stream(reader, writer)
+            # Stalled: a 408 once stall_s passed without a byte.
+            reader, writer = await _send(link, head + body[:5])
+            raw = await within(WAIT_S + stall_s, "the 408", reader.read(-1))
+            status, error, _ = error_of(raw)
+            assert (status, error["code"]) == (408, "request_timeout")
+            release_stream(reader, writer)
+            assert len(m.llama.requests) == 1
+            await wait_for("quota released", lambda: not m.server.quota.streams)
+            assert m.server.quota.body_bytes == {}
+            link.close()
+
+    run(main())
+
+
+def test_streams_over_a_peers_cap_get_429_and_others_go_on(tmp_path: Path) -> None:
+    async def main() -> None:
+        kwargs = {"max_streams_per_peer": 2}
+        async with mesh(tmp_path, closing(b"fine"), server_kwargs=kwargs) as m:
+            evil = MeshEndpoint("evil", SECRET, load_or_create_key(None), _no_setup)
+            try:
+                link = await evil.dial("127.0.0.1", m.tunnel_port)
+                opening = wire.encode_frame(wire.TunnelOpen("demo"))
+                held = [await _send(link, opening) for _ in range(2)]
+                over = [await _send(link, opening) for _ in range(2)]
+                for reader, writer in over:
+                    raw = await within(WAIT_S, "the 429", reader.read(-1))
+                    status, error, headers = error_of(raw)
+                    assert (status, error["code"]) == (429, "too_many_streams")
+                    assert headers[b"retry-after"] == b"2"
+                    release_stream(reader, writer)
+                assert m.server.quota.streams == {"evil": 2}
+                # another peer is not affected
+                resp = await within(WAIT_S, "the honest answer", m.request())
+                assert resp.status == 200 and await resp.body() == b"fine"
+                # a held stream that ends frees its place
+                reader, writer = held.pop()
+                release_stream(reader, writer, abort=True)
+                await wait_for("a freed place", lambda: m.server.quota.streams == {"evil": 1})
+                reader, writer = await _send(link, opening + with_length(frame(body_length=0)))
+                writer.write_eof()
+                raw = await within(WAIT_S, "the answer", reader.read(-1))
+                assert raw.startswith(b"HTTP/1.1 200"), raw
+                release_stream(reader, writer)
+                link.close()
+                await wait_for("the quota emptied", lambda: not m.server.quota.streams)
+            finally:
+                evil.close()
+
+    run(main())
+
+
+def test_body_over_the_requesting_nodes_limit_is_413_there(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"never"), max_body_bytes=100) as m:
+            resp = await within(WAIT_S, "the 413", m.request(b"{" + b" " * 100 + b"}"))
+            assert resp.status == 413
+            assert json.loads(await resp.body())["error"]["code"] == "body_too_large"
+            assert m.llama.requests == [] and not m.client.links
+
+    run(main())
+
+
+def test_data_on_the_control_stream_closes_the_link_both_ways(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mesh(tmp_path, closing(b"fine")) as m:
+            # The host's side: guard_control runs for every incoming link.
+            m.remote.on_link = guard_control
+            link = await m.local.dial("127.0.0.1", m.tunnel_port)
+            link.writer.write(b"x" * 10_000)
+            await within(WAIT_S, "the link to close", link.closed.wait())
+            assert m.remote.counters.malformed_frames == 1
+
+            # The requesting side: a host that writes on the control stream of the
+            # link the client dialed loses it.
+            async def chatty(link: Link) -> None:
+                link.writer.write(b"x" * 10_000)
+
+            evil = MeshEndpoint("evil", SECRET, load_or_create_key(None), chatty)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            await evil.listen(udp)
+            try:
+                port = udp.getsockname()[1]
+                m.client.set_view(
+                    MeshView("local", (peer("remote", m.tunnel_port), peer("evil", port)))
+                )
+                dialed = await within(
+                    WAIT_S, "the dial", m.client._link("evil", ("127.0.0.1", port))
+                )
+                await within(WAIT_S, "the link to close", dialed.closed.wait())
+                # the honest host is still served
+                resp = await within(WAIT_S, "the answer", m.request())
+                assert resp.status == 200 and await resp.body() == b"fine"
+            finally:
+                evil.close()
 
     run(main())

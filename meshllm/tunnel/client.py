@@ -34,11 +34,13 @@ from meshllm.runtime import messages as m
 from meshllm.tunnel.core import Address, peers_to_drop, tunnel_addresses
 from meshllm.tunnel.hop import (
     LENGTH_BYTES,
+    MAX_BODY_BYTES,
     FrameError,
     TunnelRequest,
     decode_request,
     frame_length,
 )
+from meshllm.tunnel.server import guard_control
 
 log = logging.getLogger("meshllm.tunnel")
 
@@ -127,24 +129,25 @@ class ProxyConnection(asyncio.Protocol):
                     return
                 self.frame = bytes(buf[:end])
                 del buf[:end]
-                self.request = decode_request(self.frame[LENGTH_BYTES:])
+                self.request = decode_request(self.frame[LENGTH_BYTES:], self.client.max_body_bytes)
             length = self.request.body_length
             if len(buf) < length:
                 return
             if len(buf) > length:
                 raise FrameError("bytes after the request body (one request at a time)")
         except FrameError as exc:
-            self.refuse(str(exc))
+            self.refuse(exc)
             return
         request, data = self.request, self.frame + buf
         self.request, self.frame = None, b""
         buf.clear()
         self.exchange = self.client.start(request, data, self)
 
-    def refuse(self, why: str) -> None:
-        """Answer 400 and close: after a bad frame the byte stream cannot be trusted."""
-        log.warning("bad request from the Proxy: %s", why)
-        self.write(error_response(400, why, "bad_request", close=True))
+    def refuse(self, exc: FrameError) -> None:
+        """Answer the frame's error and close: after a bad frame the byte stream cannot
+        be trusted."""
+        log.warning("bad request from the Proxy: %s", exc)
+        self.write(error_response(exc.status, str(exc), exc.code, close=True))
         self.close()
 
     def finished(self, reusable: bool) -> None:
@@ -199,8 +202,11 @@ class TunnelClient:
         unknown_peer_wait_s: float = UNKNOWN_PEER_WAIT_S,
         dial_timeout_s: float = DIAL_TIMEOUT_S,
         keepalive_s: float = KEEPALIVE_S,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.endpoint = endpoint
+        self.max_body_bytes = max_body_bytes
+        """The node's Proxy limit: a frame announcing more is refused (413)."""
         self.suspect = suspect
         self.unknown_peer_wait_s = unknown_peer_wait_s
         self.dial_timeout_s = dial_timeout_s
@@ -277,6 +283,7 @@ class TunnelClient:
             raise AdmissionError(f"{addr[0]}:{addr[1]} is node {link.peer_id}, not {node_id}")
         self.links[node_id] = link
         self._spawn(self._keep(node_id, link))
+        self._spawn(guard_control(link))
         return link
 
     async def _keep(self, node_id: str, link: Link) -> None:

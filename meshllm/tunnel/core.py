@@ -83,3 +83,53 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+class PeerQuota:
+    """What each peer may hold on this host at once: streams, and body bytes being read.
+
+    A member's Tunnel may open as many QUIC streams as it likes, and each holds
+    a task here, a buffered body and, once forwarded, a llama-server connection
+    (one of its HTTP threads). Counted per peer, one hostile member runs into
+    its own cap while every other peer's requests go on as before.
+    """
+
+    def __init__(self, streams: int, body_bytes: int) -> None:
+        self.max_streams = streams
+        self.max_body_bytes = body_bytes
+        self.streams: dict[str, int] = {}
+        self.body_bytes: dict[str, int] = {}
+
+    def open(self, peer: str) -> bool:
+        """Count a new stream of `peer`; False (nothing counted) when at its cap."""
+        held = self.streams.get(peer, 0)
+        if held >= self.max_streams:
+            return False
+        self.streams[peer] = held + 1
+        return True
+
+    def close(self, peer: str) -> None:
+        """A stream `open` counted has ended."""
+        held = self.streams.get(peer, 0) - 1
+        if held > 0:
+            self.streams[peer] = held
+        else:
+            self.streams.pop(peer, None)
+
+    def reserve(self, peer: str, size: int) -> bool:
+        """Count `size` body bytes `peer` is about to send; False (nothing counted) when
+        they would take it over its cap."""
+        held = self.body_bytes.get(peer, 0)
+        if size and held + size > self.max_body_bytes:
+            return False
+        if size:
+            self.body_bytes[peer] = held + size
+        return True
+
+    def free(self, peer: str, size: int) -> None:
+        """Body bytes `reserve` counted are no longer held."""
+        held = self.body_bytes.get(peer, 0) - size
+        if held > 0:
+            self.body_bytes[peer] = held
+        else:
+            self.body_bytes.pop(peer, None)

@@ -6,7 +6,9 @@ by `body_length` body bytes; the Tunnel answers in plain HTTP/1.1, which the
 Proxy reads with the same client and parser as a local llama-server's answer.
 Connections stay open across requests, one request at a time, like
 keep-alive HTTP. The requesting Tunnel passes the frame on unchanged down
-the QUIC stream, so the host's Tunnel reads the very same frame.
+the QUIC stream, so the host's Tunnel reads the very same frame, and
+checks it (`decode_request`) against the same rules: only what the Proxy
+forwards (`FORWARDED_PATHS`), within its body limit and the header caps.
 """
 
 from __future__ import annotations
@@ -22,9 +24,20 @@ from meshllm.runtime.messages import RouteTarget
 LENGTH_BYTES = 4
 MAX_FRAME_BYTES = 64 * 1024
 """Largest frame (without the body): a request head is small."""
-MAX_BODY_BYTES = 256 * 1024 * 1024
-"""Only bounds what a broken frame can make a Tunnel buffer; the Proxy enforces
-the user's own body limit before anything reaches the hop."""
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""The Proxy's default body limit (`--max-body-mb`). A Tunnel applies its own
+node's limit (the actor passes it); this is what applies when none is given."""
+MAX_HEADERS = 32
+"""Headers in one frame: the Proxy sends one (`content-type`)."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Names and values of a frame's headers together."""
+
+FORWARDED_METHOD = "POST"
+FORWARDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+"""What the Proxy forwards to a llama-server (with `FORWARDED_METHOD`), and so all
+a Tunnel host passes to its own: defined once, here, for both. A member's
+Tunnel that asks for anything else (slots, LoRA adapters, props...) is refused
+before llama-server sees it."""
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TEXT = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
@@ -36,7 +49,22 @@ _DROPPED = frozenset(
 
 
 class FrameError(ValueError):
-    """A frame that cannot be forwarded (answered with a 400)."""
+    """A frame that cannot be forwarded, answered with `status` (and error `code`)."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def forwarded(method: str, path: str) -> bool:
+    """Whether the Proxy forwards `method path` (an exact path: no query string)."""
+    return method == FORWARDED_METHOD and path in FORWARDED_PATHS
+
+
+def body_too_large(limit: int) -> str:
+    """The Proxy's words for a body over its limit."""
+    return f"request body exceeds the limit of {limit} bytes"
 
 
 class TunnelRequest(msgspec.Struct, frozen=True):
@@ -76,8 +104,13 @@ def frame_length(prefix: bytes | bytearray) -> int:
     return size
 
 
-def decode_request(payload: bytes) -> TunnelRequest:
-    """A frame's payload, checked: whatever passes here is safe to write as an HTTP head."""
+def decode_request(payload: bytes, max_body: int = MAX_BODY_BYTES) -> TunnelRequest:
+    """A frame's payload, checked: whatever passes here is safe to forward to llama-server.
+
+    It must be well formed (safe to write as an HTTP head), within the header
+    caps, one of the requests the Proxy forwards (`forwarded`), and announce a
+    body of at most `max_body` bytes (its node's Proxy limit).
+    """
     try:
         request = _decoder.decode(payload)
     except msgspec.DecodeError as exc:
@@ -88,11 +121,30 @@ def decode_request(payload: bytes) -> TunnelRequest:
         raise FrameError(f"bad method {request.method[:40]!r}")
     if not _PATH.fullmatch(request.path):
         raise FrameError(f"bad path {request.path[:200]!r}")
+    if len(request.headers) > MAX_HEADERS:
+        raise FrameError(
+            f"{len(request.headers)} headers; at most {MAX_HEADERS}", 431, "headers_too_large"
+        )
+    size = 0
     for name, value in request.headers:
         if not _TOKEN.fullmatch(name) or not _TEXT.fullmatch(value):
             raise FrameError(f"bad header {name[:100]!r}")
-    if not 0 <= request.body_length <= MAX_BODY_BYTES:
+        size += len(name) + len(value)
+    if size > MAX_HEADER_BYTES:
+        raise FrameError(
+            f"headers of {size} bytes; at most {MAX_HEADER_BYTES}", 431, "headers_too_large"
+        )
+    if not forwarded(request.method, request.path):
+        raise FrameError(
+            f"{request.method} {request.path[:200]!r} is not forwarded: the tunnel carries "
+            f"only {FORWARDED_METHOD} to {', '.join(sorted(FORWARDED_PATHS))}",
+            403,
+            "not_forwarded",
+        )
+    if request.body_length < 0:
         raise FrameError(f"bad body length {request.body_length}")
+    if request.body_length > max_body:
+        raise FrameError(body_too_large(max_body), 413, "body_too_large")
     return request
 
 

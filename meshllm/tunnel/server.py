@@ -8,6 +8,15 @@ parser), and the response comes back down the stream as HTTP/1.1 that ends
 where the stream ends (see `meshllm.tunnel.core`). A peer that resets the
 stream or stops reading cancels the request, and closing the llama-server
 connection stops the generation there.
+
+A member is trusted with the mesh, not with this node's llama-server: a
+stream carries one request of the kinds the Proxy itself forwards
+(`hop.FORWARDED_PATHS`), with the node's body limit and the frame's header
+caps, its head in time and its body making progress; each peer holds at
+most `MAX_STREAMS_PER_PEER` streams and `BODY_BYTES_PER_PEER` body bytes at
+once. What breaks a rule is answered with the OpenAI-shaped error and ends
+the stream, and a member that sends data on a link's control stream, which
+nothing reads, loses the link (`guard_control`).
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ from meshllm.http.upstream import HOP_BY_HOP, Pool, Response, UpstreamError
 from meshllm.mesh import wire
 from meshllm.mesh.quic import Link, release_stream, stop_waiter, write_last
 from meshllm.runtime import messages as m
-from meshllm.tunnel.core import LAST_CHUNK, chunk, response_head, serving_port
+from meshllm.tunnel.core import LAST_CHUNK, PeerQuota, chunk, response_head, serving_port
 from meshllm.tunnel.hop import (
     LENGTH_BYTES,
+    MAX_BODY_BYTES,
     FrameError,
     TunnelRequest,
     decode_request,
@@ -34,20 +44,63 @@ from meshllm.tunnel.hop import (
 log = logging.getLogger("meshllm.tunnel")
 
 HEAD_TIMEOUT_S = 10.0
-"""How long a peer may take to send a stream's frames and body."""
+"""How long a peer may take to send a stream's frames (the head), from the stream's start."""
+BODY_STALL_S = 10.0
+"""How long a request body may go without a byte arriving (and its end, once whole).
+A deadline on progress, not on the whole body: a large body on a slow link is fine."""
+MAX_STREAMS_PER_PEER = 64
+"""Requests one peer may have in progress here at once. A llama-server answers a
+few at a time (its slots) and queues the rest, so an honest peer's queue fits
+well within this (the benchmark runs 32 concurrent requests), while a hostile
+member pins at most this many tasks and llama-server connections. Streams over
+it are answered 429 at once, unread."""
+BODY_BYTES_PER_PEER = 64 * 1024 * 1024
+"""Request body bytes one peer may have buffered here at once (at least one whole
+body of the node's limit): streams times the body limit would be gigabytes."""
+OPEN_FRAME_BYTES = 4096
+"""The `TunnelOpen` frame names a model: small."""
+READ_BYTES = 256 * 1024
 LOOPBACK = "127.0.0.1"
 POOL_MAX_IDLE = 4
 """Idle kept-alive llama-server connections (each pins one of its HTTP threads)."""
 
 
-class TunnelServer:
-    """Splices admitted tunnel streams to the local llama-server."""
+class RequestTimeout(Exception):
+    """The peer did not send its request in time (answered with a 408)."""
 
-    def __init__(self, local: m.LocalServerState | None = None) -> None:
+
+class TunnelServer:
+    """Splices admitted tunnel streams to the local llama-server.
+
+    A stream carries exactly what the Proxy itself would forward (see
+    `meshllm.tunnel.hop.decode_request`), one request per stream, sent in time;
+    each peer holds at most `max_streams_per_peer` streams at once. Whatever
+    breaks one of those rules is answered with an OpenAI-shaped error (or, when
+    the stream never said what it was, reset), and nothing of it reaches
+    llama-server.
+    """
+
+    def __init__(
+        self,
+        local: m.LocalServerState | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
+        body_stall_s: float = BODY_STALL_S,
+    ) -> None:
         self.local = local or m.LocalServerState()
         """This node's llama-server, as ServerSupervisor last published it."""
+        self.max_body_bytes = max_body_bytes
+        """This node's Proxy limit: a tunnelled body gets no more than a local one."""
+        self.head_timeout_s = head_timeout_s
+        self.body_stall_s = body_stall_s
+        self.quota = PeerQuota(max_streams_per_peer, max(BODY_BYTES_PER_PEER, max_body_bytes))
+        self.capped: set[str] = set()
+        """Peers at their stream cap now (each logged once per episode)."""
         self.dropped = 0
         """Streams dropped because their first frame was not a valid `TunnelOpen`."""
+        self.refused = 0
+        """Streams answered with an error because they broke a rule or a cap."""
         self.pool: Pool | None = None
         """Kept-alive connections to the llama-server on `self.pool.port`."""
 
@@ -62,40 +115,135 @@ class TunnelServer:
     async def handle_stream(
         self, link: Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """A `MeshEndpoint` stream handler: one tunnelled request."""
-        opening: wire.WireMessage | None = None
-        try:
-            async with asyncio.timeout(HEAD_TIMEOUT_S):
-                opening = await wire.read_frame(reader)
-                if isinstance(opening, wire.TunnelOpen):
-                    prefix = await reader.readexactly(LENGTH_BYTES)
-                    request = decode_request(await reader.readexactly(frame_length(prefix)))
-                    # Refused before its body is read: a wrong model is answered at once.
-                    port, why = serving_port(self.local, opening.model)
-                    if not port:
-                        _answer(reader, writer, error_response(503, why, "model_not_served", True))
-                        return
-                    body = await reader.readexactly(request.body_length)
-            why = f"first frame was {type(opening).__name__}"
-        except (
-            wire.WireError,
-            FrameError,
-            asyncio.IncompleteReadError,
-            ConnectionResetError,
-            TimeoutError,
-        ) as exc:
-            if isinstance(opening, wire.TunnelOpen):
-                msg = f"bad request in the tunnel stream: {exc}"
-                _answer(reader, writer, error_response(400, msg, "bad_request"))
-                return
-            opening, why = None, repr(exc)
-        if not isinstance(opening, wire.TunnelOpen):
-            self.dropped += 1
-            link.protocol.endpoint.counters.malformed_frames += 1
-            log.warning("dropped a tunnel stream from %s: %s", link.peer_id, why)
-            _answer(reader, writer, b"")  # closed both ways, nothing said
+        """A `MeshEndpoint` stream handler: one tunnelled request, within the peer's cap."""
+        peer = link.peer_id
+        if not self.quota.open(peer):
+            self.refused += 1
+            if peer not in self.capped:
+                self.capped.add(peer)
+                log.warning(
+                    "node %s holds %d tunnel streams, its cap: refusing more",
+                    peer,
+                    self.quota.max_streams,
+                )
+            msg = (
+                f"too many concurrent requests from node {peer} (at most {self.quota.max_streams})"
+            )
+            _answer(reader, writer, error_response(429, msg, "too_many_streams", True))
             return
-        await self._forward(self._pool(port), request, body, reader, writer)
+        try:
+            await self._serve(link, reader, writer)
+        finally:
+            self.quota.close(peer)
+            if self.quota.streams.get(peer, 0) < self.quota.max_streams // 2:
+                self.capped.discard(peer)
+
+    async def _serve(
+        self, link: Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        opening: wire.WireMessage | None = None
+        reserved = 0
+        try:
+            try:
+                async with asyncio.timeout(self.head_timeout_s):
+                    opening = await wire.read_frame(reader, OPEN_FRAME_BYTES)
+                    if not isinstance(opening, wire.TunnelOpen):
+                        self._drop(
+                            link, reader, writer, f"first frame was {type(opening).__name__}"
+                        )
+                        return
+                    prefix = await reader.readexactly(LENGTH_BYTES)
+                    payload = await reader.readexactly(frame_length(prefix))
+            except TimeoutError:
+                if opening is None:
+                    self._drop(link, reader, writer, "no first frame in time")
+                    return
+                raise RequestTimeout(
+                    f"the request head did not arrive within {self.head_timeout_s:g}s"
+                ) from None
+            request = decode_request(payload, self.max_body_bytes)
+            # Refused before its body is read: a wrong model is answered at once.
+            port, why = serving_port(self.local, opening.model)
+            if not port:
+                _answer(reader, writer, error_response(503, why, "model_not_served", True))
+                return
+            if not self.quota.reserve(link.peer_id, request.body_length):
+                self.refused += 1
+                msg = f"too many request bytes in flight from node {link.peer_id}"
+                _answer(reader, writer, error_response(429, msg, "too_many_streams", True))
+                return
+            reserved = request.body_length
+            body = await self._body(reader, request.body_length)
+            await self._forward(self._pool(port), request, body, reader, writer)
+        except (wire.WireError, asyncio.IncompleteReadError, ConnectionResetError) as exc:
+            if not isinstance(opening, wire.TunnelOpen):
+                self._drop(link, reader, writer, repr(exc))
+            elif not isinstance(exc, ConnectionResetError):  # reset: no one to answer
+                self._refuse(link, reader, writer, 400, f"bad request in the tunnel stream: {exc}")
+            else:
+                release_stream(reader, writer, abort=True)
+        except FrameError as exc:
+            self._refuse(link, reader, writer, exc.status, str(exc), exc.code)
+        except RequestTimeout as exc:
+            self._refuse(link, reader, writer, 408, str(exc), "request_timeout")
+        finally:
+            self.quota.free(link.peer_id, reserved)
+
+    async def _body(self, reader: asyncio.StreamReader, length: int) -> bytes:
+        """The request body, then the stream's end: one request per stream.
+
+        Each read must make progress within `body_stall_s`."""
+        parts: list[bytes] = []
+        left = length
+        while left > 0:
+            try:
+                async with asyncio.timeout(self.body_stall_s):
+                    piece = await reader.read(min(left, READ_BYTES))
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body stalled: no byte for {self.body_stall_s:g}s "
+                    f"with {left} of {length} bytes to come"
+                ) from None
+            if not piece:
+                raise asyncio.IncompleteReadError(b"".join(parts), length)
+            parts.append(piece)
+            left -= len(piece)
+        try:
+            async with asyncio.timeout(self.body_stall_s):
+                more = await reader.read(1)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the stream did not end within {self.body_stall_s:g}s of the request body"
+            ) from None
+        if more:
+            raise FrameError("bytes after the request body: one request per stream")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _drop(
+        self, link: Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, why: str
+    ) -> None:
+        """A stream that never said it was a tunnel request: closed, nothing said."""
+        self.dropped += 1
+        link.protocol.endpoint.counters.malformed_frames += 1
+        log.warning("dropped a tunnel stream from %s: %s", link.peer_id, why)
+        _answer(reader, writer, b"")
+
+    def _refuse(
+        self,
+        link: Link,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        status: int,
+        why: str,
+        code: str = "bad_request",
+    ) -> None:
+        """A request that broke a rule: answered with an error, nothing forwarded.
+
+        Logged at debug level only: the error goes back to the member's node, and a
+        member sending bad requests by the thousand must not fill this node's log."""
+        self.refused += 1
+        log.debug("refused a tunnelled request from %s: %s", link.peer_id, why)
+        _answer(reader, writer, error_response(status, why, code))
 
     async def _forward(
         self,
@@ -168,3 +316,18 @@ def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response
     with contextlib.suppress(Exception):
         write_last(writer, response)
     release_stream(reader, writer)
+
+
+async def guard_control(link: Link) -> None:
+    """Watch a Tunnel link's control stream (its first), which carries nothing after
+    admission: whatever a peer sent there would stay buffered, unread, for the
+    link's life. The first byte closes the link; its end, or the link's, ends the watch.
+    """
+    try:
+        data = await link.reader.read(1)
+    except ConnectionError:
+        return
+    if data:
+        link.protocol.endpoint.counters.malformed_frames += 1
+        log.warning("node %s sent data on the tunnel's control stream: link closed", link.peer_id)
+        link.close("unexpected data on the control stream")
