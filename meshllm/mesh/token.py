@@ -10,6 +10,7 @@ import base64
 import binascii
 import errno
 import os
+import re
 import secrets
 import stat
 
@@ -46,16 +47,32 @@ def encode_token(token: InviteToken) -> str:
     return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+MAX_TOKEN_CHARS = 64 * 1024
+"""Longer text is no token: a real one is about 80 characters plus 30 per address."""
+
+
 def decode_token(text: str) -> InviteToken:
+    """The token in `text` (surrounding whitespace ignored); `InvalidToken` otherwise.
+
+    Error messages never quote the text: everything after the prefix encodes the
+    secret, so even a few characters of a token pasted without its prefix would
+    put bits of the secret into a terminal or a log."""
     text = text.strip()
+    if len(text) > MAX_TOKEN_CHARS:
+        raise InvalidToken(f"an invite token is at most {MAX_TOKEN_CHARS} characters")
     if not text.startswith(PREFIX):
-        raise InvalidToken(f"an invite token starts with {PREFIX!r}; got {text[:16]!r}...")
+        raise InvalidToken(
+            f"an invite token starts with {PREFIX!r}; this text ({len(text)} characters) does not"
+        )
     body = text[len(PREFIX) :]
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         token = msgspec.msgpack.decode(raw, type=InviteToken)
     except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
         raise InvalidToken(f"the invite token is damaged (copied incompletely?): {exc}") from None
+    except RecursionError:
+        # msgspec gives up on values nested thousands deep (in fields it would ignore).
+        raise InvalidToken("the invite token is damaged (nested too deep)") from None
     if len(token.secret) != SECRET_BYTES:
         raise InvalidToken("the invite token's secret has the wrong length")
     if not token.addresses:
@@ -65,13 +82,19 @@ def decode_token(text: str) -> InviteToken:
     return token
 
 
+_PORT = re.compile(r"[0-9]{1,5}")
+"""ASCII digits only: `str.isdigit` also takes digits that `int` refuses (`²`)."""
+
+
 def split_address(address: str, allow_zero: bool = False) -> tuple[str, int]:
     """`host:port` or `[v6]:port` -> (host, port), with a clear error."""
     host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
     lowest = 0 if allow_zero else 1
-    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
-        raise InvalidToken(f"bad address {address!r} (want host:port)")
-    return host.strip("[]"), int(port)
+    if not sep or not host or not _PORT.fullmatch(port) or not lowest <= int(port) < 65536:
+        shown = address if len(address) <= 80 else address[:80] + "…"
+        raise InvalidToken(f"bad address {shown!r} (want host:port)")
+    return host, int(port)
 
 
 ENV_VAR = "MESHLLM_TOKEN"
@@ -91,7 +114,8 @@ def token_text(value: str) -> str:
             text = file.read(64 * 1024).strip()
     except FileNotFoundError:
         raise InvalidToken(f"the token file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:
+        # ValueError: bytes that are not UTF-8, or a NUL in the path (no file has one).
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise InvalidToken(f"cannot read the token file {path}: {reason}") from None
     if not text:
