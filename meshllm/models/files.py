@@ -108,6 +108,9 @@ _SCALAR_FORMATS: dict[int, str] = {
 }
 _MAX_KV_COUNT = 1 << 20
 _MAX_KEY_LEN = 1 << 16
+_MAX_STRING_BYTES = 1 << 20
+"""Longer string values are skipped, not read: a chat template is a few kB, and a
+file whose metadata holds a string as large as itself must not cost its size twice."""
 
 
 class _HeaderParser:
@@ -131,9 +134,12 @@ class _HeaderParser:
         value: int = s.unpack_from(self.buf, self._take(s.size))[0]
         return value
 
-    def _string(self) -> str:
+    def _string(self) -> str | None:
+        """The next string value, or None (skipped) when over `_MAX_STRING_BYTES`."""
         n = self._unpack("Q")
         start = self._take(n)
+        if n > _MAX_STRING_BYTES:
+            return None
         return self.buf[start : start + n].decode("utf-8", errors="replace")
 
     def _skip_array(self, depth: int = 0) -> None:
@@ -191,7 +197,8 @@ class _HeaderParser:
                 s = struct.Struct(self.order + fmt)
                 metadata[key] = s.unpack_from(self.buf, self._take(s.size))[0]
             elif value_type == _T.STRING:
-                metadata[key] = self._string()
+                if (text := self._string()) is not None:
+                    metadata[key] = text
             elif value_type == _T.ARRAY:
                 self._skip_array()
             else:
