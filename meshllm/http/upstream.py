@@ -37,7 +37,9 @@ HOP_BY_HOP = frozenset(
 )
 MAX_HEADER_BYTES = MAX_HEAD_BYTES
 PAUSE_BYTES = 1024 * 1024
-"""Stop reading from the upstream while this much body waits for the consumer."""
+"""Stop reading from the upstream while this much body waits for the consumer. With
+the chunk a parser holds (`h1.CHUNK_HOLD_BYTES`) and one socket read, it bounds
+what one response can occupy here however fast the upstream and slow the client."""
 
 
 class UpstreamError(ConnectionError):
@@ -89,12 +91,16 @@ class Connection(ResponseReader, asyncio.Protocol):
             self.feed(data)
         except ResponseError as exc:
             self._fail(UpstreamError(f"upstream broke the response: {exc}"))
-        if self.pieces:
-            self.queued += len(data)
-            if self.queued > PAUSE_BYTES and not self.paused and self.transport is not None:
-                self.paused = True
-                self.transport.pause_reading()
+        if self.queued > PAUSE_BYTES and not self.paused and self.transport is not None:
+            # The consumer (a slow client) is behind: the upstream waits in its own
+            # socket buffer, never in this process's memory.
+            self.paused = True
+            self.transport.pause_reading()
         self._wake()
+
+    def body_piece(self, data: bytes) -> None:
+        self.pieces.append(data)
+        self.queued += len(data)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost tells the rest
