@@ -537,6 +537,35 @@ def test_get_status_times_out_on_a_silent_server() -> None:
     run(main())
 
 
+def test_get_status_does_not_read_an_endless_body() -> None:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(CHUNKED_HEAD)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                w.write(chunk(b"x" * 65536))
+                await w.drain()
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            assert await get_status("127.0.0.1", srv.port, "/health", timeout=WAIT_S) == 200
+
+    run(main())
+
+
+def test_bytes_past_the_content_length_end_the_connection_not_the_response() -> None:
+    async def main() -> None:
+        data = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello" + b"HTTP/1.1 200 OK\r\n" * 10
+        async with FakeServer(one_shot(data)) as srv:
+            pool = Pool("127.0.0.1", srv.port)
+            resp = await pool.request("POST", "/")
+            assert await resp.body() == b"hello"
+            assert not pool.idle  # not reused
+            await srv.wait_closed(0)
+
+    run(main())
+
+
 # -- the shared response parser's bounds and details (meshllm.http.h1) ------------------------
 
 
