@@ -179,7 +179,7 @@ import asyncio, json, os, sys
 
 STATE = os.environ["HOSTILE_STATE"]
 LIMIT = 256 * 1024 * 1024  # a node without backpressure must not take the machine down
-STALL_S = 1.0  # a node that reads, however slowly, does so more often than this
+STALL_S = 3.0  # a node that reads, however slowly, does so more often than this
 state = {"responses": 0, "sent": 0, "blocked": False, "closed": 0}
 
 
@@ -521,8 +521,9 @@ def test_a_client_that_never_ends_its_head_is_refused(
 @pytest.mark.xfail(
     strict=True,
     reason="the host's Tunnel writes llama-server's response to the QUIC stream without "
-    "waiting for the peer to take it (meshllm/tunnel/server.py _relay), and aioquic buffers "
-    "whatever it is given: the host's tunnel actor grows with the response",
+    "waiting for the peer to take it (meshllm/tunnel/server.py _relay), so aioquic's send "
+    "buffer grows in the host; and aioquic raises a stream's receive window from the bytes "
+    "received, not those the reader took, so the requesting tunnel actor grows too",
 )
 def test_through_the_tunnel_a_client_that_reads_nothing_holds_the_remote_upstream_back(
     hostile_node: tuple[NodeProcess, Hostile], tmp_path: Path
