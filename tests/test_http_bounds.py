@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from meshllm.http import asgi
 from meshllm.http.asgi import MAX_REQUEST_HEAD_BYTES, MAX_REQUEST_HEADERS, actor_server
 from meshllm.testing import NodeProcess, http, token_of, wait_for
 from tests.test_upstream import WAIT_S
@@ -136,6 +137,24 @@ def test_a_request_that_breaks_a_bound_is_refused(parts: Iterator[bytes], status
             # The server goes on serving.
             ok = await send_and_read(port, iter([POST + CLOSE + b"Content-Length: 5\r\n\r\nhello"]))
             assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"5")
+
+    run_with_deadline(main())
+
+
+def test_a_head_sent_too_slowly_is_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asgi, "HEAD_TIMEOUT_S", 0.2)
+
+    async def main() -> None:
+        async with bounded_server() as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(POST + b"X-Slow: ")  # and never more
+                async with asyncio.timeout(WAIT_S):
+                    answer = await reader.read()
+            finally:
+                writer.close()
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"request_too_slow" in answer
 
     run_with_deadline(main())
 

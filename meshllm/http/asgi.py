@@ -3,6 +3,7 @@ and with the bounds on a request's head that uvicorn's httptools protocol lacks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -20,6 +21,9 @@ MAX_REQUEST_HEAD_BYTES = 64 * 1024
 this many bytes may arrive without the parser reaching the next step."""
 MAX_REQUEST_HEADERS = 100
 """Header fields in a request's head (and, apart, in its trailers)."""
+HEAD_TIMEOUT_S = 30.0
+"""How long a request's head may take from its first byte: a client that sends it a
+byte at a time must not hold a connection (and its buffers) for ever."""
 LINGER_S = 2.0
 """How long a refused connection is still read (and what arrives thrown away) before
 it is closed: closing with unread bytes resets the connection, and the client would
@@ -35,7 +39,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     here: uvicorn stops reading while the app has not taken what arrived, and the
     Proxy caps what it takes (`proxy.read_body`). A request over a bound is answered
     431 and its connection closed (closed only, when a response is already under way);
-    what the client still sends meanwhile is thrown away unparsed.
+    what the client still sends meanwhile is thrown away unparsed. A head that takes
+    longer than `HEAD_TIMEOUT_S` from its first byte is answered 408.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -46,6 +51,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._fields = 0
         self._over: str | None = None
         """Why the request broke a bound (set before the parser is stopped)."""
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._over is not None:
@@ -63,6 +69,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 f"request head, chunk-size line or trailers over {MAX_REQUEST_HEAD_BYTES} bytes"
             )
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a parser error, which a callback below raises on purpose
         # to stop the parser when a bound is broken.
@@ -71,14 +81,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         else:
             super().send_400_response(msg)
 
-    def _refuse(self, why: str) -> None:
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._over is None and not self.transport.is_closing():
+            self._refuse(f"request head not complete within {HEAD_TIMEOUT_S:g} s", 408)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, why: str, status: int = 431) -> None:
         self._over = why
+        self._stop_head_timer()
         client = self.client[0] if self.client else "?"
         log.warning("refused a request from %s: %s", client, why)
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # an answer is under way: it cannot be followed by one
             return
-        self.transport.write(error_response(431, why, "request_too_large", close=True))
+        code = "request_too_large" if status == 431 else "request_too_slow"
+        self.transport.write(error_response(status, why, code, close=True))
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.flow.resume_reading()
@@ -88,6 +110,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._fields = 0
+        self._stop_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
         super().on_message_begin()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -98,6 +122,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._stop_head_timer()
         self._progress = True
         self._fields = 0  # from here on it counts trailers
         super().on_headers_complete()
