@@ -345,6 +345,19 @@ def test_json_that_is_not_a_request_object_is_400(body: bytes) -> None:
     run(main())
 
 
+def test_json_nested_thousands_deep_is_400() -> None:
+    depth = 100_000
+    body = b'{"model": "demo", "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            c = await complete(call(app_for(srv.port), CHAT, body))
+            assert_openai_error(c, 400, "invalid_json")
+            assert srv.requests == []
+
+    run(main())
+
+
 def test_invalid_content_length_is_400() -> None:
     async def main() -> None:
         app = app_for(closed_port())

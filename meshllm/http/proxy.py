@@ -315,6 +315,10 @@ class ProxyApp:
         except msgspec.DecodeError as exc:
             await send_error(send, 400, f"request body is not valid JSON: {exc}", "invalid_json")
             return
+        except RecursionError:
+            # msgspec gives up on JSON nested thousands deep (even in a field it skips).
+            await send_error(send, 400, "request body is nested too deeply", "invalid_json")
+            return
         target, why = self.routes.choose(peek.model)
         if target is None:
             if self.routes.unknown(peek.model):
