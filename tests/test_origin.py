@@ -9,10 +9,12 @@ from meshllm.http.origin import (
     Verdict,
     browser_headers,
     check_origins,
+    form_content_type,
     from_browser,
     judge,
     normalise,
     preflight_headers,
+    rebinding_safe_host,
     with_cors,
 )
 
@@ -175,3 +177,67 @@ def test_with_cors_replaces_upstream_cors_headers() -> None:
     assert (b"vary", b"Origin") in out
     assert (b"vary", b"Accept-Encoding") in out
     assert (b"content-type", b"text/event-stream") in out
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("https://bücher.example", "https://xn--bcher-kva.example"),
+        ("https://bücher.example:8443/", "https://xn--bcher-kva.example:8443"),
+        ("https://" + "ü" * 70 + ".example", None),  # no punycode form: a label too long
+    ],
+)
+def test_non_ascii_origin_is_a_clear_error_not_a_crash(value: str, hint: str | None) -> None:
+    problem = check_origins([value])
+    assert problem is not None and "is not ASCII" in problem
+    if hint:
+        assert hint in problem
+    with pytest.raises(ValueError, match=r"--cors-origin: .*not ASCII"):
+        Policy([value])
+
+
+def test_punycode_origin_is_allowed_as_browsers_send_it() -> None:
+    policy = Policy(["https://xn--bcher-kva.example"])
+    assert policy.allows(b"https://xn--bcher-kva.example")
+
+
+@pytest.mark.parametrize(
+    ("headers", "form"),
+    [
+        ([(b"content-type", b"text/plain")], True),
+        ([(b"content-type", b"text/plain;charset=UTF-8")], True),
+        ([(b"content-type", b" Application/X-WWW-Form-Urlencoded ")], True),
+        ([(b"content-type", b"multipart/form-data; boundary=x")], True),
+        ([(b"content-type", b"application/json")], False),
+        ([(b"content-type", b"application/json; charset=utf-8")], False),
+        ([], False),
+    ],
+)
+def test_form_content_type(headers: list[tuple[bytes, bytes]], form: bool) -> None:
+    assert form_content_type(headers) is form
+
+
+OWN = frozenset({b"localhost", b"gpu-box", b"gpu-box.local"})
+
+
+@pytest.mark.parametrize(
+    ("host", "safe"),
+    [
+        (b"192.168.1.5:9337", True),
+        (b"192.168.1.5", True),
+        (b"[fe80::1]:9337", True),
+        (b"[::1]", True),
+        (b"localhost:9337", True),
+        (b"GPU-BOX:9337", True),
+        (b"gpu-box.local.:9337", True),
+        (b"evil.example:9337", False),
+        (b"192.168.1.5.evil.example", False),
+        (b"gpu-box.evil.example", False),
+        (b"[evil.example]", False),
+        (b"999.1.1.1", False),
+        (b"", False),
+        (None, False),
+    ],
+)
+def test_rebinding_safe_host(host: bytes | None, safe: bool) -> None:
+    assert rebinding_safe_host(host, OWN) is safe

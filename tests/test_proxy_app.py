@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 import uvicorn
 
-from meshllm.http.proxy import RETRY_AFTER_S, ProxyApp
+from meshllm.http.proxy import RETRY_AFTER_S, ProxyApp, machine_names
 from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
 from tests.test_upstream import (
     CHUNKED_HEAD,
@@ -339,6 +340,19 @@ def test_json_that_is_not_a_request_object_is_400(body: bytes) -> None:
         async with FakeServer(ok()) as srv:
             c = await complete(call(app_for(srv.port), CHAT, body))
             assert_openai_error(c, 400, "invalid_body")
+            assert srv.requests == []
+
+    run(main())
+
+
+def test_json_nested_thousands_deep_is_400() -> None:
+    depth = 100_000
+    body = b'{"model": "demo", "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            c = await complete(call(app_for(srv.port), CHAT, body))
+            assert_openai_error(c, 400, "invalid_json")
             assert srv.requests == []
 
     run(main())
@@ -851,3 +865,120 @@ def test_over_http_cross_site_is_403_and_allowed_origin_gets_cors() -> None:
                 assert headers["access-control-allow-origin"] == APP_ORIGIN.decode()
 
     run(main())
+
+
+# -- browser-facing leftovers: other scopes, form posts, rebinding beyond loopback ----------
+
+
+@pytest.mark.parametrize("loopback_only", [True, False])
+def test_a_websocket_scope_is_closed_and_never_reaches_the_app(loopback_only: bool) -> None:
+    # Even one that would pass every check: no kind of request skips them by not being "http".
+    async def main() -> None:
+        app = app_for(closed_port(), loopback_only=loopback_only)
+        reached: list[Any] = []
+
+        async def spy(scope: Any, receive: Any, send: Any) -> None:
+            reached.append(scope)
+
+        app.app = spy  # type: ignore[assignment]
+        sent: list[dict[str, Any]] = []
+        received = [{"type": "websocket.connect"}]
+
+        async def receive() -> dict[str, Any]:
+            return received.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "websocket",
+            "path": "/v1/models",
+            "headers": [(b"host", b"evil.example"), (b"origin", b"https://evil.example")],
+        }
+        await asyncio.wait_for(app(scope, receive, send), WAIT_S)
+        assert sent == [{"type": "websocket.close", "code": 1008}]
+        assert not reached
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [b"text/plain", b"text/plain;charset=UTF-8", b"application/x-www-form-urlencoded"],
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+def test_a_form_content_type_is_415_and_never_forwarded(kind: bytes, path: str) -> None:
+    # An old browser posts an HTML form cross-site with neither Origin nor Sec-Fetch-Site.
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, loopback_only=True)
+            c = call(app, path, CHAT_BODY)
+            c.headers = [(k, kind if k == b"content-type" else v) for k, v in c.headers]
+            await complete(c)
+            error = assert_openai_error(c, 415, "unsupported_media_type")
+            assert "application/json" in error["message"]
+            assert not srv.requests
+
+    run(main())
+
+
+def test_no_content_type_is_still_forwarded() -> None:
+    # curl and scripts that omit it keep working: a form always sends one.
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, loopback_only=True)
+            c = call(app, CHAT, CHAT_BODY)
+            c.headers = [(k, v) for k, v in c.headers if k != b"content-type"]
+            await complete(c)
+            assert c.status == 200 and len(srv.requests) == 1
+
+    run(main())
+
+
+NODE_NAMES = frozenset({b"localhost", b"gpu-box", b"gpu-box.local"})
+
+
+@pytest.mark.parametrize(
+    ("host", "browser", "allowed"),
+    [
+        # a rebinding page: its own name, its own origin (so "same-origin")
+        (b"evil.example:9337", [(b"origin", b"http://evil.example:9337")], False),
+        (b"evil.example:9337", [(b"sec-fetch-site", b"same-origin")], False),
+        # the machine by address or by its own names
+        (b"192.168.1.5:9337", [(b"sec-fetch-site", b"none")], True),
+        (b"[fe80::1]:9337", [(b"sec-fetch-site", b"none")], True),
+        (b"gpu-box:9337", [(b"origin", b"http://gpu-box:9337")], True),
+        (b"gpu-box.local:9337", [(b"sec-fetch-site", b"none")], True),
+        # a page --cors-origin allows, calling the node by a DNS name
+        (b"llm.example:9337", [(b"origin", b"https://app.example.com")], True),
+        # not a browser (SDKs, curl, a service name in a container network)
+        (b"meshllm:9337", [], True),
+    ],
+)
+def test_beyond_loopback_a_browser_must_name_the_machine(
+    host: bytes, browser: list[tuple[bytes, bytes]], allowed: bool
+) -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(
+                srv.port,
+                loopback_only=False,
+                own_names=NODE_NAMES,
+                cors_origins=["https://app.example.com"],
+            )
+            c = call(app, CHAT, CHAT_BODY, headers=browser)
+            c.headers = [(k, host if k == b"host" else v) for k, v in c.headers]
+            await complete(c)
+            if allowed:
+                assert c.status == 200 and len(srv.requests) == 1
+            else:
+                assert_openai_error(c, 421, "untrusted_host")
+                assert not srv.requests
+
+    run(main())
+
+
+def test_machine_names_include_localhost_and_the_host_name() -> None:
+    names = machine_names()
+    assert b"localhost" in names
+    assert socket.gethostname().lower().encode() in names

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from meshllm.http.h1 import ResponseReader
-from meshllm.http.upstream import Pool, UpstreamError, get_status
+from meshllm.http.h1 import CHUNK_HOLD_BYTES, MAX_HEADERS, ResponseReader
+from meshllm.http.upstream import PAUSE_BYTES, Pool, UpstreamError, get_status
 
 T = TypeVar("T")
 TEST_TIMEOUT_S = 10.0
@@ -537,6 +537,35 @@ def test_get_status_times_out_on_a_silent_server() -> None:
     run(main())
 
 
+def test_get_status_does_not_read_an_endless_body() -> None:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(CHUNKED_HEAD)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                w.write(chunk(b"x" * 65536))
+                await w.drain()
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            assert await get_status("127.0.0.1", srv.port, "/health", timeout=WAIT_S) == 200
+
+    run(main())
+
+
+def test_bytes_past_the_content_length_end_the_connection_not_the_response() -> None:
+    async def main() -> None:
+        data = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello" + b"HTTP/1.1 200 OK\r\n" * 10
+        async with FakeServer(one_shot(data)) as srv:
+            pool = Pool("127.0.0.1", srv.port)
+            resp = await pool.request("POST", "/")
+            assert await resp.body() == b"hello"
+            assert not pool.idle  # not reused
+            await srv.wait_closed(0)
+
+    run(main())
+
+
 # -- the shared response parser's bounds and details (meshllm.http.h1) ------------------------
 
 
@@ -568,9 +597,73 @@ async def read_all(srv: FakeServer, method: str = "POST") -> tuple[int, list[byt
 def test_unbounded_framing_is_an_upstream_error(tail: bytes, what: str) -> None:
     async def main() -> None:
         async with FakeServer(one_shot(CHUNKED_HEAD + chunk(b"data: 1\n\n") + tail)) as srv:
-            with pytest.raises(UpstreamError, match="too large"):
+            with pytest.raises(UpstreamError, match=r"too large|too many"):
                 await read_all(srv)
             await srv.wait_closed(0)
+
+    run(main())
+
+
+def test_too_many_header_fields_is_an_upstream_error() -> None:
+    # 20,000 empty fields are far under the byte bound, but each would be a stored pair.
+    head = b"HTTP/1.1 200 OK\r\n" + b"X: \r\n" * (MAX_HEADERS + 1) + b"content-length: 0\r\n\r\n"
+
+    async def main() -> None:
+        async with FakeServer(one_shot(head)) as srv:
+            with pytest.raises(UpstreamError, match="too many header"):
+                await read_all(srv)
+
+    run(main())
+
+
+def test_endless_chunk_is_passed_on_in_bounded_pieces() -> None:
+    # One chunk that claims 1 GiB: it is held whole only up to CHUNK_HOLD_BYTES.
+    sent = 8 * CHUNK_HOLD_BYTES
+
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(CHUNKED_HEAD + b"40000000\r\n")
+        for _ in range(sent // 65536):
+            w.write(b"x" * 65536)
+            await w.drain()
+        await wait_eof(r)
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            resp = await Pool("127.0.0.1", srv.port).request("POST", "/")
+            got = 0
+            body = resp.iter_body()
+            async for piece in body:
+                assert len(piece) <= 2 * CHUNK_HOLD_BYTES
+                got += len(piece)
+                if got >= sent - CHUNK_HOLD_BYTES:
+                    break
+            await body.aclose()  # type: ignore[attr-defined]
+
+    run(main())
+
+
+def test_a_consumer_that_stops_reading_pauses_the_upstream() -> None:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(CHUNKED_HEAD)
+        while True:  # endless small events, as fast as the client takes them
+            w.write(chunk(b"data: " + b"x" * 4000 + b"\n\n") * 16)
+            await w.drain()
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            resp = await Pool("127.0.0.1", srv.port).request("POST", "/")
+            conn = resp.conn
+            deadline = asyncio.get_running_loop().time() + WAIT_S
+            while not conn.paused:  # nothing consumes: reading stops
+                assert asyncio.get_running_loop().time() < deadline, "never paused"
+                await conn.wait()
+            held = sum(map(len, conn.pieces))
+            assert held == conn.queued
+            assert PAUSE_BYTES < held <= PAUSE_BYTES + 512 * 1024
+            assert conn.take()  # taking what waits resumes reading
+            assert not conn.paused
+            resp.release()
 
     run(main())
 

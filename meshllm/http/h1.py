@@ -16,6 +16,9 @@ import httptools
 
 MAX_HEAD_BYTES = 64 * 1024
 """Head, trailers, or any other stretch without a body byte, at most this many bytes."""
+MAX_HEADERS = 100
+"""Header fields in a head (and, apart, in the trailers): llama-server sends about ten.
+Without it, 64 KiB of empty headers would be thousands of stored pairs."""
 CHUNK_HOLD_BYTES = 1024 * 1024
 """A chunk is passed on whole (an SSE event is never cut in two) up to this size."""
 
@@ -51,6 +54,7 @@ class ResponseReader:
         self._chunk_bytes = 0
         self._no_body = False
         self._head_bytes = 0
+        self._header_count = 0
         self._stalled = 0
         self._progress = False
 
@@ -68,6 +72,7 @@ class ResponseReader:
         self._chunk_bytes = 0
         self._no_body = no_body
         self._head_bytes = 0
+        self._header_count = 0
         self._stalled = 0
 
     def feed(self, data: bytes) -> None:
@@ -108,10 +113,13 @@ class ResponseReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
+        self._header_count += 1
         if self._head_bytes > MAX_HEAD_BYTES:
             raise ResponseError(
                 f"response head or trailers too large (over {MAX_HEAD_BYTES} bytes)"
             )
+        if self._header_count > MAX_HEADERS:
+            raise ResponseError(f"too many header or trailer fields (over {MAX_HEADERS})")
         if self.head_done:
             return  # a trailer: nothing here uses them
         name = name.lower()
@@ -129,11 +137,12 @@ class ResponseReader:
             self.headers = []
             self.length = None
             self.chunked = False
+            self._header_count = 0
             return
         self._progress = True
         self.status = status
         self.head_done = True
-        self._head_bytes = 0  # from here on it counts trailers
+        self._head_bytes = self._header_count = 0  # from here on they count trailers
         self.keep_alive = self._parser.should_keep_alive()
         if self.chunked:
             self.length = None

@@ -11,6 +11,7 @@ request skip it.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Iterable
 
 ANY = "*"
@@ -37,8 +38,10 @@ class Policy:
 
     def __init__(self, origins: Iterable[str] = ()) -> None:
         given = [o.strip() for o in origins]
+        if problem := check_origins(given):
+            raise ValueError(f"--cors-origin: {problem}")
         self.any = ANY in given
-        self.origins = frozenset(normalise(o.encode("latin-1")) for o in given if o != ANY)
+        self.origins = frozenset(normalise(o.encode("ascii")) for o in given if o != ANY)
 
     def allows(self, origin: bytes | None) -> bool:
         if self.any:
@@ -105,16 +108,80 @@ def judge(
 
 
 def check_origins(values: Iterable[str]) -> str | None:
-    """What is wrong with `--cors-origin` values, or None."""
+    """What is wrong with `--cors-origin` values, or None.
+
+    Browsers send an internationalised host name in its ASCII (punycode) form, so
+    that is the form asked for; the message spells it out when it can."""
     for value in values:
         if value == ANY:
             continue
+        if not value.isascii():
+            return f"{value!r} is not ASCII: {_ascii_hint(value)}"
         scheme, sep, rest = value.partition("://")
         if not sep or scheme.lower() not in ("http", "https") or not rest:
             return f"{value!r} is not an origin like https://app.example.com or '*'"
         if "/" in rest.rstrip("/") or "?" in rest or "#" in rest or "@" in rest:
             return f"{value!r} is not an origin (scheme://host[:port], no path)"
     return None
+
+
+def _ascii_hint(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    host, colon, port = rest.rstrip("/").rpartition(":") if ":" in rest else (rest, "", "")
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "write the host name in its punycode (xn--) form"
+    return f"write it as browsers send it, {scheme}{sep}{ascii_host}{colon}{port}"
+
+
+FORM_CONTENT_TYPES = frozenset(
+    {b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data"}
+)
+"""What a page on any site may POST without a preflight, from a plain HTML form too,
+which old browsers send with neither `Origin` nor `Sec-Fetch-Site`."""
+
+
+def form_content_type(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """True when the request's `Content-Type` is one a cross-site form can send.
+
+    The OpenAI endpoints take JSON; refusing these types closes the one cross-site
+    request a browser may send without saying where it comes from. No
+    `Content-Type` at all is not a form's (forms always send one), and curl and the
+    SDKs that omit it keep working."""
+    for key, value in headers:
+        if key == b"content-type":
+            return value.partition(b";")[0].strip().lower() in FORM_CONTENT_TYPES
+    return False
+
+
+LOCAL_NAMES = frozenset({b"localhost"})
+
+
+def rebinding_safe_host(host: bytes | None, own_names: Iterable[bytes] = LOCAL_NAMES) -> bool:
+    """True when a `Host` header cannot be a name a web page rebound to this machine.
+
+    DNS rebinding points a site's own name at a node's address: the page is then
+    "same-origin" with the node, so the origin check lets it through. The `Host`
+    it sends is still the site's name. An IP literal, or one of `own_names` (the
+    machine's names, lower case), is safe; any other name is not."""
+    if host is None:
+        return False
+    value = host.strip().lower()
+    if value.startswith(b"["):
+        name = value[1 : value.find(b"]")] if b"]" in value else b""
+        return _is_ip(name)
+    name = value.rsplit(b":", 1)[0] if value.count(b":") == 1 else value
+    name = name.rstrip(b".")
+    return _is_ip(name) or name in own_names
+
+
+def _is_ip(name: bytes) -> bool:
+    try:
+        ipaddress.ip_address(name.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
 
 
 PREFLIGHT_METHODS = b"GET, POST, OPTIONS"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,12 +24,15 @@ from starlette.routing import Route
 
 from meshllm.http.errors import RETRY_AFTER_S, error_body
 from meshllm.http.origin import (
+    LOCAL_NAMES,
     Policy,
     Verdict,
     browser_headers,
+    form_content_type,
     from_browser,
     judge,
     preflight_headers,
+    rebinding_safe_host,
     with_cors,
 )
 from meshllm.http.routing import Routes
@@ -138,6 +142,23 @@ def is_loopback_address(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def machine_names() -> frozenset[bytes]:
+    """This machine's own names, as a browser on the network may put them in `Host`:
+    localhost, its host name and that name under mDNS's `.local` (no DNS lookup)."""
+    name = socket.gethostname().lower().rstrip(".").encode("ascii", "ignore")
+    names = set(LOCAL_NAMES)
+    if name:
+        names |= {name, name.split(b".")[0] + b".local"}
+    return frozenset(names)
+
+
+async def refuse_scope(scope: Scope, receive: Receive, send: Send) -> None:
+    """Turn away a connection that is not plain HTTP (a websocket, should one get here)."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008})
+
+
 class PoolMap:
     """Upstream pools keyed by target (local llama-server port, or the tunnel)."""
 
@@ -166,9 +187,13 @@ class ProxyApp:
         remote: Callable[[RouteTarget], Upstream] | None = None,
         loopback_only: bool = False,
         cors_origins: tuple[str, ...] | list[str] = (),
+        own_names: frozenset[bytes] | None = None,
     ) -> None:
         self.max_body_bytes = max_body_bytes
         self.loopback_only = loopback_only
+        self.own_names = machine_names() if own_names is None else own_names
+        """Host names (besides IP literals) a browser may use to reach a non-loopback
+        endpoint: see `trusted_host`."""
         self.cors = Policy(cors_origins)
         self.strict_models = strict_models
         self.remote = remote
@@ -188,24 +213,46 @@ class ProxyApp:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            if self.loopback_only and not loopback_host(scope):
-                # A web page that rebinds its own name to 127.0.0.1 must not drive the mesh.
-                await send_error(send, 421, "this endpoint answers only to a loopback host name")
+        if scope["type"] != "http":
+            # Nothing here speaks websockets (uvicorn runs with them off): no other
+            # kind of request gets past the checks below by not being "http".
+            await refuse_scope(scope, receive, send)
+            return
+        if self.loopback_only and not loopback_host(scope):
+            # A web page that rebinds its own name to 127.0.0.1 must not drive the mesh.
+            await send_error(send, 421, "this endpoint answers only to a loopback host name")
+            return
+        # A web page on another site must not drive it either, unless --cors-origin
+        # allows it; requests without browser headers (SDKs, curl) skip this.
+        if from_browser(scope["headers"]):
+            if not self.loopback_only and not self.trusted_host(scope["headers"]):
+                await send_error(
+                    send,
+                    421,
+                    "a browser may reach this endpoint by IP address or by this machine's "
+                    "own name only (or from an origin allowed with --cors-origin)",
+                    "untrusted_host",
+                )
                 return
-            # A web page on another site must not drive it either, unless --cors-origin
-            # allows it; requests without browser headers (SDKs, curl) skip this.
-            if from_browser(scope["headers"]):
-                answer = await browser_request(scope, send, self.cors)
-                if answer is None:
-                    return
-                send = answer
+            answer = await browser_request(scope, send, self.cors)
+            if answer is None:
+                return
+            send = answer
         # The forwarded endpoints skip Starlette's middleware and router (about 10% of
         # the proxy's CPU per request); every other request goes through Starlette.
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _FORWARDED:
+        if scope["method"] == "POST" and scope["path"] in _FORWARDED:
             await self.forward(scope, receive, send)
             return
         await self.app(scope, receive, send)  # type: ignore[arg-type]
+
+    def trusted_host(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Bound beyond loopback: a browser's request names this machine in `Host`, or
+        comes from an origin `--cors-origin` allows (the name a rebinding page sends is
+        its own, and its origin is that name: not allowed)."""
+        host, origin, _ = browser_headers(headers)
+        if rebinding_safe_host(host, self.own_names):
+            return True
+        return origin is not None and self.cors.allows(origin)
 
     def set_table(self, table: RouteTable) -> None:
         self.routes = Routes(table, self.strict_models)
@@ -248,6 +295,15 @@ class ProxyApp:
     # -- forwarding ------------------------------------------------------------
 
     async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if form_content_type(scope["headers"]):
+            # What an HTML form on any site can post, old browsers without saying so.
+            await send_error(
+                send,
+                415,
+                "the body must be sent as Content-Type: application/json",
+                "unsupported_media_type",
+            )
+            return
         body = await read_body(scope, receive, send, self.max_body_bytes)
         if body is None:
             return
@@ -258,6 +314,10 @@ class ProxyApp:
             return
         except msgspec.DecodeError as exc:
             await send_error(send, 400, f"request body is not valid JSON: {exc}", "invalid_json")
+            return
+        except RecursionError:
+            # msgspec gives up on JSON nested thousands deep (even in a field it skips).
+            await send_error(send, 400, "request body is nested too deeply", "invalid_json")
             return
         target, why = self.routes.choose(peek.model)
         if target is None:

@@ -37,7 +37,9 @@ HOP_BY_HOP = frozenset(
 )
 MAX_HEADER_BYTES = MAX_HEAD_BYTES
 PAUSE_BYTES = 1024 * 1024
-"""Stop reading from the upstream while this much body waits for the consumer."""
+"""Stop reading from the upstream while this much body waits for the consumer. With
+the chunk a parser holds (`h1.CHUNK_HOLD_BYTES`) and one socket read, it bounds
+what one response can occupy here however fast the upstream and slow the client."""
 
 
 class UpstreamError(ConnectionError):
@@ -85,16 +87,27 @@ class Connection(ResponseReader, asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection cannot be reused
             return
         self.got_bytes = True
+        done = self.done
         try:
             self.feed(data)
         except ResponseError as exc:
-            self._fail(UpstreamError(f"upstream broke the response: {exc}"))
-        if self.pieces:
-            self.queued += len(data)
-            if self.queued > PAUSE_BYTES and not self.paused and self.transport is not None:
-                self.paused = True
-                self.transport.pause_reading()
+            if self.done and not done:
+                # Bytes after a complete response (a body longer than its
+                # Content-Length): the response stands, the connection cannot be reused.
+                self.keep_alive = False
+                self.close()
+            else:
+                self._fail(UpstreamError(f"upstream broke the response: {exc}"))
+        if self.queued > PAUSE_BYTES and not self.paused and self.transport is not None:
+            # The consumer (a slow client) is behind: the upstream waits in its own
+            # socket buffer, never in this process's memory.
+            self.paused = True
+            self.transport.pause_reading()
         self._wake()
+
+    def body_piece(self, data: bytes) -> None:
+        self.pieces.append(data)
+        self.queued += len(data)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost tells the rest
@@ -318,12 +331,15 @@ class Pool:
 
 
 async def get_status(host: str, port: int, path: str, timeout: float = 2.0) -> int:
-    """Status code of a GET (used for llama-server's /health); raises on no answer."""
+    """Status code of a GET (used for llama-server's /health); raises on no answer.
+
+    The body is not read (the connection is closed instead): a server that answers
+    with an endless one costs nothing here."""
     pool = Pool(host, port)
     try:
         async with asyncio.timeout(timeout):
             resp = await pool.request("GET", path)
-            await resp.body()
+            resp.release()
             return resp.status
     finally:
         pool.close()
