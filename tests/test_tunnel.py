@@ -197,10 +197,15 @@ def test_allowlist_and_limits_accept_what_the_proxy_forwards() -> None:
 
 
 def test_the_tunnel_allows_exactly_what_the_proxy_forwards() -> None:
-    # One definition for both (the Proxy imports it); until then, no drift.
-    from meshllm.http import proxy
+    # One definition for both: the Proxy's forwarding routes are built from it.
+    from starlette.routing import Route
 
-    assert proxy._FORWARDED == FORWARDED_PATHS
+    from meshllm.http.proxy import ProxyApp
+
+    app = ProxyApp()
+    routes = app.app.routes  # type: ignore[attr-defined]
+    forwarded = {r.path for r in routes if isinstance(r, Route) and "POST" in (r.methods or ())}
+    assert forwarded == FORWARDED_PATHS
 
 
 def test_peer_quota_counts_each_peer_alone() -> None:

@@ -38,6 +38,7 @@ from meshllm.http.origin import (
 from meshllm.http.routing import Routes
 from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError
 from meshllm.runtime.messages import RouteTable, RouteTarget
+from meshllm.tunnel.hop import FORWARDED_METHOD, FORWARDED_PATHS
 
 log = logging.getLogger("meshllm.proxy")
 
@@ -46,7 +47,6 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
-_FORWARDED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
 class _Peek(msgspec.Struct):
@@ -204,9 +204,10 @@ class ProxyApp:
             routes=[
                 Route("/health", _Raw(self.health), methods=["GET"]),
                 Route("/v1/models", _Raw(self.models), methods=["GET"]),
-                Route("/v1/chat/completions", _Raw(self.forward), methods=["POST"]),
-                Route("/v1/completions", _Raw(self.forward), methods=["POST"]),
-                Route("/v1/embeddings", _Raw(self.forward), methods=["POST"]),
+                *(
+                    Route(path, _Raw(self.forward), methods=[FORWARDED_METHOD])
+                    for path in sorted(FORWARDED_PATHS)
+                ),
             ],
             # Unknown path (404) and wrong method (405) in OpenAI's error shape too.
             exception_handlers={HTTPException: _http_error},
@@ -240,7 +241,7 @@ class ProxyApp:
             send = answer
         # The forwarded endpoints skip Starlette's middleware and router (about 10% of
         # the proxy's CPU per request); every other request goes through Starlette.
-        if scope["method"] == "POST" and scope["path"] in _FORWARDED:
+        if scope["method"] == FORWARDED_METHOD and scope["path"] in FORWARDED_PATHS:
             await self.forward(scope, receive, send)
             return
         await self.app(scope, receive, send)  # type: ignore[arg-type]
