@@ -27,6 +27,7 @@ from meshllm.http.proxy import (
     browser_request,
     forward_until_disconnect,
     read_body,
+    refuse_scope,
     wait_disconnect,
 )
 from meshllm.http.upstream import Pool
@@ -104,8 +105,12 @@ class ConsoleApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The page's own requests are same-origin; another site's page is refused
-        # (403) unless --cors-origin allows it (meshllm.http.origin).
-        if scope["type"] == "http" and from_browser(scope["headers"]):
+        # (403) unless --cors-origin allows it (meshllm.http.origin). Nothing here
+        # speaks anything but HTTP: no other kind of request gets past the check.
+        if scope["type"] != "http":
+            await refuse_scope(scope, receive, send)
+            return
+        if from_browser(scope["headers"]):
             answer = await browser_request(scope, send, self.cors)
             if answer is None:
                 return
