@@ -19,7 +19,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshllm.mesh import quic, wire
+from meshllm.mesh import identity, quic, wire
 
 SECRET = b"k" * 32
 OTHER_SECRET = b"x" * 32
@@ -49,13 +49,18 @@ async def eventually(check: Callable[[], T], what: str, timeout: float = 5.0) ->
 
 
 class Node:
-    """A MeshEndpoint listening on 127.0.0.1 that records links and the frames on them."""
+    """A MeshEndpoint listening on 127.0.0.1 that records links and the frames on them.
 
-    def __init__(self, node_id: str, secret: bytes = SECRET) -> None:
+    `name` is for the test's reader; the node id is its key's, as on every node.
+    """
+
+    def __init__(self, name: str, secret: bytes = SECRET) -> None:
+        self.name = name
         self.links: list[quic.Link] = []
         self.frames: asyncio.Queue[wire.WireMessage] = asyncio.Queue()
-        key = ec.generate_private_key(ec.SECP256R1())
-        self.endpoint = quic.MeshEndpoint(node_id, secret, key, self.on_link)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.node_id = identity.node_id_of(self.key)
+        self.endpoint = quic.MeshEndpoint(self.node_id, secret, self.key, self.on_link)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
@@ -127,19 +132,19 @@ def test_same_secret_is_admitted_and_frames_flow_both_ways() -> None:
     async def main() -> None:
         async with nodes(("server", SECRET), ("client", SECRET)) as (server, client):
             link = await client.endpoint.dial("127.0.0.1", server.port)
-            assert link.peer_id == "server" and link.dialed
+            assert link.peer_id == server.node_id and link.dialed
             (incoming,) = await eventually(lambda: server.links, "the server's link")
-            assert incoming.peer_id == "client" and not incoming.dialed
+            assert incoming.peer_id == client.node_id and not incoming.dialed
             assert incoming.remote[0] == "127.0.0.1"
 
             reading = asyncio.ensure_future(client.read(link))
             link.send(wire.Probe(7))
-            link.send(wire.Sync((wire.PeerAnnouncement(node_id="client", generation=1),)))
+            link.send(wire.Sync((wire.PeerAnnouncement(node_id=client.node_id, generation=1),)))
             assert await server.frames.get() == wire.Probe(7)
             assert isinstance(await server.frames.get(), wire.Sync)
             assert await client.frames.get() == wire.ProbeAck(7)
-            incoming.send(wire.Digest({"server": 3}))
-            assert await client.frames.get() == wire.Digest({"server": 3})
+            incoming.send(wire.Digest({server.node_id: 3}))
+            assert await client.frames.get() == wire.Digest({server.node_id: 3})
 
             # further streams (the Tunnel's) reach the stream handler only after admission
             reader, writer = await link.open_stream()
@@ -190,10 +195,12 @@ def test_a_wrong_proof_gets_refused_and_counted() -> None:
     async def main() -> None:
         async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
             reader, writer = await client.create_stream()
-            writer.write(wire.encode_frame(wire.Hello("intruder", os.urandom(16))))
+            key = ec.generate_private_key(ec.SECP256R1())
+            hello = wire.Hello(identity.node_id_of(key), os.urandom(16), identity.public_der(key))
+            writer.write(wire.encode_frame(hello))
             async with asyncio.timeout(5):
                 challenge = await wire.read_frame(reader)
-            assert isinstance(challenge, wire.Challenge) and challenge.node_id == "server"
+            assert isinstance(challenge, wire.Challenge) and challenge.node_id == server.node_id
             writer.write(wire.encode_frame(wire.Proof(b"\0" * 32)))
             async with asyncio.timeout(5):
                 assert await wire.read_frame(reader) == wire.Refused("wrong mesh secret")
@@ -229,13 +236,21 @@ def test_a_raw_client_sending_garbage_is_disconnected_and_counted(garbage: bytes
     run(main)
 
 
-def test_a_second_stream_before_admission_is_disconnected_and_counted() -> None:
+@pytest.mark.parametrize("unidirectional", [False, True], ids=["bidi", "uni"])
+def test_a_second_stream_before_admission_is_disconnected_and_counted(
+    unidirectional: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quic, "ADMISSION_TIMEOUT_S", 60.0)  # closed for the stream, not late
+
     async def main() -> None:
         async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
             first_reader, first = await client.create_stream()
             first.write(b"\x00\x00")  # half a header: admission waits for more
             await asyncio.sleep(0.05)
-            _, second = await client.create_stream()
+            # The server allows one stream before admission; a hostile client ignores that.
+            client._quic._remote_max_streams_bidi = client._quic._remote_max_streams_uni = 8
+            client._quic._remote_max_stream_data_uni = 1 << 20
+            _, second = await client.create_stream(is_unidirectional=unidirectional)
             second.write(b"POST /v1/chat/completions HTTP/1.1\r\n\r\n")
             assert await closed_by_server(client, first_reader) == b""
             await eventually(lambda: server.counters.refused == 1, "the refusal to be counted")
