@@ -14,8 +14,7 @@ import gc
 import os
 import socket
 
-from meshllm.mesh.identity import load_or_create_key
-from meshllm.mesh.quic import Link, MeshEndpoint
+from meshllm.mesh.quic import Link, MeshEndpoint, key_from_pem
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.tunnel.client import TunnelClient
@@ -34,7 +33,7 @@ class Tunnel(Actor):
         self.endpoint = MeshEndpoint(
             self.config.node_id,
             self.config.mesh_secret,
-            load_or_create_key(None),
+            key_from_pem(self.resources["key"]),
             on_link=_accept_link,
             stream_handler=self.server.handle_stream,
         )
