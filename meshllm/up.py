@@ -279,7 +279,8 @@ def run(opts: UpOptions) -> int:
     finally:
         for actor_resources in resources.values():
             for resource in actor_resources.values():
-                resource.close()
+                if isinstance(resource, socket.socket):
+                    resource.close()
         cleanup_run_dir(config.run_dir)
         os.close(lock_fd)
     log.info("node stopped (%s)", reason)
