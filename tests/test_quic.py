@@ -96,14 +96,14 @@ async def nodes(*specs: tuple[str, bytes]) -> AsyncIterator[list[Node]]:
 
 
 @contextlib.asynccontextmanager
-async def raw_client(port: int) -> AsyncIterator[QuicConnectionProtocol]:
+async def raw_client(port: int, host: str = "127.0.0.1") -> AsyncIterator[QuicConnectionProtocol]:
     """A plain aioquic client: completes the QUIC handshake, knows nothing of admission."""
     loop = asyncio.get_running_loop()
     config = QuicConfiguration(is_client=True, alpn_protocols=[quic.ALPN])
     config.verify_mode = ssl.CERT_NONE
     config.server_name = "127.0.0.1"
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: QuicConnectionProtocol(QuicConnection(configuration=config)), sock=sock
     )
@@ -327,3 +327,145 @@ def test_a_dial_that_times_out_leaves_no_unretrieved_error(
     with caplog.at_level("ERROR", logger="asyncio"):
         run(main)
     assert "never retrieved" not in caplog.text
+
+
+# -- identity bound to keys -------------------------------------------------------
+
+
+def test_an_endpoint_refuses_a_node_id_that_is_not_its_key() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(ValueError, match="not the id of the key"):
+        quic.MeshEndpoint("someone-else", SECRET, key, Node("x").on_link)
+
+
+def test_a_client_claiming_another_nodes_id_is_refused() -> None:
+    async def main() -> None:
+        async with nodes(("server", SECRET), ("victim", SECRET), ("liar", SECRET)) as (
+            server,
+            victim,
+            liar,
+        ):
+            liar.endpoint.node_id = victim.node_id  # holds the secret, not the victim's key
+            with pytest.raises(quic.AdmissionError, match="closed the connection"):
+                await liar.endpoint.dial("127.0.0.1", server.port)
+            await eventually(lambda: server.counters.refused == 1, "the refusal to be counted")
+            assert server.links == []
+            # The victim itself still links.
+            link = await victim.endpoint.dial("127.0.0.1", server.port)
+            assert link.peer_id == server.node_id
+            (incoming,) = await eventually(lambda: server.links, "the victim's link")
+            assert incoming.peer_id == victim.node_id
+
+    run(main)
+
+
+def test_a_server_claiming_another_nodes_id_is_refused_by_the_client() -> None:
+    async def main() -> None:
+        async with nodes(("liar", SECRET), ("victim", SECRET), ("client", SECRET)) as (
+            liar,
+            victim,
+            client,
+        ):
+            liar.endpoint.node_id = victim.node_id  # its certificate still holds its own key
+            with pytest.raises(quic.AdmissionError, match="certificate's key is node"):
+                await client.endpoint.dial("127.0.0.1", liar.port)
+            assert liar.links == [] and client.links == []
+
+    run(main)
+
+
+def test_a_proof_without_the_clients_signature_is_refused() -> None:
+    """The HMAC alone (what any member can compute) does not prove the Hello's id."""
+
+    async def main() -> None:
+        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+            reader, writer = await client.create_stream()
+            key = ec.generate_private_key(ec.SECP256R1())
+            node_id, nonce = identity.node_id_of(key), os.urandom(16)
+            writer.write(wire.encode_frame(wire.Hello(node_id, nonce, identity.public_der(key))))
+            async with asyncio.timeout(5):
+                challenge = await wire.read_frame(reader)
+            assert isinstance(challenge, wire.Challenge)
+            cert = server.endpoint.cert_digest
+            mac = quic._mac(SECRET, b"client", challenge.nonce, nonce, node_id.encode(), cert)
+            other = ec.generate_private_key(ec.SECP256R1())  # a signature, but not by the key
+            signed = quic._transcript(nonce, challenge.nonce, cert, server.node_id, node_id)
+            writer.write(wire.encode_frame(wire.Proof(mac, identity.sign(other, signed))))
+            async with asyncio.timeout(5):
+                assert await wire.read_frame(reader) == wire.Refused("bad signature")
+            assert await closed_by_server(client, reader) == b""
+            assert server.links == [] and server.counters.refused == 1
+
+    run(main)
+
+
+def test_admission_frames_fit_under_their_cap() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    node_id, der = identity.node_id_of(key), identity.public_der(key)
+    frames = [
+        wire.Hello(node_id, os.urandom(16), der),
+        wire.Challenge(node_id, os.urandom(16), os.urandom(32)),
+        # DER ECDSA signatures are at most 72 bytes.
+        wire.Proof(os.urandom(32), identity.sign(key, b"x") + b"\0" * 2),
+    ]
+    for frame in frames:
+        assert len(wire.encode_frame(frame)) <= quic.ADMISSION_FRAME_BYTES
+
+
+# -- before and after admission ------------------------------------------------------
+
+
+def test_windows_and_streams_are_tiny_before_admission_and_raised_after() -> None:
+    async def main() -> None:
+        async with nodes(("server", SECRET), ("client", SECRET)) as (server, client):
+            async with raw_client(server.port) as stranger:
+                # What the server's transport parameters allowed a stranger.
+                assert stranger._quic._remote_max_data == quic.ADMISSION_WINDOW_BYTES
+                assert stranger._quic._remote_max_streams_bidi == 1
+                assert stranger._quic._remote_max_streams_uni == 0
+            link = await client.endpoint.dial("127.0.0.1", server.port)
+            (incoming,) = await eventually(lambda: server.links, "the server's link")
+            # A frame far over the admission window flows both ways on the control stream...
+            big = wire.Sync(
+                tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(4000))
+            )
+            assert len(wire.encode_frame(big)) > 100 * quic.ADMISSION_WINDOW_BYTES
+            link.send(big)
+            assert await server.frames.get() == big
+            reading = asyncio.ensure_future(client.read(link))
+            incoming.send(big)
+            assert await client.frames.get() == big
+            reading.cancel()
+            # ...and the peer may open as many streams as before.
+            remote = link.protocol._quic
+            await eventually(
+                lambda: remote._remote_max_streams_bidi == quic.PEER_STREAMS,
+                "the server's MAX_STREAMS",
+            )
+            assert remote._remote_max_streams_uni == 0
+
+    run(main)
+
+
+def test_pending_connections_are_capped_per_endpoint_and_per_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(quic, "MAX_PENDING", 3)
+    monkeypatch.setattr(quic, "MAX_PENDING_PER_ADDRESS", 2)
+
+    async def main() -> None:
+        async with nodes(("server", SECRET)) as (server,), contextlib.AsyncExitStack() as held:
+            for host in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
+                await held.enter_async_context(raw_client(server.port, host))
+            for host in ("127.0.0.1", "127.0.0.3"):  # over the address's cap, over the total
+                with pytest.raises(ConnectionError):
+                    await held.enter_async_context(raw_client(server.port, host))
+            assert server.counters.over_pending_cap == 2
+            assert len(server.endpoint.pending) == 3
+            await held.aclose()
+            # Closed connections leave the count: room again.
+            await eventually(lambda: not server.endpoint.pending, "the pending list to empty")
+            async with raw_client(server.port, "127.0.0.1") as again:
+                assert again._quic._close_event is None
+
+    run(main)
