@@ -24,7 +24,7 @@ always a verified id.
 A stranger gets next to nothing. A connection that has not completed
 admission `ADMISSION_TIMEOUT_S` after it was created is closed, whatever it
 sends or does not send. Until then it may open one bidirectional stream and
-no unidirectional one, and its flow-control windows hold
+no unidirectional one, and the connection's flow-control window holds
 `ADMISSION_WINDOW_BYTES`: aioquic buffers data that arrives out of order up
 to the window and grows windows as data arrives, so both are held back
 until admission. Frames before admission are capped at
@@ -99,8 +99,8 @@ ADMISSION_TIMEOUT_S = 5.0
 ADMISSION_FRAME_BYTES = 256
 """Cap on each frame before admission (the largest, a Hello with its key, is ~170 bytes)."""
 ADMISSION_WINDOW_BYTES = 2048
-"""Flow-control window of a connection, and of its one stream, until admission: room
-for the admission frames, and all the memory an unadmitted peer can make us hold."""
+"""Flow-control window of a connection until admission: room for the admission
+frames, and all the stream data an unadmitted peer can make us hold."""
 MAX_PENDING = 64
 """Incoming connections waiting for admission, per endpoint; more are refused at once."""
 MAX_PENDING_PER_ADDRESS = 8
@@ -364,12 +364,7 @@ class MeshProtocol(QuicConnectionProtocol):
         del quic._write_stream_limits
         quic._local_max_data.value = CONNECTION_WINDOW_BYTES
         quic._local_max_streams_bidi.value = PEER_STREAMS
-        quic._local_max_stream_data_bidi_local = STREAM_WINDOW_BYTES
-        quic._local_max_stream_data_bidi_remote = STREAM_WINDOW_BYTES
-        for stream in quic._streams.values():
-            # The admission stream, now the control stream (MAX_STREAM_DATA follows).
-            stream.max_stream_data_local = max(stream.max_stream_data_local, STREAM_WINDOW_BYTES)
-        self._transmit_soon()
+        self._transmit_soon()  # MAX_DATA and MAX_STREAMS
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -537,17 +532,19 @@ def _hold_back_until_admission(quic: QuicConnection) -> None:
 
     Set before the transport parameters are sent (they carry the initial
     limits). The server takes one bidirectional stream (the admission
-    stream), the client none; neither takes unidirectional streams. aioquic
-    doubles a window once half of it is used; until admission no limit is
-    raised: `MeshProtocol.admitted` restores aioquic's methods and raises
-    the limits.
+    stream), the client none; neither takes unidirectional streams. The
+    connection's window bounds all that a peer can make us hold: aioquic
+    counts a stream's bytes up to the highest offset received, gaps included.
+    Stream windows keep their size: a new stream after admission can carry a
+    whole request at once (the peer takes a stream's initial window from the
+    transport parameters, not from later updates). aioquic doubles a window
+    once half of it is used; until admission no limit is raised:
+    `MeshProtocol.admitted` restores aioquic's methods and raises the limits.
     """
     streams = 0 if quic.configuration.is_client else 1
     quic._local_max_data.value = quic._local_max_data.sent = ADMISSION_WINDOW_BYTES
     quic._local_max_streams_bidi.value = quic._local_max_streams_bidi.sent = streams
     quic._local_max_streams_uni.value = quic._local_max_streams_uni.sent = 0
-    quic._local_max_stream_data_bidi_local = ADMISSION_WINDOW_BYTES
-    quic._local_max_stream_data_bidi_remote = ADMISSION_WINDOW_BYTES
     quic._local_max_stream_data_uni = 0
     quic._write_connection_limits = _no_credit  # type: ignore[method-assign]
     quic._write_stream_limits = _no_credit  # type: ignore[method-assign]
@@ -651,7 +648,13 @@ LinkHandler = Callable[[Link], Awaitable[None]]
 
 
 async def _no_streams(link: Link, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    w.close()
+    """An endpoint that serves no streams (the Gossiper's) gives each up at once.
+
+    Released, not only closed: its reader is dropped and what still arrives on
+    it is discarded (`MeshProtocol.release`), instead of piling up in a reader
+    nobody reads; STOP_SENDING and RESET_STREAM tell the peer.
+    """
+    release_stream(reader, w, abort=True)
 
 
 class _CountingServer(QuicServer):
