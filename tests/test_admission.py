@@ -158,6 +158,7 @@ STRANGERS = [silent, floods_gaps, uses_a_unidirectional_stream]
 async def attack(port: int, behave: Callable[[QuicConnectionProtocol], Any]) -> None:
     what = f"{behave.__name__} on port {port}"
     async with stranger(port) as client:
+        assert client._quic._retry_count == 1, "the node did not validate the address first"
         await asyncio.gather(
             behave(client),
             closed_within(client, quic.ADMISSION_TIMEOUT_S + CLOSE_SLACK_S, what),

@@ -423,6 +423,7 @@ def test_windows_and_streams_are_tiny_before_admission_and_raised_after() -> Non
     async def main() -> None:
         async with nodes(("server", SECRET), ("client", SECRET)) as (server, client):
             async with raw_client(server.port) as stranger:
+                assert stranger._quic._retry_count == 1  # its address was validated first
                 # What the server's transport parameters allowed a stranger.
                 assert stranger._quic._remote_max_data == quic.ADMISSION_WINDOW_BYTES
                 assert stranger._quic._remote_max_streams_bidi == 1
@@ -473,3 +474,23 @@ def test_pending_connections_are_capped_per_endpoint_and_per_address(
                 assert again._quic._close_event is None
 
     run(main)
+
+
+def test_an_unauthenticated_node_id_is_logged_quoted(caplog: pytest.LogCaptureFixture) -> None:
+    forged = "\x1b[2J0123456789abcdef\nINFO  gossiper: joined the mesh"
+
+    async def main() -> None:
+        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+            reader, writer = await client.create_stream()
+            key = ec.generate_private_key(ec.SECP256R1())
+            hello = wire.Hello(forged, os.urandom(16), identity.public_der(key))
+            writer.write(wire.encode_frame(hello))
+            assert await closed_by_server(client, reader) == b""
+            await eventually(lambda: server.counters.refused == 1, "the refusal to be counted")
+
+    with caplog.at_level("WARNING", logger="meshllm.mesh.quic"):
+        run(main)
+    (record,) = [r for r in caplog.records if "refused" in r.getMessage()]
+    message = record.getMessage()
+    assert "\x1b" not in message and "\n" not in message and "joined the mesh" not in message
+    assert "'\\x1b[2J0123456789abcdef\\nINFO" in message, message

@@ -786,7 +786,8 @@ class MeshEndpoint:
             if isinstance(exc, TimeoutError):
                 raise AdmissionError(f"{host}:{port} did not complete admission") from None
             if isinstance(exc, wire.WireError):
-                raise AdmissionError(f"{host}:{port} broke the admission protocol: {exc}") from None
+                why = _shown(str(exc), 120)
+                raise AdmissionError(f"{host}:{port} broke the admission protocol: {why}") from None
             if isinstance(exc, asyncio.IncompleteReadError) or (
                 isinstance(exc, ConnectionError) and not isinstance(exc, AdmissionError)
             ):
@@ -875,8 +876,12 @@ class MeshEndpoint:
                 writer.write(wire.encode_frame(wire.Refused("bad signature")))
                 raise AdmissionError(f"node {client_id} did not sign this admission with its key")
             writer.write(wire.encode_frame(wire.Welcome()))
-        except (AdmissionError, wire.WireError, asyncio.IncompleteReadError) as exc:
+        except AdmissionError as exc:
             protocol.refuse(str(exc))
+            return
+        except (wire.WireError, asyncio.IncompleteReadError) as exc:
+            # A decoder's message can quote what the peer sent (a union tag).
+            protocol.refuse(_shown(str(exc), 120))
             return
         link = Link(protocol, client_id, reader, writer, False, protocol.remote_address())
         protocol.admitted(link)
