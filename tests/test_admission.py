@@ -37,6 +37,7 @@ from meshllm.testing import (
     token_of,
     wait_for,
 )
+from tests.test_quic import flood_gaps
 
 pytestmark = pytest.mark.integration
 
@@ -120,36 +121,8 @@ async def uses_a_unidirectional_stream(client: QuicConnectionProtocol) -> None:
 
 
 async def floods_gaps(client: QuicConnectionProtocol) -> None:
-    """Sends one byte at the far end of every window it is given, on many streams.
-
-    Nothing ever arrives at offset 0, so a node buffers the gap before each byte
-    (aioquic keeps out-of-order data up to the window) and a reader never sees a
-    byte. Within the flow-control limits the node announces, as a careful
-    attacker would: the node decides how much it holds, and grows nothing for a
-    peer that is not admitted. Runs until the node closes the connection.
-    """
-    conn = client._quic
-    sent = 0
-    while sent < FLOOD_BUDGET_BYTES and not conn._close_event:
-        for stream_id in range(0, 4 * FLOOD_STREAMS, 4):
-            stream = conn._get_or_create_stream_for_send(stream_id)
-            sender = stream.sender
-            credit = min(
-                stream.max_stream_data_remote - sender.highest_offset,
-                conn._remote_max_data - conn._remote_max_data_used,
-            )
-            if stream.is_blocked or credit < 2 or sender._buffer_start != sender._buffer_stop:
-                continue  # no room, or the last byte is not acknowledged yet
-            # Skip to one byte before the window's end (what aioquic sends from there
-            # on is counted as used credit: the gap is too, as the node counts it).
-            gap = credit - 1
-            sender._buffer_start = sender._buffer_stop = sender.highest_offset + gap
-            sender.highest_offset += gap
-            conn._remote_max_data_used += gap
-            conn.send_stream_data(stream_id, b"x")
-            sent += gap
-        client.transmit()
-        await asyncio.sleep(0.02)
+    """Sends one byte at the far end of every window it is given, on many streams."""
+    await flood_gaps(client, range(0, 4 * FLOOD_STREAMS, 4), FLOOD_BUDGET_BYTES)
 
 
 STRANGERS = [silent, floods_gaps, uses_a_unidirectional_stream]

@@ -10,7 +10,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import pytest
@@ -119,6 +119,45 @@ async def raw_client(port: int, host: str = "127.0.0.1") -> AsyncIterator[QuicCo
             async with asyncio.timeout(2):
                 await protocol.wait_closed()
         transport.close()
+
+
+async def flood_gaps(
+    client: QuicConnectionProtocol, stream_ids: Iterable[int], budget: int, patience: int = 20
+) -> int:
+    """Send one byte at the far end of every window given, on `stream_ids`; the gaps made.
+
+    Nothing arrives in order, so the receiver buffers the gap before each byte
+    (aioquic keeps out-of-order data up to the window) and a reader never sees
+    a byte. Within the flow-control limits the receiver announces, as a careful
+    attacker would: the receiver decides how much it holds. Stops when the
+    connection ends, when `budget` bytes of gaps are made, or after `patience`
+    rounds in a row without credit.
+    """
+    conn = client._quic
+    made = idle = 0
+    while made < budget and idle < patience and not conn._close_event:
+        idle += 1
+        for stream_id in stream_ids:
+            stream = conn._get_or_create_stream_for_send(stream_id)
+            sender = stream.sender
+            credit = min(
+                stream.max_stream_data_remote - sender.highest_offset,
+                conn._remote_max_data - conn._remote_max_data_used,
+            )
+            if stream.is_blocked or credit < 2 or sender._buffer_start != sender._buffer_stop:
+                continue  # no room, or the last byte is not acknowledged yet
+            # Skip to one byte before the window's end; the gap counts as sent,
+            # as the receiver counts it.
+            gap = credit - 1
+            sender._buffer_start = sender._buffer_stop = sender.highest_offset + gap
+            sender.highest_offset += gap
+            conn._remote_max_data_used += gap
+            conn.send_stream_data(stream_id, b"x")
+            client.transmit()  # the byte takes its credit before the next stream's share
+            made += gap
+            idle = 0
+        await asyncio.sleep(0.02)
+    return made
 
 
 async def closed_by_server(client: QuicConnectionProtocol, reader: asyncio.StreamReader) -> bytes:
@@ -494,3 +533,19 @@ def test_an_unauthenticated_node_id_is_logged_quoted(caplog: pytest.LogCaptureFi
     message = record.getMessage()
     assert "\x1b" not in message and "\n" not in message and "joined the mesh" not in message
     assert "'\\x1b[2J0123456789abcdef\\nINFO" in message, message
+
+
+def test_gaps_do_not_grow_a_members_windows() -> None:
+    """After admission too: windows grow with data delivered in order, not with gaps."""
+    budget = 4 * quic.CONNECTION_WINDOW_BYTES
+
+    async def main() -> None:
+        async with nodes(("server", SECRET), ("member", SECRET)) as (server, member):
+            link = await member.endpoint.dial("127.0.0.1", server.port)
+            (incoming,) = await eventually(lambda: server.links, "the server's link")
+            made = await flood_gaps(link.protocol, range(4, 4 * 17, 4), budget)
+            held = sum(len(s.receiver._buffer) for s in incoming.protocol._quic._streams.values())
+            assert made <= quic.CONNECTION_WINDOW_BYTES, f"the member made {made} bytes of gaps"
+            assert held <= quic.CONNECTION_WINDOW_BYTES, f"the server holds {held} bytes"
+
+    run(main)

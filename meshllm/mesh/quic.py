@@ -26,15 +26,15 @@ admission `ADMISSION_TIMEOUT_S` after it was created is closed, whatever it
 sends or does not send. Until then it may open one bidirectional stream and
 no unidirectional one, and the connection's flow-control window holds
 `ADMISSION_WINDOW_BYTES`: aioquic buffers data that arrives out of order up
-to the window and grows windows as data arrives, so both are held back
-until admission. Frames before admission are capped at
-`ADMISSION_FRAME_BYTES`. Connections waiting for admission are capped per
-endpoint and per source address, and the server validates a client's
-address with a QUIC Retry before it keeps any state for it. A peer that
-opens any other stream first, sends garbage, or is too slow is
-disconnected. After admission the first stream carries framed control
-messages (`Link.send`); other streams are handed to the endpoint's stream
-handler (the Tunnel's HTTP streams).
+to the window, and grows windows as data arrives, so no window grows until
+admission (and after it, only with data delivered in order). Frames before
+admission are capped at `ADMISSION_FRAME_BYTES`. Connections waiting for
+admission are capped per endpoint and per source address, and the server
+validates a client's address with a QUIC Retry before it keeps any state
+for it. A peer that opens any other stream first, sends garbage, or is too
+slow is disconnected. After admission the first stream carries framed
+control messages (`Link.send`); other streams are handed to the endpoint's
+stream handler (the Tunnel's HTTP streams).
 
 Every adaptation of aioquic lives in this module, and `pyproject.toml` pins
 the aioquic versions it was tested against: the pacer for uvloop's
@@ -359,9 +359,7 @@ class MeshProtocol(QuicConnectionProtocol):
             self._deadline = None
         self.endpoint.pending.pop(self, None)
         quic = self._quic
-        # aioquic's own methods again: credit grows with the data that arrives.
-        del quic._write_connection_limits
-        del quic._write_stream_limits
+        _grow_credit_with_delivery(quic)
         quic._local_max_data.value = CONNECTION_WINDOW_BYTES
         quic._local_max_streams_bidi.value = PEER_STREAMS
         self._transmit_soon()  # MAX_DATA and MAX_STREAMS
@@ -554,6 +552,49 @@ def _no_credit(
     builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream | None = None
 ) -> None:
     """Stands in for aioquic's MAX_DATA / MAX_STREAMS / MAX_STREAM_DATA writers before admission."""
+
+
+def _grow_credit_with_delivery(quic: QuicConnection) -> None:
+    """After admission: aioquic's growth of windows, counting only data delivered in order.
+
+    aioquic doubles a stream's window once the highest offset received passes
+    half of it, and the connection's once the bytes up to every stream's
+    highest offset do: a member that sends each byte far past a gap makes the
+    windows, and the gaps we buffer, grow without end. Here the doubling looks
+    at what was delivered in order instead (the same, on a stream without
+    gaps), so out-of-order data held for one peer stays within the windows
+    it was first given (`CONNECTION_WINDOW_BYTES` in all). Data delivered to
+    a reader that does not read is that reader's to bound.
+    """
+
+    def stream_limits(
+        builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        receiver = stream.receiver
+        highest = receiver.highest_offset
+        receiver.highest_offset = receiver._buffer_start  # what aioquic's doubling reads
+        try:
+            QuicConnection._write_stream_limits(quic, builder=builder, space=space, stream=stream)
+        finally:
+            receiver.highest_offset = highest
+
+    def connection_limits(builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        limit = quic._local_max_data
+        if limit.used * 2 <= limit.value:  # aioquic would not double: nothing to correct
+            QuicConnection._write_connection_limits(quic, builder=builder, space=space)
+            return
+        used = limit.used
+        limit.used -= sum(
+            stream.receiver.highest_offset - stream.receiver._buffer_start
+            for stream in quic._streams.values()
+        )
+        try:
+            QuicConnection._write_connection_limits(quic, builder=builder, space=space)
+        finally:
+            limit.used = used
+
+    quic._write_stream_limits = stream_limits  # type: ignore[method-assign]
+    quic._write_connection_limits = connection_limits  # type: ignore[method-assign]
 
 
 def _may_have_to_send(quic: QuicConnection, now: float) -> bool:
