@@ -537,7 +537,8 @@ def _hold_back_until_admission(quic: QuicConnection) -> None:
     whole request at once (the peer takes a stream's initial window from the
     transport parameters, not from later updates). aioquic doubles a window
     once half of it is used; until admission no limit is raised:
-    `MeshProtocol.admitted` restores aioquic's methods and raises the limits.
+    `MeshProtocol.admitted` raises the limits and lets windows grow again
+    (`_grow_credit_with_delivery`).
     """
     streams = 0 if quic.configuration.is_client else 1
     quic._local_max_data.value = quic._local_max_data.sent = ADMISSION_WINDOW_BYTES
