@@ -22,9 +22,8 @@ import msgspec
 
 from meshllm import __version__
 from meshllm.mesh import gossip, wire
-from meshllm.mesh.identity import load_or_create_key
 from meshllm.mesh.membership import boot_generation
-from meshllm.mesh.quic import Link, MeshEndpoint
+from meshllm.mesh.quic import Link, MeshEndpoint, key_from_pem
 from meshllm.mesh.token import InvalidToken, decode_token, split_address
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
@@ -71,7 +70,7 @@ class Gossiper(Actor):
         self.tasks: set[asyncio.Task[None]] = set()
         self.timer: asyncio.TimerHandle | None = None
         self.endpoint = MeshEndpoint(
-            cfg.node_id, cfg.mesh_secret, load_or_create_key(None), self._on_link
+            cfg.node_id, cfg.mesh_secret, key_from_pem(self.resources["key"]), self._on_link
         )
         await self.endpoint.listen(self.resources["socket"])
         self._spawn(self._write_traffic_forever())

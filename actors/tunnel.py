@@ -14,8 +14,7 @@ import gc
 import os
 import socket
 
-from meshllm.mesh.identity import load_or_create_key
-from meshllm.mesh.quic import MeshEndpoint
+from meshllm.mesh.quic import MeshEndpoint, key_from_pem
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.tunnel.client import TunnelClient
@@ -35,7 +34,7 @@ class Tunnel(Actor):
         self.endpoint = MeshEndpoint(
             self.config.node_id,
             self.config.mesh_secret,
-            load_or_create_key(None),
+            key_from_pem(self.resources["key"]),
             # Incoming links need no setup (their streams go to `handle_stream`), but
             # their control stream must not buffer what a member sends there.
             on_link=guard_control,

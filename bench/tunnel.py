@@ -73,8 +73,8 @@ from bench.common import (
 )
 from bench.proxy import new_loop
 from meshllm.http.upstream import Pool
-from meshllm.mesh.identity import load_or_create_key
-from meshllm.mesh.quic import Link, MeshEndpoint
+from meshllm.mesh.identity import load_or_create_key, node_id_of
+from meshllm.mesh.quic import Link, MeshEndpoint, key_from_pem, key_to_pem
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.runtime.messages import LocalServerState, MeshView
 from meshllm.runtime.procutil import die_with_parent
@@ -200,7 +200,7 @@ async def _accept(link: Link) -> None:
     pass
 
 
-def remote_main(secret: bytes, kind: str, conn: Connection) -> None:
+def remote_main(secret: bytes, kind: str, conn: Connection, key_pem: bytes) -> None:
     """The remote side, in its own process, until the bench says stop (or dies)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the bench; it stops us
@@ -213,9 +213,8 @@ def remote_main(secret: bytes, kind: str, conn: Connection) -> None:
         )
         upstream_port = upstream.sockets[0].getsockname()[1]
         server = TunnelServer(LocalServerState(model=MODEL, state="ready", port=upstream_port))
-        remote = MeshEndpoint(
-            "remote", secret, load_or_create_key(None), _accept, server.handle_stream
-        )
+        key = key_from_pem(key_pem)
+        remote = MeshEndpoint(node_id_of(key), secret, key, _accept, server.handle_stream)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.bind(("127.0.0.1", 0))
         await remote.listen(udp)
@@ -281,6 +280,7 @@ class Rig:
     raw_config: QuicConfiguration
     remote_pid: int
     pipe: Connection
+    remote_id: str
 
     def remote_state(self) -> dict[str, Any]:
         self.pipe.send("state")
@@ -293,10 +293,15 @@ class Rig:
 @contextlib.asynccontextmanager
 async def rig(tmp: Path, kind: str) -> AsyncIterator[Rig]:
     secret = os.urandom(32)
+    remote_key = load_or_create_key(None)  # a node's id is its key's: admission checks it
+    remote_id = node_id_of(remote_key)
     mp = multiprocessing.get_context("spawn")
     ours, theirs = mp.Pipe()
     proc = mp.Process(
-        target=remote_main, args=(secret, kind, theirs), name="bench-tunnel-remote", daemon=True
+        target=remote_main,
+        args=(secret, kind, theirs, key_to_pem(remote_key)),
+        name="bench-tunnel-remote",
+        daemon=True,
     )
     proc.start()
     local: MeshEndpoint | None = None
@@ -308,10 +313,11 @@ async def rig(tmp: Path, kind: str) -> AsyncIterator[Rig]:
                 raise RuntimeError("the remote side did not start")
             await asyncio.sleep(0.02)
         tunnel_port, raw_port = ours.recv()
-        local = MeshEndpoint("local", secret, load_or_create_key(None), _accept)
+        local_key = load_or_create_key(None)
+        local = MeshEndpoint(node_id_of(local_key), secret, local_key, _accept)
         client = TunnelClient(local)
         peer = PeerAnnouncement(
-            node_id="remote", generation=1, addresses=("127.0.0.1:1",), tunnel_port=tunnel_port
+            node_id=remote_id, generation=1, addresses=("127.0.0.1:1",), tunnel_port=tunnel_port
         )
         client.set_view(MeshView("local", (peer,)))
         unix_path = str(tmp / "tunnel.sock")
@@ -320,7 +326,7 @@ async def rig(tmp: Path, kind: str) -> AsyncIterator[Rig]:
         raw_config = local._config(True)
         raw_config.server_name = "127.0.0.1"
         assert proc.pid is not None
-        yield Rig(unix_path, client, raw_port, raw_config, proc.pid, ours)
+        yield Rig(unix_path, client, raw_port, raw_config, proc.pid, ours, remote_id)
     finally:
         if client is not None:
             await client.close()
@@ -347,7 +353,7 @@ async def fetch_tunnel(rig: Rig, size: int) -> tuple[int, float]:
     pool = Pool("meshllm-tunnel", 0, unix_path=rig.unix_path)
     try:
         t0 = time.perf_counter()
-        route = TunnelRoute(pool, "remote", MODEL)
+        route = TunnelRoute(pool, rig.remote_id, MODEL)
         resp = await route.request("POST", "/v1/completions", str(size).encode())
         if resp.status != 200:
             raise RuntimeError(f"tunnel answered {resp.status}: {(await resp.body())[:200]!r}")
@@ -380,7 +386,7 @@ async def one_transfer(rig: Rig, path: str, size: int) -> tuple[int, float, floa
         return time.process_time() + cpu_seconds(rig.remote_pid)
 
     if path == "tunnel":
-        rig.client.drop_peer("remote", "bench: a fresh connection per repetition")
+        rig.client.drop_peer(rig.remote_id, "bench: a fresh connection per repetition")
         await fetch_tunnel(rig, WARM_BYTES)  # dial, admission, first stream
         c0 = cpu()
         got, secs = await fetch_tunnel(rig, size)
@@ -412,7 +418,7 @@ async def used_link(rig: Rig, plan: Plan) -> dict[str, Any]:
     quiet LAN) aioquic's window keeps growing in slow start; what that does
     to the pacer depends on the event loop's clock (see the module docstring).
     """
-    rig.client.drop_peer("remote", "bench: a fresh link")
+    rig.client.drop_peer(rig.remote_id, "bench: a fresh link")
     await fetch_tunnel(rig, WARM_BYTES)
     fresh_ms = await probe_latency(rig, plan.probes)
     fresh_state = rig.remote_state().get("tunnel", {})

@@ -324,3 +324,38 @@ def running_node(
         node.stop()
         if not keep_home:
             shutil.rmtree(home, ignore_errors=True)
+
+
+MESH_ENDPOINT_LINE = re.compile(rb"mesh endpoint on \S+:(\d+)\s")
+TUNNEL_PORT_LINE = re.compile(rb"tunnel on udp port (\d+)\s")
+
+
+def quic_ports(node: NodeProcess, timeout: float = 30) -> tuple[int, int]:
+    """The node's two QUIC ports, gossip and tunnel, as its log states them."""
+
+    def read() -> tuple[int, int] | None:
+        text = node.log_path.read_bytes()
+        gossip, tunnel = MESH_ENDPOINT_LINE.search(text), TUNNEL_PORT_LINE.search(text)
+        return (int(gossip.group(1)), int(tunnel.group(1))) if gossip and tunnel else None
+
+    ports: tuple[int, int] = wait_for(read, timeout, f"the QUIC ports in {node.log_path}")
+    return ports
+
+
+def group_rss_kib(node: NodeProcess) -> int:
+    """Resident memory (VmRSS, KiB) of every process in the node's process group.
+
+    The QUIC endpoints live in actor processes, not in the root: all count.
+    """
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != node.proc.pid:  # the process group (field 5)
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        total += int(rss.group(1)) if rss else 0
+    return total

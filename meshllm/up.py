@@ -16,6 +16,7 @@ from typing import Any
 import uvloop
 
 from meshllm.mesh.identity import load_or_create_key, node_id_of
+from meshllm.mesh.quic import key_to_pem
 from meshllm.mesh.token import (
     InvalidToken,
     InviteToken,
@@ -246,10 +247,12 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         gossip_port=gossip_port,
         tunnel_port=tunnel_sock.getsockname()[1],
     )
-    resources = {
+    resources: dict[str, dict[str, Any]] = {
         "proxy": {"socket": sock},
-        "gossiper": {"socket": gossip_sock},
-        "tunnel": {"socket": tunnel_sock},
+        # Both endpoints prove the node's id with its key (a process takes bytes, not
+        # key objects): see meshllm.mesh.quic.
+        "gossiper": {"socket": gossip_sock, "key": key_to_pem(key)},
+        "tunnel": {"socket": tunnel_sock, "key": key_to_pem(key)},
     }
     return config, resources, token, lock_fd
 
@@ -276,7 +279,8 @@ def run(opts: UpOptions) -> int:
     finally:
         for actor_resources in resources.values():
             for resource in actor_resources.values():
-                resource.close()
+                if isinstance(resource, socket.socket):
+                    resource.close()
         cleanup_run_dir(config.run_dir)
         os.close(lock_fd)
     log.info("node stopped (%s)", reason)

@@ -10,7 +10,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import pytest
@@ -19,7 +19,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshllm.mesh import quic, wire
+from meshllm.mesh import identity, quic, wire
 
 SECRET = b"k" * 32
 OTHER_SECRET = b"x" * 32
@@ -49,13 +49,18 @@ async def eventually(check: Callable[[], T], what: str, timeout: float = 5.0) ->
 
 
 class Node:
-    """A MeshEndpoint listening on 127.0.0.1 that records links and the frames on them."""
+    """A MeshEndpoint listening on 127.0.0.1 that records links and the frames on them.
 
-    def __init__(self, node_id: str, secret: bytes = SECRET) -> None:
+    `name` is for the test's reader; the node id is its key's, as on every node.
+    """
+
+    def __init__(self, name: str, secret: bytes = SECRET) -> None:
+        self.name = name
         self.links: list[quic.Link] = []
         self.frames: asyncio.Queue[wire.WireMessage] = asyncio.Queue()
-        key = ec.generate_private_key(ec.SECP256R1())
-        self.endpoint = quic.MeshEndpoint(node_id, secret, key, self.on_link)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.node_id = identity.node_id_of(self.key)
+        self.endpoint = quic.MeshEndpoint(self.node_id, secret, self.key, self.on_link)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
@@ -91,14 +96,14 @@ async def nodes(*specs: tuple[str, bytes]) -> AsyncIterator[list[Node]]:
 
 
 @contextlib.asynccontextmanager
-async def raw_client(port: int) -> AsyncIterator[QuicConnectionProtocol]:
+async def raw_client(port: int, host: str = "127.0.0.1") -> AsyncIterator[QuicConnectionProtocol]:
     """A plain aioquic client: completes the QUIC handshake, knows nothing of admission."""
     loop = asyncio.get_running_loop()
     config = QuicConfiguration(is_client=True, alpn_protocols=[quic.ALPN])
     config.verify_mode = ssl.CERT_NONE
     config.server_name = "127.0.0.1"
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: QuicConnectionProtocol(QuicConnection(configuration=config)), sock=sock
     )
@@ -116,6 +121,45 @@ async def raw_client(port: int) -> AsyncIterator[QuicConnectionProtocol]:
         transport.close()
 
 
+async def flood_gaps(
+    client: QuicConnectionProtocol, stream_ids: Iterable[int], budget: int, patience: int = 20
+) -> int:
+    """Send one byte at the far end of every window given, on `stream_ids`; the gaps made.
+
+    Nothing arrives in order, so the receiver buffers the gap before each byte
+    (aioquic keeps out-of-order data up to the window) and a reader never sees
+    a byte. Within the flow-control limits the receiver announces, as a careful
+    attacker would: the receiver decides how much it holds. Stops when the
+    connection ends, when `budget` bytes of gaps are made, or after `patience`
+    rounds in a row without credit.
+    """
+    conn = client._quic
+    made = idle = 0
+    while made < budget and idle < patience and not conn._close_event:
+        idle += 1
+        for stream_id in stream_ids:
+            stream = conn._get_or_create_stream_for_send(stream_id)
+            sender = stream.sender
+            credit = min(
+                stream.max_stream_data_remote - sender.highest_offset,
+                conn._remote_max_data - conn._remote_max_data_used,
+            )
+            if stream.is_blocked or credit < 2 or sender._buffer_start != sender._buffer_stop:
+                continue  # no room, or the last byte is not acknowledged yet
+            # Skip to one byte before the window's end; the gap counts as sent,
+            # as the receiver counts it.
+            gap = credit - 1
+            sender._buffer_start = sender._buffer_stop = sender.highest_offset + gap
+            sender.highest_offset += gap
+            conn._remote_max_data_used += gap
+            conn.send_stream_data(stream_id, b"x")
+            client.transmit()  # the byte takes its credit before the next stream's share
+            made += gap
+            idle = 0
+        await asyncio.sleep(0.02)
+    return made
+
+
 async def closed_by_server(client: QuicConnectionProtocol, reader: asyncio.StreamReader) -> bytes:
     """Wait until the server ends the connection; what it sent on the stream before."""
     async with asyncio.timeout(5):
@@ -127,24 +171,29 @@ def test_same_secret_is_admitted_and_frames_flow_both_ways() -> None:
     async def main() -> None:
         async with nodes(("server", SECRET), ("client", SECRET)) as (server, client):
             link = await client.endpoint.dial("127.0.0.1", server.port)
-            assert link.peer_id == "server" and link.dialed
+            assert link.peer_id == server.node_id and link.dialed
             (incoming,) = await eventually(lambda: server.links, "the server's link")
-            assert incoming.peer_id == "client" and not incoming.dialed
+            assert incoming.peer_id == client.node_id and not incoming.dialed
             assert incoming.remote[0] == "127.0.0.1"
 
             reading = asyncio.ensure_future(client.read(link))
             link.send(wire.Probe(7))
-            link.send(wire.Sync((wire.PeerAnnouncement(node_id="client", generation=1),)))
+            link.send(wire.Sync((wire.PeerAnnouncement(node_id=client.node_id, generation=1),)))
             assert await server.frames.get() == wire.Probe(7)
             assert isinstance(await server.frames.get(), wire.Sync)
             assert await client.frames.get() == wire.ProbeAck(7)
-            incoming.send(wire.Digest({"server": 3}))
-            assert await client.frames.get() == wire.Digest({"server": 3})
+            incoming.send(wire.Digest({server.node_id: 3}))
+            assert await client.frames.get() == wire.Digest({server.node_id: 3})
 
             # further streams (the Tunnel's) reach the stream handler only after admission
             reader, writer = await link.open_stream()
             writer.write(b"tunnel bytes")
-            assert await reader.read() == b""  # default handler closes it
+            with pytest.raises(ConnectionResetError):  # the default handler gives it up
+                await reader.read()
+            # and forgets it: no reader is left to hold what might still come
+            stream_id = writer.get_extra_info("stream_id")
+            assert stream_id not in incoming.protocol._stream_readers
+            assert stream_id in incoming.protocol.abandoned
             assert server.counters == quic.Counters()
             assert client.counters == quic.Counters()
             reading.cancel()
@@ -190,10 +239,12 @@ def test_a_wrong_proof_gets_refused_and_counted() -> None:
     async def main() -> None:
         async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
             reader, writer = await client.create_stream()
-            writer.write(wire.encode_frame(wire.Hello("intruder", os.urandom(16))))
+            key = ec.generate_private_key(ec.SECP256R1())
+            hello = wire.Hello(identity.node_id_of(key), os.urandom(16), identity.public_der(key))
+            writer.write(wire.encode_frame(hello))
             async with asyncio.timeout(5):
                 challenge = await wire.read_frame(reader)
-            assert isinstance(challenge, wire.Challenge) and challenge.node_id == "server"
+            assert isinstance(challenge, wire.Challenge) and challenge.node_id == server.node_id
             writer.write(wire.encode_frame(wire.Proof(b"\0" * 32)))
             async with asyncio.timeout(5):
                 assert await wire.read_frame(reader) == wire.Refused("wrong mesh secret")
@@ -229,13 +280,21 @@ def test_a_raw_client_sending_garbage_is_disconnected_and_counted(garbage: bytes
     run(main)
 
 
-def test_a_second_stream_before_admission_is_disconnected_and_counted() -> None:
+@pytest.mark.parametrize("unidirectional", [False, True], ids=["bidi", "uni"])
+def test_a_second_stream_before_admission_is_disconnected_and_counted(
+    unidirectional: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quic, "ADMISSION_TIMEOUT_S", 60.0)  # closed for the stream, not late
+
     async def main() -> None:
         async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
             first_reader, first = await client.create_stream()
             first.write(b"\x00\x00")  # half a header: admission waits for more
             await asyncio.sleep(0.05)
-            _, second = await client.create_stream()
+            # The server allows one stream before admission; a hostile client ignores that.
+            client._quic._remote_max_streams_bidi = client._quic._remote_max_streams_uni = 8
+            client._quic._remote_max_stream_data_uni = 1 << 20
+            _, second = await client.create_stream(is_unidirectional=unidirectional)
             second.write(b"POST /v1/chat/completions HTTP/1.1\r\n\r\n")
             assert await closed_by_server(client, first_reader) == b""
             await eventually(lambda: server.counters.refused == 1, "the refusal to be counted")
@@ -312,3 +371,181 @@ def test_a_dial_that_times_out_leaves_no_unretrieved_error(
     with caplog.at_level("ERROR", logger="asyncio"):
         run(main)
     assert "never retrieved" not in caplog.text
+
+
+# -- identity bound to keys -------------------------------------------------------
+
+
+def test_an_endpoint_refuses_a_node_id_that_is_not_its_key() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(ValueError, match="not the id of the key"):
+        quic.MeshEndpoint("someone-else", SECRET, key, Node("x").on_link)
+
+
+def test_a_client_claiming_another_nodes_id_is_refused() -> None:
+    async def main() -> None:
+        async with nodes(("server", SECRET), ("victim", SECRET), ("liar", SECRET)) as (
+            server,
+            victim,
+            liar,
+        ):
+            liar.endpoint.node_id = victim.node_id  # holds the secret, not the victim's key
+            with pytest.raises(quic.AdmissionError, match="closed the connection"):
+                await liar.endpoint.dial("127.0.0.1", server.port)
+            await eventually(lambda: server.counters.refused == 1, "the refusal to be counted")
+            assert server.links == []
+            # The victim itself still links.
+            link = await victim.endpoint.dial("127.0.0.1", server.port)
+            assert link.peer_id == server.node_id
+            (incoming,) = await eventually(lambda: server.links, "the victim's link")
+            assert incoming.peer_id == victim.node_id
+
+    run(main)
+
+
+def test_a_server_claiming_another_nodes_id_is_refused_by_the_client() -> None:
+    async def main() -> None:
+        async with nodes(("liar", SECRET), ("victim", SECRET), ("client", SECRET)) as (
+            liar,
+            victim,
+            client,
+        ):
+            liar.endpoint.node_id = victim.node_id  # its certificate still holds its own key
+            with pytest.raises(quic.AdmissionError, match="certificate's key is node"):
+                await client.endpoint.dial("127.0.0.1", liar.port)
+            assert liar.links == [] and client.links == []
+
+    run(main)
+
+
+def test_a_proof_without_the_clients_signature_is_refused() -> None:
+    """The HMAC alone (what any member can compute) does not prove the Hello's id."""
+
+    async def main() -> None:
+        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+            reader, writer = await client.create_stream()
+            key = ec.generate_private_key(ec.SECP256R1())
+            node_id, nonce = identity.node_id_of(key), os.urandom(16)
+            writer.write(wire.encode_frame(wire.Hello(node_id, nonce, identity.public_der(key))))
+            async with asyncio.timeout(5):
+                challenge = await wire.read_frame(reader)
+            assert isinstance(challenge, wire.Challenge)
+            cert = server.endpoint.cert_digest
+            mac = quic._mac(SECRET, b"client", challenge.nonce, nonce, node_id.encode(), cert)
+            other = ec.generate_private_key(ec.SECP256R1())  # a signature, but not by the key
+            signed = quic._transcript(nonce, challenge.nonce, cert, server.node_id, node_id)
+            writer.write(wire.encode_frame(wire.Proof(mac, identity.sign(other, signed))))
+            async with asyncio.timeout(5):
+                assert await wire.read_frame(reader) == wire.Refused("bad signature")
+            assert await closed_by_server(client, reader) == b""
+            assert server.links == [] and server.counters.refused == 1
+
+    run(main)
+
+
+def test_admission_frames_fit_under_their_cap() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    node_id, der = identity.node_id_of(key), identity.public_der(key)
+    frames: list[wire.WireMessage] = [
+        wire.Hello(node_id, os.urandom(16), der),
+        wire.Challenge(node_id, os.urandom(16), os.urandom(32)),
+        wire.Proof(os.urandom(32), os.urandom(72)),  # DER ECDSA P-256: 72 bytes at most
+    ]
+    for frame in frames:
+        assert len(wire.encode_frame(frame)) <= quic.ADMISSION_FRAME_BYTES
+
+
+# -- before and after admission ------------------------------------------------------
+
+
+def test_windows_and_streams_are_tiny_before_admission_and_raised_after() -> None:
+    async def main() -> None:
+        async with nodes(("server", SECRET), ("client", SECRET)) as (server, client):
+            async with raw_client(server.port) as stranger:
+                assert stranger._quic._retry_count == 1  # its address was validated first
+                # What the server's transport parameters allowed a stranger.
+                assert stranger._quic._remote_max_data == quic.ADMISSION_WINDOW_BYTES
+                assert stranger._quic._remote_max_streams_bidi == 1
+                assert stranger._quic._remote_max_streams_uni == 0
+            link = await client.endpoint.dial("127.0.0.1", server.port)
+            (incoming,) = await eventually(lambda: server.links, "the server's link")
+            # A frame far over the admission window flows both ways on the control stream...
+            big = wire.Sync(
+                tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(4000))
+            )
+            assert len(wire.encode_frame(big)) > 100 * quic.ADMISSION_WINDOW_BYTES
+            link.send(big)
+            assert await server.frames.get() == big
+            reading = asyncio.ensure_future(client.read(link))
+            incoming.send(big)
+            assert await client.frames.get() == big
+            reading.cancel()
+            # ...and the peer may open as many streams as before.
+            remote = link.protocol._quic
+            await eventually(
+                lambda: remote._remote_max_streams_bidi == quic.PEER_STREAMS,
+                "the server's MAX_STREAMS",
+            )
+            assert remote._remote_max_streams_uni == 0
+
+    run(main)
+
+
+def test_pending_connections_are_capped_per_endpoint_and_per_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(quic, "MAX_PENDING", 3)
+    monkeypatch.setattr(quic, "MAX_PENDING_PER_ADDRESS", 2)
+
+    async def main() -> None:
+        async with nodes(("server", SECRET)) as (server,), contextlib.AsyncExitStack() as held:
+            for host in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
+                await held.enter_async_context(raw_client(server.port, host))
+            for host in ("127.0.0.1", "127.0.0.3"):  # over the address's cap, over the total
+                with pytest.raises(ConnectionError):
+                    await held.enter_async_context(raw_client(server.port, host))
+            assert server.counters.over_pending_cap == 2
+            assert len(server.endpoint.pending) == 3
+            await held.aclose()
+            # Closed connections leave the count: room again.
+            await eventually(lambda: not server.endpoint.pending, "the pending list to empty")
+            async with raw_client(server.port, "127.0.0.1") as again:
+                assert again._quic._close_event is None
+
+    run(main)
+
+
+def test_an_unauthenticated_node_id_is_logged_quoted(caplog: pytest.LogCaptureFixture) -> None:
+    forged = "\x1b[2J0123456789abcdef\nINFO  gossiper: joined the mesh"
+
+    async def main() -> None:
+        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+            reader, writer = await client.create_stream()
+            key = ec.generate_private_key(ec.SECP256R1())
+            hello = wire.Hello(forged, os.urandom(16), identity.public_der(key))
+            writer.write(wire.encode_frame(hello))
+            assert await closed_by_server(client, reader) == b""
+            await eventually(lambda: server.counters.refused == 1, "the refusal to be counted")
+
+    with caplog.at_level("WARNING", logger="meshllm.mesh.quic"):
+        run(main)
+    (record,) = [r for r in caplog.records if "refused" in r.getMessage()]
+    message = record.getMessage()
+    assert "\x1b" not in message and "\n" not in message and "joined the mesh" not in message
+    assert "'\\x1b[2J0123456789abcdef\\nINFO" in message, message
+
+
+def test_gaps_do_not_grow_a_members_windows() -> None:
+    """After admission too: windows grow with data delivered in order, not with gaps."""
+    budget = 4 * quic.CONNECTION_WINDOW_BYTES
+
+    async def main() -> None:
+        async with nodes(("server", SECRET), ("member", SECRET)) as (server, member):
+            link = await member.endpoint.dial("127.0.0.1", server.port)
+            (incoming,) = await eventually(lambda: server.links, "the server's link")
+            made = await flood_gaps(link.protocol, range(4, 4 * 17, 4), budget)
+            held = sum(len(s.receiver._buffer) for s in incoming.protocol._quic._streams.values())
+            assert made <= quic.CONNECTION_WINDOW_BYTES, f"the member made {made} bytes of gaps"
+            assert held <= quic.CONNECTION_WINDOW_BYTES, f"the server holds {held} bytes"
+
+    run(main)

@@ -32,8 +32,8 @@ from meshllm.http.errors import error_response
 from meshllm.http.proxy import ProxyApp
 from meshllm.http.upstream import Pool, Response, UpstreamError
 from meshllm.mesh import wire
-from meshllm.mesh.identity import load_or_create_key
-from meshllm.mesh.quic import Link, MeshEndpoint, release_stream
+from meshllm.mesh.identity import load_or_create_key, node_id_of
+from meshllm.mesh.quic import Link, MeshEndpoint, key_to_pem, release_stream
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.runtime.bus import Bus
 from meshllm.runtime.config import NodeConfig
@@ -82,6 +82,10 @@ WAIT_S = 5.0
 PROMPT_S = 2.0
 """What "promptly" means when a peer dies: far below any read timeout."""
 SECRET = b"tunnel-test-secret-0123456789abc"
+KEYS = {name: load_or_create_key(None) for name in ("remote", "local", "evil")}
+"""The test nodes' keys: a node's id is its key's (peers check it on every link)."""
+REMOTE, LOCAL, EVIL = (node_id_of(KEYS[name]) for name in ("remote", "local", "evil"))
+KEY_OF = {node_id_of(key): key for key in KEYS.values()}
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
@@ -330,7 +334,7 @@ class Mesh:
     suspects: list[tuple[str, str]] = field(default_factory=list)
 
     async def request(
-        self, body: bytes = b'{"model": "demo"}', node: str = "remote", model: str = "demo"
+        self, body: bytes = b'{"model": "demo"}', node: str = REMOTE, model: str = "demo"
     ) -> Response:
         route = TunnelRoute(self.pool, node, model)
         return await route.request("POST", "/v1/chat/completions", body, HEADERS)
@@ -357,13 +361,11 @@ async def mesh(
     async with FakeServer(respond) as llama:
         ready = LocalServerState(model=model, state="ready", port=llama.port)
         server = TunnelServer(ready, **(server_kwargs or {}))
-        remote = MeshEndpoint(
-            "remote", SECRET, load_or_create_key(None), _no_setup, server.handle_stream
-        )
+        remote = MeshEndpoint(REMOTE, SECRET, KEYS["remote"], _no_setup, server.handle_stream)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.bind(("127.0.0.1", 0))
         await remote.listen(udp)
-        local = MeshEndpoint("local", SECRET, load_or_create_key(None), _no_setup)
+        local = MeshEndpoint(LOCAL, SECRET, KEYS["local"], _no_setup)
         suspects: list[tuple[str, str]] = []
 
         async def suspect(node_id: str, reason: str) -> None:
@@ -372,7 +374,7 @@ async def mesh(
         client_kwargs.setdefault("unknown_peer_wait_s", 0.05)
         client = TunnelClient(local, suspect=suspect, **client_kwargs)
         port = udp.getsockname()[1]
-        client.set_view(MeshView("local", (peer("remote", port),)))
+        client.set_view(MeshView("local", (peer(REMOTE, port),)))
         path = str(tmp_path / "t.sock")
         await client.serve(path)
         pool = Pool("meshllm-tunnel", 0, unix_path=path)
@@ -475,7 +477,7 @@ def test_round_trip_with_content_length(tmp_path: Path) -> None:
                 assert req.headers["content-type"] == "application/json"
                 assert req.headers["content-length"] == str(len(body))
             # one QUIC connection per peer, reused by every request
-            assert list(m.client.links) == ["remote"] and len(m.remote.protocols) == 1
+            assert list(m.client.links) == [REMOTE] and len(m.remote.protocols) == 1
             assert m.suspects == []
             await wait_for("streams forgotten", lambda: not _readers(m))
 
@@ -569,8 +571,8 @@ def test_through_the_proxy_app(tmp_path: Path) -> None:
     async def main() -> None:
         async with mesh(tmp_path, closing(b'{"answer": 42}')) as m:
             app = ProxyApp(remote=remote_via_tunnel(m.path))
-            target = RouteTarget("remote", False, 9337, "demo")
-            app.set_table(RouteTable((ModelRoute("demo", (target,), ("remote",)),)))
+            target = RouteTarget(REMOTE, False, 9337, "demo")
+            app.set_table(RouteTable((ModelRoute("demo", (target,), (REMOTE,)),)))
             c = call(app, CHAT, {"model": "demo", "messages": []})
             await within(WAIT_S, "the proxied request", c())
             assert (c.status, c.json()) == (200, {"answer": 42})
@@ -657,7 +659,7 @@ def test_unknown_node_is_502(tmp_path: Path) -> None:
             resp = await within(WAIT_S, "the 502", m.request(node="nobody"))
             assert resp.status == 502
             assert json.loads(await resp.body())["error"]["code"] == "peer_unknown"
-            m.client.set_view(MeshView("local", (peer("remote", 0),)))  # no tunnel port
+            m.client.set_view(MeshView("local", (peer(REMOTE, 0),)))  # no tunnel port
             resp = await within(WAIT_S, "the 502", m.request())
             assert resp.status == 502
             assert json.loads(await resp.body())["error"]["code"] == "peer_unreachable"
@@ -668,7 +670,7 @@ def test_unknown_node_is_502(tmp_path: Path) -> None:
 def test_node_that_joins_a_moment_late_is_waited_for(tmp_path: Path) -> None:
     async def main() -> None:
         async with mesh(tmp_path, closing(b"ok"), unknown_peer_wait_s=WAIT_S) as m:
-            view = MeshView("local", (peer("remote", m.tunnel_port),))
+            view = MeshView("local", (peer(REMOTE, m.tunnel_port),))
             m.client.set_view(MeshView("local", ()))
             pending = asyncio.ensure_future(m.request())
             await asyncio.sleep(0.1)
@@ -790,7 +792,7 @@ def test_peer_connection_closed_mid_stream_ends_promptly(tmp_path: Path) -> None
             m.remote.close()  # the host's QUIC side goes away
             await _expect_cut(body)
             await wait_for("a suspect report", lambda: bool(m.suspects))
-            assert m.suspects[0][0] == "remote"
+            assert m.suspects[0][0] == REMOTE
             await m.llama.wait_closed(0, PROMPT_S)
 
     run(main())
@@ -805,7 +807,7 @@ def test_peer_leaving_the_view_mid_stream_ends_promptly(tmp_path: Path) -> None:
             await _expect_cut(body)
             # the host stops generating: its llama-server connection is closed
             await m.llama.wait_closed(0, PROMPT_S)
-            assert "remote" not in m.client.links
+            assert REMOTE not in m.client.links
 
     run(main())
 
@@ -852,8 +854,8 @@ def test_sse_error_event_through_the_proxy_when_the_host_dies(tmp_path: Path) ->
         gate: asyncio.Queue[None] = asyncio.Queue()
         async with mesh(tmp_path, sse_responder([b"data: 1\n\n"] * 3, gate)) as m:
             app = ProxyApp(remote=remote_via_tunnel(m.path))
-            target = RouteTarget("remote", False, 9337, "demo")
-            app.set_table(RouteTable((ModelRoute("demo", (target,), ("remote",)),)))
+            target = RouteTarget(REMOTE, False, 9337, "demo")
+            app.set_table(RouteTable((ModelRoute("demo", (target,), (REMOTE,)),)))
             c = call(app, CHAT, {"model": "demo", "stream": True})
             task = asyncio.ensure_future(c())
             gate.put_nowait(None)
@@ -893,7 +895,8 @@ async def tunnel_actor(
     run_dir: str, node_id: str, udp: socket.socket | None = None
 ) -> AsyncIterator[Tunnel]:
     config = NodeConfig(home=run_dir, run_dir=run_dir, node_id=node_id, mesh_secret=SECRET)
-    actor = Tunnel(config, {"socket": udp} if udp else {})
+    key = key_to_pem(KEY_OF[node_id])
+    actor = Tunnel(config, {"socket": udp, "key": key} if udp else {"key": key})
     task = asyncio.ensure_future(actor.run())
     try:
         await wait_for("the tunnel socket", lambda: exists(config.tunnel_http_path))
@@ -925,18 +928,18 @@ def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
             prober = FakeActor(local_dir, "health_prober")
             ready = LocalServerState(model="demo", state="ready", port=llama.port)
             await supervisor.bus.publish("local", ready)
-            view = MeshView("local", (peer("remote", port), peer("dead", closed_udp_port())))
+            view = MeshView("local", (peer(REMOTE, port), peer("dead", closed_udp_port())))
             await gossiper.bus.publish("mesh", view)
             async with (
-                tunnel_actor(remote_dir, "remote", udp) as remote,
-                tunnel_actor(local_dir, "local") as local,
+                tunnel_actor(remote_dir, REMOTE, udp) as remote,
+                tunnel_actor(local_dir, LOCAL) as local,
             ):
                 path = local.config.tunnel_http_path
                 assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-                await wait_for("the mesh view", lambda: "remote" in local.client.addresses)
+                await wait_for("the mesh view", lambda: REMOTE in local.client.addresses)
                 await wait_for("the local state", lambda: remote.server.local == ready)
                 pool = Pool("meshllm-tunnel", 0, unix_path=path)
-                route = TunnelRoute(pool, "remote", "demo")
+                route = TunnelRoute(pool, REMOTE, "demo")
                 resp = await within(
                     WAIT_S, "the answer", route.request("POST", "/v1/completions", b"{}", HEADERS)
                 )
@@ -987,12 +990,12 @@ async def hostile_host(m: Mesh, script: HostScript) -> AsyncIterator[None]:
         finally:
             release_stream(reader, writer)
 
-    evil = MeshEndpoint("evil", SECRET, load_or_create_key(None), _no_setup, handle)
+    evil = MeshEndpoint(EVIL, SECRET, KEYS["evil"], _no_setup, handle)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
     await evil.listen(udp)
     port = udp.getsockname()[1]
-    m.client.set_view(MeshView("local", (peer("remote", m.tunnel_port), peer("evil", port))))
+    m.client.set_view(MeshView("local", (peer(REMOTE, m.tunnel_port), peer(EVIL, port))))
     try:
         yield
     finally:
@@ -1044,7 +1047,7 @@ def test_a_hostile_host_cannot_answer_the_next_request(
     # another node) nor keep it waiting.
     async def main() -> None:
         async with mesh(tmp_path, closing(b"fine")) as m, hostile_host(m, script):
-            resp = await within(WAIT_S, "evil's response head", m.request(node="evil"))
+            resp = await within(WAIT_S, "evil's response head", m.request(node=EVIL))
             if first is None:
                 with pytest.raises(UpstreamError):
                     await within(WAIT_S, "a response cut short", resp.body())
@@ -1109,7 +1112,7 @@ def test_streams_over_a_peers_cap_get_429_and_others_go_on(tmp_path: Path) -> No
     async def main() -> None:
         kwargs = {"max_streams_per_peer": 2}
         async with mesh(tmp_path, closing(b"fine"), server_kwargs=kwargs) as m:
-            evil = MeshEndpoint("evil", SECRET, load_or_create_key(None), _no_setup)
+            evil = MeshEndpoint(EVIL, SECRET, KEYS["evil"], _no_setup)
             try:
                 link = await evil.dial("127.0.0.1", m.tunnel_port)
                 opening = wire.encode_frame(wire.TunnelOpen("demo"))
@@ -1121,14 +1124,14 @@ def test_streams_over_a_peers_cap_get_429_and_others_go_on(tmp_path: Path) -> No
                     assert (status, error["code"]) == (429, "too_many_streams")
                     assert headers[b"retry-after"] == b"2"
                     release_stream(reader, writer)
-                assert m.server.quota.streams == {"evil": 2}
+                assert m.server.quota.streams == {EVIL: 2}
                 # another peer is not affected
                 resp = await within(WAIT_S, "the honest answer", m.request())
                 assert resp.status == 200 and await resp.body() == b"fine"
                 # a held stream that ends frees its place
                 reader, writer = held.pop()
                 release_stream(reader, writer, abort=True)
-                await wait_for("a freed place", lambda: m.server.quota.streams == {"evil": 1})
+                await wait_for("a freed place", lambda: m.server.quota.streams == {EVIL: 1})
                 reader, writer = await _send(link, opening + with_length(frame(body_length=0)))
                 writer.write_eof()
                 raw = await within(WAIT_S, "the answer", reader.read(-1))
@@ -1168,17 +1171,17 @@ def test_data_on_the_control_stream_closes_the_link_both_ways(tmp_path: Path) ->
             async def chatty(link: Link) -> None:
                 link.writer.write(b"x" * 10_000)
 
-            evil = MeshEndpoint("evil", SECRET, load_or_create_key(None), chatty)
+            evil = MeshEndpoint(EVIL, SECRET, KEYS["evil"], chatty)
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             udp.bind(("127.0.0.1", 0))
             await evil.listen(udp)
             try:
                 port = udp.getsockname()[1]
                 m.client.set_view(
-                    MeshView("local", (peer("remote", m.tunnel_port), peer("evil", port)))
+                    MeshView("local", (peer(REMOTE, m.tunnel_port), peer(EVIL, port)))
                 )
                 dialed = await within(
-                    WAIT_S, "the dial", m.client._link("evil", ("127.0.0.1", port))
+                    WAIT_S, "the dial", m.client._link(EVIL, ("127.0.0.1", port))
                 )
                 await within(WAIT_S, "the link to close", dialed.closed.wait())
                 # the honest host is still served

@@ -23,7 +23,7 @@ import msgspec
 import pytest
 
 from meshllm.mesh import wire
-from meshllm.mesh.identity import load_or_create_key
+from meshllm.mesh.identity import load_or_create_key, node_id_of
 from meshllm.mesh.quic import IDLE_TIMEOUT_S, Link, MeshEndpoint, release_stream
 from meshllm.mesh.token import decode_token
 from meshllm.testing import NodeProcess, chat, token_of
@@ -80,7 +80,8 @@ def pair(
 @contextlib.asynccontextmanager
 async def hostile(pair: Pair) -> AsyncIterator[Link]:
     """An admitted link to the host from a member that speaks the frames itself."""
-    evil = MeshEndpoint("evil", pair.secret, load_or_create_key(None), _no_setup)
+    key = load_or_create_key(None)
+    evil = MeshEndpoint(node_id_of(key), pair.secret, key, _no_setup)
     try:
         yield await evil.dial("127.0.0.1", pair.tunnel_port, timeout=ANSWER_S)
     finally:

@@ -3,19 +3,38 @@
 Every connection starts with an admission exchange on its first stream,
 before anything else is served:
 
-    client -> Hello(node_id, client_nonce)
-    server -> Challenge(node_id, server_nonce, HMAC(secret, "server"|nonces|cert))
-    client -> Proof(HMAC(secret, "client"|nonces|cert))
+    client -> Hello(client_id, client_nonce, client_key)
+    server -> Challenge(server_id, server_nonce, HMAC(secret, "server"|nonces|server_id|cert))
+    client -> Proof(HMAC(secret, "client"|nonces|client_id|cert),
+                    client_key's signature of nonces|cert|server_id|client_id)
     server -> Welcome | Refused
 
 Each side proves it holds the secret without sending it, and fresh nonces
 make old exchanges useless. `cert` is the SHA-256 of the server's TLS
 certificate, so the proofs are bound to this TLS session: a man in the
-middle cannot relay them. Frames before admission are capped at
-`ADMISSION_FRAME_BYTES`. A peer that opens any other stream first, sends
-garbage, or is too slow is disconnected. After admission the first stream
-carries framed control messages (`Link.send`); other streams are handed to
-the endpoint's stream handler (the Tunnel's HTTP streams).
+middle cannot relay them.
+
+Each side also proves its node id, which is derived from its key
+(`identity.node_id_of_der`): the server's id must be the id of the key in
+its TLS certificate (TLS proved the server holds that key), the client's
+the id of the key in its Hello, which signs the Proof. So a member that
+holds the secret still cannot pose as another node: `Link.peer_id` is
+always a verified id.
+
+A stranger gets next to nothing. A connection that has not completed
+admission `ADMISSION_TIMEOUT_S` after it was created is closed, whatever it
+sends or does not send. Until then it may open one bidirectional stream and
+no unidirectional one, and the connection's flow-control window holds
+`ADMISSION_WINDOW_BYTES`: aioquic buffers data that arrives out of order up
+to the window, and grows windows as data arrives, so no window grows until
+admission (and after it, only with data delivered in order). Frames before
+admission are capped at `ADMISSION_FRAME_BYTES`. Connections waiting for
+admission are capped per endpoint and per source address, and the server
+validates a client's address with a QUIC Retry before it keeps any state
+for it. A peer that opens any other stream first, sends garbage, or is too
+slow is disconnected. After admission the first stream carries framed
+control messages (`Link.send`); other streams are handed to the endpoint's
+stream handler (the Tunnel's HTTP streams).
 
 Every adaptation of aioquic lives in this module, and `pyproject.toml` pins
 the aioquic versions it was tested against: the pacer for uvloop's
@@ -46,7 +65,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamAdapter
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.connection import QuicConnection, QuicConnectionState, QuicErrorCode
 from aioquic.quic.events import (
     ConnectionTerminated,
     StopSendingReceived,
@@ -54,21 +73,41 @@ from aioquic.quic.events import (
     StreamReset,
 )
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
-from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
+from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
 from cryptography.x509.oid import NameOID
 
-from meshllm.mesh import wire
+from meshllm.mesh import identity, wire
 
 log = logging.getLogger("meshllm.mesh.quic")
 
 ALPN = "meshllm/1"
 ADMISSION_TIMEOUT_S = 5.0
+"""A connection not admitted this long after it was created is closed."""
 ADMISSION_FRAME_BYTES = 256
+"""Cap on each frame before admission (the largest, a Hello with its key, is ~170 bytes)."""
+ADMISSION_WINDOW_BYTES = 2048
+"""Flow-control window of a connection until admission: room for the admission
+frames, and all the stream data an unadmitted peer can make us hold."""
+MAX_PENDING = 64
+"""Incoming connections waiting for admission, per endpoint; more are refused at once."""
+MAX_PENDING_PER_ADDRESS = 8
+"""Incoming connections waiting for admission from one source address."""
+PEER_STREAMS = 128
+"""Bidirectional streams a peer may have open after admission (aioquic's default).
+It may open no unidirectional stream: meshllm never uses them."""
 CLOCK_TICK_S = 0.001
 """Resolution of uvloop's clock."""
 IDLE_TIMEOUT_S = 20.0
@@ -101,7 +140,10 @@ class Counters:
 
     garbage_datagrams: int = 0
     refused: int = 0
+    """Connections that failed admission (or never tried within the deadline)."""
     malformed_frames: int = 0
+    over_pending_cap: int = 0
+    """Connections closed at once because too many were waiting for admission."""
 
 
 @dataclass
@@ -146,6 +188,18 @@ class _CountingTransport:
         return getattr(self._transport, name)
 
 
+def key_to_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The identity key as bytes, to hand to the actors that speak for the node."""
+    return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+
+
+def key_from_pem(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    key = load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("not an EC private key")
+    return key
+
+
 def self_signed(key: ec.EllipticCurvePrivateKey, node_id: str) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshllm-{node_id}")])
     now = datetime.datetime.now(datetime.UTC)
@@ -161,16 +215,36 @@ def self_signed(key: ec.EllipticCurvePrivateKey, node_id: str) -> x509.Certifica
     )
 
 
-def _peer_cert_digest(protocol: QuicConnectionProtocol) -> bytes:
-    """SHA-256 of the certificate the server showed in the TLS handshake.
+def _peer_certificate(protocol: QuicConnectionProtocol) -> tuple[bytes, str]:
+    """SHA-256 of the certificate the server showed in TLS, and the id of its key.
 
-    Both MACs cover it, so admission cannot be relayed: a man in the middle
-    shows the client a certificate of its own, and the server's check fails.
+    Both MACs and the client's signature cover the digest, so admission cannot
+    be relayed: a man in the middle shows the client a certificate of its own,
+    and the server's checks fail. TLS proved the server holds the key, so the
+    key's id is the server's verified node id.
     """
     cert = protocol._quic.tls._peer_certificate
     if cert is None:
         raise AdmissionError("the peer showed no certificate")
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+    key = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest(), identity.node_id_of_der(key)
+
+
+def _transcript(
+    client_nonce: bytes, server_nonce: bytes, cert: bytes, server_id: str, client_id: str
+) -> bytes:
+    """What the client signs: this exchange (both nonces, this TLS session) and both ids.
+
+    The ids are checked (16 hex digits) before anything is signed or verified,
+    so the concatenation is unambiguous.
+    """
+    ids = f"{server_id}:{client_id}".encode()
+    return b"meshllm admission\0" + client_nonce + server_nonce + cert + ids
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """An unauthenticated string as it may appear in a log or an error: quoted, truncated."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 def _consume(future: asyncio.Future[None]) -> None:
@@ -239,6 +313,8 @@ class MeshProtocol(QuicConnectionProtocol):
         self.endpoint = endpoint
         self.link: Link | None = None
         self.first_stream_seen = False
+        self.refused = False
+        """Admission failed: counted and logged once, closing."""
         self.closed = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stop_waiters: dict[int, asyncio.Future[None]] = {}
@@ -249,6 +325,44 @@ class MeshProtocol(QuicConnectionProtocol):
         """Stream data was written since the last transmit."""
         self._timer_now = 0.0
         """The deadline of the timer being handled: the time the next transmit sends at."""
+        self._deadline: asyncio.TimerHandle | None = None
+        _hold_back_until_admission(quic)
+        if not quic.configuration.is_client:
+            # From creation, not from the first stream: a peer that opens none is
+            # closed all the same.
+            self._deadline = self._loop.call_later(ADMISSION_TIMEOUT_S, self._too_late)
+
+    def _too_late(self) -> None:
+        self._deadline = None
+        if self.link is None:
+            self.refuse(f"not admitted within {ADMISSION_TIMEOUT_S:g} s")
+
+    def refuse(self, why: str) -> None:
+        """Close a connection that failed admission; counted and logged once.
+
+        `why` must hold no unauthenticated text unless quoted by `_shown`.
+        """
+        if self.refused or self.link is not None:
+            return
+        self.refused = True
+        self.endpoint.counters.refused += 1
+        log.warning("refused a connection from %s: %s", self.remote_address(), why)
+        with contextlib.suppress(Exception):
+            self.transmit()  # send a pending Refused now: close() would discard it
+        self.close(error_code=ERROR_REFUSED, reason_phrase="not admitted")
+
+    def admitted(self, link: Link) -> None:
+        """Admission succeeded: serve the link, and give the peer today's windows and streams."""
+        self.link = link
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.endpoint.pending.pop(self, None)
+        quic = self._quic
+        _grow_credit_with_delivery(quic)
+        quic._local_max_data.value = CONNECTION_WINDOW_BYTES
+        quic._local_max_streams_bidi.value = PEER_STREAMS
+        self._transmit_soon()  # MAX_DATA and MAX_STREAMS
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -335,8 +449,7 @@ class MeshProtocol(QuicConnectionProtocol):
             self._spawn(self.endpoint._admit_incoming(self, reader, writer))
         else:
             # Any stream before admission completes: no service, close at once.
-            self.endpoint.counters.refused += 1
-            self.close(error_code=ERROR_REFUSED, reason_phrase="not admitted")
+            self.refuse("opened a second stream before admission")
 
     def quic_event_received(self, event: Any) -> None:
         # aioquic's asyncio layer ignores RESET_STREAM (a reader then waits forever)
@@ -358,8 +471,22 @@ class MeshProtocol(QuicConnectionProtocol):
                     waiter.set_result(None)
         super().quic_event_received(event)
         if isinstance(event, ConnectionTerminated):
+            if self.link is None and not self.refused and not self._quic.configuration.is_client:
+                # Ended before admission without our refusal: aioquic closed it for a
+                # protocol violation (a stream over the limit, data over the window).
+                self.refused = True
+                self.endpoint.counters.refused += 1
+                log.warning(
+                    "refused a connection from %s: %s",
+                    self.remote_address(),
+                    _shown(event.reason_phrase),
+                )
             self.closed.set()
             self.endpoint.protocols.discard(self)
+            self.endpoint.pending.pop(self, None)
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
             for task in list(self.tasks):
                 task.cancel()
 
@@ -396,6 +523,79 @@ class MeshProtocol(QuicConnectionProtocol):
         addr = self._quic._network_paths[0].addr if self._quic._network_paths else ("", 0)
         host = str(addr[0]).removeprefix("::ffff:")
         return host, int(addr[1])
+
+
+def _hold_back_until_admission(quic: QuicConnection) -> None:
+    """Give the peer the windows and streams admission needs, and no more, until admitted.
+
+    Set before the transport parameters are sent (they carry the initial
+    limits). The server takes one bidirectional stream (the admission
+    stream), the client none; neither takes unidirectional streams. The
+    connection's window bounds all that a peer can make us hold: aioquic
+    counts a stream's bytes up to the highest offset received, gaps included.
+    Stream windows keep their size: a new stream after admission can carry a
+    whole request at once (the peer takes a stream's initial window from the
+    transport parameters, not from later updates). aioquic doubles a window
+    once half of it is used; until admission no limit is raised:
+    `MeshProtocol.admitted` raises the limits and lets windows grow again
+    (`_grow_credit_with_delivery`).
+    """
+    streams = 0 if quic.configuration.is_client else 1
+    quic._local_max_data.value = quic._local_max_data.sent = ADMISSION_WINDOW_BYTES
+    quic._local_max_streams_bidi.value = quic._local_max_streams_bidi.sent = streams
+    quic._local_max_streams_uni.value = quic._local_max_streams_uni.sent = 0
+    quic._local_max_stream_data_uni = 0
+    quic._write_connection_limits = _no_credit  # type: ignore[method-assign]
+    quic._write_stream_limits = _no_credit  # type: ignore[method-assign]
+
+
+def _no_credit(
+    builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream | None = None
+) -> None:
+    """Stands in for aioquic's MAX_DATA / MAX_STREAMS / MAX_STREAM_DATA writers before admission."""
+
+
+def _grow_credit_with_delivery(quic: QuicConnection) -> None:
+    """After admission: aioquic's growth of windows, counting only data delivered in order.
+
+    aioquic doubles a stream's window once the highest offset received passes
+    half of it, and the connection's once the bytes up to every stream's
+    highest offset do: a member that sends each byte far past a gap makes the
+    windows, and the gaps we buffer, grow without end. Here the doubling looks
+    at what was delivered in order instead (the same, on a stream without
+    gaps), so out-of-order data held for one peer stays within the windows
+    it was first given (`CONNECTION_WINDOW_BYTES` in all). Data delivered to
+    a reader that does not read is that reader's to bound.
+    """
+
+    def stream_limits(
+        builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        receiver = stream.receiver
+        highest = receiver.highest_offset
+        receiver.highest_offset = receiver._buffer_start  # what aioquic's doubling reads
+        try:
+            QuicConnection._write_stream_limits(quic, builder=builder, space=space, stream=stream)
+        finally:
+            receiver.highest_offset = highest
+
+    def connection_limits(builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        limit = quic._local_max_data
+        if limit.used * 2 <= limit.value:  # aioquic would not double: nothing to correct
+            QuicConnection._write_connection_limits(quic, builder=builder, space=space)
+            return
+        used = limit.used
+        limit.used -= sum(
+            stream.receiver.highest_offset - stream.receiver._buffer_start
+            for stream in quic._streams.values()
+        )
+        try:
+            QuicConnection._write_connection_limits(quic, builder=builder, space=space)
+        finally:
+            limit.used = used
+
+    quic._write_stream_limits = stream_limits  # type: ignore[method-assign]
+    quic._write_connection_limits = connection_limits  # type: ignore[method-assign]
 
 
 def _may_have_to_send(quic: QuicConnection, now: float) -> bool:
@@ -490,7 +690,13 @@ LinkHandler = Callable[[Link], Awaitable[None]]
 
 
 async def _no_streams(link: Link, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    w.close()
+    """An endpoint that serves no streams (the Gossiper's) gives each up at once.
+
+    Released, not only closed: its reader is dropped and what still arrives on
+    it is discarded (`MeshProtocol.release`), instead of piling up in a reader
+    nobody reads; STOP_SENDING and RESET_STREAM tell the peer.
+    """
+    release_stream(reader, w, abort=True)
 
 
 class _CountingServer(QuicServer):
@@ -520,7 +726,11 @@ class _CountingServer(QuicServer):
             # For no connection of ours and no valid connection attempt (a client's
             # Initial is padded to 1200 bytes): aioquic drops it silently; count it.
             self.endpoint.counters.garbage_datagrams += 1
+        known = header.destination_cid in self._protocols
         super().datagram_received(data, addr)
+        if not known and (protocol := self._protocols.get(header.destination_cid)) is not None:
+            # aioquic has just created this connection (after the Retry, if any).
+            self.endpoint._wait_for_admission(cast(MeshProtocol, protocol), str(addr[0]))
 
 
 @dataclass
@@ -528,18 +738,31 @@ class MeshEndpoint:
     """Our side of QUIC: accepts admitted peers and dials others."""
 
     node_id: str
+    """Must be `identity.node_id_of(key)`: peers check it against the key."""
     secret: bytes
     key: ec.EllipticCurvePrivateKey
+    """The node's identity key (a lite client's is ephemeral); also the TLS key."""
     on_link: LinkHandler
     stream_handler: StreamHandler = _no_streams
     counters: Counters = field(default_factory=Counters)
     traffic: Traffic = field(default_factory=Traffic)
+    retry: bool = True
+    """Validate a client's address (a QUIC Retry, one more round trip) before keeping
+    state for it: a spoofed source address gets no connection and no pending slot."""
 
     def __post_init__(self) -> None:
+        if self.node_id != identity.node_id_of(self.key):
+            raise ValueError(
+                f"node id {self.node_id!r} is not the id of the key given "
+                f"({identity.node_id_of(self.key)}): peers would refuse every link"
+            )
+        self.key_der = identity.public_der(self.key)
         self.cert = self_signed(self.key, self.node_id)
         self.cert_digest = hashlib.sha256(self.cert.public_bytes(Encoding.DER)).digest()
         self.server: QuicServer | None = None
         self.protocols: set[MeshProtocol] = set()
+        self.pending: dict[MeshProtocol, str] = {}
+        """Incoming connections not admitted yet -> their source address."""
 
     def _config(self, is_client: bool) -> QuicConfiguration:
         config = QuicConfiguration(
@@ -568,7 +791,10 @@ class MeshEndpoint:
         loop = asyncio.get_running_loop()
         _, server = await loop.create_datagram_endpoint(
             lambda: _CountingServer(
-                self, configuration=self._config(False), create_protocol=self._protocol
+                self,
+                configuration=self._config(False),
+                create_protocol=self._protocol,
+                retry=self.retry,
             ),
             sock=sock,
         )
@@ -591,7 +817,7 @@ class MeshEndpoint:
                 protocol.connect(addr)
                 await protocol.wait_connected()
                 reader, writer = await protocol.create_stream()
-                peer_id = await self._admit_outgoing(reader, writer, _peer_cert_digest(protocol))
+                peer_id = await self._admit_outgoing(reader, writer, *_peer_certificate(protocol))
         except BaseException as exc:
             if (waiter := protocol._connected_waiter) is not None:
                 # aioquic shields this future and fails it when the connection ends,
@@ -601,13 +827,18 @@ class MeshEndpoint:
             protocol._transport.close()  # type: ignore[union-attr]
             if isinstance(exc, TimeoutError):
                 raise AdmissionError(f"{host}:{port} did not complete admission") from None
-            if isinstance(exc, asyncio.IncompleteReadError):
+            if isinstance(exc, wire.WireError):
+                why = _shown(str(exc), 120)
+                raise AdmissionError(f"{host}:{port} broke the admission protocol: {why}") from None
+            if isinstance(exc, asyncio.IncompleteReadError) or (
+                isinstance(exc, ConnectionError) and not isinstance(exc, AdmissionError)
+            ):
                 # The server hung up mid-admission: as much a refusal as a Refused frame
                 # (and callers catch ConnectionError, not EOFError).
                 raise AdmissionError(f"{host}:{port} closed the connection in admission") from None
             raise
         link = Link(protocol, peer_id, reader, writer, dialed=True, remote=(host, port))
-        protocol.link = link
+        protocol.admitted(link)
         protocol._spawn(self._close_transport_after(protocol))
         return link
 
@@ -621,58 +852,96 @@ class MeshEndpoint:
                 protocol._transport.close()  # type: ignore[union-attr]
 
     async def _admit_outgoing(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cert: bytes
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        cert: bytes,
+        server_id: str,
     ) -> str:
+        """Run admission as the client; the server's verified node id (that of its TLS key)."""
         nonce = os.urandom(16)
-        writer.write(wire.encode_frame(wire.Hello(self.node_id, nonce)))
-        challenge = await wire.read_frame(reader)
+        writer.write(wire.encode_frame(wire.Hello(self.node_id, nonce, self.key_der)))
+        challenge = await wire.read_frame(reader, ADMISSION_FRAME_BYTES)
         if not isinstance(challenge, wire.Challenge):
             raise AdmissionError(f"expected a challenge, got {type(challenge).__name__}")
-        expected = _mac(
-            self.secret, b"server", nonce, challenge.nonce, challenge.node_id.encode(), cert
-        )
+        if challenge.node_id != server_id:
+            # Checked before the MAC: a member with the secret could compute that one.
+            raise AdmissionError(
+                f"the peer claims node id {_shown(challenge.node_id)}, "
+                f"but its certificate's key is node {server_id}"
+            )
+        expected = _mac(self.secret, b"server", nonce, challenge.nonce, server_id.encode(), cert)
         if not hmac.compare_digest(expected, challenge.mac):
             raise AdmissionError("the peer does not hold this mesh's secret")
         mac = _mac(self.secret, b"client", challenge.nonce, nonce, self.node_id.encode(), cert)
-        writer.write(wire.encode_frame(wire.Proof(mac)))
-        answer = await wire.read_frame(reader)
+        signed = _transcript(nonce, challenge.nonce, cert, server_id, self.node_id)
+        writer.write(wire.encode_frame(wire.Proof(mac, identity.sign(self.key, signed))))
+        answer = await wire.read_frame(reader, ADMISSION_FRAME_BYTES)
         if isinstance(answer, wire.Refused):
-            raise AdmissionError(f"refused: {answer.reason}")
+            # Unauthenticated text from the server: quoted and cut.
+            raise AdmissionError(f"refused by node {server_id}: {_shown(answer.reason, 80)}")
         if not isinstance(answer, wire.Welcome):
             raise AdmissionError(f"expected a welcome, got {type(answer).__name__}")
-        return challenge.node_id
+        return server_id
 
     async def _admit_incoming(
         self, protocol: MeshProtocol, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        """Run admission as the server (the connection's deadline bounds it)."""
         try:
-            async with asyncio.timeout(ADMISSION_TIMEOUT_S):
-                hello = await wire.read_frame(reader, ADMISSION_FRAME_BYTES)
-                if not isinstance(hello, wire.Hello) or len(hello.nonce) != 16:
-                    raise AdmissionError("the first frame was not a hello")
-                nonce = os.urandom(16)
-                cert = self.cert_digest
-                mac = _mac(self.secret, b"server", hello.nonce, nonce, self.node_id.encode(), cert)
-                writer.write(wire.encode_frame(wire.Challenge(self.node_id, nonce, mac)))
-                proof = await wire.read_frame(reader, ADMISSION_FRAME_BYTES)
-                expected = _mac(
-                    self.secret, b"client", nonce, hello.nonce, hello.node_id.encode(), cert
+            hello = await wire.read_frame(reader, ADMISSION_FRAME_BYTES)
+            if not isinstance(hello, wire.Hello) or len(hello.nonce) != 16:
+                raise AdmissionError("the first frame was not a hello")
+            try:
+                client_key = identity.load_public(hello.key)
+            except identity.BadKey as exc:
+                raise AdmissionError(f"the hello carries no usable key: {exc}") from None
+            client_id = identity.node_id_of_der(hello.key)
+            if hello.node_id != client_id:
+                raise AdmissionError(
+                    f"the hello claims node id {_shown(hello.node_id)}, "
+                    f"but its key is node {client_id}"
                 )
-                if not isinstance(proof, wire.Proof) or not hmac.compare_digest(
-                    expected, proof.mac
-                ):
-                    writer.write(wire.encode_frame(wire.Refused("wrong mesh secret")))
-                    raise AdmissionError(f"{hello.node_id} does not hold the mesh secret")
-                writer.write(wire.encode_frame(wire.Welcome()))
-        except (AdmissionError, wire.WireError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            self.counters.refused += 1
-            log.warning("refused a connection from %s: %s", protocol.remote_address(), exc)
-            protocol.transmit()  # send a pending Refused now: close() would discard it
-            protocol.close(error_code=ERROR_REFUSED, reason_phrase="not admitted")
+            nonce = os.urandom(16)
+            cert = self.cert_digest
+            mac = _mac(self.secret, b"server", hello.nonce, nonce, self.node_id.encode(), cert)
+            writer.write(wire.encode_frame(wire.Challenge(self.node_id, nonce, mac)))
+            proof = await wire.read_frame(reader, ADMISSION_FRAME_BYTES)
+            if not isinstance(proof, wire.Proof):
+                raise AdmissionError(f"expected a proof, got {type(proof).__name__}")
+            expected = _mac(self.secret, b"client", nonce, hello.nonce, client_id.encode(), cert)
+            if not hmac.compare_digest(expected, proof.mac):
+                writer.write(wire.encode_frame(wire.Refused("wrong mesh secret")))
+                raise AdmissionError(f"node {client_id} does not hold the mesh secret")
+            signed = _transcript(hello.nonce, nonce, cert, self.node_id, client_id)
+            if not identity.verify(client_key, proof.signature, signed):
+                writer.write(wire.encode_frame(wire.Refused("bad signature")))
+                raise AdmissionError(f"node {client_id} did not sign this admission with its key")
+            writer.write(wire.encode_frame(wire.Welcome()))
+        except AdmissionError as exc:
+            protocol.refuse(str(exc))
             return
-        link = Link(protocol, hello.node_id, reader, writer, False, protocol.remote_address())
-        protocol.link = link
+        except (wire.WireError, asyncio.IncompleteReadError) as exc:
+            # A decoder's message can quote what the peer sent (a union tag).
+            protocol.refuse(_shown(str(exc), 120))
+            return
+        link = Link(protocol, client_id, reader, writer, False, protocol.remote_address())
+        protocol.admitted(link)
         await self.on_link(link)
+
+    def _wait_for_admission(self, protocol: MeshProtocol, address: str) -> None:
+        """A new incoming connection: pending until admitted, unless too many already are."""
+        from_address = sum(1 for pending in self.pending.values() if pending == address)
+        if len(self.pending) >= MAX_PENDING or from_address >= MAX_PENDING_PER_ADDRESS:
+            self.counters.over_pending_cap += 1
+            protocol.refused = True  # not an admission failure: counted here
+            protocol.close(
+                error_code=QuicErrorCode.CONNECTION_REFUSED,
+                reason_phrase="too many connections waiting for admission",
+            )
+            protocol.transmit()
+            return
+        self.pending[protocol] = address
 
     def close(self) -> None:
         for protocol in list(self.protocols):

@@ -68,10 +68,13 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
 class Hello(msgspec.Struct, tag=True, frozen=True):
     node_id: str
     nonce: bytes
+    key: bytes = b""
+    """The client's public key (DER); `node_id` must be its id."""
 
 
 class Challenge(msgspec.Struct, tag=True, frozen=True):
     node_id: str
+    """Must be the id of the key in the server's TLS certificate."""
     nonce: bytes
     mac: bytes
     """Proves the server holds the secret: HMAC over both nonces."""
@@ -79,6 +82,8 @@ class Challenge(msgspec.Struct, tag=True, frozen=True):
 
 class Proof(msgspec.Struct, tag=True, frozen=True):
     mac: bytes
+    signature: bytes = b""
+    """The client key's signature of the exchange: proves the Hello's node id."""
 
 
 class Welcome(msgspec.Struct, tag=True, frozen=True):

@@ -1,0 +1,235 @@
+"""Nothing before admission: strangers against a real node's gossip and tunnel ports.
+
+A stranger here is a plain aioquic client in the test process: it completes
+the QUIC handshake (Retry included) but does not hold the mesh secret. Each
+kind of stranger must be closed within `ADMISSION_TIMEOUT_S` of connecting,
+cost the node no memory, and leave it serving its API and admitting real
+nodes. See tests/test_quic.py for admission itself (in-process endpoints).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshllm.mesh import identity, quic, wire
+from meshllm.mesh.token import decode_token
+from meshllm.testing import (
+    NodeProcess,
+    chat,
+    group_rss_kib,
+    http,
+    quic_ports,
+    running_node,
+    token_of,
+    wait_for,
+)
+from tests.test_quic import flood_gaps
+
+pytestmark = pytest.mark.integration
+
+LOOPBACK = ("--bind", "127.0.0.1:0")
+CLOSE_SLACK_S = 3.0
+"""How much later than `ADMISSION_TIMEOUT_S` a stranger may still be connected
+(a loaded machine: the node's timer, the close's round trip)."""
+RSS_SLACK_KIB = 32 * 1024
+"""Growth of the node's memory a test tolerates: far above what admission lets a
+stranger cost (`ADMISSION_WINDOW_BYTES` a connection), far below what the gap flood
+makes a node without those limits hold."""
+FLOOD_BUDGET_BYTES = 96 * 1024 * 1024
+"""How much a gap flood tries to make the node buffer at most (keeps a test run
+against a node without the limits from exhausting this machine)."""
+FLOOD_STREAMS = 16
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]], deadline: float = 60) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(deadline):
+            await test()
+
+    asyncio.run(bounded())
+
+
+@pytest.fixture(scope="module")
+def node(llama_server: str, demo_model: Path) -> Iterator[NodeProcess]:
+    with running_node("--model", str(demo_model), *LOOPBACK) as node:
+        yield node
+
+
+@contextlib.asynccontextmanager
+async def stranger(port: int, host: str = "127.0.0.1") -> AsyncIterator[QuicConnectionProtocol]:
+    """A QUIC connection to `port` that completed the handshake and knows no secret."""
+    loop = asyncio.get_running_loop()
+    config = QuicConfiguration(is_client=True, alpn_protocols=[quic.ALPN], idle_timeout=60)
+    config.verify_mode = ssl.CERT_NONE
+    config.server_name = "127.0.0.1"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: QuicConnectionProtocol(QuicConnection(configuration=config)), sock=sock
+    )
+    assert isinstance(protocol, QuicConnectionProtocol)
+    try:
+        protocol.connect(("127.0.0.1", port))
+        async with asyncio.timeout(5):
+            await protocol.wait_connected()
+        yield protocol
+    finally:
+        protocol.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                await protocol.wait_closed()
+        transport.close()
+
+
+async def closed_within(client: QuicConnectionProtocol, seconds: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await client.wait_closed()
+    except TimeoutError:
+        raise AssertionError(f"{what}: still connected after {seconds:g} s") from None
+
+
+# -- the strangers ----------------------------------------------------------------
+
+
+async def silent(client: QuicConnectionProtocol) -> None:
+    """Opens no stream at all."""
+
+
+async def uses_a_unidirectional_stream(client: QuicConnectionProtocol) -> None:
+    """Sends a Hello on a unidirectional stream, ignoring that the node allows none."""
+    conn = client._quic
+    conn._remote_max_streams_uni = 1
+    conn._remote_max_stream_data_uni = 1 << 20
+    stream_id = conn.get_next_available_stream_id(is_unidirectional=True)
+    conn.send_stream_data(stream_id, wire.encode_frame(wire.Hello("0" * 16, os.urandom(16))))
+    client.transmit()
+
+
+async def floods_gaps(client: QuicConnectionProtocol) -> None:
+    """Sends one byte at the far end of every window it is given, on many streams."""
+    await flood_gaps(client, range(0, 4 * FLOOD_STREAMS, 4), FLOOD_BUDGET_BYTES)
+
+
+STRANGERS = [silent, floods_gaps, uses_a_unidirectional_stream]
+
+
+async def attack(port: int, behave: Callable[[QuicConnectionProtocol], Any]) -> None:
+    what = f"{behave.__name__} on port {port}"
+    async with stranger(port) as client:
+        assert client._quic._retry_count == 1, "the node did not validate the address first"
+        await asyncio.gather(
+            behave(client),
+            closed_within(client, quic.ADMISSION_TIMEOUT_S + CLOSE_SLACK_S, what),
+        )
+
+
+def health(node: NodeProcess) -> int:
+    return http(node.port, "GET", "/health", timeout=5)[0]
+
+
+# -- tests --------------------------------------------------------------------------
+
+
+def test_strangers_are_closed_in_time_cost_no_memory_and_the_node_keeps_serving(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    gossip_port, tunnel_port = quic_ports(node)
+    model = next(iter(wait_for(node.warm_models, 30, "a warm model")))
+    before = group_rss_kib(node)
+
+    async def main() -> None:
+        attacks = [attack(p, s) for p in (gossip_port, tunnel_port) for s in STRANGERS]
+        attacking = asyncio.gather(*attacks)
+        # The API answers while the strangers are connected.
+        assert await asyncio.to_thread(health, node) == 200
+        await attacking
+
+    run(main)
+    grown = group_rss_kib(node) - before
+    assert grown < RSS_SLACK_KIB, f"the node's memory grew by {grown} KiB"
+
+    # A real node still joins, through both ports: its chat goes over the tunnel.
+    joiner = NodeProcess(tmp_path / "joiner", "--client", "--join", token_of(node), *LOOPBACK)
+    try:
+        joiner.start()
+        quic_ports(joiner)  # its Tunnel is up
+        wait_for(lambda: "joined the mesh" in joiner.log(), 20, "the joiner to join")
+        wait_for(lambda: model in joiner.warm_models(), 20, f"{model} warm at the joiner")
+        assert chat(joiner.port, model)["choices"]
+    finally:
+        joiner.stop()
+
+
+def test_connections_over_the_pending_cap_from_one_address_are_refused_at_once(
+    node: NodeProcess,
+) -> None:
+    gossip_port, _ = quic_ports(node)
+    # Another loopback address than the first test's: its connections may still drain.
+    host = "127.0.0.3"
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(quic.MAX_PENDING_PER_ADDRESS):
+                await held.enter_async_context(stranger(gossip_port, host))
+            with pytest.raises(ConnectionError):
+                async with stranger(gossip_port, host):
+                    pass
+        # A stranger from another address is not affected by that address's cap.
+        async with stranger(gossip_port, "127.0.0.4") as other:
+            assert other._quic._close_event is None
+
+    run(main)
+    assert health(node) == 200
+
+
+def test_a_node_id_not_bound_to_the_key_is_refused_by_a_real_node(node: NodeProcess) -> None:
+    """A member that holds the secret cannot claim another node's id (nor a made-up one)."""
+    gossip_port, _ = quic_ports(node)
+    secret = decode_token(token_of(node)).secret
+    key = ec.generate_private_key(ec.SECP256R1())
+    member = quic.MeshEndpoint(identity.node_id_of(key), secret, key, _no_link)
+    victim = _node_id(node)
+
+    async def main() -> None:
+        # The member's own id links (the control case)...
+        link = await member.dial("127.0.0.1", gossip_port)
+        assert link.peer_id == victim
+        link.close()
+        # ...another node's id with its own key does not.
+        member.node_id = victim
+        with pytest.raises(quic.AdmissionError, match="closed the connection"):
+            await member.dial("127.0.0.1", gossip_port)
+        member.close()
+
+    run(main)
+    wait_for(
+        lambda: "refused a connection" in node.log() and "its key is node" in node.log(),
+        10,
+        "the node to log the refusal",
+    )
+
+
+async def _no_link(link: quic.Link) -> None:
+    link.close()
+
+
+def _node_id(node: NodeProcess) -> str:
+    """The id a node logs at start ("node ID serving ...")."""
+    match = re.search(r"node ([0-9a-f]{16}) serving", node.log())
+    assert match, "no node id in the log"
+    return match.group(1)
