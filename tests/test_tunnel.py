@@ -207,7 +207,7 @@ def test_the_tunnel_allows_exactly_what_the_proxy_forwards() -> None:
     from meshllm.http.proxy import ProxyApp
 
     app = ProxyApp()
-    routes = app.app.routes  # type: ignore[attr-defined]
+    routes = app.app.routes
     forwarded = {r.path for r in routes if isinstance(r, Route) and "POST" in (r.methods or ())}
     assert forwarded == FORWARDED_PATHS
 
@@ -1180,9 +1180,7 @@ def test_data_on_the_control_stream_closes_the_link_both_ways(tmp_path: Path) ->
                 m.client.set_view(
                     MeshView("local", (peer(REMOTE, m.tunnel_port), peer(EVIL, port)))
                 )
-                dialed = await within(
-                    WAIT_S, "the dial", m.client._link(EVIL, ("127.0.0.1", port))
-                )
+                dialed = await within(WAIT_S, "the dial", m.client._link(EVIL, ("127.0.0.1", port)))
                 await within(WAIT_S, "the link to close", dialed.closed.wait())
                 # the honest host is still served
                 resp = await within(WAIT_S, "the answer", m.request())
