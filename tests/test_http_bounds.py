@@ -537,13 +537,6 @@ def test_a_client_that_never_ends_its_head_is_refused(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="the host's Tunnel writes llama-server's response to the QUIC stream without "
-    "waiting for the peer to take it (meshllm/tunnel/server.py _relay), so aioquic's send "
-    "buffer grows in the host; and aioquic raises a stream's receive window from the bytes "
-    "received, not those the reader took, so the requesting tunnel actor grows too",
-)
 def test_through_the_tunnel_a_client_that_reads_nothing_holds_the_remote_upstream_back(
     hostile_node: tuple[NodeProcess, Hostile], tmp_path: Path
 ) -> None:

@@ -130,6 +130,12 @@ it, so it is larger than aioquic's 1 MiB default, which a few concurrent
 responses would fill."""
 
 
+STREAM_HELD_BYTES = STREAM_WINDOW_BYTES * 3 // 2
+CONNECTION_HELD_BYTES = CONNECTION_WINDOW_BYTES * 3 // 2
+"""The most a peer can make us hold unread, on one stream and on one connection
+(after admission): credit is given as readers take data (`_grow_credit_with_reading`)."""
+
+
 class AdmissionError(ConnectionError):
     """The other side could not prove it holds the mesh secret (or never tried)."""
 
@@ -326,6 +332,8 @@ class MeshProtocol(QuicConnectionProtocol):
         self._timer_now = 0.0
         """The deadline of the timer being handled: the time the next transmit sends at."""
         self._deadline: asyncio.TimerHandle | None = None
+        self.send_waiters: list[asyncio.Future[None]] = []
+        """Woken after each batch of received packets (ACKs free send buffers): `drained`."""
         _hold_back_until_admission(quic)
         if not quic.configuration.is_client:
             # From creation, not from the first stream: a peer that opens none is
@@ -359,10 +367,26 @@ class MeshProtocol(QuicConnectionProtocol):
             self._deadline = None
         self.endpoint.pending.pop(self, None)
         quic = self._quic
-        _grow_credit_with_delivery(quic)
+        _grow_credit_with_reading(self)
         quic._local_max_data.value = CONNECTION_WINDOW_BYTES
         quic._local_max_streams_bidi.value = PEER_STREAMS
         self._transmit_soon()  # MAX_DATA and MAX_STREAMS
+
+    def _create_stream(self, stream_id: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # aioquic's, with a transport the reader can tell when it has room again.
+        adapter = _StreamAdapter(self, stream_id)
+        reader = asyncio.StreamReader()
+        reader.set_transport(adapter)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        writer = asyncio.StreamWriter(adapter, protocol, reader, self._loop)
+        self._stream_readers[stream_id] = reader
+        return reader, writer
+
+    def _wake_senders(self) -> None:
+        waiters, self.send_waiters = self.send_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -387,6 +411,8 @@ class MeshProtocol(QuicConnectionProtocol):
             elif space.ack_at > now + quic._ack_delay:
                 space.ack_at = now + quic._ack_delay
         self._process_events()
+        if self.send_waiters:
+            self._wake_senders()
         if _may_have_to_send(quic, now):
             # aioquic transmits at once here; later in this loop turn instead, so
             # datagrams read together are answered together, and what the streams'
@@ -471,6 +497,7 @@ class MeshProtocol(QuicConnectionProtocol):
                     waiter.set_result(None)
         super().quic_event_received(event)
         if isinstance(event, ConnectionTerminated):
+            self._wake_senders()
             if self.link is None and not self.refused and not self._quic.configuration.is_client:
                 # Ended before admission without our refusal: aioquic closed it for a
                 # protocol violation (a stream over the limit, data over the window).
@@ -538,7 +565,7 @@ def _hold_back_until_admission(quic: QuicConnection) -> None:
     transport parameters, not from later updates). aioquic doubles a window
     once half of it is used; until admission no limit is raised:
     `MeshProtocol.admitted` raises the limits and lets windows grow again
-    (`_grow_credit_with_delivery`).
+    (`_grow_credit_with_reading`).
     """
     streams = 0 if quic.configuration.is_client else 1
     quic._local_max_data.value = quic._local_max_data.sent = ADMISSION_WINDOW_BYTES
@@ -555,25 +582,47 @@ def _no_credit(
     """Stands in for aioquic's MAX_DATA / MAX_STREAMS / MAX_STREAM_DATA writers before admission."""
 
 
-def _grow_credit_with_delivery(quic: QuicConnection) -> None:
-    """After admission: aioquic's growth of windows, counting only data delivered in order.
+def _grow_credit_with_reading(protocol: MeshProtocol) -> None:
+    """After admission: windows slide with what the application has *read*.
 
     aioquic doubles a stream's window once the highest offset received passes
     half of it, and the connection's once the bytes up to every stream's
-    highest offset do: a member that sends each byte far past a gap makes the
-    windows, and the gaps we buffer, grow without end. Here the doubling looks
-    at what was delivered in order instead (the same, on a stream without
-    gaps), so out-of-order data held for one peer stays within the windows
-    it was first given (`CONNECTION_WINDOW_BYTES` in all). Data delivered to
-    a reader that does not read is that reader's to bound.
+    highest offset do: credit follows arrival, so a peer can make us hold
+    whatever a reader has not read yet (a stalled client's response, a stream
+    nobody reads), and bytes sent far past a gap make the windows grow without
+    end. Here credit follows what the readers have taken: at least
+    `STREAM_WINDOW_BYTES` beyond it is always open on a stream (so a reader
+    waiting for a whole frame of that size gets it), and at most one and a
+    half times that; the same for the connection with `CONNECTION_WINDOW_BYTES`.
+    What we hold for one peer stays within those windows, however it is sent,
+    and a window moves in steps of at least half its size (one MAX_STREAM_DATA
+    or MAX_DATA frame per step). A reader that reads again after its buffer
+    paused the stream schedules a transmit (`_StreamAdapter.resume_reading`)
+    so the credit goes out.
     """
+    quic = protocol._quic
+    readers = protocol._stream_readers
+
+    def unread(stream: QuicStream) -> int:
+        """Bytes of `stream` received but not read: gaps and all, and the reader's buffer."""
+        receiver = stream.receiver
+        reader = readers.get(stream.stream_id) if stream.stream_id is not None else None
+        held = len(reader._buffer) if reader is not None else 0  # type: ignore[attr-defined]
+        return receiver.highest_offset - receiver._buffer_start + held
 
     def stream_limits(
         builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
     ) -> None:
         receiver = stream.receiver
+        if (
+            stream.max_stream_data_local
+            and stream.max_stream_data_local - receiver._buffer_start < STREAM_WINDOW_BYTES
+        ):
+            taken = receiver.highest_offset - unread(stream)
+            if stream.max_stream_data_local - taken < STREAM_WINDOW_BYTES:
+                stream.max_stream_data_local = taken + STREAM_HELD_BYTES
         highest = receiver.highest_offset
-        receiver.highest_offset = receiver._buffer_start  # what aioquic's doubling reads
+        receiver.highest_offset = 0  # aioquic's own doubling never applies
         try:
             QuicConnection._write_stream_limits(quic, builder=builder, space=space, stream=stream)
         finally:
@@ -581,14 +630,12 @@ def _grow_credit_with_delivery(quic: QuicConnection) -> None:
 
     def connection_limits(builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
         limit = quic._local_max_data
-        if limit.used * 2 <= limit.value:  # aioquic would not double: nothing to correct
-            QuicConnection._write_connection_limits(quic, builder=builder, space=space)
-            return
+        if limit.value - limit.used < CONNECTION_WINDOW_BYTES:
+            taken = limit.used - sum(unread(stream) for stream in quic._streams.values())
+            if limit.value - taken < CONNECTION_WINDOW_BYTES:
+                limit.value = taken + CONNECTION_HELD_BYTES
         used = limit.used
-        limit.used -= sum(
-            stream.receiver.highest_offset - stream.receiver._buffer_start
-            for stream in quic._streams.values()
-        )
+        limit.used = 0  # aioquic's own doubling never applies
         try:
             QuicConnection._write_connection_limits(quic, builder=builder, space=space)
         finally:
@@ -596,6 +643,26 @@ def _grow_credit_with_delivery(quic: QuicConnection) -> None:
 
     quic._write_stream_limits = stream_limits  # type: ignore[method-assign]
     quic._write_connection_limits = connection_limits  # type: ignore[method-assign]
+
+
+class _StreamAdapter(QuicStreamAdapter):
+    """aioquic's stream transport, told when its reader has room again.
+
+    aioquic gives a stream's `StreamReader` no transport, so the reader never
+    pauses anything. With this one it calls `pause_reading` once it holds more
+    than twice its limit and `resume_reading` once read down: the credit that
+    reading made room for (`_grow_credit_with_reading`) then goes out at once,
+    instead of with whatever packet next happens to be sent.
+    """
+
+    def pause_reading(self) -> None:
+        pass  # the stream's credit already stops growing while its reader holds data
+
+    def resume_reading(self) -> None:
+        self.protocol._transmit_soon()
+
+    def is_reading(self) -> bool:
+        return True
 
 
 def _may_have_to_send(quic: QuicConnection, now: float) -> bool:
@@ -655,6 +722,36 @@ def stop_waiter(writer: asyncio.StreamWriter) -> asyncio.Future[None]:
     if protocol is not None:
         protocol.stop_waiters[stream_id] = waiter
     return waiter
+
+
+SEND_BUFFER_BYTES = STREAM_WINDOW_BYTES
+"""What `drained` lets one stream hold unacknowledged before its writer waits."""
+
+
+async def drained(writer: asyncio.StreamWriter, limit: int = SEND_BUFFER_BYTES) -> None:
+    """Wait until the stream holds at most `limit` bytes not yet acknowledged by the peer.
+
+    aioquic's writes never block: a peer that gives no credit (its reader stalled,
+    or it never reads) would make us buffer all that is written. A writer that
+    awaits this after each write keeps at most a window in memory.
+    `ConnectionResetError` when the connection ends while waiting.
+    """
+    protocol, stream_id = _stream_of(writer)
+    if protocol is None:
+        await writer.drain()
+        return
+    while True:
+        if protocol.closed.is_set():
+            raise ConnectionResetError("the connection closed")
+        stream = protocol._quic._streams.get(stream_id)
+        sender = stream.sender if stream is not None else None
+        if sender is None or sender._reset_error_code is not None:
+            return  # gone, or reset: nothing more is held for it
+        if len(sender._buffer) <= limit:
+            return
+        waiter = protocol._loop.create_future()
+        protocol.send_waiters.append(waiter)
+        await waiter
 
 
 def write_last(writer: asyncio.StreamWriter, data: bytes) -> None:

@@ -28,7 +28,7 @@ import logging
 from meshllm.http.errors import error_response
 from meshllm.http.upstream import HOP_BY_HOP, Pool, Response, UpstreamError
 from meshllm.mesh import wire
-from meshllm.mesh.quic import Link, release_stream, stop_waiter, write_last
+from meshllm.mesh.quic import Link, drained, release_stream, stop_waiter, write_last
 from meshllm.runtime import messages as m
 from meshllm.tunnel.core import LAST_CHUNK, PeerQuota, chunk, response_head, serving_port
 from meshllm.tunnel.hop import (
@@ -295,7 +295,11 @@ class TunnelServer:
 
 
 async def _relay(resp: Response, writer: asyncio.StreamWriter) -> bytes:
-    """Write the response down the stream but for its last bytes, which are returned."""
+    """Write the response down the stream but for its last bytes, which are returned.
+
+    Each piece waits for the peer to take what came before (`drained`): a peer
+    whose client reads slowly, or not at all, holds llama-server back instead
+    of growing this process."""
     headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
     if resp.complete():
         data = await resp.body()
@@ -304,10 +308,12 @@ async def _relay(resp: Response, writer: asyncio.StreamWriter) -> bytes:
         writer.write(response_head(resp.status, headers, resp.length))
         async for piece in resp.iter_body():
             writer.write(piece)
+            await drained(writer)
         return b""
     writer.write(response_head(resp.status, headers, None))
     async for piece in resp.iter_body():
         writer.write(chunk(piece))
+        await drained(writer)
     return LAST_CHUNK
 
 
