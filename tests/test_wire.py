@@ -32,15 +32,16 @@ EVERY_MESSAGE: list[wire.WireMessage] = [
     wire.Proof(b"\x04" * 32),
     wire.Welcome(),
     wire.Refused("wrong mesh secret"),
-    wire.Sync((ANN, wire.PeerAnnouncement(node_id="b", generation=1))),
+    wire.Sync((ANN, wire.PeerAnnouncement(node_id="000000000000000b", generation=1))),
     wire.Sync(()),
-    wire.Digest({"a": 1, "b": 1 << 60}),
-    wire.Digest({"a": 1}, reply=True),
+    wire.Digest({"000000000000000a": 1, "000000000000000b": 1 << 60}),
+    wire.Digest({"000000000000000a": 1}, reply=True),
     wire.Fingerprint(12345),
-    wire.PeerGone("a", 7, "left"),
+    wire.PeerGone("000000000000000a", 7, "left"),
+    wire.PeerGone("000000000000000a", 7, "left", b"\x30" * 70),
     wire.Probe(1),
     wire.ProbeAck(1 << 41),
-    wire.ProbeRequest("target", 99),
+    wire.ProbeRequest("00000000000000ff", 99),
     wire.TunnelOpen("meshllm-demo"),
 ]
 
@@ -154,7 +155,7 @@ def test_another_protocol_version_is_rejected() -> None:
 
 def test_unknown_fields_are_ignored_and_missing_ones_default() -> None:
     """A newer node's announcement (extra fields) decodes here; an older one's (fewer) too."""
-    newer = msgspec.to_builtins(ANN)
+    newer = msgspec.to_builtins(ANN, builtin_types=(bytes,))
     newer["gpu_model"] = "H100"
     newer["future"] = {"nested": [1, 2, 3]}
     payload = msgspec.msgpack.encode(
@@ -162,13 +163,13 @@ def test_unknown_fields_are_ignored_and_missing_ones_default() -> None:
     )
     assert wire.decode_payload(payload) == wire.Sync((ANN,))
 
-    older = {"node_id": "old", "generation": 3}
+    older = {"node_id": "0000000000000001", "generation": 3}
     msg = wire.decode_payload(
         msgspec.msgpack.encode([PROTOCOL_VERSION, {"type": "Sync", "announcements": [older]}])
     )
     assert isinstance(msg, wire.Sync)
     (ann,) = msg.announcements
-    assert ann == wire.PeerAnnouncement(node_id="old", generation=3)
+    assert ann == wire.PeerAnnouncement(node_id="0000000000000001", generation=3)
     assert ann.role == "idle" and ann.serving is None and ann.addresses == ()
 
     probe = msgspec.msgpack.encode([PROTOCOL_VERSION, {"type": "Probe", "nonce": 4, "ttl": 3}])

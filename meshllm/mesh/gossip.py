@@ -7,7 +7,11 @@ says when `tick()` is due. The core never touches a socket or a clock.
 
 The protocol (docs/design.md, "Gossip and failure detection"):
 
-- a new link (either side) starts with `Sync` of everything we know;
+- every announcement is signed by the node it describes and checked on
+  arrival (`membership.Authenticator`); one that fails, or a new member
+  beyond `MAX_PEERS`, is dropped alone and reported (`Rejected`);
+- a new link (either side) starts with `Sync` of everything we know, in
+  chunks under the frame cap;
 - our own change goes to every link at once as `Sync((me,))` (peers learn
   a change at once, not at the next anti-entropy round); news about third parties, the fresh
   part of a `Sync`, is forwarded once to every other link;
@@ -19,11 +23,15 @@ The protocol (docs/design.md, "Gossip and failure detection"):
   keeps out is answered with `PeerGone`, so a stale copy is removed on the
   other side instead of being offered forever. A mismatch thus always ends
   with both sides equal;
-- `PeerGone` removes a node (it leaves a tombstone, `membership`) and is
-  forwarded once, never to the removed node itself (we close its link, which
-  would discard it). A node told that it is gone refutes with a newer
-  generation; a peer that sends its own announcement while we hold it dead
-  is told so, and refutes in turn;
+- a `PeerGone` signed by the node itself (a leave) removes it (it leaves a
+  tombstone, `membership`) and is forwarded once, never to the removed node
+  itself (we close its link, which would discard it). An unsigned one is
+  another member's death verdict, which proves nothing: we suspect the node
+  and our own failure detector decides (direct probe, then indirect); only
+  its verdict removes the node here, and goes on to our links as a verdict
+  of our own. A node told that it is gone refutes with a newer generation;
+  a peer that sends its own announcement while we hold it dead is told so,
+  and refutes in turn;
 - membership is transitive: a known peer without a link is dialed, by the
   lower node id at once and by the other after `REDIAL_AFTER_S` (both dial
   only when one of them cannot). When both dial at once, each side keeps the
@@ -43,8 +51,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from meshllm.mesh import wire
-from meshllm.mesh.membership import Membership
+from meshllm.mesh.membership import Authenticator, Membership, sign_leave
 from meshllm.runtime.backoff import Backoff
 
 ANTI_ENTROPY_S = 2.0
@@ -141,6 +151,15 @@ class Refuted:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """An announcement from `peer_id` about `node_id` was refused (forged, or no room)."""
+
+    peer_id: str
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class UnexpectedFrame:
     """A peer sent a frame that has no place on a gossip link; it was dropped."""
 
@@ -158,6 +177,7 @@ Action = (
     | ProbeAnswered
     | PeerRemoved
     | Refuted
+    | Rejected
     | UnexpectedFrame
 )
 
@@ -194,11 +214,16 @@ class GossipCore:
         me: wire.PeerAnnouncement,
         now: float,
         *,
+        key: ec.EllipticCurvePrivateKey | None = None,
         joins: tuple[tuple[str, ...], ...] = (),
         remembered: tuple[str, ...] = (),
         rng: random.Random | None = None,
     ) -> None:
-        self.members = Membership(me)
+        self.key = key
+        """Signs our announcement and our leave; None only in tests of the protocol alone,
+        where announcements are neither signed nor checked."""
+        self.members = Membership(me, key)
+        self.auth = Authenticator()
         self.rng = rng or random.Random()
         self.links: dict[str, int] = {}
         """peer id -> the driver's id of our link to it."""
@@ -255,7 +280,7 @@ class GossipCore:
         self._links[link] = _Link(link, peer_id, dialed, now)
         self.unlinked_since.pop(peer_id, None)
         if not synced:
-            out.append(Send(link, peer_id, wire.Sync(tuple(self.members.all()))))
+            out += [Send(link, peer_id, sync) for sync in wire.sync_frames(self.members.all())]
         if (nonce := self.unsent_probes.pop(peer_id, None)) is not None:
             out.append(Send(link, peer_id, wire.Probe(nonce)))
         return out
@@ -310,11 +335,11 @@ class GossipCore:
                     out.append(Send(link, src, wire.Digest(self.members.digest())))
             case wire.Digest(generations=gens, reply=reply):
                 if missing := self.members.newer_than(gens):
-                    out.append(Send(link, src, wire.Sync(tuple(missing))))
+                    out += [Send(link, src, sync) for sync in wire.sync_frames(missing)]
                 if not reply and self.members.lacks(gens):
                     out.append(Send(link, src, wire.Digest(self.members.digest(), reply=True)))
-            case wire.PeerGone(node_id=node_id, generation=generation, reason=reason):
-                self._remove(node_id, generation, reason, now, out, exclude=src)
+            case wire.PeerGone() as gone:
+                self._on_gone(src, gone, now, out)
             case wire.Probe(nonce=nonce):
                 out.append(Send(link, src, wire.ProbeAck(nonce)))
             case wire.ProbeAck(nonce=nonce):
@@ -372,7 +397,8 @@ class GossipCore:
         self.stopping = True
         me = self.members.me
         out: list[Action] = []
-        self._forward(wire.PeerGone(me.node_id, me.generation, "left"), out)
+        gone = wire.PeerGone(me.node_id, me.generation, "left")
+        self._forward(gone if self.key is None else sign_leave(gone, self.key), out)
         return out
 
     def next_timer(self) -> float:
@@ -416,6 +442,12 @@ class GossipCore:
     ) -> None:
         fresh: list[wire.PeerAnnouncement] = []
         for ann in anns:
+            if self.key is not None and (refusal := self.auth.refusal(ann)) is not None:
+                out.append(Rejected(src, ann.node_id, refusal))
+                continue
+            if self._no_room_for(ann):
+                out.append(Rejected(src, ann.node_id, "the membership table is full"))
+                continue
             stone = self.members.buried(ann, now)
             if stone is not None:
                 # We hold it gone: say so, rather than let the sender offer it forever. If
@@ -428,8 +460,27 @@ class GossipCore:
                 # the bumped one.
                 fresh.append(self.members.me if ann.node_id == self.node_id else ann)
         if fresh:
-            self._forward(wire.Sync(tuple(fresh)), out, exclude=src)
+            for sync in wire.sync_frames(fresh):
+                self._forward(sync, out, exclude=src)
             self._changed(now, out)
+
+    def _no_room_for(self, ann: wire.PeerAnnouncement) -> bool:
+        """A new member while the table is full (`MAX_PEERS`) is refused."""
+        known = ann.node_id in self.members.peers or ann.node_id == self.node_id
+        return not known and self.members.full()
+
+    def _on_gone(self, src: str, gone: wire.PeerGone, now: float, out: list[Action]) -> None:
+        """A leave signed by the node removes it; anything else only makes us check it."""
+        node_id = gone.node_id
+        if node_id == self.node_id:
+            self._remove(node_id, gone.generation, gone.reason, now, out)
+            return
+        known = self.members.peers.get(node_id)
+        if self.key is None or self.auth.is_leave(gone, known):
+            self._remove(node_id, gone.generation, gone.reason, now, out, exclude=src, msg=gone)
+        elif known is not None and gone.generation >= known.generation:
+            # Another member's verdict: our own failure detector decides.
+            out.append(Suspect(node_id, f"reported gone by {src}"))
 
     def _remove(
         self,
@@ -439,7 +490,10 @@ class GossipCore:
         now: float,
         out: list[Action],
         exclude: str = "",
+        msg: wire.PeerGone | None = None,
     ) -> None:
+        """Remove a node and pass the news on: `msg` (a signed leave) as it came, else
+        our own verdict."""
         if node_id == self.node_id:
             self.members.remove(node_id, generation, now)
             out.append(Refuted(reason))
@@ -453,7 +507,8 @@ class GossipCore:
         link = self.links.pop(node_id, None)
         if link is not None:
             del self._links[link]
-        self._forward(wire.PeerGone(node_id, generation, reason), out, exclude=exclude)
+        notice = msg or wire.PeerGone(node_id, generation, reason[:200])
+        self._forward(notice, out, exclude=exclude)
         if link is not None:
             out.append(CloseLink(link, node_id, reason))
         self._changed(now, out)
