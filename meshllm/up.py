@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm.mesh.identity import load_or_create_key, node_id_of
 from meshllm.mesh.token import (
@@ -246,12 +248,20 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         gossip_port=gossip_port,
         tunnel_port=tunnel_sock.getsockname()[1],
     )
-    resources = {
+    resources: dict[str, dict[str, Any]] = {
         "proxy": {"socket": sock},
-        "gossiper": {"socket": gossip_sock},
+        # The node's key (PEM) signs its announcements: the Gossiper is the one that gossips.
+        "gossiper": {"socket": gossip_sock, "key": _pem(key)},
         "tunnel": {"socket": tunnel_sock},
     }
     return config, resources, token, lock_fd
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """`key` as PEM, to hand to an actor process."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def run(opts: UpOptions) -> int:
@@ -276,7 +286,8 @@ def run(opts: UpOptions) -> int:
     finally:
         for actor_resources in resources.values():
             for resource in actor_resources.values():
-                resource.close()
+                if isinstance(resource, socket.socket):
+                    resource.close()
         cleanup_run_dir(config.run_dir)
         os.close(lock_fd)
     log.info("node stopped (%s)", reason)

@@ -26,10 +26,12 @@ The protocol (docs/design.md, "Gossip and failure detection"):
 - a `PeerGone` signed by the node itself (a leave) removes it (it leaves a
   tombstone, `membership`) and is forwarded once, never to the removed node
   itself (we close its link, which would discard it). An unsigned one is
-  another member's death verdict, which proves nothing: we suspect the node
-  and our own failure detector decides (direct probe, then indirect); only
-  its verdict removes the node here, and goes on to our links as a verdict
-  of our own. A node told that it is gone refutes with a newer generation;
+  another member's death verdict, which proves nothing: we check the node
+  ourselves, with a probe of our own and `CHECK_HELPERS` indirect probes
+  through other links at once, and remove it only when none is answered
+  within `check_timeout` (then our verdict goes on to our links). Probing
+  both ways at once keeps the mesh's convergence after a death close to
+  one detection time, not two. A node told that it is gone refutes with a newer generation;
   a peer that sends its own announcement while we hold it dead is told so,
   and refutes in turn;
 - membership is transitive: a known peer without a link is dialed, by the
@@ -75,6 +77,10 @@ RELAY_TTL_S = 10.0
 """How long a relayed probe waits for its ack."""
 LEAVE_LINGER_S = 0.05
 """Between the leave notices and closing the links, so the notices go out."""
+CHECK_TIMEOUT_S = 1.0
+"""How long the check of a peer reported dead waits for an ack (the probe timeout)."""
+CHECK_HELPERS = 2
+"""Other links asked to probe a peer reported dead, besides our own probe."""
 
 
 # -- actions --------------------------------------------------------------------------
@@ -218,6 +224,7 @@ class GossipCore:
         joins: tuple[tuple[str, ...], ...] = (),
         remembered: tuple[str, ...] = (),
         rng: random.Random | None = None,
+        check_timeout: float = CHECK_TIMEOUT_S,
     ) -> None:
         self.key = key
         """Signs our announcement and our leave; None only in tests of the protocol alone,
@@ -235,6 +242,9 @@ class GossipCore:
         """our nonce -> (peer that asked, its nonce, expiry) of a relayed probe."""
         self.relay_nonce = 1 << 40
         """Above the failure detector's nonces, so a relayed ack is never taken for ours."""
+        self.check_timeout = check_timeout
+        self.checks: dict[str, tuple[frozenset[int], float]] = {}
+        """peer reported dead by another member -> (nonces of our probes of it, deadline)."""
         self.unsent_probes: dict[str, int] = {}
         """peer id -> nonce of a probe that waits for the link being dialed."""
         self.joins = [JoinState(tuple(addresses), next_at=now) for addresses in joins]
@@ -344,15 +354,16 @@ class GossipCore:
                 out.append(Send(link, src, wire.ProbeAck(nonce)))
             case wire.ProbeAck(nonce=nonce):
                 relay = self.relays.pop(nonce, None)
-                if relay is None:
+                if relay is not None:
+                    if (back := self.links.get(relay[0])) is not None:
+                        out.append(Send(back, relay[0], wire.ProbeAck(relay[1])))
+                elif not self._check_answered(nonce):
                     out.append(ProbeAnswered(nonce))
-                elif (back := self.links.get(relay[0])) is not None:
-                    out.append(Send(back, relay[0], wire.ProbeAck(relay[1])))
             case wire.ProbeRequest(target=target, nonce=nonce):
                 if (to := self.links.get(target)) is not None:
-                    self.relay_nonce += 1
-                    self.relays[self.relay_nonce] = (src, nonce, now + RELAY_TTL_S)
-                    out.append(Send(to, target, wire.Probe(self.relay_nonce)))
+                    relay_nonce = self._nonce()
+                    self.relays[relay_nonce] = (src, nonce, now + RELAY_TTL_S)
+                    out.append(Send(to, target, wire.Probe(relay_nonce)))
             case _:
                 out.append(UnexpectedFrame(src, type(msg).__name__))
         return out
@@ -404,6 +415,7 @@ class GossipCore:
     def next_timer(self) -> float:
         """When `tick` is next due."""
         due = [j.next_at for j in self.joins if not j.dialing]
+        due += [deadline for _, deadline in self.checks.values()]
         return min([self.next_anti_entropy, *due])
 
     def tick(self, now: float) -> list[Action]:
@@ -411,6 +423,12 @@ class GossipCore:
         out: list[Action] = []
         if self.stopping:
             return out
+        for node_id, (_, deadline) in list(self.checks.items()):
+            if now >= deadline:
+                del self.checks[node_id]
+                if (ann := self.members.peers.get(node_id)) is not None:
+                    reason = "reported gone, and did not answer our probes"
+                    self._remove(node_id, ann.generation, reason, now, out)
         if now >= self.next_anti_entropy:
             self.next_anti_entropy = now + ANTI_ENTROPY_S
             self.members.expire(now)
@@ -479,8 +497,36 @@ class GossipCore:
         if self.key is None or self.auth.is_leave(gone, known):
             self._remove(node_id, gone.generation, gone.reason, now, out, exclude=src, msg=gone)
         elif known is not None and gone.generation >= known.generation:
-            # Another member's verdict: our own failure detector decides.
-            out.append(Suspect(node_id, f"reported gone by {src}"))
+            self._check(node_id, src, now, out)
+
+    def _check(self, node_id: str, src: str, now: float, out: list[Action]) -> None:
+        """Another member holds `node_id` dead: probe it ourselves, directly and through
+        others at once; `tick` removes it if no ack came by the deadline."""
+        if node_id in self.checks:
+            return
+        nonces: list[int] = []
+        if (link := self.links.get(node_id)) is not None:
+            nonces.append(self._nonce())
+            out.append(Send(link, node_id, wire.Probe(nonces[-1])))
+        helpers = sorted(set(self.links) - {node_id, src})
+        for via in self.rng.sample(helpers, min(CHECK_HELPERS, len(helpers))):
+            nonces.append(self._nonce())
+            out.append(Send(self.links[via], via, wire.ProbeRequest(node_id, nonces[-1])))
+        # With nobody to ask (no link to it, no other peer) the deadline alone decides:
+        # the verdict's sender and we both failed to reach it.
+        self.checks[node_id] = (frozenset(nonces), now + self.check_timeout)
+
+    def _check_answered(self, nonce: int) -> bool:
+        """True if `nonce` was a probe of a check: the peer is alive, the check is over."""
+        for node_id, (nonces, _) in self.checks.items():
+            if nonce in nonces:
+                del self.checks[node_id]
+                return True
+        return False
+
+    def _nonce(self) -> int:
+        self.relay_nonce += 1
+        return self.relay_nonce
 
     def _remove(
         self,
@@ -499,6 +545,7 @@ class GossipCore:
             out.append(Refuted(reason))
             self._forward(wire.Sync((self.members.me,)), out)
             return
+        self.checks.pop(node_id, None)
         if not self.members.remove(node_id, generation, now):
             return
         out.append(PeerRemoved(node_id, generation, reason))

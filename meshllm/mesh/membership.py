@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm.mesh import identity
@@ -80,14 +81,21 @@ class Authenticator:
         return identity.verify(key, gone.signature, gone_bytes(gone))
 
 
+def _sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ECDSA P-256 / SHA-256 with RFC 6979 nonces (as `identity.sign`, which `identity.verify`
+    checks): no dependence on a random source, and the same bytes for the same announcement,
+    so a simulation with a seed is repeatable to the byte."""
+    return key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+
+
 def sign_announcement(ann: PeerAnnouncement, key: ec.EllipticCurvePrivateKey) -> PeerAnnouncement:
     """`ann` with `key`'s public key and signature."""
     unsigned = msgspec.structs.replace(ann, public_key=identity.public_der(key), signature=b"")
-    return msgspec.structs.replace(unsigned, signature=identity.sign(key, signed_bytes(unsigned)))
+    return msgspec.structs.replace(unsigned, signature=_sign(key, signed_bytes(unsigned)))
 
 
 def sign_leave(gone: PeerGone, key: ec.EllipticCurvePrivateKey) -> PeerGone:
-    return msgspec.structs.replace(gone, signature=identity.sign(key, gone_bytes(gone)))
+    return msgspec.structs.replace(gone, signature=_sign(key, gone_bytes(gone)))
 
 
 def _bump(generation: int) -> int:
