@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric import ec
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm import PROTOCOL_VERSION
-from meshllm.mesh import wire
-from meshllm.mesh import identity
+from meshllm.mesh import identity, wire
 from meshllm.mesh.membership import (
     TOMBSTONE_TTL_S,
     Authenticator,

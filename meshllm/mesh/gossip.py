@@ -497,9 +497,9 @@ class GossipCore:
         if self.key is None or self.auth.is_leave(gone, known):
             self._remove(node_id, gone.generation, gone.reason, now, out, exclude=src, msg=gone)
         elif known is not None and gone.generation >= known.generation:
-            self._check(node_id, src, now, out)
+            self._check(node_id, now, out)
 
-    def _check(self, node_id: str, src: str, now: float, out: list[Action]) -> None:
+    def _check(self, node_id: str, now: float, out: list[Action]) -> None:
         """Another member holds `node_id` dead: probe it ourselves, directly and through
         others at once; `tick` removes it if no ack came by the deadline."""
         if node_id in self.checks:
@@ -508,7 +508,9 @@ class GossipCore:
         if (link := self.links.get(node_id)) is not None:
             nonces.append(self._nonce())
             out.append(Send(link, node_id, wire.Probe(nonces[-1])))
-        helpers = sorted(set(self.links) - {node_id, src})
+        # The verdict's sender may be among them: a false "alive" from it costs nothing,
+        # the failure detector keeps probing.
+        helpers = sorted(set(self.links) - {node_id})
         for via in self.rng.sample(helpers, min(CHECK_HELPERS, len(helpers))):
             nonces.append(self._nonce())
             out.append(Send(self.links[via], via, wire.ProbeRequest(node_id, nonces[-1])))
