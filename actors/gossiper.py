@@ -240,7 +240,7 @@ class Gossiper(Actor):
                         "dropped %d malformed announcement(s) of a sync from %s: %.300r",
                         len(errors),
                         link.peer_id,
-                        errors[0],
+                        errors[0] if errors else "",
                     )
                 traffic.frame_received(msg, wire.HEADER + len(payload))
                 try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -334,7 +335,7 @@ def signed_core(key: ec.EllipticCurvePrivateKey, **kwargs: Any) -> GossipCore:
     return GossipCore(ann(node_id), 0.0, key=key, rng=random.Random(0), **kwargs)
 
 
-def deliver(actions: list[gossip.Action], to: GossipCore, link: int, now: float) -> list[Any]:
+def deliver(actions: Sequence[gossip.Action], to: GossipCore, link: int, now: float) -> list[Any]:
     """Each frame sent, through the real encoder and decoder, to `to`; what `to` did."""
     out: list[Any] = []
     for action in actions:
