@@ -325,7 +325,8 @@ def render_table(r: dict[str, Any]) -> str:
         f"({r['anti_entropy_s']:g} s); a join needs none (it spreads by push: Sync on the new "
         f"link, forwarded once), its cost is the Sync of every announcement on each of the "
         f"newcomer's N new links; a kill takes the failure detector's probe interval plus two "
-        f"timeouts, then one flood of PeerGone.\n" + machine_note(r)
+        f"timeouts at the first node to notice, whose verdict each other node then checks "
+        f"with probes of its own (one more timeout) before removing the node.\n" + machine_note(r)
     )
     return table(rows, head) + "\n\n" + table(large, head_large) + "\n\n" + note
 

@@ -346,18 +346,18 @@ def deliver(actions: Sequence[gossip.Action], to: GossipCore, link: int, now: fl
 
 
 class Trio:
-    """Signed cores a, b, c linked in a triangle; `send` delivers from one to another."""
+    """Signed cores a, b, c that know each other (as after convergence), linked in a triangle."""
 
     def __init__(self) -> None:
         self.keys = [new_key() for _ in range(3)]
-        self.a, self.b, self.c = (signed_core(k) for k in self.keys)
-        self.link = {("a", "b"): 1, ("a", "c"): 2, ("b", "c"): 3}
-        cores = {"a": self.a, "b": self.b, "c": self.c}
-        for (x, y), link in self.link.items():
-            syncs_x = cores[x].link_opened(link, cores[y].node_id, True, 0.0)
-            syncs_y = cores[y].link_opened(link, cores[x].node_id, False, 0.0)
-            deliver(syncs_x, cores[y], link, 0.0)
-            deliver(syncs_y, cores[x], link, 0.0)
+        self.a, self.b, self.c = cores = [signed_core(k) for k in self.keys]
+        for x in cores:
+            for y in cores:
+                if x is not y:
+                    assert x.members.merge(y.members.me, 0.0)
+        for link, (x, y) in enumerate([(0, 1), (0, 2), (1, 2)], 1):
+            cores[x].link_opened(link, cores[y].node_id, True, 0.0, synced=True)
+            cores[y].link_opened(link, cores[x].node_id, False, 0.0, synced=True)
 
     def link_of(self, x: GossipCore, y: GossipCore) -> int:
         return x.links[y.node_id]
@@ -432,9 +432,10 @@ def test_a_full_table_is_synced_in_chunks_under_the_frame_cap() -> None:
         models = (f"model-{i % 50}", "meshllm-demo")
         peer = ann(node_id, 100 + i, available_models=models)
         assert member.members.merge(sign_announcement(peer, key), 0.0)
-    syncs = member.link_opened(1, newcomer.node_id, False, 0.0)
-    newcomer.link_opened(1, member.node_id, True, 0.0)
-    assert len(syncs) > 1
+    member.link_opened(1, newcomer.node_id, False, 0.0)
+    digest = newcomer.link_opened(1, member.node_id, True, 0.0)
+    syncs = deliver(digest, member, 1, 0.0)  # the newcomer's digest: it lacks everything
+    assert sum(isinstance(a, gossip.Send) and isinstance(a.msg, wire.Sync) for a in syncs) > 1
     out = deliver(syncs, newcomer, 1, 0.0)
     assert not any(isinstance(a, gossip.Rejected) for a in out)
     learned = newcomer.members.digest()

@@ -10,8 +10,9 @@ The protocol (docs/design.md, "Gossip and failure detection"):
 - every announcement is signed by the node it describes and checked on
   arrival (`membership.Authenticator`); one that fails, or a new member
   beyond `MAX_PEERS`, is dropped alone and reported (`Rejected`);
-- a new link (either side) starts with `Sync` of everything we know, in
-  chunks under the frame cap;
+- a new link (either side) starts with our `Digest` (node id -> generation),
+  answered as in anti-entropy below: `Sync` of what we lack (in chunks under
+  the frame cap) and a reply `Digest` when the peer lacks something;
 - our own change goes to every link at once as `Sync((me,))` (peers learn
   a change at once, not at the next anti-entropy round); news about third parties, the fresh
   part of a `Sync`, is forwarded once to every other link;
@@ -290,7 +291,10 @@ class GossipCore:
         self._links[link] = _Link(link, peer_id, dialed, now)
         self.unlinked_since.pop(peer_id, None)
         if not synced:
-            out += [Send(link, peer_id, sync) for sync in wire.sync_frames(self.members.all())]
+            # Our digest, not our table: the peer answers with what we lack (and its own
+            # digest if it lacks something), so a newcomer's links after the first carry
+            # ~27 bytes per member instead of a whole signed announcement each.
+            out.append(Send(link, peer_id, wire.Digest(self.members.digest())))
         if (nonce := self.unsent_probes.pop(peer_id, None)) is not None:
             out.append(Send(link, peer_id, wire.Probe(nonce)))
         return out
