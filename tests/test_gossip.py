@@ -355,9 +355,9 @@ class Trio:
             for y in cores:
                 if x is not y:
                     assert x.members.merge(y.members.me, 0.0)
-        for link, (x, y) in enumerate([(0, 1), (0, 2), (1, 2)], 1):
-            cores[x].link_opened(link, cores[y].node_id, True, 0.0, synced=True)
-            cores[y].link_opened(link, cores[x].node_id, False, 0.0, synced=True)
+        for link, (i, j) in enumerate([(0, 1), (0, 2), (1, 2)], 1):
+            cores[i].link_opened(link, cores[j].node_id, True, 0.0, synced=True)
+            cores[j].link_opened(link, cores[i].node_id, False, 0.0, synced=True)
 
     def link_of(self, x: GossipCore, y: GossipCore) -> int:
         return x.links[y.node_id]
