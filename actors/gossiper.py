@@ -151,7 +151,7 @@ class Gossiper(Actor):
                 case gossip.ProbeAnswered(nonce=nonce):
                     await self.bus.tell("health_prober", m.ProbeAnswered(nonce))
                 case gossip.PeerRemoved(node_id=node_id, reason=reason):
-                    self.log.info("peer %s gone: %s", node_id, reason)
+                    self.log.info("peer %s gone: %r", node_id, reason)
                 case gossip.Refuted(reason=reason):
                     self.log.warning("the mesh thinks this node is gone (%r): refuted", reason)
                 case gossip.Rejected(peer_id=peer_id, node_id=node_id, reason=reason):
