@@ -134,12 +134,12 @@ def test_same_secret_is_admitted_and_frames_flow_both_ways() -> None:
 
             reading = asyncio.ensure_future(client.read(link))
             link.send(wire.Probe(7))
-            link.send(wire.Sync((wire.PeerAnnouncement(node_id="client", generation=1),)))
+            link.send(wire.Sync((wire.PeerAnnouncement(node_id="00000000000000c1", generation=1),)))
             assert await server.frames.get() == wire.Probe(7)
             assert isinstance(await server.frames.get(), wire.Sync)
             assert await client.frames.get() == wire.ProbeAck(7)
-            incoming.send(wire.Digest({"server": 3}))
-            assert await client.frames.get() == wire.Digest({"server": 3})
+            incoming.send(wire.Digest({"00000000000000a1": 3}))
+            assert await client.frames.get() == wire.Digest({"00000000000000a1": 3})
 
             # further streams (the Tunnel's) reach the stream handler only after admission
             reader, writer = await link.open_stream()

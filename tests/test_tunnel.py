@@ -832,6 +832,11 @@ def run_dirs() -> Iterator[tuple[str, str]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+REMOTE_ID = "00000000000000e1"
+DEAD_ID = "00000000000000de"
+"""Node ids within the wire's bounds: the mesh view crosses the actors' bus, which checks."""
+
+
 def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
     local_dir, remote_dir = run_dirs
 
@@ -845,30 +850,30 @@ def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
             prober = FakeActor(local_dir, "health_prober")
             ready = LocalServerState(model="demo", state="ready", port=llama.port)
             await supervisor.bus.publish("local", ready)
-            view = MeshView("local", (peer("remote", port), peer("dead", closed_udp_port())))
+            view = MeshView("local", (peer(REMOTE_ID, port), peer(DEAD_ID, closed_udp_port())))
             await gossiper.bus.publish("mesh", view)
             async with (
-                tunnel_actor(remote_dir, "remote", udp) as remote,
+                tunnel_actor(remote_dir, REMOTE_ID, udp) as remote,
                 tunnel_actor(local_dir, "local") as local,
             ):
                 path = local.config.tunnel_http_path
                 assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-                await wait_for("the mesh view", lambda: "remote" in local.client.addresses)
+                await wait_for("the mesh view", lambda: REMOTE_ID in local.client.addresses)
                 await wait_for("the local state", lambda: remote.server.local == ready)
                 pool = Pool("meshllm-tunnel", 0, unix_path=path)
-                route = TunnelRoute(pool, "remote", "demo")
+                route = TunnelRoute(pool, REMOTE_ID, "demo")
                 resp = await within(
                     WAIT_S, "the answer", route.request("POST", "/x", b"{}", HEADERS)
                 )
                 assert (resp.status, await resp.body()) == (200, b"from the host")
                 local.client.dial_timeout_s = 0.3
-                dead = TunnelRoute(pool, "dead", "demo")
+                dead = TunnelRoute(pool, DEAD_ID, "demo")
                 resp = await within(WAIT_S, "the 503", dead.request("POST", "/x", b"{}", HEADERS))
                 assert resp.status == 503
                 pool.close()
                 await wait_for("a SuspectPeer", lambda: bool(prober.told))
                 assert isinstance(prober.told[0], SuspectPeer)
-                assert prober.told[0].node_id == "dead"
+                assert prober.told[0].node_id == DEAD_ID
             assert not exists(path)  # removed on stop
             for fake in (supervisor, gossiper, prober):
                 fake.bus.close()
