@@ -261,7 +261,7 @@ class Simulation:
         for i, a in enumerate(created):
             for b in created[i + 1 :]:
                 link = self._new_link(a, b)
-                # Both sides hold the same view already: no opening Sync to execute.
+                # Both sides hold the same view already: no opening Digest to exchange.
                 a.core.link_opened(link, b.node_id, True, self.now, synced=True)
                 b.core.link_opened(link, a.node_id, False, self.now, synced=True)
         for node in created:
