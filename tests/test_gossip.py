@@ -16,6 +16,7 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from actors.gossiper import Throttle
 from meshllm.mesh import gossip, identity, wire
 from meshllm.mesh.gossip import ANTI_ENTROPY_S, REDIAL_AFTER_S, GossipCore
 from meshllm.mesh.membership import sign_announcement, sign_leave
@@ -453,3 +454,13 @@ def test_a_new_member_beyond_the_table_limit_is_refused(monkeypatch: pytest.Monk
         "the membership table is full"
     ]
     assert extra.node_id not in t.b.members.peers
+
+
+def test_warnings_about_peers_are_rate_limited_per_kind() -> None:
+    throttle = Throttle(interval=10.0)
+    assert throttle.allow("forged", 0.0) == 0
+    assert throttle.allow("forged", 1.0) is None
+    assert throttle.allow("forged", 9.9) is None
+    assert throttle.allow("malformed", 1.0) == 0  # another kind has its own budget
+    assert throttle.allow("forged", 10.0) == 2  # the next line says how many were skipped
+    assert throttle.allow("forged", 20.0) == 0

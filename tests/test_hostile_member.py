@@ -120,6 +120,9 @@ class Forger:
                             known = self.seen.get(ann.node_id)
                             if known is None or known.generation < ann.generation:
                                 self.seen[ann.node_id] = ann
+                    case wire.Digest(reply=False):
+                        # A new link starts with digests: we lack everything, send it all.
+                        link.send(wire.Digest({self.node_id: self.generation}, reply=True))
                     case wire.PeerGone() as gone:
                         self.leaves.append(gone)
                     case _:
