@@ -5,6 +5,12 @@ to send, whom to dial, which link to keep): this actor reads frames from
 admitted links and feeds them to the core, carries out the actions it
 returns, and re-arms one timer for `GossipCore.tick`. Probes of the
 HealthProber go out through here.
+
+The node's key (handed over by `meshllm up` as PEM) signs its announcements.
+Whatever a peer makes us do is bounded here too: the mesh view and
+`peers.json` are refreshed at most every `PUBLISH_INTERVAL_S` however fast
+announcements change, and each kind of refused input logs at most one line
+per `WARN_INTERVAL_S`.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm import __version__
 from meshllm.mesh import gossip, wire
+from meshllm.mesh.identity import load_or_create_key, node_id_of
 from meshllm.mesh.membership import boot_generation
 from meshllm.mesh.quic import Link, MeshEndpoint, key_from_pem
 from meshllm.mesh.token import InvalidToken, decode_token, split_address
@@ -30,6 +38,37 @@ from meshllm.runtime.actor import Actor
 
 TRAFFIC_FILE_S = 1.0
 """How often the endpoint's traffic counters are written to the run directory."""
+PUBLISH_INTERVAL_S = 0.25
+"""Least time between two mesh views (and `peers.json` writes): a peer that bumps its
+generation in a loop costs one publish per interval, not one per frame."""
+WARN_INTERVAL_S = 10.0
+"""Least time between two warnings of one kind about what peers sent."""
+
+
+class Throttle:
+    """At most one log line per `interval` for each kind of trouble; the rest are counted."""
+
+    def __init__(self, interval: float = WARN_INTERVAL_S) -> None:
+        self.interval = interval
+        self.next_at: dict[str, float] = {}
+        self.skipped: dict[str, int] = {}
+
+    def allow(self, kind: str, now: float) -> int | None:
+        """None to stay silent; else how many lines of this kind were skipped since the last."""
+        if now < self.next_at.get(kind, 0.0):
+            self.skipped[kind] = self.skipped.get(kind, 0) + 1
+            return None
+        self.next_at[kind] = now + self.interval
+        return self.skipped.pop(kind, 0)
+
+
+def node_key(resources: dict[str, Any], node_id: str) -> ec.EllipticCurvePrivateKey:
+    """The node's key from `meshllm up` (PEM); an ephemeral one for a test that has none."""
+    pem = resources.get("key")
+    key = load_or_create_key(None) if pem is None else key_from_pem(pem)
+    if pem is not None and node_id_of(key) != node_id:
+        raise ValueError(f"the node key is not node {node_id}'s")
+    return key
 
 
 class Gossiper(Actor):
@@ -61,17 +100,25 @@ class Gossiper(Actor):
                 joins.append(tuple(decode_token(text).addresses))
             except InvalidToken as exc:
                 self.log.warning("ignoring an invite token: %s", exc)
+        key = node_key(self.resources, cfg.node_id)
         self.core = gossip.GossipCore(
-            me, time.monotonic(), joins=tuple(joins), remembered=self._remembered()
+            me,
+            time.monotonic(),
+            key=key,
+            joins=tuple(joins),
+            remembered=self._remembered(),
+            check_timeout=cfg.options.probe_timeout_s,
         )
+        self.throttle = Throttle()
+        self.publish_timer: asyncio.TimerHandle | None = None
+        self.published_at = -PUBLISH_INTERVAL_S
+        self.remembered_addresses: list[str] | None = None
         self.links: dict[int, Link] = {}
         """The core's link ids -> the links they name."""
         self.link_ids = itertools.count(1)
         self.tasks: set[asyncio.Task[None]] = set()
         self.timer: asyncio.TimerHandle | None = None
-        self.endpoint = MeshEndpoint(
-            cfg.node_id, cfg.mesh_secret, key_from_pem(self.resources["key"]), self._on_link
-        )
+        self.endpoint = MeshEndpoint(cfg.node_id, cfg.mesh_secret, key, self._on_link)
         await self.endpoint.listen(self.resources["socket"])
         self._spawn(self._write_traffic_forever())
         await self._run(self.core.start(time.monotonic()))
@@ -101,13 +148,29 @@ class Gossiper(Actor):
                 case gossip.ProbeAnswered(nonce=nonce):
                     await self.bus.tell("health_prober", m.ProbeAnswered(nonce))
                 case gossip.PeerRemoved(node_id=node_id, reason=reason):
-                    self.log.info("peer %s gone: %s", node_id, reason)
+                    self.log.info("peer %s gone: %r", node_id, reason)
                 case gossip.Refuted(reason=reason):
-                    self.log.warning("the mesh thinks this node is gone (%s): refuted", reason)
+                    self.log.warning("the mesh thinks this node is gone (%r): refuted", reason)
+                case gossip.Rejected(peer_id=peer_id, node_id=node_id, reason=reason):
+                    self.endpoint.counters.malformed_frames += 1
+                    self._warn(
+                        f"rejected:{reason}",
+                        "refused an announcement of %s from %s: %s",
+                        node_id,
+                        peer_id,
+                        reason,
+                    )
                 case gossip.UnexpectedFrame(peer_id=peer_id, kind=kind):
                     self.endpoint.counters.malformed_frames += 1
-                    self.log.warning("dropped an unexpected %s from %s", kind, peer_id)
+                    self._warn("unexpected", "dropped an unexpected %s from %s", kind, peer_id)
         self._arm_timer()
+
+    def _warn(self, kind: str, fmt: str, *args: object) -> None:
+        """A warning about what a peer sent, rate-limited per `kind` (`Throttle`)."""
+        skipped = self.throttle.allow(kind, time.monotonic())
+        if skipped is not None:
+            more = f" ({skipped} more like it not logged)" if skipped else ""
+            self.log.warning(fmt + "%s", *args, more)
 
     def _arm_timer(self) -> None:
         if self.timer is not None:
@@ -157,15 +220,25 @@ class Gossiper(Actor):
         traffic = self.endpoint.traffic
         try:
             while True:
+                payload = await wire.read_payload(link.reader)
                 try:
-                    payload = await wire.read_payload(link.reader)
                     msg = wire.decode_payload(payload)
-                except wire.FrameTooLarge:
-                    raise  # the stream cannot be resynchronised
                 except wire.WireError as exc:
                     self.endpoint.counters.malformed_frames += 1
-                    self.log.warning("dropped a frame from %s: %s", link.peer_id, exc)
-                    continue
+                    salvaged = wire.salvage_sync(payload)
+                    if salvaged is None:
+                        self._warn(
+                            "malformed", "dropped a frame from %s: %.300r", link.peer_id, exc
+                        )
+                        continue
+                    msg, errors = salvaged
+                    self._warn(
+                        "malformed-announcement",
+                        "dropped %d malformed announcement(s) of a sync from %s: %.300r",
+                        len(errors),
+                        link.peer_id,
+                        errors[0] if errors else "",
+                    )
                 traffic.frame_received(msg, wire.HEADER + len(payload))
                 try:
                     actions = self.core.frame_received(link_id, msg, time.monotonic())
@@ -187,15 +260,33 @@ class Gossiper(Actor):
     # -- what the node sees ------------------------------------------------------------------
 
     async def _publish(self) -> None:
+        """Publish the mesh view now, or once `PUBLISH_INTERVAL_S` after the last one."""
+        if self.publish_timer is not None:
+            return  # one is due already, and will show this change too
+        wait = self.published_at + PUBLISH_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            await self._publish_now()
+            return
+        loop = asyncio.get_running_loop()
+        self.publish_timer = loop.call_later(wait, lambda: self._spawn(self._publish_now()))
+
+    async def _publish_now(self) -> None:
+        self.publish_timer = None
+        self.published_at = time.monotonic()
         members = self.core.members
         self._remember_peers()
         view = m.MeshView(members.node_id, members.view(), members.me)
         await self.bus.publish("mesh", view)
 
     def _remember_peers(self) -> None:
-        """Keep peers' addresses in the run directory: a restarted Gossiper redials them."""
+        """Keep peers' addresses in the run directory: a restarted Gossiper redials them.
+
+        Written only when the addresses change (not on every new generation)."""
         peers = self.core.members.peers.values()
         addresses = sorted({a for p in peers for a in p.addresses[:1]})
+        if addresses == self.remembered_addresses:
+            return
+        self.remembered_addresses = addresses
         with contextlib.suppress(OSError):
             self.peers_file.write_bytes(msgspec.json.encode(addresses))
 
@@ -241,6 +332,8 @@ class Gossiper(Actor):
         await self._run(self.core.leave())
         if self.timer is not None:
             self.timer.cancel()
+        if self.publish_timer is not None:
+            self.publish_timer.cancel()
         await asyncio.sleep(gossip.LEAVE_LINGER_S)  # let the leave notices go out
         for task in list(self.tasks):
             task.cancel()

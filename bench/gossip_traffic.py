@@ -322,10 +322,12 @@ def render_table(r: dict[str, Any]) -> str:
         f"{r['plan']['window_s']:g} s read from the Gossiper's QUIC endpoint counters "
         f"(bytes: UDP payload + 28 per datagram); sim: same N and probe settings (0.5 s / 1 s), "
         f"mean of 3 seeds. Simulated N: a round is one anti-entropy period "
-        f"({r['anti_entropy_s']:g} s); a join needs none (it spreads by push: Sync on the new "
-        f"link, forwarded once), its cost is the Sync of every announcement on each of the "
-        f"newcomer's N new links; a kill takes the failure detector's probe interval plus two "
-        f"timeouts, then one flood of PeerGone.\n" + machine_note(r)
+        f"({r['anti_entropy_s']:g} s); a join needs none (it spreads by push: the newcomer's "
+        f"announcement is forwarded once), its cost is a Digest each way on each of the "
+        f"newcomer's N new links and the signed announcements it lacks; a kill takes the "
+        f"failure detector's probe interval plus two "
+        f"timeouts at the first node to notice, whose verdict each other node then checks "
+        f"with probes of its own (one more timeout) before removing the node.\n" + machine_note(r)
     )
     return table(rows, head) + "\n\n" + table(large, head_large) + "\n\n" + note
 

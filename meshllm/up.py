@@ -249,8 +249,8 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
     )
     resources: dict[str, dict[str, Any]] = {
         "proxy": {"socket": sock},
-        # Both endpoints prove the node's id with its key (a process takes bytes, not
-        # key objects): see meshllm.mesh.quic.
+        # Both endpoints prove the node's id with its key, and the Gossiper signs its
+        # announcements with it (a process takes bytes, not key objects).
         "gossiper": {"socket": gossip_sock, "key": key_to_pem(key)},
         "tunnel": {"socket": tunnel_sock, "key": key_to_pem(key)},
     }

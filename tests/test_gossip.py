@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshllm.mesh import gossip, wire
+from actors.gossiper import Throttle
+from meshllm.mesh import gossip, identity, wire
 from meshllm.mesh.gossip import ANTI_ENTROPY_S, REDIAL_AFTER_S, GossipCore
+from meshllm.mesh.membership import sign_announcement, sign_leave
 
 MAX_DELIVERIES = 1000
 
@@ -317,3 +322,145 @@ def test_a_join_redials_with_backoff_and_again_when_its_link_ends() -> None:
     net.tick("b", join.next_at)
     net.transfer()
     assert "a" in b.links
+
+
+# -- signed gossip (issue 9, items 2 and 3) --------------------------------------------
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def signed_core(key: ec.EllipticCurvePrivateKey, **kwargs: Any) -> GossipCore:
+    node_id = identity.node_id_of(key)
+    return GossipCore(ann(node_id), 0.0, key=key, rng=random.Random(0), **kwargs)
+
+
+def deliver(actions: Sequence[gossip.Action], to: GossipCore, link: int, now: float) -> list[Any]:
+    """Each frame sent, through the real encoder and decoder, to `to`; what `to` did."""
+    out: list[Any] = []
+    for action in actions:
+        if isinstance(action, gossip.Send):
+            frame = wire.encode_frame(action.msg)
+            out += to.frame_received(link, wire.decode_payload(frame[wire.HEADER :]), now)
+    return out
+
+
+class Trio:
+    """Signed cores a, b, c that know each other (as after convergence), linked in a triangle."""
+
+    def __init__(self) -> None:
+        self.keys = [new_key() for _ in range(3)]
+        self.a, self.b, self.c = cores = [signed_core(k) for k in self.keys]
+        for x in cores:
+            for y in cores:
+                if x is not y:
+                    assert x.members.merge(y.members.me, 0.0)
+        for link, (i, j) in enumerate([(0, 1), (0, 2), (1, 2)], 1):
+            cores[i].link_opened(link, cores[j].node_id, True, 0.0, synced=True)
+            cores[j].link_opened(link, cores[i].node_id, False, 0.0, synced=True)
+
+    def link_of(self, x: GossipCore, y: GossipCore) -> int:
+        return x.links[y.node_id]
+
+
+def test_a_forged_announcement_is_rejected_alone() -> None:
+    t = Trio()
+    forger = new_key()
+    victim = t.c.members.me
+    forged = wire.PeerAnnouncement(node_id=victim.node_id, generation=victim.generation + 1)
+    by_forger = sign_announcement(forged, forger)
+    stolen = msgspec.structs.replace(by_forger, public_key=victim.public_key)
+    news = wire.Sync((forged, by_forger, stolen, t.a.members.me))
+    out = t.b.frame_received(t.link_of(t.b, t.a), news, 0.0)
+    rejected = [a.reason for a in out if isinstance(a, gossip.Rejected)]
+    assert rejected == [
+        "its key does not match its node id",  # unsigned: no key at all
+        "its key does not match its node id",
+        "its signature does not verify",
+    ]
+    assert t.b.members.peers[victim.node_id] == victim
+
+
+def test_another_members_death_verdict_is_checked_not_believed() -> None:
+    t = Trio()
+    c = t.c.node_id
+    gen = t.b.members.peers[c].generation
+    out = t.b.frame_received(t.link_of(t.b, t.a), wire.PeerGone(c, gen, "died"), 0.0)
+    assert c in t.b.members.peers, "removed on another member's word"
+    probes = [a for a in out if isinstance(a, gossip.Send)]
+    # Our own probe of c, and c's probe through a, both at once.
+    assert {type(a.msg) for a in probes} == {wire.Probe, wire.ProbeRequest}
+    assert t.b.next_timer() <= gossip.CHECK_TIMEOUT_S
+    # c answers: the check is over, c stays, and nothing is passed on.
+    (probe,) = [a.msg for a in probes if isinstance(a.msg, wire.Probe)]
+    assert t.b.frame_received(t.link_of(t.b, t.c), wire.ProbeAck(probe.nonce), 0.1) == []
+    assert not any(isinstance(a, gossip.PeerRemoved) for a in t.b.tick(5.0))
+    assert c in t.b.members.peers
+    # A second verdict nobody answers: removed on our own evidence, and told as ours.
+    t.b.frame_received(t.link_of(t.b, t.a), wire.PeerGone(c, gen, "died"), 10.0)
+    out = t.b.tick(10.0 + gossip.CHECK_TIMEOUT_S)
+    assert [a.node_id for a in out if isinstance(a, gossip.PeerRemoved)] == [c]
+    notices = [a.msg for a in out if isinstance(a, gossip.Send)]
+    assert wire.PeerGone(c, gen, "reported gone, and did not answer our probes") in notices
+
+
+def test_a_leave_signed_by_the_node_removes_it_at_once() -> None:
+    t = Trio()
+    (leave,) = {a.msg for a in t.c.leave() if isinstance(a, gossip.Send)}
+    assert isinstance(leave, wire.PeerGone) and leave.signature
+    out = t.b.frame_received(t.link_of(t.b, t.c), leave, 0.0)
+    assert [a.node_id for a in out if isinstance(a, gossip.PeerRemoved)] == [t.c.node_id]
+    # Passed on as it came, so the next node checks the signature too and removes c at once.
+    relayed = [a for a in out if isinstance(a, gossip.Send) and a.msg == leave]
+    assert [a.peer_id for a in relayed] == [t.a.node_id]
+    out = deliver(relayed, t.a, t.link_of(t.a, t.b), 0.0)
+    assert [a.node_id for a in out if isinstance(a, gossip.PeerRemoved)] == [t.c.node_id]
+    # The same leave signed by another key is only a verdict.
+    t2 = Trio()
+    forged = sign_leave(wire.PeerGone(t2.c.node_id, t2.c.members.me.generation, "left"), new_key())
+    out = t2.b.frame_received(t2.link_of(t2.b, t2.a), forged, 0.0)
+    assert not any(isinstance(a, gossip.PeerRemoved) for a in out)
+    assert t2.c.node_id in t2.b.members.peers
+
+
+def test_a_full_table_is_synced_in_chunks_under_the_frame_cap() -> None:
+    """A member holding 5,000 signed announcements; a new node links and learns them all."""
+    member, newcomer = signed_core(new_key()), signed_core(new_key())
+    for i in range(5000):
+        key = ec.derive_private_key(i + 1, ec.SECP256R1())
+        node_id = identity.node_id_of(key)
+        models = (f"model-{i % 50}", "meshllm-demo")
+        peer = ann(node_id, 100 + i, available_models=models)
+        assert member.members.merge(sign_announcement(peer, key), 0.0)
+    member.link_opened(1, newcomer.node_id, False, 0.0)
+    digest = newcomer.link_opened(1, member.node_id, True, 0.0)
+    syncs = deliver(digest, member, 1, 0.0)  # the newcomer's digest: it lacks everything
+    assert sum(isinstance(a, gossip.Send) and isinstance(a.msg, wire.Sync) for a in syncs) > 1
+    out = deliver(syncs, newcomer, 1, 0.0)
+    assert not any(isinstance(a, gossip.Rejected) for a in out)
+    learned = newcomer.members.digest()
+    assert all(learned[node_id] == gen for node_id, gen in member.members.digest().items())
+    assert len(newcomer.members.peers) == 5001
+
+
+def test_a_new_member_beyond_the_table_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("meshllm.mesh.membership.MAX_PEERS", 2)
+    t = Trio()
+    extra_key = new_key()
+    extra = sign_announcement(ann(identity.node_id_of(extra_key)), extra_key)
+    out = t.b.frame_received(t.link_of(t.b, t.a), wire.Sync((extra,)), 0.0)
+    assert [a.reason for a in out if isinstance(a, gossip.Rejected)] == [
+        "the membership table is full"
+    ]
+    assert extra.node_id not in t.b.members.peers
+
+
+def test_warnings_about_peers_are_rate_limited_per_kind() -> None:
+    throttle = Throttle(interval=10.0)
+    assert throttle.allow("forged", 0.0) == 0
+    assert throttle.allow("forged", 1.0) is None
+    assert throttle.allow("forged", 9.9) is None
+    assert throttle.allow("malformed", 1.0) == 0  # another kind has its own budget
+    assert throttle.allow("forged", 10.0) == 2  # the next line says how many were skipped
+    assert throttle.allow("forged", 20.0) == 0

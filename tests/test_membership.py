@@ -6,15 +6,31 @@ from typing import Any
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm import PROTOCOL_VERSION
-from meshllm.mesh import wire
-from meshllm.mesh.membership import TOMBSTONE_TTL_S, Membership, mesh_catalog
-from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.mesh import identity, wire
+from meshllm.mesh.membership import (
+    TOMBSTONE_TTL_S,
+    Authenticator,
+    Membership,
+    mesh_catalog,
+    sign_announcement,
+    sign_leave,
+)
+from meshllm.mesh.wire import GENERATION_MAX, PeerAnnouncement
 
 
 def ann(node_id: str, generation: int, **fields: Any) -> PeerAnnouncement:
     return PeerAnnouncement(node_id=node_id, generation=generation, **fields)
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def signed(key: ec.EllipticCurvePrivateKey, generation: int = 5, **fields: Any) -> PeerAnnouncement:
+    return sign_announcement(ann(identity.node_id_of(key), generation, **fields), key)
 
 
 def mesh(me_generation: int = 100) -> Membership:
@@ -75,9 +91,11 @@ def test_told_we_are_dead_we_refute_with_a_newer_generation() -> None:
     m = mesh(100)
     assert not m.remove("me", 100, now=0)
     assert m.me.generation == 101
-    # Reported dead as of a generation above ours (an older incarnation's future?):
-    assert not m.remove("me", 500, now=0)
-    assert m.me.generation == 501
+    # Reported dead as of a generation above ours: no tombstone can hold that one (a
+    # node's own verdicts use a generation it had from us), so it is a forgery, and
+    # following it would let a member push us to the top of the range.
+    assert not m.remove("me", GENERATION_MAX - 1, now=0)
+    assert m.me.generation == 102
     assert "me" not in m.peers and "me" not in m.tombstones
 
 
@@ -171,11 +189,97 @@ def test_generations_past_the_bound_are_refused_on_the_wire() -> None:
 
 
 def test_refuting_the_highest_valid_generation_stays_encodable() -> None:
-    m = mesh()
+    key = new_key()
     top = wire.GENERATION_MAX - 1
-    assert not m.remove("me", top, now=0)  # refuted, not removed
+    m = Membership(ann(identity.node_id_of(key), top - 1), key)
+    assert not m.remove(m.node_id, top, now=0)  # refuted, not removed
     assert m.me.generation == top
-    assert m.merge(ann("me", top), now=0) is False
+    assert not m.remove(m.node_id, top, now=0)
+    assert m.me.generation == top  # saturated
+    assert m.merge(ann(m.node_id, top), now=0) is False
     assert m.update_self(serving="x")
     assert m.me.generation == top
     wire.decode_payload(wire.encode_frame(wire.Sync((m.me,)))[wire.HEADER :])
+    assert Authenticator().refusal(m.me) is None
+
+
+# -- signatures (issue 9, item 2) -----------------------------------------------------
+
+
+def test_a_node_signs_its_announcement_on_every_change() -> None:
+    key = new_key()
+    m = Membership(ann(identity.node_id_of(key), 1), key)
+    auth = Authenticator()
+    assert m.me.public_key == identity.public_der(key)
+    assert auth.refusal(m.me) is None
+    m.update_self(serving="x")
+    assert auth.refusal(m.me) is None
+    m.remove(m.node_id, m.me.generation, now=0)  # refuted: a new generation, signed again
+    assert auth.refusal(m.me) is None
+
+
+def test_only_the_node_itself_can_sign_its_announcement() -> None:
+    victim, forger = new_key(), new_key()
+    auth = Authenticator()
+    genuine = signed(victim, serving="x")
+    assert auth.refusal(genuine) is None
+    victim_id = identity.node_id_of(victim)
+    # Unsigned, or a field changed after signing:
+    unsigned = msgspec.structs.replace(genuine, signature=b"")
+    assert auth.refusal(unsigned) == "its signature does not verify"
+    altered = msgspec.structs.replace(genuine, addresses=("10.6.6.6:1",))
+    assert auth.refusal(altered) == "its signature does not verify"
+    bumped = msgspec.structs.replace(genuine, generation=genuine.generation + 1)
+    assert auth.refusal(bumped) == "its signature does not verify"
+    # Signed by another key: either it carries the victim's key (the signature fails) ...
+    by_forger = sign_announcement(ann(victim_id, 9), forger)
+    assert auth.refusal(by_forger) == "its key does not match its node id"
+    with_victim_key = msgspec.structs.replace(by_forger, public_key=identity.public_der(victim))
+    assert auth.refusal(with_victim_key) == "its signature does not verify"
+    # ... or claims the forger's own id with the victim's key.
+    own_id = sign_announcement(ann(identity.node_id_of(forger), 9), forger)
+    stolen_key = msgspec.structs.replace(own_id, public_key=identity.public_der(victim))
+    assert auth.refusal(stolen_key) == "its key does not match its node id"
+    junk_key = ann(identity.node_id_of_der(b"junk"), 1, public_key=b"junk")
+    assert auth.refusal(junk_key) == "its key is not a P-256 public key"
+
+
+def test_verified_signatures_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = identity.verify
+
+    def counting(*args: Any) -> bool:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(identity, "verify", counting)
+    auth, genuine = Authenticator(), signed(new_key())
+    assert auth.refusal(genuine) is None
+    assert auth.refusal(genuine) is None
+    assert len(calls) == 1
+    forged = msgspec.structs.replace(genuine, vram_bytes=1)
+    assert auth.refusal(forged) is not None
+    assert auth.refusal(forged) is not None
+    assert len(calls) == 3  # failures are never cached as good
+
+
+def test_a_leave_counts_only_when_signed_by_the_node() -> None:
+    key, other = new_key(), new_key()
+    known = signed(key)
+    gone = wire.PeerGone(known.node_id, known.generation, "left")
+    assert Authenticator.is_leave(sign_leave(gone, key), known)
+    assert not Authenticator.is_leave(gone, known)
+    assert not Authenticator.is_leave(sign_leave(gone, other), known)
+    later = msgspec.structs.replace(sign_leave(gone, key), generation=known.generation + 1)
+    assert not Authenticator.is_leave(later, known)
+    assert not Authenticator.is_leave(sign_leave(gone, key), None)
+
+
+def test_the_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("meshllm.mesh.membership.MAX_PEERS", 2)
+    m = mesh()
+    assert m.merge(ann("a", 1), now=0) and m.merge(ann("b", 1), now=0)
+    assert m.full()
+    assert not m.merge(ann("c", 1), now=0)
+    assert "c" not in m.peers
+    assert m.merge(ann("a", 2), now=0)  # a known member still updates

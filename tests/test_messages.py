@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any
 
@@ -52,7 +53,9 @@ def _value(t: msgspec.inspect.Type) -> Any:
     """A non-default value of the inspected type `t`."""
     i = msgspec.inspect
     if isinstance(t, i.StrType):
-        return "x"
+        # The first sample that meets the type's constraints (wire ids, addresses, URLs).
+        samples = ("x", "0123456789abcdef", "0" * 64, "h:1", "http://x")
+        return next(s for s in samples if t.pattern is None or re.search(t.pattern, s))
     if isinstance(t, i.BoolType):
         return True
     if isinstance(t, i.IntType):

@@ -915,6 +915,10 @@ def run_dirs() -> Iterator[tuple[str, str]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+DEAD_ID = "00000000000000de"
+"""Node ids within the wire's bounds: the mesh view crosses the actors' bus, which checks."""
+
+
 def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
     local_dir, remote_dir = run_dirs
 
@@ -928,7 +932,7 @@ def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
             prober = FakeActor(local_dir, "health_prober")
             ready = LocalServerState(model="demo", state="ready", port=llama.port)
             await supervisor.bus.publish("local", ready)
-            view = MeshView("local", (peer(REMOTE, port), peer("dead", closed_udp_port())))
+            view = MeshView("local", (peer(REMOTE, port), peer(DEAD_ID, closed_udp_port())))
             await gossiper.bus.publish("mesh", view)
             async with (
                 tunnel_actor(remote_dir, REMOTE, udp) as remote,
@@ -945,7 +949,7 @@ def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
                 )
                 assert (resp.status, await resp.body()) == (200, b"from the host")
                 local.client.dial_timeout_s = 0.3
-                dead = TunnelRoute(pool, "dead", "demo")
+                dead = TunnelRoute(pool, DEAD_ID, "demo")
                 resp = await within(
                     WAIT_S, "the 503", dead.request("POST", "/v1/completions", b"{}", HEADERS)
                 )
@@ -953,7 +957,7 @@ def test_actor_wiring(run_dirs: tuple[str, str]) -> None:
                 pool.close()
                 await wait_for("a SuspectPeer", lambda: bool(prober.told))
                 assert isinstance(prober.told[0], SuspectPeer)
-                assert prober.told[0].node_id == "dead"
+                assert prober.told[0].node_id == DEAD_ID
             assert not exists(path)  # removed on stop
             for fake in (supervisor, gossiper, prober):
                 fake.bus.close()

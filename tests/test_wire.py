@@ -32,15 +32,16 @@ EVERY_MESSAGE: list[wire.WireMessage] = [
     wire.Proof(b"\x04" * 32),
     wire.Welcome(),
     wire.Refused("wrong mesh secret"),
-    wire.Sync((ANN, wire.PeerAnnouncement(node_id="b", generation=1))),
+    wire.Sync((ANN, wire.PeerAnnouncement(node_id="000000000000000b", generation=1))),
     wire.Sync(()),
-    wire.Digest({"a": 1, "b": 1 << 60}),
-    wire.Digest({"a": 1}, reply=True),
+    wire.Digest({"000000000000000a": 1, "000000000000000b": 1 << 60}),
+    wire.Digest({"000000000000000a": 1}, reply=True),
     wire.Fingerprint(12345),
-    wire.PeerGone("a", 7, "left"),
+    wire.PeerGone("000000000000000a", 7, "left"),
+    wire.PeerGone("000000000000000a", 7, "left", b"\x30" * 70),
     wire.Probe(1),
     wire.ProbeAck(1 << 41),
-    wire.ProbeRequest("target", 99),
+    wire.ProbeRequest("00000000000000ff", 99),
     wire.TunnelOpen("meshllm-demo"),
 ]
 
@@ -154,7 +155,7 @@ def test_another_protocol_version_is_rejected() -> None:
 
 def test_unknown_fields_are_ignored_and_missing_ones_default() -> None:
     """A newer node's announcement (extra fields) decodes here; an older one's (fewer) too."""
-    newer = msgspec.to_builtins(ANN)
+    newer = msgspec.to_builtins(ANN, builtin_types=(bytes,))
     newer["gpu_model"] = "H100"
     newer["future"] = {"nested": [1, 2, 3]}
     payload = msgspec.msgpack.encode(
@@ -162,14 +163,143 @@ def test_unknown_fields_are_ignored_and_missing_ones_default() -> None:
     )
     assert wire.decode_payload(payload) == wire.Sync((ANN,))
 
-    older = {"node_id": "old", "generation": 3}
+    older = {"node_id": "0000000000000001", "generation": 3}
     msg = wire.decode_payload(
         msgspec.msgpack.encode([PROTOCOL_VERSION, {"type": "Sync", "announcements": [older]}])
     )
     assert isinstance(msg, wire.Sync)
     (ann,) = msg.announcements
-    assert ann == wire.PeerAnnouncement(node_id="old", generation=3)
+    assert ann == wire.PeerAnnouncement(node_id="0000000000000001", generation=3)
     assert ann.role == "idle" and ann.serving is None and ann.addresses == ()
 
     probe = msgspec.msgpack.encode([PROTOCOL_VERSION, {"type": "Probe", "nonce": 4, "ttl": 3}])
     assert wire.decode_payload(probe) == wire.Probe(4)
+
+
+# -- bounds on what a peer may announce (issue 9, item 3) ---------------------------------
+
+
+def sync_payload(*announcements: dict[str, typing.Any]) -> bytes:
+    msg = {"type": "Sync", "announcements": list(announcements)}
+    return msgspec.msgpack.encode([PROTOCOL_VERSION, msg])
+
+
+GOOD = msgspec.to_builtins(ANN, builtin_types=(bytes,))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("node_id", "0123456789ABCDEF"),  # uppercase
+        ("node_id", "0123456789abcde"),  # short
+        ("node_id", "../../etc/passwd"),
+        ("generation", wire.GENERATION_MAX),
+        ("generation", -1),
+        ("http_port", 65536),
+        ("tunnel_port", -1),
+        ("serving", "../other.gguf"),
+        ("serving", ".hidden"),
+        ("serving", "a\nb"),
+        ("serving", "x" * 201),
+        ("available_models", ["m"] * (wire.MAX_MODELS + 1)),
+        ("requested_models", ["a/b"]),
+        ("vram_bytes", -1),
+        ("vram_bytes", 2**60),
+        ("addresses", ["10.0.0.1:0"]),
+        ("addresses", ["10.0.0.1:65536"]),
+        ("addresses", ["10.0.0.1"]),
+        ("addresses", ["a b:1"]),
+        ("addresses", ["h:1"] * (wire.MAX_ADDRESSES + 1)),
+        ("model_sizes", {"m": -5}),
+        ("model_sizes", {"../m": 5}),
+        ("model_urls", {"m": "file:///etc/passwd"}),
+        ("model_urls", {"m": "ftp://host/m.gguf"}),
+        ("model_urls", {"m": "https://" + "x" * 2048}),
+        ("model_sha256", {"m": "ab" * 31}),
+        ("model_sha256", {"m": "AB" * 32}),
+        ("version", "v" * 65),
+        ("public_key", b"k" * (wire.PUBLIC_KEY_MAX + 1)),
+        ("signature", b"s" * (wire.SIGNATURE_MAX + 1)),
+    ],
+)
+def test_an_out_of_bounds_field_is_rejected(field: str, value: object) -> None:
+    with pytest.raises(wire.WireError, match=field):
+        wire.decode_payload(sync_payload({**GOOD, field: value}))
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"type": "PeerGone", "node_id": "0123456789abcdef", "generation": 1, "reason": "r" * 201},
+        {"type": "PeerGone", "node_id": "nope", "generation": 1},
+        {"type": "Digest", "generations": {"NOT-AN-ID": 1}},
+        {"type": "ProbeRequest", "target": "../x", "nonce": 1},
+        {"type": "TunnelOpen", "model": "../../etc/passwd"},
+    ],
+)
+def test_other_gossip_fields_are_bounded_too(msg: dict[str, typing.Any]) -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode_payload(msgspec.msgpack.encode([PROTOCOL_VERSION, msg]))
+
+
+def test_accepted_values_at_the_edges() -> None:
+    edges = {
+        **GOOD,
+        "http_port": 65535,
+        "addresses": ["[::1]:1", "node-1.example.org:65535", "10.0.0.1:443"],
+        "model_urls": {"m": "http://h/m.gguf", "n": "https://h/n.gguf?x=1"},
+        "model_sha256": {"m": "0" * 64},
+        "serving": "Qwen2.5-3B-Instruct-Q4_K_M",
+    }
+    assert isinstance(wire.decode_payload(sync_payload(edges)), wire.Sync)
+
+
+def test_a_malformed_announcement_is_dropped_alone() -> None:
+    bad = {**GOOD, "node_id": "BAD"}
+    payload = sync_payload(bad, GOOD, {**GOOD, "http_port": -1})
+    with pytest.raises(wire.WireError):
+        wire.decode_payload(payload)
+    salvaged = wire.salvage_sync(payload)
+    assert salvaged is not None
+    sync, errors = salvaged
+    assert sync == wire.Sync((ANN,))
+    assert len(errors) == 2 and "node_id" in errors[0] and "http_port" in errors[1]
+    # Anything but a Sync of this version is not salvaged.
+    assert wire.salvage_sync(msgspec.msgpack.encode([PROTOCOL_VERSION, {"type": "Probe"}])) is None
+    assert wire.salvage_sync(msgspec.msgpack.encode([PROTOCOL_VERSION + 1, {}])) is None
+    assert wire.salvage_sync(b"\xc1") is None
+
+
+def test_a_big_table_is_split_into_syncs_under_the_frame_cap() -> None:
+    padded = msgspec.structs.replace(ANN, available_models=tuple(f"m{i}" for i in range(200)))
+    anns = [msgspec.structs.replace(padded, generation=i) for i in range(2000)]
+    syncs = wire.sync_frames(anns)
+    assert len(syncs) > 1
+    for sync in syncs:
+        assert len(wire.encode_frame(sync)) <= wire.MAX_FRAME_BYTES + wire.HEADER
+    assert [a for s in syncs for a in s.announcements] == anns
+    assert wire.sync_frames([]) == [wire.Sync(())]
+
+
+def test_the_largest_valid_announcement_fits_one_frame() -> None:
+    """Every bound at its maximum still fits a frame, so `sync_frames` can always send it."""
+    name = "n" * 200
+    names = tuple(f"{i:03d}{name[3:]}" for i in range(wire.MAX_MODELS))
+    largest = wire.PeerAnnouncement(
+        node_id="0" * 16,
+        generation=wire.GENERATION_MAX - 1,
+        version="v" * 64,
+        serving=name,
+        server_state="s" * 64,
+        available_models=names,
+        requested_models=names,
+        vram_bytes=2**53 - 1,
+        addresses=tuple(f"{'h' * 253}:65535" for _ in range(wire.MAX_ADDRESSES)),
+        model_sizes=dict.fromkeys(names, 2**53 - 1),
+        model_urls=dict.fromkeys(names, "https://" + "u" * 2040),
+        model_sha256=dict.fromkeys(names, "f" * 64),
+        public_key=b"k" * wire.PUBLIC_KEY_MAX,
+        signature=b"s" * wire.SIGNATURE_MAX,
+    )
+    frame = wire.encode_frame(wire.Sync((largest,)))
+    assert wire.decode_payload(frame[wire.HEADER :]) == wire.Sync((largest,))

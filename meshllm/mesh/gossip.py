@@ -7,7 +7,12 @@ says when `tick()` is due. The core never touches a socket or a clock.
 
 The protocol (docs/design.md, "Gossip and failure detection"):
 
-- a new link (either side) starts with `Sync` of everything we know;
+- every announcement is signed by the node it describes and checked on
+  arrival (`membership.Authenticator`); one that fails, or a new member
+  beyond `MAX_PEERS`, is dropped alone and reported (`Rejected`);
+- a new link (either side) starts with our `Digest` (node id -> generation),
+  answered as in anti-entropy below: `Sync` of what we lack (in chunks under
+  the frame cap) and a reply `Digest` when the peer lacks something;
 - our own change goes to every link at once as `Sync((me,))` (peers learn
   a change at once, not at the next anti-entropy round); news about third parties, the fresh
   part of a `Sync`, is forwarded once to every other link;
@@ -19,11 +24,17 @@ The protocol (docs/design.md, "Gossip and failure detection"):
   keeps out is answered with `PeerGone`, so a stale copy is removed on the
   other side instead of being offered forever. A mismatch thus always ends
   with both sides equal;
-- `PeerGone` removes a node (it leaves a tombstone, `membership`) and is
-  forwarded once, never to the removed node itself (we close its link, which
-  would discard it). A node told that it is gone refutes with a newer
-  generation; a peer that sends its own announcement while we hold it dead
-  is told so, and refutes in turn;
+- a `PeerGone` signed by the node itself (a leave) removes it (it leaves a
+  tombstone, `membership`) and is forwarded once, never to the removed node
+  itself (we close its link, which would discard it). An unsigned one is
+  another member's death verdict, which proves nothing: we check the node
+  ourselves, with a probe of our own and `CHECK_HELPERS` indirect probes
+  through other links at once, and remove it only when none is answered
+  within `check_timeout` (then our verdict goes on to our links). Probing
+  both ways at once keeps the mesh's convergence after a death close to
+  one detection time, not two. A node told that it is gone refutes with a newer generation;
+  a peer that sends its own announcement while we hold it dead is told so,
+  and refutes in turn;
 - membership is transitive: a known peer without a link is dialed, by the
   lower node id at once and by the other after `REDIAL_AFTER_S` (both dial
   only when one of them cannot). When both dial at once, each side keeps the
@@ -43,8 +54,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from meshllm.mesh import wire
-from meshllm.mesh.membership import Membership
+from meshllm.mesh.membership import Authenticator, Membership, sign_leave
 from meshllm.runtime.backoff import Backoff
 
 ANTI_ENTROPY_S = 2.0
@@ -65,6 +78,10 @@ RELAY_TTL_S = 10.0
 """How long a relayed probe waits for its ack."""
 LEAVE_LINGER_S = 0.05
 """Between the leave notices and closing the links, so the notices go out."""
+CHECK_TIMEOUT_S = 1.0
+"""How long the check of a peer reported dead waits for an ack (the probe timeout)."""
+CHECK_HELPERS = 2
+"""Other links asked to probe a peer reported dead, besides our own probe."""
 
 
 # -- actions --------------------------------------------------------------------------
@@ -141,6 +158,15 @@ class Refuted:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """An announcement from `peer_id` about `node_id` was refused (forged, or no room)."""
+
+    peer_id: str
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class UnexpectedFrame:
     """A peer sent a frame that has no place on a gossip link; it was dropped."""
 
@@ -158,6 +184,7 @@ Action = (
     | ProbeAnswered
     | PeerRemoved
     | Refuted
+    | Rejected
     | UnexpectedFrame
 )
 
@@ -194,11 +221,17 @@ class GossipCore:
         me: wire.PeerAnnouncement,
         now: float,
         *,
+        key: ec.EllipticCurvePrivateKey | None = None,
         joins: tuple[tuple[str, ...], ...] = (),
         remembered: tuple[str, ...] = (),
         rng: random.Random | None = None,
+        check_timeout: float = CHECK_TIMEOUT_S,
     ) -> None:
-        self.members = Membership(me)
+        self.key = key
+        """Signs our announcement and our leave; None only in tests of the protocol alone,
+        where announcements are neither signed nor checked."""
+        self.members = Membership(me, key)
+        self.auth = Authenticator()
         self.rng = rng or random.Random()
         self.links: dict[str, int] = {}
         """peer id -> the driver's id of our link to it."""
@@ -210,6 +243,9 @@ class GossipCore:
         """our nonce -> (peer that asked, its nonce, expiry) of a relayed probe."""
         self.relay_nonce = 1 << 40
         """Above the failure detector's nonces, so a relayed ack is never taken for ours."""
+        self.check_timeout = check_timeout
+        self.checks: dict[str, tuple[frozenset[int], float]] = {}
+        """peer reported dead by another member -> (nonces of our probes of it, deadline)."""
         self.unsent_probes: dict[str, int] = {}
         """peer id -> nonce of a probe that waits for the link being dialed."""
         self.joins = [JoinState(tuple(addresses), next_at=now) for addresses in joins]
@@ -255,7 +291,10 @@ class GossipCore:
         self._links[link] = _Link(link, peer_id, dialed, now)
         self.unlinked_since.pop(peer_id, None)
         if not synced:
-            out.append(Send(link, peer_id, wire.Sync(tuple(self.members.all()))))
+            # Our digest, not our table: the peer answers with what we lack (and its own
+            # digest if it lacks something), so a newcomer's links after the first carry
+            # ~27 bytes per member instead of a whole signed announcement each.
+            out.append(Send(link, peer_id, wire.Digest(self.members.digest())))
         if (nonce := self.unsent_probes.pop(peer_id, None)) is not None:
             out.append(Send(link, peer_id, wire.Probe(nonce)))
         return out
@@ -310,24 +349,25 @@ class GossipCore:
                     out.append(Send(link, src, wire.Digest(self.members.digest())))
             case wire.Digest(generations=gens, reply=reply):
                 if missing := self.members.newer_than(gens):
-                    out.append(Send(link, src, wire.Sync(tuple(missing))))
+                    out += [Send(link, src, sync) for sync in wire.sync_frames(missing)]
                 if not reply and self.members.lacks(gens):
                     out.append(Send(link, src, wire.Digest(self.members.digest(), reply=True)))
-            case wire.PeerGone(node_id=node_id, generation=generation, reason=reason):
-                self._remove(node_id, generation, reason, now, out, exclude=src)
+            case wire.PeerGone() as gone:
+                self._on_gone(src, gone, now, out)
             case wire.Probe(nonce=nonce):
                 out.append(Send(link, src, wire.ProbeAck(nonce)))
             case wire.ProbeAck(nonce=nonce):
                 relay = self.relays.pop(nonce, None)
-                if relay is None:
+                if relay is not None:
+                    if (back := self.links.get(relay[0])) is not None:
+                        out.append(Send(back, relay[0], wire.ProbeAck(relay[1])))
+                elif not self._check_answered(nonce):
                     out.append(ProbeAnswered(nonce))
-                elif (back := self.links.get(relay[0])) is not None:
-                    out.append(Send(back, relay[0], wire.ProbeAck(relay[1])))
             case wire.ProbeRequest(target=target, nonce=nonce):
                 if (to := self.links.get(target)) is not None:
-                    self.relay_nonce += 1
-                    self.relays[self.relay_nonce] = (src, nonce, now + RELAY_TTL_S)
-                    out.append(Send(to, target, wire.Probe(self.relay_nonce)))
+                    relay_nonce = self._nonce()
+                    self.relays[relay_nonce] = (src, nonce, now + RELAY_TTL_S)
+                    out.append(Send(to, target, wire.Probe(relay_nonce)))
             case _:
                 out.append(UnexpectedFrame(src, type(msg).__name__))
         return out
@@ -372,12 +412,14 @@ class GossipCore:
         self.stopping = True
         me = self.members.me
         out: list[Action] = []
-        self._forward(wire.PeerGone(me.node_id, me.generation, "left"), out)
+        gone = wire.PeerGone(me.node_id, me.generation, "left")
+        self._forward(gone if self.key is None else sign_leave(gone, self.key), out)
         return out
 
     def next_timer(self) -> float:
         """When `tick` is next due."""
         due = [j.next_at for j in self.joins if not j.dialing]
+        due += [deadline for _, deadline in self.checks.values()]
         return min([self.next_anti_entropy, *due])
 
     def tick(self, now: float) -> list[Action]:
@@ -385,6 +427,12 @@ class GossipCore:
         out: list[Action] = []
         if self.stopping:
             return out
+        for node_id, (_, deadline) in list(self.checks.items()):
+            if now >= deadline:
+                del self.checks[node_id]
+                if (ann := self.members.peers.get(node_id)) is not None:
+                    reason = "reported gone, and did not answer our probes"
+                    self._remove(node_id, ann.generation, reason, now, out)
         if now >= self.next_anti_entropy:
             self.next_anti_entropy = now + ANTI_ENTROPY_S
             self.members.expire(now)
@@ -416,6 +464,12 @@ class GossipCore:
     ) -> None:
         fresh: list[wire.PeerAnnouncement] = []
         for ann in anns:
+            if self.key is not None and (refusal := self.auth.refusal(ann)) is not None:
+                out.append(Rejected(src, ann.node_id, refusal))
+                continue
+            if self._no_room_for(ann):
+                out.append(Rejected(src, ann.node_id, "the membership table is full"))
+                continue
             stone = self.members.buried(ann, now)
             if stone is not None:
                 # We hold it gone: say so, rather than let the sender offer it forever. If
@@ -428,8 +482,57 @@ class GossipCore:
                 # the bumped one.
                 fresh.append(self.members.me if ann.node_id == self.node_id else ann)
         if fresh:
-            self._forward(wire.Sync(tuple(fresh)), out, exclude=src)
+            for sync in wire.sync_frames(fresh):
+                self._forward(sync, out, exclude=src)
             self._changed(now, out)
+
+    def _no_room_for(self, ann: wire.PeerAnnouncement) -> bool:
+        """A new member while the table is full (`MAX_PEERS`) is refused."""
+        known = ann.node_id in self.members.peers or ann.node_id == self.node_id
+        return not known and self.members.full()
+
+    def _on_gone(self, src: str, gone: wire.PeerGone, now: float, out: list[Action]) -> None:
+        """A leave signed by the node removes it; anything else only makes us check it."""
+        node_id = gone.node_id
+        if node_id == self.node_id:
+            self._remove(node_id, gone.generation, gone.reason, now, out)
+            return
+        known = self.members.peers.get(node_id)
+        if self.key is None or self.auth.is_leave(gone, known):
+            self._remove(node_id, gone.generation, gone.reason, now, out, exclude=src, msg=gone)
+        elif known is not None and gone.generation >= known.generation:
+            self._check(node_id, now, out)
+
+    def _check(self, node_id: str, now: float, out: list[Action]) -> None:
+        """Another member holds `node_id` dead: probe it ourselves, directly and through
+        others at once; `tick` removes it if no ack came by the deadline."""
+        if node_id in self.checks:
+            return
+        nonces: list[int] = []
+        if (link := self.links.get(node_id)) is not None:
+            nonces.append(self._nonce())
+            out.append(Send(link, node_id, wire.Probe(nonces[-1])))
+        # The verdict's sender may be among them: a false "alive" from it costs nothing,
+        # the failure detector keeps probing.
+        helpers = sorted(set(self.links) - {node_id})
+        for via in self.rng.sample(helpers, min(CHECK_HELPERS, len(helpers))):
+            nonces.append(self._nonce())
+            out.append(Send(self.links[via], via, wire.ProbeRequest(node_id, nonces[-1])))
+        # With nobody to ask (no link to it, no other peer) the deadline alone decides:
+        # the verdict's sender and we both failed to reach it.
+        self.checks[node_id] = (frozenset(nonces), now + self.check_timeout)
+
+    def _check_answered(self, nonce: int) -> bool:
+        """True if `nonce` was a probe of a check: the peer is alive, the check is over."""
+        for node_id, (nonces, _) in self.checks.items():
+            if nonce in nonces:
+                del self.checks[node_id]
+                return True
+        return False
+
+    def _nonce(self) -> int:
+        self.relay_nonce += 1
+        return self.relay_nonce
 
     def _remove(
         self,
@@ -439,12 +542,16 @@ class GossipCore:
         now: float,
         out: list[Action],
         exclude: str = "",
+        msg: wire.PeerGone | None = None,
     ) -> None:
+        """Remove a node and pass the news on: `msg` (a signed leave) as it came, else
+        our own verdict."""
         if node_id == self.node_id:
             self.members.remove(node_id, generation, now)
             out.append(Refuted(reason))
             self._forward(wire.Sync((self.members.me,)), out)
             return
+        self.checks.pop(node_id, None)
         if not self.members.remove(node_id, generation, now):
             return
         out.append(PeerRemoved(node_id, generation, reason))
@@ -453,7 +560,8 @@ class GossipCore:
         link = self.links.pop(node_id, None)
         if link is not None:
             del self._links[link]
-        self._forward(wire.PeerGone(node_id, generation, reason), out, exclude=exclude)
+        notice = msg or wire.PeerGone(node_id, generation, reason[:200])
+        self._forward(notice, out, exclude=exclude)
         if link is not None:
             out.append(CloseLink(link, node_id, reason))
         self._changed(now, out)

@@ -49,7 +49,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from meshllm.mesh import gossip, health, wire
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshllm.mesh import gossip, health, identity, wire
 from meshllm.mesh.gossip import ANTI_ENTROPY_S, LEAVE_LINGER_S
 from meshllm.mesh.health import (
     DEFAULT_INTERVAL_S,
@@ -182,6 +184,9 @@ class Simulation:
         self._link_ids = 0
         self._by_address: dict[str, str] = {}
         self._channel_free: dict[tuple[int, str], float] = {}
+        self._keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+        """Each node's key (a restarted node keeps its own): announcements are signed and
+        checked as on real nodes, so their sizes and the work are the real ones."""
 
     # -- clock -----------------------------------------------------------------------
 
@@ -208,7 +213,11 @@ class Simulation:
     # -- nodes -----------------------------------------------------------------------
 
     def _new_node(self, join_via: str | None = None, node_id: str = "", index: int = -1) -> SimNode:
-        node_id = node_id or f"{self.rng.getrandbits(64):016x}"
+        if not node_id:
+            # Keys from the seed: the same seed gives the same ids, hence the same run.
+            key = ec.derive_private_key(self.rng.getrandbits(128) + 1, ec.SECP256R1())
+            node_id = identity.node_id_of(key)
+            self._keys[node_id] = key
         index = index if index >= 0 else len(self.nodes)
         address = f"10.0.{index // 250}.{index % 250 + 1}:40000"
         me = wire.PeerAnnouncement(
@@ -227,7 +236,10 @@ class Simulation:
         )
         node_rng = random.Random(self.rng.getrandbits(64))
         joins = () if join_via is None else ((self.nodes[join_via].address,),)
-        core = gossip.GossipCore(me, self.now, joins=joins, rng=node_rng)
+        key = self._keys[node_id]
+        core = gossip.GossipCore(
+            me, self.now, key=key, joins=joins, rng=node_rng, check_timeout=self.timeout
+        )
         detector = health.FailureDetector(
             interval=self.interval, timeout=self.timeout, indirect=self.indirect, rng=node_rng
         )
@@ -249,7 +261,7 @@ class Simulation:
         for i, a in enumerate(created):
             for b in created[i + 1 :]:
                 link = self._new_link(a, b)
-                # Both sides hold the same view already: no opening Sync to execute.
+                # Both sides hold the same view already: no opening Digest to exchange.
                 a.core.link_opened(link, b.node_id, True, self.now, synced=True)
                 b.core.link_opened(link, a.node_id, False, self.now, synced=True)
         for node in created:

@@ -34,32 +34,92 @@ class FrameTooLarge(WireError):
     """A frame's length is over the limit: the stream cannot be read any further."""
 
 
-class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
-    """What a node tells the mesh about itself (docs/design.md, "Gossip and failure detection")."""
+# -- bounds of what a peer may announce (decoding rejects the rest) ------------------
 
-    node_id: str
+NodeId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]
+"""16 lowercase hex digits: the start of the SHA-256 of the node's public key (identity.py)."""
+ModelName = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f/\\.][^\x00-\x1f\x7f/\\]*$"
+    ),
+]
+"""A model's name (the GGUF file's stem): no path separators, control characters or leading dot."""
+_PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+Address = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=262, pattern=rf"^(\[[0-9A-Fa-f:.]{{2,45}}\]|[A-Za-z0-9._-]{{1,253}}):{_PORT}$"
+    ),
+]
+"""`host:port` (a name, IPv4, or `[IPv6]`), port 1-65535."""
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+"""A port, 0 when there is none."""
+Bytes = Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
+"""A size in bytes (a petabyte-scale bound: far over any real model or memory)."""
+Url = Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^https?://[^\x00-\x20\x7f]+$")]
+"""A download source: http or https only, no spaces or control characters."""
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+ShortText = Annotated[str, msgspec.Meta(max_length=64)]
+"""A version or state string."""
+Reason = Annotated[str, msgspec.Meta(max_length=200)]
+
+MAX_MODELS = 256
+"""Models one node may list (available, requested) or describe (sizes, URLs, digests)."""
+MAX_ADDRESSES = 8
+MAX_PEERS = 8192
+"""Entries in a `Digest` (a mesh bigger than this is refused member by member: membership.py)."""
+PUBLIC_KEY_MAX = 128
+"""A DER P-256 public key is 91 bytes."""
+SIGNATURE_MAX = 80
+"""A DER ECDSA P-256 signature is at most 72 bytes."""
+
+Models = Annotated[tuple[ModelName, ...], msgspec.Meta(max_length=MAX_MODELS)]
+
+
+class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
+    """What a node tells the mesh about itself (docs/design.md, "Gossip and failure detection").
+
+    Signed by the node it describes: `public_key` is that node's key (its id is
+    derived from it) and `signature` covers everything else (`signed_bytes`), so
+    no other member can forge or alter it (checked by `meshllm.mesh.membership`).
+    """
+
+    node_id: NodeId
     generation: Generation
     """Grows with every change; the higher one wins when two copies meet."""
-    version: str = ""
+    version: ShortText = ""
     role: Role = "idle"
-    http_port: int = 0
+    http_port: Port = 0
     """The node's OpenAI API port (meaningful for the Host role)."""
-    serving: str | None = None
+    serving: ModelName | None = None
     """Model loaded here, or None."""
-    server_state: str = "stopped"
-    available_models: tuple[str, ...] = ()
-    requested_models: tuple[str, ...] = ()
-    vram_bytes: int = 0
-    addresses: tuple[str, ...] = ()
+    server_state: ShortText = "stopped"
+    available_models: Models = ()
+    requested_models: Models = ()
+    vram_bytes: Bytes = 0
+    addresses: Annotated[tuple[Address, ...], msgspec.Meta(max_length=MAX_ADDRESSES)] = ()
     """`host:port` of the node's gossip endpoint."""
-    tunnel_port: int = 0
-    model_sizes: dict[str, int] = {}
+    tunnel_port: Port = 0
+    model_sizes: Annotated[dict[ModelName, Bytes], msgspec.Meta(max_length=MAX_MODELS)] = {}
     """Bytes of the models this node has or requested, where known (for fit checks)."""
-    model_urls: dict[str, str] = {}
+    model_urls: Annotated[dict[ModelName, Url], msgspec.Meta(max_length=MAX_MODELS)] = {}
     """Download sources of the models this node requested, so others can fetch them."""
-    model_sha256: dict[str, str] = {}
+    model_sha256: Annotated[dict[ModelName, Sha256], msgspec.Meta(max_length=MAX_MODELS)] = {}
     """SHA-256 (hex) of those downloads: a peer fetches a proposed model only with
     its size and digest, and checks both."""
+    public_key: Annotated[bytes, msgspec.Meta(max_length=PUBLIC_KEY_MAX)] = b""
+    """The node's public key (DER SubjectPublicKeyInfo)."""
+    signature: Annotated[bytes, msgspec.Meta(max_length=SIGNATURE_MAX)] = b""
+    """The node's signature of `signed_bytes(self)`."""
+
+
+def signed_bytes(ann: PeerAnnouncement) -> bytes:
+    """What a node signs of its announcement: the msgpack of everything but the signature.
+
+    Decoding keeps the order of the dicts, so a receiver re-encodes exactly the
+    bytes that were signed."""
+    return _encoder.encode(msgspec.structs.replace(ann, signature=b""))
 
 
 # -- admission (the first stream of every connection) ---------------------------
@@ -98,7 +158,9 @@ class Refused(msgspec.Struct, tag=True, frozen=True):
 
 
 class Sync(msgspec.Struct, tag=True, frozen=True):
-    """Announcements the receiver may not have (on connect, on change, on a digest)."""
+    """Announcements the receiver may not have (on connect, on change, on a digest).
+
+    A big table goes as several `Sync`s, each under the frame cap (`sync_frames`)."""
 
     announcements: tuple[PeerAnnouncement, ...]
 
@@ -112,17 +174,27 @@ class Fingerprint(msgspec.Struct, tag=True, frozen=True):
 class Digest(msgspec.Struct, tag=True, frozen=True):
     """node id -> generation known to the sender (anti-entropy)."""
 
-    generations: dict[str, Generation]
+    generations: Annotated[dict[NodeId, Generation], msgspec.Meta(max_length=MAX_PEERS + 1)]
     reply: bool = False
     """An answer to a digest: never answered with another digest (no ping-pong)."""
 
 
 class PeerGone(msgspec.Struct, tag=True, frozen=True):
-    """A node left (graceful) or was found dead; remove it now."""
+    """A node left (graceful) or was found dead.
 
-    node_id: str
+    Signed by the node itself (`signature` over `gone_bytes`), it is a leave and
+    removes the node at once. Unsigned, it is another member's death verdict:
+    the receiver only suspects the node and removes it on its own evidence."""
+
+    node_id: NodeId
     generation: Generation
-    reason: str = ""
+    reason: Reason = ""
+    signature: Annotated[bytes, msgspec.Meta(max_length=SIGNATURE_MAX)] = b""
+
+
+def gone_bytes(gone: PeerGone) -> bytes:
+    """What a leaving node signs: a label (never a valid announcement), its id and generation."""
+    return _encoder.encode(("meshllm-leave", gone.node_id, gone.generation))
 
 
 class Probe(msgspec.Struct, tag=True, frozen=True):
@@ -136,7 +208,7 @@ class ProbeAck(msgspec.Struct, tag=True, frozen=True):
 class ProbeRequest(msgspec.Struct, tag=True, frozen=True):
     """Indirect probe: please probe `target` and ack `nonce` to me if it answers."""
 
-    target: str
+    target: NodeId
     nonce: int
 
 
@@ -146,7 +218,7 @@ class ProbeRequest(msgspec.Struct, tag=True, frozen=True):
 class TunnelOpen(msgspec.Struct, tag=True, frozen=True):
     """First frame of a tunnel stream: raw HTTP/1.1 for `model`'s llama-server follows."""
 
-    model: str
+    model: ModelName
 
 
 WireMessage = (
@@ -195,6 +267,64 @@ def encode_frame(msg: WireMessage) -> bytes:
     if len(payload) > MAX_FRAME_BYTES:
         raise WireError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
     return len(payload).to_bytes(HEADER, "big") + payload
+
+
+def sync_frames(
+    anns: list[PeerAnnouncement] | tuple[PeerAnnouncement, ...],
+) -> list[Sync]:
+    """`anns` as as few `Sync`s as fit, each under `MAX_FRAME_BYTES` (a big table in chunks)."""
+    budget = MAX_FRAME_BYTES - SYNC_OVERHEAD
+    chunks: list[Sync] = []
+    chunk: list[PeerAnnouncement] = []
+    used = 0
+    for ann in anns:
+        size = len(_encoder.encode(ann))
+        if chunk and used + size > budget:
+            chunks.append(Sync(tuple(chunk)))
+            chunk, used = [], 0
+        chunk.append(ann)
+        used += size
+    if chunk or not chunks:
+        chunks.append(Sync(tuple(chunk)))
+    return chunks
+
+
+SYNC_OVERHEAD = 64
+"""Bytes of a `Sync` frame beyond its announcements (envelope, tag, array header), generously."""
+
+
+class _LooseSync(msgspec.Struct, tag="Sync", frozen=True):
+    announcements: tuple[msgspec.Raw, ...]
+
+
+class _LooseEnvelope(msgspec.Struct, frozen=True, array_like=True):
+    v: int
+    msg: _LooseSync
+
+
+_loose_decoder = msgspec.msgpack.Decoder(_LooseEnvelope)
+_announcement_decoder = msgspec.msgpack.Decoder(PeerAnnouncement)
+
+
+def salvage_sync(payload: bytes) -> tuple[Sync, list[str]] | None:
+    """The valid announcements of a `Sync` that failed to decode, and why the others failed.
+
+    One malformed announcement costs that announcement alone, not the rest of
+    the table. None when `payload` is not a `Sync` of this protocol version at all."""
+    try:
+        envelope = _loose_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    if envelope.v != PROTOCOL_VERSION:
+        return None
+    good: list[PeerAnnouncement] = []
+    errors: list[str] = []
+    for raw in envelope.msg.announcements:
+        try:
+            good.append(_announcement_decoder.decode(raw))
+        except msgspec.DecodeError as exc:
+            errors.append(str(exc)[:200])
+    return Sync(tuple(good)), errors
 
 
 def decode_payload(payload: bytes) -> WireMessage:
