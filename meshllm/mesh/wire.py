@@ -313,7 +313,7 @@ def salvage_sync(payload: bytes) -> tuple[Sync, list[str]] | None:
     the table. None when `payload` is not a `Sync` of this protocol version at all."""
     try:
         envelope = _loose_decoder.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if envelope.v != PROTOCOL_VERSION:
         return None
@@ -324,6 +324,8 @@ def salvage_sync(payload: bytes) -> tuple[Sync, list[str]] | None:
             good.append(_announcement_decoder.decode(raw))
         except msgspec.DecodeError as exc:
             errors.append(str(exc)[:200])
+        except RecursionError:
+            errors.append("nested too deep")
     return Sync(tuple(good)), errors
 
 
@@ -333,6 +335,10 @@ def decode_payload(payload: bytes) -> WireMessage:
         envelope = _decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise WireError(f"malformed frame: {exc}") from None
+    except RecursionError:
+        # msgspec skips an unknown field's value recursively: a peer can nest one
+        # deeper than the stack goes.
+        raise WireError("malformed frame: nested too deep") from None
     if envelope.v != PROTOCOL_VERSION:
         raise WireError(f"unsupported protocol version {envelope.v}")
     return envelope.msg
