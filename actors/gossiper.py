@@ -313,7 +313,17 @@ class Gossiper(Actor):
         if isinstance(msg, m.LocalServerState):
             serving = msg.model or None
             role = "client" if self.config.options.client else ("host" if serving else "idle")
-            changes = {"serving": serving, "server_state": msg.state, "role": role}
+            changes: dict[str, Any] = {
+                "serving": serving,
+                "server_state": msg.state,
+                "role": role,
+            }
+            me = self.core.members.me
+            if msg.sha256 and msg.model in me.model_urls and msg.model not in me.model_sha256:
+                # This node downloaded its own `--model URL` and now knows the file's
+                # size and digest: peers take a proposal only with both.
+                changes["model_sha256"] = {**me.model_sha256, msg.model: msg.sha256}
+                changes["model_sizes"] = {**me.model_sizes, msg.model: msg.size}
             await self._run(self.core.update_self(**changes))
 
     async def on_tell(self, msg: m.Message) -> None:

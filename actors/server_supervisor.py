@@ -88,6 +88,8 @@ class ServerSupervisor(Actor):
         self.download_policy = Backoff(base_s=2.0, max_s=60.0)
         self.gave_up: ModelSpec | None = None
         self.fetched: dict[str, str] = {}
+        self.digests: dict[str, tuple[int, str]] = {}
+        """Model name -> (size, sha256) of what this node downloaded."""
         """Targets downloaded and checked by this actor: a restart does not check them again."""
         """The wanted model whose download failed for good (until another is wanted)."""
         self.output: collections.deque[bytes] = collections.deque(maxlen=60)
@@ -204,6 +206,7 @@ class ServerSupervisor(Actor):
             return ""
         self.download_policy.reset()
         self.fetched[spec.target] = str(done.path)
+        self.digests[spec.name] = (done.size, done.sha256)
         self.log.info("downloaded %s: %d bytes, sha256 %s", spec.name, done.size, done.sha256)
         return str(done.path)
 
@@ -230,8 +233,14 @@ class ServerSupervisor(Actor):
             start_new_session=True,  # Ctrl-C is for the root; we stop it ourselves
             preexec_fn=die_with_parent,
         )
+        size, sha256 = self.digests.get(spec.name, (0, ""))
         base = m.LocalServerState(
-            model=spec.name, path=path, pid=self.proc.pid, restarts=self.policy.total
+            model=spec.name,
+            path=path,
+            pid=self.proc.pid,
+            restarts=self.policy.total,
+            sha256=sha256,
+            size=size,
         )
         await self._set(msgspec_replace(base, state="loading", port=port))
         reader = asyncio.create_task(self._read_output())

@@ -623,3 +623,27 @@ def test_the_supervisor_gives_up_on_a_download_that_keeps_failing(
             await sup.on_stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.integration
+def test_a_node_announces_the_digest_of_its_own_download(
+    start_node: Callable[..., NodeProcess],
+    second_model: Path,
+    model_server: tuple[str, list[tuple[str, str]]],
+    tmp_path: Path,
+) -> None:
+    """`--model URL` without `#sha256=`: once the node has downloaded and serves the file,
+    its announcement carries the file's size and digest, so peers can take the proposal."""
+    url, _ = model_server
+    name = second_model.stem
+    node = start_node(
+        "--model", url, *LOOPBACK, *ONE_THREAD, name="seed", env=_models_env(tmp_path, "seed")
+    ).wait_ready(name)
+    data = second_model.read_bytes()
+    me = wait_for(
+        lambda: (me := node.status()["me"]).get("model_sha256", {}).get(name) and me,
+        30,
+        "the digest in the node's announcement",
+    )
+    assert me["model_sha256"][name] == hashlib.sha256(data).hexdigest()
+    assert me["model_sizes"][name] == len(data)

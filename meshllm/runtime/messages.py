@@ -51,6 +51,10 @@ class LocalServerState(msgspec.Struct, tag=True, frozen=True):
     reason: str = ""
     """Why the server failed, taken from llama-server's own output."""
     restarts: int = 0
+    sha256: str = ""
+    """Digest of the model file when this node downloaded it (its own `--model URL`):
+    announced, so other nodes can fetch the same file and check it."""
+    size: int = 0
 
 
 class RouteTarget(msgspec.Struct, frozen=True):
