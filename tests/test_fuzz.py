@@ -735,7 +735,11 @@ def test_a_huge_metadata_string_is_not_read_into_memory(gguf_dir: Path) -> None:
 # -- the request body peek of the Proxy ------------------------------------------------
 
 JSON_VALUES: st.SearchStrategy[Any] = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | TEXT,
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(TEXT, inner, max_size=5),
     max_leaves=8,
 )
@@ -745,7 +749,7 @@ REQUEST_BODIES = st.fixed_dictionaries(
         "model": st.none() | TEXT | JSON_VALUES,
         "stream": st.none() | st.booleans() | JSON_VALUES,
         "messages": JSON_VALUES,
-        "temperature": st.floats(allow_nan=False),
+        "temperature": st.floats(allow_nan=False, allow_infinity=False),
     },
 )
 

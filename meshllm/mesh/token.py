@@ -92,8 +92,10 @@ def split_address(address: str, allow_zero: bool = False) -> tuple[str, int]:
     host = host.strip("[]")
     lowest = 0 if allow_zero else 1
     if not sep or not host or not _PORT.fullmatch(port) or not lowest <= int(port) < 65536:
-        shown = address if len(address) <= 80 else address[:80] + "…"
-        raise InvalidToken(f"bad address {shown!r} (want host:port)")
+        shown = repr(address)
+        if len(shown) > 80:  # cut after quoting: escapes can make it several times longer
+            shown = shown[:80] + "…"
+        raise InvalidToken(f"bad address {shown} (want host:port)")
     return host, int(port)
 
 
