@@ -355,7 +355,7 @@ def test_sync_with_hostile_announcements_is_refused_or_kept_exactly(
     assert wire.decode_payload(frame[wire.HEADER :]) == msg
 
 
-@settings(max_examples=max(1, settings.default.max_examples // 4))  # 4 decodes a case
+@settings(max_examples=max(1, settings().max_examples // 4))  # 4 decodes a case
 @given(st.lists(hostile_announcements(), min_size=1, max_size=3), st.binary(max_size=64))
 def test_salvaging_a_sync_keeps_exactly_the_valid_announcements(
     raws: list[dict[str, Any]], junk: bytes
