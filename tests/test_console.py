@@ -259,6 +259,37 @@ def test_cross_site_requests_are_403(
     run(main())
 
 
+def test_a_websocket_scope_is_closed_and_never_reaches_the_page() -> None:
+    # No kind of request skips the origin check by not being "http".
+    async def main() -> None:
+        app = ConsoleApp("127.0.0.1", 1)
+        reached: list[Any] = []
+
+        async def spy(scope: Any, receive: Any, send: Any) -> None:
+            reached.append(scope)
+
+        app.app = spy  # type: ignore[assignment]
+        sent: list[dict[str, Any]] = []
+        received = [{"type": "websocket.connect"}]
+
+        async def receive() -> dict[str, Any]:
+            return received.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "websocket",
+            "path": "/api/events",
+            "headers": [(b"host", b"127.0.0.1:1"), (b"origin", b"https://evil.example")],
+        }
+        await app(scope, receive, send)
+        assert sent == [{"type": "websocket.close", "code": 1008}]
+        assert not reached
+
+    run(main())
+
+
 def test_the_pages_own_requests_are_same_origin() -> None:
     """What the page itself fetches (status, events, /v1) and the page load keep working."""
 
@@ -598,34 +629,3 @@ def test_console_in_a_browser(
     finally:
         with contextlib.suppress(Exception):
             page.close()
-
-
-def test_a_websocket_scope_is_closed_and_never_reaches_the_page() -> None:
-    # No kind of request skips the origin check by not being "http".
-    async def main() -> None:
-        app = ConsoleApp("127.0.0.1", 1)
-        reached: list[Any] = []
-
-        async def spy(scope: Any, receive: Any, send: Any) -> None:
-            reached.append(scope)
-
-        app.app = spy  # type: ignore[assignment]
-        sent: list[dict[str, Any]] = []
-        received = [{"type": "websocket.connect"}]
-
-        async def receive() -> dict[str, Any]:
-            return received.pop(0)
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "websocket",
-            "path": "/api/events",
-            "headers": [(b"host", b"127.0.0.1:1"), (b"origin", b"https://evil.example")],
-        }
-        await app(scope, receive, send)
-        assert sent == [{"type": "websocket.close", "code": 1008}]
-        assert not reached
-
-    run(main())

@@ -621,7 +621,7 @@ def test_failed_llama_server_gives_503(start_node: Callable[..., NodeProcess]) -
     # The server is restarted with backoff, so a later read may find it loading again.
     def failed_in_table() -> str | None:
         table = node.ctl("status").stdout
-        return table if "failed (" in table else None
+        return table if "\nfailed: " in table else None
 
     table = wait_for(failed_in_table, 30, "ctl status to show the failure")
     assert "this-flag-does-not-exist" in table, table
