@@ -262,7 +262,13 @@ def run(opts: UpOptions) -> int:
     logs.setup(opts.log_level, "node")
     config, resources, token, lock_fd = prepare(opts)
     cleanup_run_dir(config.run_dir)
-    serving = config.models[0].name if config.models else "nothing (lite client)"
+    serving = (
+        config.models[0].name
+        if config.models
+        else "nothing (lite client)"
+        if opts.client
+        else "what the mesh assigns"
+    )
     log.info(
         "node %s serving %s; OpenAI API at http://%s:%s/v1",
         config.node_id,
@@ -273,7 +279,12 @@ def run(opts: UpOptions) -> int:
     log.info("mesh endpoint on %s:%s", config.advertise_host, config.gossip_port)
     if not opts.join:
         # The first node of a mesh prints its invitation; `meshllm ctl token` repeats it.
-        print(f"invite token (join with `meshllm up --join TOKEN`):\n{token}", flush=True)
+        print(
+            "invite token (another node joins with `meshllm up --join @FILE` after "
+            "`meshllm ctl token --out FILE`, or with `--join TOKEN`):\n"
+            f"{token}",
+            flush=True,
+        )
     try:
         reason = uvloop.run(Node(config, resources, token).run())
     finally:

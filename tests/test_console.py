@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from meshllm import __version__
 from meshllm.http import console as console_app
 from meshllm.http.console import ConsoleApp
 from meshllm.mesh.status import MeshStatus, build_mesh_status, own_card
@@ -119,6 +120,7 @@ def test_own_card_roles() -> None:
     )
     assert (idle.role, idle.model) == ("idle", None)
     assert client.role == "client"
+    assert idle.version == client.version == __version__  # as peers see it in its announcement
     assert (failed.role, failed.state, failed.reason) == ("host", "failed", "out of memory")
 
 

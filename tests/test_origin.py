@@ -146,6 +146,11 @@ def test_normalise(given: bytes, normal: bytes) -> None:
         (["https://app.example.com?x=1"], False),
         (["https://user@app.example.com"], False),
         (["*", "nope"], False),
+        (["http://[::1]:8080", "http://[::1]"], True),
+        (["http://localhost:*"], False),
+        (["https://*.example.com"], False),
+        (["http://localhost:port"], False),
+        (["http://localhost:99999"], False),
     ],
 )
 def test_check_origins(values: list[str], ok: bool) -> None:

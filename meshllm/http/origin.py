@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 ANY = "*"
 """`--cors-origin '*'`: every origin is allowed."""
@@ -122,6 +123,12 @@ def check_origins(values: Iterable[str]) -> str | None:
             return f"{value!r} is not an origin like https://app.example.com or '*'"
         if "/" in rest.rstrip("/") or "?" in rest or "#" in rest or "@" in rest:
             return f"{value!r} is not an origin (scheme://host[:port], no path)"
+        if "*" in rest:
+            return f"{value!r} has a wildcard: give '*' alone (any origin) or exact origins"
+        try:
+            _ = urlsplit(value).port  # raises on a port that is not a number in range
+        except ValueError:
+            return f"{value!r} is not an origin: its port is not a number from 0 to 65535"
     return None
 
 

@@ -503,11 +503,13 @@ class MeshProtocol(QuicConnectionProtocol):
                 # protocol violation (a stream over the limit, data over the window).
                 self.refused = True
                 self.endpoint.counters.refused += 1
-                log.warning(
-                    "refused a connection from %s: %s",
-                    self.remote_address(),
-                    _shown(event.reason_phrase),
+                why = (
+                    _shown(event.reason_phrase)
+                    if event.reason_phrase
+                    else "it gave up before admission (another mesh's secret, "
+                    "or not a meshllm node)"
                 )
+                log.warning("refused a connection from %s: %s", self.remote_address(), why)
             self.closed.set()
             self.endpoint.protocols.discard(self)
             self.endpoint.pending.pop(self, None)
@@ -969,7 +971,10 @@ class MeshEndpoint:
             )
         expected = _mac(self.secret, b"server", nonce, challenge.nonce, server_id.encode(), cert)
         if not hmac.compare_digest(expected, challenge.mac):
-            raise AdmissionError("the peer does not hold this mesh's secret")
+            raise AdmissionError(
+                "the peer does not hold this mesh's secret: it belongs to another mesh "
+                "(is the invite token this mesh's, and current?)"
+            )
         mac = _mac(self.secret, b"client", challenge.nonce, nonce, self.node_id.encode(), cert)
         signed = _transcript(nonce, challenge.nonce, cert, server_id, self.node_id)
         writer.write(wire.encode_frame(wire.Proof(mac, identity.sign(self.key, signed))))

@@ -11,6 +11,7 @@ from typing import Literal
 
 import msgspec
 
+from meshllm import __version__
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.runtime.messages import LocalServerState, MeshView, RouteTable
 
@@ -92,6 +93,7 @@ def own_card(
         http_port=http_port,
         this_node=True,
         reason=local.reason if local.state == "failed" else "",
+        version=__version__,
     )
 
 

@@ -134,7 +134,9 @@ class UpOptions:
         "Extra argument for llama-server (repeat, e.g. --llama-arg=-c --llama-arg=4096).",
         metavar="ARG",
     )
-    load_timeout_s: float = option(600.0, "--load-timeout", "Seconds a model may take to load.")
+    load_timeout_s: float = option(
+        600.0, "--load-timeout", "Seconds a model may take to load.", check=_positive
+    )
     bind: str = option(
         "0.0.0.0:0",
         "--bind",
