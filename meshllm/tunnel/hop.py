@@ -114,7 +114,11 @@ def decode_request(payload: bytes, max_body: int = MAX_BODY_BYTES) -> TunnelRequ
     try:
         request = _decoder.decode(payload)
     except msgspec.DecodeError as exc:
-        raise FrameError(f"malformed request frame: {exc}") from None
+        raise FrameError(f"malformed request frame: {str(exc)[:200]}") from None
+    except RecursionError:
+        # msgspec skips an unknown field's value recursively: a peer can nest one
+        # deeper than the stack goes.
+        raise FrameError("malformed request frame: nested too deep") from None
     if not request.node or not request.model:
         raise FrameError("the request frame names no target node or model")
     if not _TOKEN.fullmatch(request.method.encode()):

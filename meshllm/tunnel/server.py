@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from meshllm.http.errors import error_response
 from meshllm.http.upstream import HOP_BY_HOP, Pool, Response, UpstreamError
@@ -48,6 +49,8 @@ HEAD_TIMEOUT_S = 10.0
 BODY_STALL_S = 10.0
 """How long a request body may go without a byte arriving (and its end, once whole).
 A deadline on progress, not on the whole body: a large body on a slow link is fine."""
+DROP_LOG_INTERVAL_S = 10.0
+"""At most one warning per peer this often about streams that were not tunnel requests."""
 MAX_STREAMS_PER_PEER = 64
 """Requests one peer may have in progress here at once. A llama-server answers a
 few at a time (its slots) and queues the rest, so an honest peer's queue fits
@@ -98,6 +101,8 @@ class TunnelServer:
         self.capped: set[str] = set()
         """Peers at their stream cap now (each logged once per episode)."""
         self.dropped = 0
+        self.drop_logged: dict[str, float] = {}
+        """Peer -> when a dropped stream of theirs was last logged."""
         """Streams dropped because their first frame was not a valid `TunnelOpen`."""
         self.refused = 0
         """Streams answered with an error because they broke a rule or a cap."""
@@ -225,7 +230,16 @@ class TunnelServer:
         """A stream that never said it was a tunnel request: closed, nothing said."""
         self.dropped += 1
         link.protocol.endpoint.counters.malformed_frames += 1
-        log.warning("dropped a tunnel stream from %s: %s", link.peer_id, why)
+        # A member controls `why` and how often: one line per peer per interval, cut short.
+        now = time.monotonic()
+        if now - self.drop_logged.get(link.peer_id, -DROP_LOG_INTERVAL_S) >= DROP_LOG_INTERVAL_S:
+            self.drop_logged[link.peer_id] = now
+            log.warning(
+                "dropped a tunnel stream from %s: %s (more are counted, not logged, for %gs)",
+                link.peer_id,
+                why[:200],
+                DROP_LOG_INTERVAL_S,
+            )
         _answer(reader, writer, b"")
 
     def _refuse(
