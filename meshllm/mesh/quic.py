@@ -115,8 +115,8 @@ ERROR_REFUSED = 0x100
 STREAM_CANCELLED = 0x1
 """Application error code of a stream given up by either side (RESET_STREAM, STOP_SENDING)."""
 STREAM_WINDOW_BYTES = 1024 * 1024
-"""Flow-control window per stream: one request's bytes in flight before the reader
-catches up (aioquic's default, stated here so that it is a decision)."""
+"""Credit always open on a stream beyond what its reader has taken: a reader waiting
+for a whole frame of this size (the largest gossip frame) always gets it."""
 LONE_ACK_DELAY_S = 0.02
 """How long the ACK of a lone packet may wait for data to ride on (the next request
 or its response): below the 25 ms max_ack_delay aioquic announces, so the peer's
@@ -125,15 +125,15 @@ applies again (bulk transfers keep their pace)."""
 HOST_CID_BYTES = 8
 """Length of our connection ids (aioquic's default `connection_id_length`)."""
 CONNECTION_WINDOW_BYTES = 8 * 1024 * 1024
-"""Flow-control window of a whole connection: every tunnel stream to a peer shares
-it, so it is larger than aioquic's 1 MiB default, which a few concurrent
-responses would fill."""
-
-
-STREAM_HELD_BYTES = STREAM_WINDOW_BYTES * 3 // 2
-CONNECTION_HELD_BYTES = CONNECTION_WINDOW_BYTES * 3 // 2
+"""Credit always open on a connection beyond what its readers have taken: every
+tunnel stream to a peer shares it, so it is larger than aioquic's 1 MiB default,
+which a few concurrent responses would fill."""
+STREAM_HELD_BYTES = 2 * STREAM_WINDOW_BYTES
+CONNECTION_HELD_BYTES = 2 * CONNECTION_WINDOW_BYTES
 """The most a peer can make us hold unread, on one stream and on one connection
-(after admission): credit is given as readers take data (`_grow_credit_with_reading`)."""
+(after admission): the initial windows, and where a window is moved to (what the
+readers took plus these) once less than the `_WINDOW_BYTES` above is open, so a
+short exchange never needs a window update (`_grow_credit_with_reading`)."""
 
 
 class AdmissionError(ConnectionError):
@@ -368,7 +368,7 @@ class MeshProtocol(QuicConnectionProtocol):
         self.endpoint.pending.pop(self, None)
         quic = self._quic
         _grow_credit_with_reading(self)
-        quic._local_max_data.value = CONNECTION_WINDOW_BYTES
+        quic._local_max_data.value = CONNECTION_HELD_BYTES
         quic._local_max_streams_bidi.value = PEER_STREAMS
         self._transmit_soon()  # MAX_DATA and MAX_STREAMS
 
@@ -594,13 +594,13 @@ def _grow_credit_with_reading(protocol: MeshProtocol) -> None:
     nobody reads), and bytes sent far past a gap make the windows grow without
     end. Here credit follows what the readers have taken: at least
     `STREAM_WINDOW_BYTES` beyond it is always open on a stream (so a reader
-    waiting for a whole frame of that size gets it), and at most one and a
-    half times that; the same for the connection with `CONNECTION_WINDOW_BYTES`.
-    What we hold for one peer stays within those windows, however it is sent,
-    and a window moves in steps of at least half its size (one MAX_STREAM_DATA
-    or MAX_DATA frame per step). A reader that reads again after its buffer
-    paused the stream schedules a transmit (`_StreamAdapter.resume_reading`)
-    so the credit goes out.
+    waiting for a whole frame of that size gets it), and at most
+    `STREAM_HELD_BYTES`; the same for the connection with
+    `CONNECTION_WINDOW_BYTES` and `CONNECTION_HELD_BYTES`. What we hold for one
+    peer stays within those, however it is sent, and a window moves in steps of
+    at least `_WINDOW_BYTES` (one MAX_STREAM_DATA or MAX_DATA frame per step).
+    A reader that reads again after its buffer paused the stream schedules a
+    transmit (`_StreamAdapter.resume_reading`) so the credit goes out.
     """
     quic = protocol._quic
     readers = protocol._stream_readers
@@ -868,8 +868,8 @@ class MeshEndpoint:
             is_client=is_client,
             alpn_protocols=[ALPN],
             idle_timeout=IDLE_TIMEOUT_S,
-            max_data=CONNECTION_WINDOW_BYTES,
-            max_stream_data=STREAM_WINDOW_BYTES,
+            max_data=CONNECTION_HELD_BYTES,
+            max_stream_data=STREAM_HELD_BYTES,
             connection_id_length=HOST_CID_BYTES,
         )
         if is_client:
