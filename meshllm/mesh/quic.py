@@ -30,15 +30,16 @@ to the window, and grows windows as data arrives, so no window grows until
 admission (and after it, only with data delivered in order). Frames before
 admission are capped at `ADMISSION_FRAME_BYTES`. Connections waiting for
 admission are capped per endpoint and per source network (`source_prefix`):
-over a cap, the oldest one waiting is closed to make room, so a flood of
-strangers can delay a member's admission but not refuse it. The server
-validates a client's address with a QUIC Retry before it keeps any state
-for it, and warnings about refused connections are throttled
-(`WarningThrottle`). A peer that opens any other stream first, sends garbage, or is too
-slow is disconnected. After admission the first stream carries framed
-control messages (`Link.send`: a peer that stops reading them is disconnected
-once `CONTROL_SEND_BUFFER_BYTES` wait unacknowledged); other streams are
-handed to the endpoint's stream handler (the Tunnel's HTTP streams).
+over a cap, the oldest one waiting is closed to make room, so strangers
+flooding from other networks cannot keep a member out (from the member's own
+network, they make it race them). The server validates a client's address
+with a QUIC Retry before it keeps any state for it, and warnings about
+refused connections are throttled (`WarningThrottle`). A peer that opens any
+other stream first, sends garbage, or is too slow is disconnected. After
+admission the first stream carries framed control messages (`Link.send`: a
+peer that stops reading them is disconnected once `CONTROL_SEND_BUFFER_BYTES`
+wait unacknowledged); other streams are handed to the endpoint's stream
+handler (the Tunnel's HTTP streams).
 
 Every adaptation of aioquic lives in this module, and `pyproject.toml` pins
 the aioquic versions it was tested against: the pacer for uvloop's
@@ -109,8 +110,8 @@ frames, and all the stream data an unadmitted peer can make us hold."""
 MAX_PENDING = 64
 """Incoming connections waiting for admission, per endpoint. A new one over the cap
 closes the oldest waiting, instead of being refused: a stranger who keeps the slots
-full cannot shut members out, only make them race its own connections, which
-admission (one round trip and a signature check) wins by far."""
+full cannot shut members out. A member's connection is closed only if this many
+newer ones arrive before its admission (two round trips) completes."""
 MAX_PENDING_PER_SOURCE = 8
 """Incoming connections waiting for admission from one source network
 (`source_prefix`); over it, the oldest from that network is closed. One attacker
