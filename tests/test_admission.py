@@ -176,24 +176,31 @@ def test_strangers_are_closed_in_time_cost_no_memory_and_the_node_keeps_serving(
         joiner.stop()
 
 
-def test_over_a_networks_pending_cap_its_oldest_connection_makes_way(node: NodeProcess) -> None:
+def test_over_the_pending_cap_the_network_with_the_most_waiting_makes_way(
+    node: NodeProcess,
+) -> None:
     gossip_port, _ = quic_ports(node)
     # Other networks than the other tests': their connections may still drain.
-    hosts = [f"127.0.3.{i}" for i in range(1, quic.MAX_PENDING_PER_SOURCE + 2)]
+    crowd = [f"127.0.3.{i}" for i in range(1, quic.MAX_PENDING + 2)]
 
     async def main() -> None:
         async with contextlib.AsyncExitStack() as held:
-            clients = [await held.enter_async_context(stranger(gossip_port, h)) for h in hosts]
-            oldest, *others = clients
-            # Closed by the cap (not by the admission deadline, which ends with another code).
-            await closed_within(oldest, quic.ADMISSION_TIMEOUT_S, "the oldest of the /24")
-            close = oldest._quic._close_event
+            clients = [
+                await held.enter_async_context(stranger(gossip_port, h))
+                for h in crowd[: quic.MAX_PENDING]
+            ]
+            # Full. A connection from another network closes the crowd's oldest...
+            other = await held.enter_async_context(stranger(gossip_port, "127.0.4.1"))
+            await closed_within(clients[0], quic.ADMISSION_TIMEOUT_S, "the crowd's oldest")
+            # ...by the cap (the admission deadline ends a connection with another code).
+            close = clients[0]._quic._close_event
             assert close is not None and close.error_code == QuicErrorCode.CONNECTION_REFUSED
             assert close.reason_phrase == "too many connections waiting for admission"
-            assert all(client._quic._close_event is None for client in others)
-            # Another network is not affected by that network's cap.
-            async with stranger(gossip_port, "127.0.4.1") as other:
-                assert other._quic._close_event is None
+            # The crowd's next one closes its own oldest, not the other network's.
+            clients.append(await held.enter_async_context(stranger(gossip_port, crowd[-1])))
+            await closed_within(clients[1], quic.ADMISSION_TIMEOUT_S, "the crowd's next oldest")
+            assert other._quic._close_event is None
+            assert all(client._quic._close_event is None for client in clients[2:])
 
     run(main)
     assert health(node) == 200
@@ -219,11 +226,9 @@ def test_a_flood_of_pending_connections_cannot_keep_a_member_out(node: NodeProce
     dials all succeed while they keep reconnecting, and the log stays short."""
     gossip_port, _ = quic_ports(node)
     secret = decode_token(token_of(node)).secret
-    key = ec.generate_private_key(ec.SECP256R1())
-    member = quic.MeshEndpoint(identity.node_id_of(key), secret, key, _no_link)
-    networks = quic.MAX_PENDING // quic.MAX_PENDING_PER_SOURCE
-    hosts = [f"127.0.{20 + n}.{i}" for n in range(networks) for i in range(1, 9)]
-    hosts += [f"127.0.20.{i}" for i in range(9, 9 + quic.MAX_PENDING_PER_SOURCE)]  # one /24 more
+    # More than the node keeps waiting: most from one /24, the rest from four others.
+    hosts = [f"127.0.20.{i}" for i in range(1, quic.MAX_PENDING)]
+    hosts += [f"127.0.{21 + n}.{i}" for n in range(4) for i in range(1, 5)]
     log_before = len(node.log())
     started = time.monotonic()
 
@@ -233,15 +238,17 @@ def test_a_flood_of_pending_connections_cannot_keep_a_member_out(node: NodeProce
         try:
             while connected[0] < quic.MAX_PENDING:  # every slot taken
                 await asyncio.sleep(0.05)
-            for _ in range(3):
+            for _ in range(3):  # each a new member (a node would close a second link of one)
+                key = ec.generate_private_key(ec.SECP256R1())
+                member = quic.MeshEndpoint(identity.node_id_of(key), secret, key, _no_link)
                 link = await member.dial("127.0.0.1", gossip_port)
                 link.close()
+                member.close()
             assert connected[0] >= quic.MAX_PENDING // 2, "the flood stopped"
         finally:
             for task in flood:
                 task.cancel()
             await asyncio.gather(*flood, return_exceptions=True)
-            member.close()
 
     run(main)
     assert health(node) == 200

@@ -491,36 +491,44 @@ def test_windows_and_streams_are_tiny_before_admission_and_raised_after() -> Non
     run(main)
 
 
-def test_over_the_pending_caps_the_oldest_waiting_connection_is_closed(
+def test_over_the_pending_cap_the_network_with_the_most_waiting_makes_way(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A new connection is never refused for room: the oldest waiting one makes way.
-
-    Per source network first (127.0.1.1 and 127.0.1.3 share a /24), then per endpoint.
-    """
-    monkeypatch.setattr(quic, "MAX_PENDING", 3)
-    monkeypatch.setattr(quic, "MAX_PENDING_PER_SOURCE", 2)
+    """A new connection is never refused for room: the oldest of the biggest /24 is closed."""
+    monkeypatch.setattr(quic, "MAX_PENDING", 4)
 
     async def main() -> None:
         async with nodes(("server", SECRET)) as (server,), contextlib.AsyncExitStack() as held:
-            clients = {}
-            for host in ("127.0.1.1", "127.0.1.2", "127.0.2.1", "127.0.1.3"):
+            clients: dict[str, QuicConnectionProtocol] = {}
+
+            async def connect(host: str) -> None:
                 clients[host] = await held.enter_async_context(raw_client(server.port, host))
-            # 127.0.1.3 made its /24 hold three: the oldest of them went.
-            await eventually(lambda: clients["127.0.1.1"]._quic._close_event, "the oldest closed")
-            clients["127.0.3.1"] = await held.enter_async_context(
-                raw_client(server.port, "127.0.3.1")
-            )
-            # 127.0.3.1 made four in all: the oldest of all went.
-            await eventually(lambda: clients["127.0.1.2"]._quic._close_event, "the next closed")
-            assert server.counters.over_pending_cap == 2
-            for host in ("127.0.2.1", "127.0.1.3", "127.0.3.1"):
-                assert clients[host]._quic._close_event is None, host
+
+            def closed() -> list[str]:
+                return sorted(host for host, c in clients.items() if c._quic._close_event)
+
+            for host in ("127.0.2.1", "127.0.1.1", "127.0.1.2", "127.0.3.1"):
+                await connect(host)
+            # Full: 127.0.1.0/24 has the most waiting, its oldest goes (not the oldest of all).
+            await connect("127.0.1.3")
+            await eventually(lambda: closed() == ["127.0.1.1"], "127.0.1.1 closed")
+            await connect("127.0.4.1")
+            await eventually(lambda: closed() == ["127.0.1.1", "127.0.1.2"], "127.0.1.2 closed")
+            # One each now: the oldest of all goes.
+            await connect("127.0.5.1")
+            expected = ["127.0.1.1", "127.0.1.2", "127.0.2.1"]
+            await eventually(lambda: closed() == expected, "127.0.2.1 closed")
+            assert server.counters.over_pending_cap == 3
             assert sorted(p.remote_address()[0] for p in server.endpoint.pending) == [
                 "127.0.1.3",
-                "127.0.2.1",
                 "127.0.3.1",
+                "127.0.4.1",
+                "127.0.5.1",
             ]
+            close = clients["127.0.1.1"]._quic._close_event
+            assert close is not None and close.reason_phrase == (
+                "too many connections waiting for admission"
+            )
             await held.aclose()
             # Closed connections leave the count.
             await eventually(lambda: not server.endpoint.pending, "the pending list to empty")

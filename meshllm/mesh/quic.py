@@ -29,10 +29,10 @@ no unidirectional one, and the connection's flow-control window holds
 to the window, and grows windows as data arrives, so no window grows until
 admission (and after it, only with data delivered in order). Frames before
 admission are capped at `ADMISSION_FRAME_BYTES`. Connections waiting for
-admission are capped per endpoint and per source network (`source_prefix`):
-over a cap, the oldest one waiting is closed to make room, so strangers
-flooding from other networks cannot keep a member out (from the member's own
-network, they make it race them). The server validates a client's address
+admission are capped per endpoint: over the cap, the oldest connection of the
+source network (`source_prefix`) with the most waiting is closed to make
+room, so strangers flooding from other networks cannot keep a member out
+(from the member's own network, they make it race them). The server validates a client's address
 with a QUIC Retry before it keeps any state for it, and warnings about
 refused connections are throttled (`WarningThrottle`). A peer that opens any
 other stream first, sends garbage, or is too slow is disconnected. After
@@ -109,13 +109,11 @@ ADMISSION_WINDOW_BYTES = 2048
 frames, and all the stream data an unadmitted peer can make us hold."""
 MAX_PENDING = 64
 """Incoming connections waiting for admission, per endpoint. A new one over the cap
-closes the oldest waiting, instead of being refused: a stranger who keeps the slots
-full cannot shut members out. A member's connection is closed only if this many
-newer ones arrive before its admission (two round trips) completes."""
-MAX_PENDING_PER_SOURCE = 8
-"""Incoming connections waiting for admission from one source network
-(`source_prefix`); over it, the oldest from that network is closed. One attacker
-usually holds a whole /24 or /64, so the cap is per network, not per address."""
+is not refused: the oldest connection of the source network with the most waiting
+is closed instead (`MeshEndpoint._wait_for_admission`). So a stranger who keeps
+the slots full cannot shut members out: a member's connection is closed only if
+its network has the most waiting and enough newer connections arrive before its
+admission (two round trips) completes."""
 WARNING_BURST = 5
 WARNING_WINDOW_S = 5.0
 """At most `WARNING_BURST` warnings about refused connections per `WARNING_WINDOW_S`
@@ -172,8 +170,7 @@ class Counters:
     """Connections that failed admission (or never tried within the deadline)."""
     malformed_frames: int = 0
     over_pending_cap: int = 0
-    """Connections waiting for admission closed to make room for newer ones
-    (`MAX_PENDING`, `MAX_PENDING_PER_SOURCE`)."""
+    """Connections waiting for admission closed to make room for newer ones (`MAX_PENDING`)."""
     unread_control: int = 0
     """Links closed because the peer did not read its control stream
     (`CONTROL_SEND_BUFFER_BYTES`)."""
@@ -1148,28 +1145,33 @@ class MeshEndpoint:
     def _wait_for_admission(self, protocol: MeshProtocol, address: str) -> None:
         """A new incoming connection: pending until admitted.
 
-        Over a cap, the oldest connection still waiting (from the same network
-        when that network's cap is reached) is closed to make room: refusing the
-        newest instead would let a stranger that keeps the slots full refuse
-        every member.
+        Over `MAX_PENDING`, one waiting connection is closed to make room: the
+        oldest of the source network with the most waiting (of those, the one
+        whose oldest connection is oldest). Refusing the newest instead would let
+        a stranger who keeps the slots full refuse every member; closing the
+        oldest of all would let it evict a member by connecting fast enough. This
+        way a flood from a few networks (one attacker usually holds a whole /24
+        or /64) takes room only from itself.
         """
-        prefix = source_prefix(address)
-        same_source = [pending for pending, source in self.pending.items() if source == prefix]
-        if len(same_source) >= MAX_PENDING_PER_SOURCE:
-            self._evict(same_source[0], f"more than {MAX_PENDING_PER_SOURCE} from {prefix}")
-        elif len(self.pending) >= MAX_PENDING:
-            self._evict(next(iter(self.pending)), f"more than {MAX_PENDING} in all")
-        self.pending[protocol] = prefix
+        if len(self.pending) >= MAX_PENDING:
+            by_source: dict[str, list[MeshProtocol]] = {}
+            for pending, source in self.pending.items():  # oldest first
+                by_source.setdefault(source, []).append(pending)
+            crowd = max(by_source.values(), key=len)  # the first of the largest: oldest
+            self._evict(crowd[0], len(crowd), self.pending[crowd[0]])
+        self.pending[protocol] = source_prefix(address)
 
-    def _evict(self, protocol: MeshProtocol, why: str) -> None:
+    def _evict(self, protocol: MeshProtocol, crowd: int, source: str) -> None:
         """Close a connection still waiting for admission, to make room for a newer one."""
         del self.pending[protocol]
         self.counters.over_pending_cap += 1
         protocol.refused = True  # not an admission failure: counted here
         self.warn(
-            "closed a connection from %s waiting for admission: %s are waiting",
-            protocol.remote_address(),
-            why,
+            "closed a connection from %s waiting for admission: %d waiting, the most (%d) from %s",
+            protocol.remote_address()[0],
+            MAX_PENDING,
+            crowd,
+            source,
         )
         protocol.close(
             error_code=QuicErrorCode.CONNECTION_REFUSED,
