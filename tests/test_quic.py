@@ -571,18 +571,21 @@ def test_pending_connections_are_counted_by_source_network(address: str, prefix:
     assert quic.source_prefix(address) == prefix
 
 
-def test_the_warning_throttle_lets_a_burst_through_per_window_and_counts_the_rest() -> None:
-    throttle = quic.WarningThrottle(burst=2, window=10.0)
-    assert [throttle.allow(0.0), throttle.allow(1.0)] == [0, 0]
-    assert [throttle.allow(2.0), throttle.allow(9.9)] == [None, None]
-    # The next window's first warning says how many were left out.
-    assert [throttle.allow(10.0), throttle.allow(11.0), throttle.allow(12.0)] == [2, 0, None]
-    assert throttle.allow(25.0) == 1
+def test_the_warning_throttle_lets_a_burst_through_then_a_rate_and_counts_the_rest() -> None:
+    throttle = quic.WarningThrottle(burst=2, per_s=0.5)
+    assert [throttle.allow(0.0), throttle.allow(0.0)] == [0, 0]
+    assert [throttle.allow(0.0), throttle.allow(1.0)] == [None, None]  # half a token back
+    # A whole token: this warning goes out and says how many were left out.
+    assert [throttle.allow(2.0), throttle.allow(2.0)] == [2, None]
+    # Quiet for long: the burst is back (not more).
+    assert [throttle.allow(100.0), throttle.allow(100.0), throttle.allow(100.0)] == [1, 0, None]
 
 
 def test_refusal_warnings_are_throttled(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         async with nodes(("server", SECRET), ("stranger", OTHER_SECRET)) as (server, stranger):
+            # No refill: however slow the dials, only the burst gets through.
+            server.endpoint.throttle = quic.WarningThrottle(per_s=0.0)
             for _ in range(quic.WARNING_BURST + 3):
                 with pytest.raises(quic.AdmissionError):
                     await stranger.endpoint.dial("127.0.0.1", server.port)

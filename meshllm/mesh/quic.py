@@ -115,9 +115,10 @@ the slots full cannot shut members out: a member's connection is closed only if
 its network has the most waiting and enough newer connections arrive before its
 admission (two round trips) completes."""
 WARNING_BURST = 5
-WARNING_WINDOW_S = 5.0
-"""At most `WARNING_BURST` warnings about refused connections per `WARNING_WINDOW_S`
-per endpoint (`WarningThrottle`): a flood of strangers must not flood the log."""
+WARNING_PER_S = 1.0
+"""Warnings about refused connections, per endpoint: a burst of `WARNING_BURST`,
+then `WARNING_PER_S` (`WarningThrottle`). A flood of strangers must not flood the
+log, and a quiet node logs each refusal."""
 CONTROL_SEND_BUFFER_BYTES = 16 * 1024 * 1024
 """Bytes a link's control stream may hold unacknowledged before the link is closed
 (`Link.send`). aioquic buffers all that is written until the peer acknowledges it,
@@ -221,30 +222,30 @@ class _CountingTransport:
 
 
 class WarningThrottle:
-    """Lets at most `burst` warnings through per `window` seconds, and counts the rest.
+    """A token bucket for log lines: `burst` at once, then `per_s` a second; counts the rest.
 
     Sans-I/O: the caller passes the time. The first warning let through after
     some were held back says how many (`allow` returns that count), so the log
     stays bounded and still tells the whole story.
     """
 
-    def __init__(self, burst: int = WARNING_BURST, window: float = WARNING_WINDOW_S) -> None:
+    def __init__(self, burst: int = WARNING_BURST, per_s: float = WARNING_PER_S) -> None:
         self.burst = burst
-        self.window = window
-        self.window_start = float("-inf")
-        self.in_window = 0
+        self.per_s = per_s
+        self.tokens = float(burst)
+        self.last = float("-inf")
         self.suppressed = 0
         """Held back since the last warning let through."""
 
     def allow(self, now: float) -> int | None:
         """None: leave this warning out. Otherwise log it, with this many left out before."""
-        if now - self.window_start >= self.window:
-            self.window_start = now
-            self.in_window = 0
-        if self.in_window >= self.burst:
+        if now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.per_s)
+            self.last = now
+        if self.tokens < 1:
             self.suppressed += 1
             return None
-        self.in_window += 1
+        self.tokens -= 1
         suppressed, self.suppressed = self.suppressed, 0
         return suppressed
 
