@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import QuicConnection, QuicErrorCode
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm.mesh import identity, quic, wire
@@ -175,28 +176,6 @@ def test_strangers_are_closed_in_time_cost_no_memory_and_the_node_keeps_serving(
         joiner.stop()
 
 
-def test_connections_over_the_pending_cap_from_one_address_are_refused_at_once(
-    node: NodeProcess,
-) -> None:
-    gossip_port, _ = quic_ports(node)
-    # Another loopback address than the first test's: its connections may still drain.
-    host = "127.0.0.3"
-
-    async def main() -> None:
-        async with contextlib.AsyncExitStack() as held:
-            for _ in range(quic.MAX_PENDING_PER_ADDRESS):
-                await held.enter_async_context(stranger(gossip_port, host))
-            with pytest.raises(ConnectionError):
-                async with stranger(gossip_port, host):
-                    pass
-        # A stranger from another address is not affected by that address's cap.
-        async with stranger(gossip_port, "127.0.0.4") as other:
-            assert other._quic._close_event is None
-
-    run(main)
-    assert health(node) == 200
-
-
 def test_a_node_id_not_bound_to_the_key_is_refused_by_a_real_node(node: NodeProcess) -> None:
     """A member that holds the secret cannot claim another node's id (nor a made-up one)."""
     gossip_port, _ = quic_ports(node)
@@ -233,3 +212,93 @@ def _node_id(node: NodeProcess) -> str:
     match = re.search(r"node ([0-9a-f]{16}) serving", node.log())
     assert match, "no node id in the log"
     return match.group(1)
+
+
+# -- floods: last in this module, since they use up the node's warning budget
+# (`quic.WarningThrottle`), and the tests above read its log ------------------------
+
+
+def test_over_the_pending_cap_the_network_with_the_most_waiting_makes_way(
+    node: NodeProcess,
+) -> None:
+    gossip_port, _ = quic_ports(node)
+    # Other networks than the other tests': their connections may still drain.
+    crowd = [f"127.0.3.{i}" for i in range(1, quic.MAX_PENDING + 2)]
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as held:
+            clients = [
+                await held.enter_async_context(stranger(gossip_port, h))
+                for h in crowd[: quic.MAX_PENDING]
+            ]
+            # Full. A connection from another network closes the crowd's oldest...
+            other = await held.enter_async_context(stranger(gossip_port, "127.0.4.1"))
+            await closed_within(clients[0], quic.ADMISSION_TIMEOUT_S, "the crowd's oldest")
+            # ...by the cap (the admission deadline ends a connection with another code).
+            close = clients[0]._quic._close_event
+            assert close is not None and close.error_code == QuicErrorCode.CONNECTION_REFUSED
+            assert close.reason_phrase == "too many connections waiting for admission"
+            # The crowd's next one closes its own oldest, not the other network's.
+            clients.append(await held.enter_async_context(stranger(gossip_port, crowd[-1])))
+            await closed_within(clients[1], quic.ADMISSION_TIMEOUT_S, "the crowd's next oldest")
+            assert other._quic._close_event is None
+            assert all(client._quic._close_event is None for client in clients[2:])
+
+    run(main)
+    assert health(node) == 200
+
+
+async def _keep_connecting(port: int, host: str, connected: list[int]) -> None:
+    """A stranger that connects again as soon as the node closes it (until cancelled).
+
+    `connected[0]` counts how many of its kind are connected right now.
+    """
+    while True:
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with stranger(port, host) as client:
+                connected[0] += 1
+                try:
+                    await client.wait_closed()
+                finally:
+                    connected[0] -= 1
+
+
+def test_a_flood_of_pending_connections_cannot_keep_a_member_out(node: NodeProcess) -> None:
+    """More strangers than the node keeps waiting, from one /24 and from many: a member's
+    dials all succeed while they keep reconnecting, and the log stays short."""
+    gossip_port, _ = quic_ports(node)
+    secret = decode_token(token_of(node)).secret
+    # More than the node keeps waiting: most from one /24, the rest from four others.
+    hosts = [f"127.0.20.{i}" for i in range(1, quic.MAX_PENDING)]
+    hosts += [f"127.0.{21 + n}.{i}" for n in range(4) for i in range(1, 5)]
+    log_before = len(node.log())
+    started = time.monotonic()
+
+    async def main() -> None:
+        connected = [0]
+        flood = [asyncio.ensure_future(_keep_connecting(gossip_port, h, connected)) for h in hosts]
+        try:
+            while connected[0] < quic.MAX_PENDING:  # every slot taken
+                await asyncio.sleep(0.05)
+            for _ in range(3):  # each a new member (a node would close a second link of one)
+                key = ec.generate_private_key(ec.SECP256R1())
+                member = quic.MeshEndpoint(identity.node_id_of(key), secret, key, _no_link)
+                link = await member.dial("127.0.0.1", gossip_port)
+                link.close()
+                member.close()
+            assert connected[0] >= quic.MAX_PENDING // 2, "the flood stopped"
+        finally:
+            for task in flood:
+                task.cancel()
+            await asyncio.gather(*flood, return_exceptions=True)
+
+    run(main)
+    assert health(node) == 200
+    elapsed = time.monotonic() - started
+    log = node.log()[log_before:]
+    lines = sum(
+        "waiting for admission" in line or "refused a connection" in line
+        for line in log.splitlines()
+    )
+    most = quic.WARNING_BURST + quic.WARNING_PER_S * elapsed
+    assert lines <= most, f"{lines} warnings in {elapsed:.1f} s"

@@ -491,26 +491,174 @@ def test_windows_and_streams_are_tiny_before_admission_and_raised_after() -> Non
     run(main)
 
 
-def test_pending_connections_are_capped_per_endpoint_and_per_address(
+def test_over_the_pending_cap_the_network_with_the_most_waiting_makes_way(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(quic, "MAX_PENDING", 3)
-    monkeypatch.setattr(quic, "MAX_PENDING_PER_ADDRESS", 2)
+    """A new connection is never refused for room: the oldest of the biggest /24 is closed."""
+    monkeypatch.setattr(quic, "MAX_PENDING", 4)
 
     async def main() -> None:
         async with nodes(("server", SECRET)) as (server,), contextlib.AsyncExitStack() as held:
-            for host in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
-                await held.enter_async_context(raw_client(server.port, host))
-            for host in ("127.0.0.1", "127.0.0.3"):  # over the address's cap, over the total
-                with pytest.raises(ConnectionError):
-                    await held.enter_async_context(raw_client(server.port, host))
-            assert server.counters.over_pending_cap == 2
-            assert len(server.endpoint.pending) == 3
+            clients: dict[str, QuicConnectionProtocol] = {}
+
+            async def connect(host: str) -> None:
+                clients[host] = await held.enter_async_context(raw_client(server.port, host))
+
+            def closed() -> list[str]:
+                return sorted(host for host, c in clients.items() if c._quic._close_event)
+
+            for host in ("127.0.2.1", "127.0.1.1", "127.0.1.2", "127.0.3.1"):
+                await connect(host)
+            # Full: 127.0.1.0/24 has the most waiting, its oldest goes (not the oldest of all).
+            await connect("127.0.1.3")
+            await eventually(lambda: closed() == ["127.0.1.1"], "127.0.1.1 closed")
+            await connect("127.0.4.1")
+            await eventually(lambda: closed() == ["127.0.1.1", "127.0.1.2"], "127.0.1.2 closed")
+            # One each now: the oldest of all goes.
+            await connect("127.0.5.1")
+            expected = ["127.0.1.1", "127.0.1.2", "127.0.2.1"]
+            await eventually(lambda: closed() == expected, "127.0.2.1 closed")
+            assert server.counters.over_pending_cap == 3
+            assert sorted(p.remote_address()[0] for p in server.endpoint.pending) == [
+                "127.0.1.3",
+                "127.0.3.1",
+                "127.0.4.1",
+                "127.0.5.1",
+            ]
+            close = clients["127.0.1.1"]._quic._close_event
+            assert close is not None and close.reason_phrase == (
+                "too many connections waiting for admission"
+            )
             await held.aclose()
-            # Closed connections leave the count: room again.
+            # Closed connections leave the count.
             await eventually(lambda: not server.endpoint.pending, "the pending list to empty")
-            async with raw_client(server.port, "127.0.0.1") as again:
-                assert again._quic._close_event is None
+
+    run(main)
+
+
+def test_a_member_is_admitted_while_strangers_fill_every_pending_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(quic, "MAX_PENDING", 4)
+
+    async def main() -> None:
+        async with (
+            nodes(("server", SECRET), ("member", SECRET)) as (server, member),
+            contextlib.AsyncExitStack() as held,
+        ):
+            for i in range(quic.MAX_PENDING):
+                await held.enter_async_context(raw_client(server.port, f"127.0.{10 + i}.1"))
+            assert len(server.endpoint.pending) == quic.MAX_PENDING
+            link = await member.endpoint.dial("127.0.0.1", server.port)
+            assert link.peer_id == server.node_id
+            assert server.counters.over_pending_cap == 1
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix"),
+    [
+        ("192.0.2.7", "192.0.2.0/24"),
+        ("192.0.2.255", "192.0.2.0/24"),
+        ("::ffff:192.0.2.9", "192.0.2.0/24"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("not-an-address", "not-an-address"),
+    ],
+)
+def test_pending_connections_are_counted_by_source_network(address: str, prefix: str) -> None:
+    assert quic.source_prefix(address) == prefix
+
+
+def test_the_warning_throttle_lets_a_burst_through_then_a_rate_and_counts_the_rest() -> None:
+    throttle = quic.WarningThrottle(burst=2, per_s=0.5)
+    assert [throttle.allow(0.0), throttle.allow(0.0)] == [0, 0]
+    assert [throttle.allow(0.0), throttle.allow(1.0)] == [None, None]  # half a token back
+    # A whole token: this warning goes out and says how many were left out.
+    assert [throttle.allow(2.0), throttle.allow(2.0)] == [2, None]
+    # Quiet for long: the burst is back (not more).
+    assert [throttle.allow(100.0), throttle.allow(100.0), throttle.allow(100.0)] == [1, 0, None]
+
+
+def test_refusal_warnings_are_throttled(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with nodes(("server", SECRET), ("stranger", OTHER_SECRET)) as (server, stranger):
+            # No refill: however slow the dials, only the burst gets through.
+            server.endpoint.throttle = quic.WarningThrottle(per_s=0.0)
+            for _ in range(quic.WARNING_BURST + 3):
+                with pytest.raises(quic.AdmissionError):
+                    await stranger.endpoint.dial("127.0.0.1", server.port)
+            refused = quic.WARNING_BURST + 3
+            await eventually(lambda: server.counters.refused == refused, "every refusal counted")
+            assert server.counters.warnings_suppressed == 3
+
+    with caplog.at_level("WARNING", logger="meshllm.mesh.quic"):
+        run(main)
+    lines = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert len(lines) == quic.WARNING_BURST
+
+
+def test_a_member_that_does_not_read_its_control_stream_is_disconnected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It gives no credit, so nothing we send is acknowledged: the link closes at the cap."""
+    cap = 2 * quic.STREAM_WINDOW_BYTES
+    monkeypatch.setattr(quic, "CONTROL_SEND_BUFFER_BYTES", cap)
+    table = wire.Sync(
+        tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(3000))
+    )
+    frame_bytes = len(wire.encode_frame(table))
+
+    async def main() -> None:
+        async with nodes(("server", SECRET), ("member", SECRET)) as (server, member):
+            link = await member.endpoint.dial("127.0.0.1", server.port)
+            link.protocol._quic._write_stream_limits = quic._no_credit  # type: ignore[method-assign]
+            link.protocol._quic._write_connection_limits = quic._no_credit  # type: ignore[method-assign]
+            (incoming,) = await eventually(lambda: server.links, "the server's link")
+            most = sent = 0
+            while not incoming.closing and sent < 4 * cap:
+                incoming.send(table)  # each answer to a Digest would be the table
+                sent += frame_bytes
+                most = max(most, incoming.unacknowledged())
+                await asyncio.sleep(0)
+            assert incoming.closing, f"still open after {sent} bytes"
+            assert most <= cap + frame_bytes
+            assert server.counters.unread_control == 1
+            await eventually(link.closed.is_set, "the member to see the link close")
+            close = link.protocol._quic._close_event
+            assert (
+                close is not None and close.reason_phrase == "peer does not read its control stream"
+            )
+            await eventually(lambda: incoming.closed.is_set(), "the server's side to end")
+            incoming.send(table)  # a closed link sends nothing (and does not raise)
+
+    run(main)
+
+
+def test_a_member_that_reads_takes_bursts_under_the_control_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The control case: the same bytes, in bursts under the cap to a reader, keep the link."""
+    cap = 2 * quic.STREAM_WINDOW_BYTES
+    monkeypatch.setattr(quic, "CONTROL_SEND_BUFFER_BYTES", cap)
+    table = wire.Sync(
+        tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(3000))
+    )
+    burst = cap // len(wire.encode_frame(table))
+
+    async def main() -> None:
+        async with nodes(("server", SECRET), ("member", SECRET)) as (server, member):
+            link = await member.endpoint.dial("127.0.0.1", server.port)
+            reading = asyncio.ensure_future(member.read(link))
+            (incoming,) = await eventually(lambda: server.links, "the server's link")
+            for _ in range(2):  # more than the cap in all
+                for _ in range(burst):
+                    incoming.send(table)
+                for _ in range(burst):
+                    assert await member.frames.get() == table
+            assert not incoming.closing and server.counters.unread_control == 0
+            reading.cancel()
 
     run(main)
 

@@ -29,12 +29,17 @@ no unidirectional one, and the connection's flow-control window holds
 to the window, and grows windows as data arrives, so no window grows until
 admission (and after it, only with data delivered in order). Frames before
 admission are capped at `ADMISSION_FRAME_BYTES`. Connections waiting for
-admission are capped per endpoint and per source address, and the server
-validates a client's address with a QUIC Retry before it keeps any state
-for it. A peer that opens any other stream first, sends garbage, or is too
-slow is disconnected. After admission the first stream carries framed
-control messages (`Link.send`); other streams are handed to the endpoint's
-stream handler (the Tunnel's HTTP streams).
+admission are capped per endpoint: over the cap, the oldest connection of the
+source network (`source_prefix`) with the most waiting is closed to make
+room, so strangers flooding from other networks cannot keep a member out
+(from the member's own network, they make it race them). The server validates a client's address
+with a QUIC Retry before it keeps any state for it, and warnings about
+refused connections are throttled (`WarningThrottle`). A peer that opens any
+other stream first, sends garbage, or is too slow is disconnected. After
+admission the first stream carries framed control messages (`Link.send`: a
+peer that stops reading them is disconnected once `CONTROL_SEND_BUFFER_BYTES`
+wait unacknowledged); other streams are handed to the endpoint's stream
+handler (the Tunnel's HTTP streams).
 
 Every adaptation of aioquic lives in this module, and `pyproject.toml` pins
 the aioquic versions it was tested against: the pacer for uvloop's
@@ -52,6 +57,7 @@ import contextlib
 import datetime
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import socket
@@ -102,9 +108,25 @@ ADMISSION_WINDOW_BYTES = 2048
 """Flow-control window of a connection until admission: room for the admission
 frames, and all the stream data an unadmitted peer can make us hold."""
 MAX_PENDING = 64
-"""Incoming connections waiting for admission, per endpoint; more are refused at once."""
-MAX_PENDING_PER_ADDRESS = 8
-"""Incoming connections waiting for admission from one source address."""
+"""Incoming connections waiting for admission, per endpoint. A new one over the cap
+is not refused: the oldest connection of the source network with the most waiting
+is closed instead (`MeshEndpoint._wait_for_admission`). So a stranger who keeps
+the slots full cannot shut members out: a member's connection is closed only if
+its network has the most waiting and enough newer connections arrive before its
+admission (two round trips) completes."""
+WARNING_BURST = 5
+WARNING_PER_S = 1.0
+"""Warnings about refused connections, per endpoint: a burst of `WARNING_BURST`,
+then `WARNING_PER_S` (`WarningThrottle`). A flood of strangers must not flood the
+log, and a quiet node logs each refusal."""
+CONTROL_SEND_BUFFER_BYTES = 16 * 1024 * 1024
+"""Bytes a link's control stream may hold unacknowledged before the link is closed
+(`Link.send`). aioquic buffers all that is written until the peer acknowledges it,
+and a peer that gives no credit acknowledges nothing: a member asking for the full
+table over and over could make us hold gigabytes. The largest burst an honest peer
+takes at once is a full sync of the table (a mesh of 5,000 nodes is a few MB in
+`wire.MAX_FRAME_BYTES` chunks), written in one go when the link opens; an honest
+peer acknowledges as it reads, so its buffer stays near the congestion window."""
 PEER_STREAMS = 128
 """Bidirectional streams a peer may have open after admission (aioquic's default).
 It may open no unidirectional stream: meshllm never uses them."""
@@ -149,7 +171,12 @@ class Counters:
     """Connections that failed admission (or never tried within the deadline)."""
     malformed_frames: int = 0
     over_pending_cap: int = 0
-    """Connections closed at once because too many were waiting for admission."""
+    """Connections waiting for admission closed to make room for newer ones (`MAX_PENDING`)."""
+    unread_control: int = 0
+    """Links closed because the peer did not read its control stream
+    (`CONTROL_SEND_BUFFER_BYTES`)."""
+    warnings_suppressed: int = 0
+    """Warnings about refused connections left out of the log (`WarningThrottle`)."""
 
 
 @dataclass
@@ -192,6 +219,52 @@ class _CountingTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+class WarningThrottle:
+    """A token bucket for log lines: `burst` at once, then `per_s` a second; counts the rest.
+
+    Sans-I/O: the caller passes the time. The first warning let through after
+    some were held back says how many (`allow` returns that count), so the log
+    stays bounded and still tells the whole story.
+    """
+
+    def __init__(self, burst: int = WARNING_BURST, per_s: float = WARNING_PER_S) -> None:
+        self.burst = burst
+        self.per_s = per_s
+        self.tokens = float(burst)
+        self.last = float("-inf")
+        self.suppressed = 0
+        """Held back since the last warning let through."""
+
+    def allow(self, now: float) -> int | None:
+        """None: leave this warning out. Otherwise log it, with this many left out before."""
+        if now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.per_s)
+            self.last = now
+        if self.tokens < 1:
+            self.suppressed += 1
+            return None
+        self.tokens -= 1
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
+
+
+def source_prefix(address: str) -> str:
+    """The network a connection comes from, as the pending cap counts it.
+
+    IPv4 /24 and IPv6 /64 (an IPv4-mapped IPv6 address counts as IPv4): one
+    host typically holds a whole prefix, so a cap per address would let it
+    take every slot by changing addresses. Not an IP address: itself.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    bits = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
 
 
 def key_to_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -296,17 +369,45 @@ class Link:
         self.remote = remote
         self.closed = protocol.closed
         self.opened_at = time.monotonic()
+        self.closing = False
+        """`close` was called: nothing more is sent."""
 
     def send(self, msg: wire.WireMessage) -> None:
-        if not self.closed.is_set():
-            frame = wire.encode_frame(msg)
-            self.protocol.endpoint.traffic.frame_sent(msg, len(frame))
-            self.writer.write(frame)
+        """Queue a control frame; close the link if the peer does not take them.
+
+        Writes never wait (the gossip core answers at once), so the stream's
+        unacknowledged bytes are checked instead: past `CONTROL_SEND_BUFFER_BYTES`
+        the peer has stopped reading (or acknowledging) and the link is closed,
+        which frees all of it.
+        """
+        if self.closed.is_set() or self.closing:
+            return
+        frame = wire.encode_frame(msg)
+        self.protocol.endpoint.traffic.frame_sent(msg, len(frame))
+        self.writer.write(frame)
+        held = self.unacknowledged()
+        if held > CONTROL_SEND_BUFFER_BYTES:
+            endpoint = self.protocol.endpoint
+            endpoint.counters.unread_control += 1
+            endpoint.warn(
+                "closed the link to node %s: it does not read its control stream "
+                "(%d MiB sent and not acknowledged)",
+                self.peer_id,
+                held >> 20,
+            )
+            self.close("peer does not read its control stream")
+
+    def unacknowledged(self) -> int:
+        """Bytes written on the control stream that the peer has not acknowledged yet."""
+        _, stream_id = _stream_of(self.writer)
+        stream = self.protocol._quic._streams.get(stream_id)
+        return len(stream.sender._buffer) if stream is not None else 0
 
     async def open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await self.protocol.create_stream()
 
     def close(self, reason: str = "") -> None:
+        self.closing = True
         self.protocol.close(reason_phrase=reason)
 
 
@@ -354,7 +455,7 @@ class MeshProtocol(QuicConnectionProtocol):
             return
         self.refused = True
         self.endpoint.counters.refused += 1
-        log.warning("refused a connection from %s: %s", self.remote_address(), why)
+        self.endpoint.warn("refused a connection from %s: %s", self.remote_address(), why)
         with contextlib.suppress(Exception):
             self.transmit()  # send a pending Refused now: close() would discard it
         self.close(error_code=ERROR_REFUSED, reason_phrase="not admitted")
@@ -509,7 +610,7 @@ class MeshProtocol(QuicConnectionProtocol):
                     else "it gave up before admission (another mesh's secret, "
                     "or not a meshllm node)"
                 )
-                log.warning("refused a connection from %s: %s", self.remote_address(), why)
+                self.endpoint.warn("refused a connection from %s: %s", self.remote_address(), why)
             self.closed.set()
             self.endpoint.protocols.discard(self)
             self.endpoint.pending.pop(self, None)
@@ -861,7 +962,8 @@ class MeshEndpoint:
         self.server: QuicServer | None = None
         self.protocols: set[MeshProtocol] = set()
         self.pending: dict[MeshProtocol, str] = {}
-        """Incoming connections not admitted yet -> their source address."""
+        """Incoming connections not admitted yet, oldest first -> their source network."""
+        self.throttle = WarningThrottle()
 
     def _config(self, is_client: bool) -> QuicConfiguration:
         config = QuicConfiguration(
@@ -1031,19 +1133,53 @@ class MeshEndpoint:
         protocol.admitted(link)
         await self.on_link(link)
 
+    def warn(self, msg: str, *args: object) -> None:
+        """Log a warning about a peer, throttled (`WarningThrottle`): strangers can cause many."""
+        suppressed = self.throttle.allow(time.monotonic())
+        if suppressed is None:
+            self.counters.warnings_suppressed += 1
+        elif suppressed:
+            log.warning(msg + " (and %d similar warnings left out)", *args, suppressed)
+        else:
+            log.warning(msg, *args)
+
     def _wait_for_admission(self, protocol: MeshProtocol, address: str) -> None:
-        """A new incoming connection: pending until admitted, unless too many already are."""
-        from_address = sum(1 for pending in self.pending.values() if pending == address)
-        if len(self.pending) >= MAX_PENDING or from_address >= MAX_PENDING_PER_ADDRESS:
-            self.counters.over_pending_cap += 1
-            protocol.refused = True  # not an admission failure: counted here
-            protocol.close(
-                error_code=QuicErrorCode.CONNECTION_REFUSED,
-                reason_phrase="too many connections waiting for admission",
-            )
+        """A new incoming connection: pending until admitted.
+
+        Over `MAX_PENDING`, one waiting connection is closed to make room: the
+        oldest of the source network with the most waiting (of those, the one
+        whose oldest connection is oldest). Refusing the newest instead would let
+        a stranger who keeps the slots full refuse every member; closing the
+        oldest of all would let it evict a member by connecting fast enough. This
+        way a flood from a few networks (one attacker usually holds a whole /24
+        or /64) takes room only from itself.
+        """
+        if len(self.pending) >= MAX_PENDING:
+            by_source: dict[str, list[MeshProtocol]] = {}
+            for pending, source in self.pending.items():  # oldest first
+                by_source.setdefault(source, []).append(pending)
+            crowd = max(by_source.values(), key=len)  # the first of the largest: oldest
+            self._evict(crowd[0], len(crowd), self.pending[crowd[0]])
+        self.pending[protocol] = source_prefix(address)
+
+    def _evict(self, protocol: MeshProtocol, crowd: int, source: str) -> None:
+        """Close a connection still waiting for admission, to make room for a newer one."""
+        del self.pending[protocol]
+        self.counters.over_pending_cap += 1
+        protocol.refused = True  # not an admission failure: counted here
+        self.warn(
+            "closed a connection from %s waiting for admission: %d waiting, the most (%d) from %s",
+            protocol.remote_address()[0],
+            MAX_PENDING,
+            crowd,
+            source,
+        )
+        protocol.close(
+            error_code=QuicErrorCode.CONNECTION_REFUSED,
+            reason_phrase="too many connections waiting for admission",
+        )
+        with contextlib.suppress(Exception):
             protocol.transmit()
-            return
-        self.pending[protocol] = address
 
     def close(self) -> None:
         for protocol in list(self.protocols):
