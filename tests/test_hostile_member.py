@@ -11,9 +11,11 @@ top of the range), one for B itself at the top of the range, an announcement
 of its own id with A's key, and a malformed announcement beside a valid one.
 Each is refused: B still routes to A and a chat through B works, and the
 forger's valid announcements, sent on the same link after each forgery,
-still count. Then A restarts (same key, new ports) and the forger replays
-what A really signed before: its old announcement and its leave. B keeps
-the new A (a chat through B reaches A's new tunnel port).
+still count; except after a signature that does not verify, where B closes
+the link at once (and dials the forger again, a member still). Then A
+restarts (same key, new ports) and the forger replays what A really signed
+before: its old announcement and its leave. B keeps the new A (a chat
+through B reaches A's new tunnel port).
 """
 
 from __future__ import annotations
@@ -205,8 +207,6 @@ async def forge(nodes: Nodes) -> None:
         forgeries: list[wire.WireMessage] = [
             wire.Sync((forged,)),  # unsigned
             wire.Sync((by_forger,)),  # signed by the forger, with its own key
-            wire.Sync((msgspec.structs.replace(by_forger, public_key=a_key),)),
-            wire.Sync((msgspec.structs.replace(current, generation=top),)),
             wire.Sync((own_id_victims_key,)),
             wire.PeerGone(a_id, current.generation, "died"),
             wire.PeerGone(a_id, top, "died"),
@@ -234,6 +234,23 @@ async def forge(nodes: Nodes) -> None:
         assert refuted.generation == b_generation + 1
         await hold(b, a_id)
         assert "refused an announcement" in b.log()
+
+        # A signature that does not verify (A's key, or A's announcement with another
+        # generation) costs a check each: B closes the link on the first, and reads no more.
+        for bad in (
+            msgspec.structs.replace(by_forger, public_key=a_key),
+            msgspec.structs.replace(current, generation=top),
+        ):
+            link.send(wire.Sync((bad,)))
+
+            def closed(old: Link = link) -> bool:
+                return forger.links.get(b_id) is not old
+
+            await until(closed, 10, "B to close the link")
+            assert "closed the link to " + forger.node_id in b.log()
+            # The forger is still a member: B dials it again, and they link again.
+            link = await until(lambda: forger.links.get(b_id), 15, "B to dial the forger again")
+        await hold(b, a_id)
 
         # Replays: A restarts (same key and gossip port, new tunnel port), then the forger
         # sends B what A signed in its previous run.
