@@ -589,3 +589,22 @@ def test_dials_are_capped_at_once_and_in_addresses() -> None:
     assert a.probe("z499", 1, 10.0) == []
     a.dial_failed(dials[0], 13.0)
     assert [d.peer_id for d in a.probe("z499", 2, 13.0) if isinstance(d, gossip.Dial)] == ["z499"]
+
+
+def test_helpers_alone_keep_a_silent_peer_alive_only_a_few_times_in_a_row() -> None:
+    """A hostile helper that acks every request cannot keep a killed node in the mesh."""
+    t = Trio()
+    b, a_id, c_id = t.b, t.a.node_id, t.c.node_id
+
+    def saved_by_helper(nonce: int) -> bool:
+        b.probe(c_id, nonce, 0.0)  # c never answers: it was killed
+        b.probe_via(a_id, c_id, nonce, 0.0)
+        return b.frame_received(t.link_of(b, t.a), wire.ProbeAck(nonce), 0.1) != []
+
+    assert [saved_by_helper(n) for n in range(10, 15)] == [True] * gossip.HELPER_SAVES + [False] * (
+        5 - gossip.HELPER_SAVES
+    )
+    # An ack from c itself shows it alive, and helpers count again.
+    b.probe(c_id, 20, 0.0)
+    assert b.frame_received(t.link_of(b, t.c), wire.ProbeAck(20), 0.1) != []
+    assert saved_by_helper(21)

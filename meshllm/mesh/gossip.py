@@ -58,7 +58,8 @@ The protocol (docs/design.md, "Gossip and failure detection"):
   (a dropped probe would get a live peer declared dead); a `ProbeRequest` is
   relayed as a probe of our own and its ack passed back. Nonces are random,
   and an ack counts only from the link probed or the helper asked to relay
-  it: a member acking nonces blindly cannot keep a dead node alive.
+  it, and from helpers only `HELPER_SAVES` times in a row: a member acking
+  nonces blindly, or lying as a helper, cannot keep a dead node alive.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ DIAL_ADDRESSES = 2
 """How many of a member's announced addresses a dial tries (members choose them)."""
 FORGED_LINK = "it sent an announcement with a forged signature"
 """Why a link is closed on its first announcement that fails its signature check."""
+HELPER_SAVES = 2
+"""How many times in a row a peer that does not answer our probes is kept alive by helpers'
+acks alone. A helper's ack cannot be checked: a hostile helper could otherwise keep a dead
+node in the mesh for good (a peer we truly cannot reach is of no use to us either)."""
 MAX_RELAYS = 256
 """Relayed probes waiting for their ack; `ProbeRequest`s beyond are ignored."""
 
@@ -233,6 +238,16 @@ class _Link:
 
 
 @dataclass
+class _Awaited:
+    """A probe of ours: the peer probed, and the links its ack may come from."""
+
+    target: str
+    peers: frozenset[str]
+    """The peer probed and the helpers asked to relay the probe."""
+    expiry: float
+
+
+@dataclass
 class JoinState:
     """One invite token: its addresses are dialed until admitted, and again when that link ends."""
 
@@ -278,9 +293,11 @@ class GossipCore:
         """our nonce -> (peer that asked, its nonce, expiry, peer probed) of a relayed probe."""
         self.nonces = nonces
         """Nonces of our own probes (random: `random_nonce`; a seeded source in simulation)."""
-        self.awaiting: dict[int, tuple[frozenset[str], float]] = {}
-        """nonce of a probe of ours -> (peers its ack may come from, expiry): the peer probed
-        and the helpers asked to relay it. An ack from any other link proves nothing."""
+        self.awaiting: dict[int, _Awaited] = {}
+        """nonce of a probe of ours -> who may ack it. An ack from any other link proves
+        nothing."""
+        self.helper_saves: dict[str, int] = {}
+        """peer -> acks of our probes of it in a row that came through helpers (`HELPER_SAVES`)."""
         self.check_timeout = check_timeout
         self.checks: dict[str, tuple[frozenset[int], float]] = {}
         """peer reported dead by another member -> (nonces of our probes of it, deadline)."""
@@ -417,18 +434,7 @@ class GossipCore:
             case wire.Probe(nonce=nonce):
                 out.append(Send(link, src, wire.ProbeAck(nonce)))
             case wire.ProbeAck(nonce=nonce):
-                # Only from the peer probed (or the helper asked to relay): an ack from any
-                # other link would keep a dead node alive on a member's word.
-                relay = self.relays.get(nonce)
-                if relay is not None:
-                    if relay[3] == src:
-                        del self.relays[nonce]
-                        if (back := self.links.get(relay[0])) is not None:
-                            out.append(Send(back, relay[0], wire.ProbeAck(relay[1])))
-                elif (expected := self.awaiting.get(nonce)) is not None and src in expected[0]:
-                    del self.awaiting[nonce]
-                    if not self._check_answered(nonce):
-                        out.append(ProbeAnswered(nonce))
+                self._on_ack(src, nonce, out)
             case wire.ProbeRequest(target=target, nonce=nonce):
                 if (to := self.links.get(target)) is not None and len(self.relays) < MAX_RELAYS:
                     relay_nonce = self.nonces()
@@ -440,7 +446,7 @@ class GossipCore:
 
     def probe(self, peer_id: str, nonce: int, now: float) -> list[Action]:
         """The failure detector probes `peer_id` directly."""
-        self._await(nonce, peer_id, now)
+        self._await(nonce, peer_id, peer_id, now)
         if (link := self.links.get(peer_id)) is not None:
             return [Send(link, peer_id, wire.Probe(nonce))]
         ann = self.members.peers.get(peer_id)
@@ -456,14 +462,45 @@ class GossipCore:
     def probe_via(self, via: str, target: str, nonce: int, now: float) -> list[Action]:
         """The failure detector asks `via` to probe `target` for us."""
         if (link := self.links.get(via)) is not None:
-            self._await(nonce, via, now)
+            self._await(nonce, target, via, now)
             return [Send(link, via, wire.ProbeRequest(target, nonce))]
         return []
 
-    def _await(self, nonce: int, peer_id: str, now: float) -> None:
-        """An ack of `nonce` may come from `peer_id` (until `RELAY_TTL_S` from now)."""
-        peers = self.awaiting.get(nonce, (frozenset[str](), 0.0))[0]
-        self.awaiting[nonce] = (peers | {peer_id}, now + RELAY_TTL_S)
+    def _on_ack(self, src: str, nonce: int, out: list[Action]) -> None:
+        """An ack counts only from the peer probed (or a helper asked to relay): from any
+        other link it would keep a dead node alive on a member's word."""
+        relay = self.relays.get(nonce)
+        if relay is not None:
+            if relay[3] == src:
+                del self.relays[nonce]
+                self.helper_saves.pop(src, None)
+                if (back := self.links.get(relay[0])) is not None:
+                    out.append(Send(back, relay[0], wire.ProbeAck(relay[1])))
+            return
+        awaited = self.awaiting.get(nonce)
+        if awaited is None or src not in awaited.peers or not self._believe(awaited.target, src):
+            return
+        del self.awaiting[nonce]
+        if not self._check_answered(nonce):
+            out.append(ProbeAnswered(nonce))
+
+    def _await(self, nonce: int, target: str, peer_id: str, now: float) -> None:
+        """An ack of `nonce`, our probe of `target`, may come from `peer_id` (until
+        `RELAY_TTL_S` from now)."""
+        peers = self.awaiting[nonce].peers if nonce in self.awaiting else frozenset[str]()
+        self.awaiting[nonce] = _Awaited(target, peers | {peer_id}, now + RELAY_TTL_S)
+
+    def _believe(self, target: str, src: str) -> bool:
+        """Whether an ack of our probe of `target`, from `src`, shows that it is alive: always
+        from `target` itself; from a helper, `HELPER_SAVES` times in a row at most."""
+        if src == target:
+            self.helper_saves.pop(target, None)
+            return True
+        saves = self.helper_saves.get(target, 0) + 1
+        if saves > HELPER_SAVES:
+            return False
+        self.helper_saves[target] = saves
+        return True
 
     def peer_died(self, node_id: str, now: float) -> list[Action]:
         """The failure detector found `node_id` dead: remove it and tell the mesh."""
@@ -514,7 +551,7 @@ class GossipCore:
             self.next_anti_entropy = now + ANTI_ENTROPY_S
             self.members.expire(now)
             self.relays = {k: v for k, v in self.relays.items() if v[2] > now}
-            self.awaiting = {k: v for k, v in self.awaiting.items() if v[1] > now}
+            self.awaiting = {k: v for k, v in self.awaiting.items() if v.expiry > now}
             if self.links:
                 peer_id = self.rng.choice(list(self.links))
                 fingerprint = wire.Fingerprint(self.members.fingerprint())
@@ -596,14 +633,14 @@ class GossipCore:
         nonces: list[int] = []
         if (link := self.links.get(node_id)) is not None:
             nonces.append(self.nonces())
-            self._await(nonces[-1], node_id, now)
+            self._await(nonces[-1], node_id, node_id, now)
             out.append(Send(link, node_id, wire.Probe(nonces[-1])))
         # The verdict's sender may be among them: a false "alive" from it costs nothing,
         # the failure detector keeps probing.
         helpers = sorted(set(self.links) - {node_id})
         for via in self.rng.sample(helpers, min(CHECK_HELPERS, len(helpers))):
             nonces.append(self.nonces())
-            self._await(nonces[-1], via, now)
+            self._await(nonces[-1], node_id, via, now)
             out.append(Send(self.links[via], via, wire.ProbeRequest(node_id, nonces[-1])))
         # With nobody to ask (no link to it, no other peer) the deadline alone decides:
         # the verdict's sender and we both failed to reach it.
@@ -637,6 +674,7 @@ class GossipCore:
             return
         self.checks.pop(node_id, None)
         self.unsent_probes.pop(node_id, None)
+        self.helper_saves.pop(node_id, None)
         if not self.members.remove(node_id, generation, now):
             return
         out.append(PeerRemoved(node_id, generation, reason))
