@@ -138,7 +138,9 @@ class Gossiper(Actor):
                         link.send(msg)
                 case gossip.Dial() as dial:
                     self._spawn(self._dial(dial))
-                case gossip.CloseLink(link=link_id, reason=reason):
+                case gossip.CloseLink(link=link_id, peer_id=peer_id, reason=reason):
+                    if reason == gossip.FORGED_LINK:
+                        self._warn("forged-link", "closed the link to %s: %s", peer_id, reason)
                     if (link := self.links.get(link_id)) is not None:
                         link.close(reason)
                 case gossip.Publish():
@@ -150,7 +152,13 @@ class Gossiper(Actor):
                 case gossip.PeerRemoved(node_id=node_id, reason=reason):
                     self.log.info("peer %s gone: %r", node_id, reason)
                 case gossip.Refuted(reason=reason):
-                    self.log.warning("the mesh thinks this node is gone (%r): refuted", reason)
+                    # The reason is a member's words: quoted, cut, and at most a line per
+                    # `WARN_INTERVAL_S` (a member can tell us we are dead in a loop).
+                    self._warn(
+                        "refuted",
+                        "the mesh thinks this node is gone (%.200r): refuted",
+                        reason,
+                    )
                 case gossip.Rejected(peer_id=peer_id, node_id=node_id, reason=reason):
                     self.endpoint.counters.malformed_frames += 1
                     self._warn(
@@ -332,7 +340,7 @@ class Gossiper(Actor):
             case m.ProbePeer(node_id=node_id, nonce=nonce):
                 await self._run(self.core.probe(node_id, nonce, now))
             case m.ProbeVia(via=via, target=target, nonce=nonce):
-                await self._run(self.core.probe_via(via, target, nonce))
+                await self._run(self.core.probe_via(via, target, nonce, now))
             case m.PeerDied(node_id=node_id):
                 await self._run(self.core.peer_died(node_id, now))
             case _:

@@ -25,9 +25,8 @@ MAX_DELIVERIES = 1000
 
 
 def ann(node_id: str, generation: int = 100, **fields: Any) -> wire.PeerAnnouncement:
-    return wire.PeerAnnouncement(
-        node_id=node_id, generation=generation, addresses=(f"{node_id}:1",), **fields
-    )
+    fields.setdefault("addresses", (f"{node_id}:1",))
+    return wire.PeerAnnouncement(node_id=node_id, generation=generation, **fields)
 
 
 class Net:
@@ -286,7 +285,7 @@ def test_a_leave_is_seen_everywhere_and_a_false_death_is_refuted() -> None:
 def test_probes_are_relayed_and_wait_for_a_dial() -> None:
     net = Net("a", "b", "c")
     net.full_mesh()
-    net.execute("a", net.core("a").probe_via("b", "c", 7))
+    net.execute("a", net.core("a").probe_via("b", "c", 7, 0.0))
     net.transfer()
     assert ("a", gossip.ProbeAnswered(7)) in net.events
     assert not net.core("b").relays  # the relayed ack came back and was passed on
@@ -364,15 +363,18 @@ class Trio:
         return x.links[y.node_id]
 
 
-def test_a_forged_announcement_is_rejected_alone() -> None:
+def test_a_forged_announcement_is_rejected_and_a_forged_signature_closes_the_link() -> None:
     t = Trio()
     forger = new_key()
     victim = t.c.members.me
     forged = wire.PeerAnnouncement(node_id=victim.node_id, generation=victim.generation + 1)
     by_forger = sign_announcement(forged, forger)
     stolen = msgspec.structs.replace(by_forger, public_key=victim.public_key)
-    news = wire.Sync((forged, by_forger, stolen, t.a.members.me))
-    out = t.b.frame_received(t.link_of(t.b, t.a), news, 0.0)
+    newer_a = t.a.members.me
+    t.a.update_self(role="host")
+    news = wire.Sync((forged, by_forger, newer_a, stolen, t.a.members.me))
+    link = t.link_of(t.b, t.a)
+    out = t.b.frame_received(link, news, 0.0)
     rejected = [a.reason for a in out if isinstance(a, gossip.Rejected)]
     assert rejected == [
         "its key does not match its node id",  # unsigned: no key at all
@@ -380,6 +382,12 @@ def test_a_forged_announcement_is_rejected_alone() -> None:
         "its signature does not verify",
     ]
     assert t.b.members.peers[victim.node_id] == victim
+    # A signature check that fails costs ~0.3 ms, and honest relays pass on only what they
+    # verified: the link is closed at once, the rest of the frame unread, later frames ignored.
+    assert gossip.CloseLink(link, t.a.node_id, gossip.FORGED_LINK) in out
+    assert t.b.members.peers[t.a.node_id].role != "host"
+    assert t.b.frame_received(link, wire.Sync((t.a.members.me,)), 0.1) == []
+    assert t.a.node_id not in t.b.links
 
 
 def test_another_members_death_verdict_is_checked_not_believed() -> None:
@@ -464,3 +472,139 @@ def test_warnings_about_peers_are_rate_limited_per_kind() -> None:
     assert throttle.allow("malformed", 1.0) == 0  # another kind has its own budget
     assert throttle.allow("forged", 10.0) == 2  # the next line says how many were skipped
     assert throttle.allow("forged", 20.0) == 0
+
+
+# -- an attacker's review (issue 9): what one hostile member can make a node do --------
+
+
+def sends(out: Sequence[gossip.Action], kind: type) -> list[Any]:
+    return [a.msg for a in out if isinstance(a, gossip.Send) and isinstance(a.msg, kind)]
+
+
+def test_digests_and_fingerprints_are_answered_once_per_interval_per_link() -> None:
+    """A `Digest` that claims to lack everything buys the whole table: not in a loop."""
+    net = Net("a", "b", "c")
+    net.full_mesh()
+    b = net.core("b")
+    link = b.links["a"]
+    begging = wire.Digest({})
+    start = gossip.ANSWER_INTERVAL_S  # the links' own opening digests were answered at 0
+    answered = [
+        len(sends(b.frame_received(link, begging, start + i * 0.01), wire.Sync)) for i in range(50)
+    ]
+    assert answered == [1] + [0] * 49
+    assert sends(b.frame_received(link, begging, 2 * start), wire.Sync)
+    # Another link has its own allowance.
+    assert sends(b.frame_received(b.links["c"], begging, start), wire.Sync)
+    # A reply digest is answered only after a digest of ours, and once.
+    reply = wire.Digest({}, reply=True)
+    assert b.frame_received(link, reply, 10.0) == []
+    assert sends(b.frame_received(link, wire.Fingerprint(1), 10.0), wire.Digest)
+    assert sends(b.frame_received(link, reply, 10.0), wire.Sync)
+    assert b.frame_received(link, reply, 10.0) == []
+    # Fingerprints, answered with our digest, likewise.
+    asked = [
+        sends(b.frame_received(link, wire.Fingerprint(i), 10.0), wire.Digest) for i in range(9)
+    ]
+    assert [len(d) for d in asked] == [0] * 9  # answered at 10.0 already
+    assert sends(b.frame_received(link, wire.Fingerprint(1), 10.0 + start), wire.Digest)
+
+
+def test_an_honest_exchange_still_ends_with_both_sides_equal_at_once() -> None:
+    net = Net("a", "b")
+    net.full_mesh()
+    net.core("a").update_self(role="host")  # not sent: b lacks it until anti-entropy
+    net.core("a").members.merge(ann("x"), 0.0)
+    net.core("b").members.merge(ann("y"), 0.0)
+    net.tick("a", 3.0)
+    net.transfer()
+    assert net.agree()
+
+
+def test_a_flood_of_verdicts_on_us_is_refuted_once_per_interval() -> None:
+    t = Trio()
+    b, link = t.b, t.link_of(t.b, t.a)
+    gen = b.members.me.generation
+    verdict = wire.PeerGone(b.node_id, gen, "declared dead")
+    out: list[gossip.Action] = []
+    for i in range(100):
+        out += b.frame_received(link, verdict, i * 0.001)
+    assert [a for a in out if isinstance(a, gossip.Refuted)] == [gossip.Refuted("declared dead")]
+    assert len(sends(out, wire.Sync)) == 2  # to a and to c
+    assert b.members.me.generation == gen + 1
+    # The verdicts after the refute are answered once more, at the end of the interval.
+    assert b.next_timer() == pytest.approx(gossip.REFUTE_INTERVAL_S)
+    later = b.tick(gossip.REFUTE_INTERVAL_S)
+    assert [a for a in later if isinstance(a, gossip.Refuted)] == [gossip.Refuted("declared dead")]
+    assert b.members.me.generation == gen + 2
+    assert not any(isinstance(a, gossip.Refuted) for a in b.tick(2 * gossip.REFUTE_INTERVAL_S))
+
+
+def test_an_ack_counts_only_from_the_peer_probed_or_the_helper_asked() -> None:
+    """A member that acks whatever nonce it likes cannot keep a dead node alive."""
+    t = Trio()
+    b = t.b
+    a_id, c_id = t.a.node_id, t.c.node_id
+    b.probe(c_id, 1234, 0.0)
+    # From a, which was not asked: ignored, and the nonce still counts from c.
+    assert b.frame_received(t.link_of(b, t.a), wire.ProbeAck(1234), 0.1) == []
+    assert b.frame_received(t.link_of(b, t.c), wire.ProbeAck(1234), 0.1) == [
+        gossip.ProbeAnswered(1234)
+    ]
+    assert b.frame_received(t.link_of(b, t.c), wire.ProbeAck(1234), 0.1) == []  # once
+    # The same nonce, passed on by a helper asked to probe c: from the helper, it counts.
+    b.probe(c_id, 99, 1.0)
+    b.probe_via(a_id, c_id, 99, 2.0)
+    assert b.frame_received(t.link_of(b, t.a), wire.ProbeAck(99), 2.1) == [gossip.ProbeAnswered(99)]
+    # Relayed probes: the ack must come from the peer we probed for the asker.
+    d = signed_core(new_key())
+    assert b.members.merge(d.members.me, 0.0)
+    b.link_opened(9, d.node_id, False, 0.0, synced=True)
+    out = b.frame_received(9, wire.ProbeRequest(c_id, 5), 4.0)
+    (relayed,) = sends(out, wire.Probe)
+    assert b.frame_received(9, wire.ProbeAck(relayed.nonce), 4.1) == []
+    back = b.frame_received(t.link_of(b, t.c), wire.ProbeAck(relayed.nonce), 4.1)
+    assert back == [gossip.Send(9, d.node_id, wire.ProbeAck(5))]
+
+
+def test_probe_nonces_are_random() -> None:
+    core = GossipCore(ann("a"), 0.0)
+    nonces = [core.nonces() for _ in range(100)]
+    assert len(set(nonces)) == 100
+    assert max(nonces) > 1 << 56  # 63 random bits, not a count from a known start
+
+
+def test_dials_are_capped_at_once_and_in_addresses() -> None:
+    """500 members announced at once, 8 addresses each: a few dials, two addresses each."""
+    net = Net("a")
+    a = net.core("a")
+    addresses = tuple(f"10.0.0.{i}:{p}" for i, p in enumerate(range(9000, 9008)))
+    for i in range(500):
+        a.members.merge(ann(f"z{i:03}", addresses=addresses), 0.0)
+    out = a.tick(10.0)
+    dials = [d for d in out if isinstance(d, gossip.Dial)]
+    assert len(dials) == gossip.MAX_DIALS
+    assert {d.addresses for d in dials} == {addresses[: gossip.DIAL_ADDRESSES]}
+    # A probe of yet another member waits for a free dial, rather than adding one.
+    assert a.probe("z499", 1, 10.0) == []
+    a.dial_failed(dials[0], 13.0)
+    assert [d.peer_id for d in a.probe("z499", 2, 13.0) if isinstance(d, gossip.Dial)] == ["z499"]
+
+
+def test_helpers_alone_keep_a_silent_peer_alive_only_a_few_times_in_a_row() -> None:
+    """A hostile helper that acks every request cannot keep a killed node in the mesh."""
+    t = Trio()
+    b, a_id, c_id = t.b, t.a.node_id, t.c.node_id
+
+    def saved_by_helper(nonce: int) -> bool:
+        b.probe(c_id, nonce, 0.0)  # c never answers: it was killed
+        b.probe_via(a_id, c_id, nonce, 0.0)
+        return b.frame_received(t.link_of(b, t.a), wire.ProbeAck(nonce), 0.1) != []
+
+    assert [saved_by_helper(n) for n in range(10, 15)] == [True] * gossip.HELPER_SAVES + [False] * (
+        5 - gossip.HELPER_SAVES
+    )
+    # An ack from c itself shows it alive, and helpers count again.
+    b.probe(c_id, 20, 0.0)
+    assert b.frame_received(t.link_of(b, t.c), wire.ProbeAck(20), 0.1) != []
+    assert saved_by_helper(21)

@@ -199,3 +199,14 @@ def test_two_hundred_members_in_process() -> None:
     # traffic per node stays about one probe per interval whatever the mesh size
     per_node = sum(sent[i] for i in ids if i not in dead) / (len(ids) - len(dead))
     assert per_node <= 8.0 / INTERVAL * 1.1, per_node
+
+
+def test_nonces_cannot_be_guessed() -> None:
+    """A member that acks nonces it never saw (counting up, say) clears no probe."""
+    d = detector()
+    first = probes(d.tick(0.0))
+    for guess in range(1, 1000):
+        d.on_ack(guess)
+    assert set(d.pending) == {p.node_id for p in first}
+    nonces = [p.nonce for p in probes(d.tick(0.0))] + [d.nonces() for _ in range(100)]
+    assert len(set(nonces)) == len(nonces) and max(nonces) > 1 << 56

@@ -11,9 +11,11 @@ top of the range), one for B itself at the top of the range, an announcement
 of its own id with A's key, and a malformed announcement beside a valid one.
 Each is refused: B still routes to A and a chat through B works, and the
 forger's valid announcements, sent on the same link after each forgery,
-still count. Then A restarts (same key, new ports) and the forger replays
-what A really signed before: its old announcement and its leave. B keeps
-the new A (a chat through B reaches A's new tunnel port).
+still count; except after a signature that does not verify, where B closes
+the link at once (and dials the forger again, a member still). Then A
+restarts (same key, new ports) and the forger replays what A really signed
+before: its old announcement and its leave. B keeps the new A (a chat
+through B reaches A's new tunnel port).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class Forger:
         """The latest announcement of each node that reached us."""
         self.leaves: list[wire.PeerGone] = []
         """Every `PeerGone` that reached us (a signed leave, to replay)."""
+        self.syncs = 0
+        """How many `Sync` frames reached us."""
+        self.acks: set[int] = set()
+        """The nonces of the `ProbeAck`s that reached us."""
         self.generation = 1_000
         self.models: list[str] = []
         """What we announce: every `announcement` adds one, so each is seen in B's catalog."""
@@ -115,7 +121,10 @@ class Forger:
                 match await wire.read_frame(link.reader):
                     case wire.Probe(nonce=nonce):
                         link.send(wire.ProbeAck(nonce))
+                    case wire.ProbeAck(nonce=nonce):
+                        self.acks.add(nonce)
                     case wire.Sync(announcements=anns):
+                        self.syncs += 1
                         for ann in anns:
                             known = self.seen.get(ann.node_id)
                             if known is None or known.generation < ann.generation:
@@ -130,6 +139,11 @@ class Forger:
         except (asyncio.IncompleteReadError, ConnectionError, wire.WireError):
             if self.links.get(link.peer_id) is link:
                 del self.links[link.peer_id]
+
+    async def flush(self, peer_id: str, nonce: int) -> None:
+        """Wait until `peer_id` has handled everything sent so far (it acks in order)."""
+        self.links[peer_id].send(wire.Probe(nonce))
+        await until(lambda: nonce in self.acks, 10, f"the ack of probe {nonce}")
 
     def send_raw(self, peer_id: str, msg: dict[str, Any]) -> None:
         """A frame built by hand (what no `wire` struct would encode)."""
@@ -205,8 +219,6 @@ async def forge(nodes: Nodes) -> None:
         forgeries: list[wire.WireMessage] = [
             wire.Sync((forged,)),  # unsigned
             wire.Sync((by_forger,)),  # signed by the forger, with its own key
-            wire.Sync((msgspec.structs.replace(by_forger, public_key=a_key),)),
-            wire.Sync((msgspec.structs.replace(current, generation=top),)),
             wire.Sync((own_id_victims_key,)),
             wire.PeerGone(a_id, current.generation, "died"),
             wire.PeerGone(a_id, top, "died"),
@@ -235,6 +247,24 @@ async def forge(nodes: Nodes) -> None:
         await hold(b, a_id)
         assert "refused an announcement" in b.log()
 
+        # A signature that does not verify (A's key, or A's announcement with another
+        # generation) costs a check each: B closes the link on the first, and reads no more.
+        for bad in (
+            msgspec.structs.replace(by_forger, public_key=a_key),
+            msgspec.structs.replace(current, generation=top),
+        ):
+            link.send(wire.Sync((bad,)))
+
+            def closed(old: Link = link) -> bool:
+                return forger.links.get(b_id) is not old
+
+            await until(closed, 10, "B to close the link")
+            assert "closed the link to " + forger.node_id in b.log()
+            # The forger is still a member: B dials it again, and they link again.
+            link = await until(lambda: forger.links.get(b_id), 15, "B to dial the forger again")
+        await hold(b, a_id)
+        await floods(forger, a, b, b_id)
+
         # Replays: A restarts (same key and gossip port, new tunnel port), then the forger
         # sends B what A signed in its previous run.
         old = forger.seen[a_id]
@@ -254,6 +284,38 @@ async def forge(nodes: Nodes) -> None:
         await hold(b, a_id)
     finally:
         forger.close()
+
+
+async def floods(forger: Forger, a: NodeProcess, b: NodeProcess, b_id: str) -> None:
+    """What the forger can make B do in a loop is bounded (the attacker's review, issue 9)."""
+    link = forger.links[b_id]
+    # A digest that lacks everything buys the whole table: answered once, not 100 times.
+    await forger.flush(b_id, 1)
+    syncs = forger.syncs
+    for _ in range(100):
+        link.send(wire.Digest({}))
+    await forger.flush(b_id, 2)
+    assert 1 <= forger.syncs - syncs <= 2, forger.syncs - syncs
+    # "You are dead", 100 times: B refutes at once, then once more a second later.
+    generation = forger.seen[b_id].generation
+    for _ in range(100):
+        link.send(wire.PeerGone(b_id, generation, "x" * 200))
+    await until(lambda: forger.seen[b_id].generation >= generation + 2, 10, "two refutes")
+    await forger.flush(b_id, 3)
+    assert forger.seen[b_id].generation == generation + 2
+    assert b.log().count("refuted") <= 3  # one here, one before (throttled per 10 s)
+    # 256 download proposals that A (which B passes them to) refuses, having no size or
+    # digest: one line, not 256.
+    proposals = {f"proposal-{i:03}": f"https://example.com/{i}.gguf" for i in range(256)}
+    mine = forger.announcement("proposals")
+    link.send(
+        wire.Sync(
+            (sign_announcement(msgspec.structs.replace(mine, model_urls=proposals), forger.key),)
+        )
+    )
+    await until(lambda: lists(b.port, "proposals"), 10, "B to take the proposals")
+    await until(lambda: "has no download source here" in a.log(), 10, "a refused proposal")
+    assert a.log().count("has no download source here") == 1
 
 
 class Nodes:

@@ -11,9 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshllm import PROTOCOL_VERSION
 from meshllm.mesh import identity, wire
 from meshllm.mesh.membership import (
+    ANNOUNCEMENT_MAX_BYTES,
     TOMBSTONE_TTL_S,
     Authenticator,
     Membership,
+    encoded_size,
     mesh_catalog,
     sign_announcement,
     sign_leave,
@@ -283,3 +285,43 @@ def test_the_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not m.merge(ann("c", 1), now=0)
     assert "c" not in m.peers
     assert m.merge(ann("a", 2), now=0)  # a known member still updates
+
+
+def big(node_id: str, generation: int, models: int, url_length: int = 40) -> PeerAnnouncement:
+    """An announcement with `models` download URLs, each within the field bounds."""
+    urls = {f"m{i:03}": f"https://example.com/{'x' * url_length}/{i}" for i in range(models)}
+    return ann(node_id, generation, model_urls=urls)
+
+
+def test_an_oversized_announcement_is_refused() -> None:
+    """The field bounds alone allow ~800 kB per announcement: one is capped far below."""
+    m = mesh()
+    oversized = big("a", 1, wire.MAX_MODELS, url_length=1000)
+    wire.encode_frame(wire.Sync((oversized,)))  # it fits a frame: only the cap refuses it
+    assert encoded_size(oversized) > ANNOUNCEMENT_MAX_BYTES
+    assert m.refusal(oversized) == f"it is over {ANNOUNCEMENT_MAX_BYTES} bytes"
+    assert not m.merge(oversized, now=0)
+    assert "a" not in m.peers and m.total_bytes == 0
+    honest = big("a", 1, 8)
+    assert m.refusal(honest) is None and m.merge(honest, now=0)
+    assert m.total_bytes == encoded_size(honest)
+    assert not m.merge(big("a", 2, wire.MAX_MODELS, url_length=1000), now=0)
+    assert m.peers["a"] == honest  # a known member's oversized update is refused too
+
+
+def test_the_table_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("meshllm.mesh.membership.ANNOUNCEMENT_MAX_BYTES", 1000)
+    monkeypatch.setattr("meshllm.mesh.membership.TABLE_MAX_BYTES", 2500)
+    m = mesh()
+    assert m.refusal(big("x", 1, 20)) == "it is over 1000 bytes"
+    assert not m.merge(big("x", 1, 20), now=0)
+    assert m.merge(big("a", 1, 10), now=0) and m.merge(big("b", 1, 10), now=0)
+    size = encoded_size(big("a", 1, 10))
+    assert m.total_bytes == 2 * size < 2500 < 3 * size
+    assert m.refusal(big("c", 1, 10)) == "the membership table is full (2500 bytes)"
+    assert not m.merge(big("c", 1, 10), now=0)
+    assert m.merge(ann("a", 2), now=0)  # a known member still updates, and shrinks
+    assert m.total_bytes == size + encoded_size(ann("a", 2))
+    assert m.merge(big("c", 1, 10), now=0)  # room again
+    assert m.remove("b", 1, now=0)
+    assert m.total_bytes == encoded_size(ann("a", 2)) + size

@@ -8,8 +8,11 @@ says when `tick()` is due. The core never touches a socket or a clock.
 The protocol (docs/design.md, "Gossip and failure detection"):
 
 - every announcement is signed by the node it describes and checked on
-  arrival (`membership.Authenticator`); one that fails, or a new member
-  beyond `MAX_PEERS`, is dropped alone and reported (`Rejected`);
+  arrival (`membership.Authenticator`); one that fails, or one with no room
+  (`Membership.refusal`: a new member beyond `MAX_PEERS`, over its size or
+  the table's), is dropped alone and reported (`Rejected`). A signature
+  that does not verify also closes the link: honest relays pass on only
+  what they verified, and each failed check costs ~0.3 ms;
 - a new link (either side) starts with our `Digest` (node id -> generation),
   answered as in anti-entropy below: `Sync` of what we lack (in chunks under
   the frame cap) and a reply `Digest` when the peer lacks something;
@@ -20,7 +23,10 @@ The protocol (docs/design.md, "Gossip and failure detection"):
   goes to one random link. Equal fingerprints end the exchange. A different
   one is answered with our `Digest`; a `Digest` is answered with `Sync` of
   what the sender lacks, plus a reply `Digest` when we lack something, which
-  is answered with `Sync` in turn. An announcement that one of our tombstones
+  is answered with `Sync` in turn. A link's fingerprints, and its digests, are
+  answered at most once per `ANSWER_INTERVAL_S` (a digest that claims to lack
+  everything would otherwise buy the whole table in a loop), a reply digest
+  only after a digest of ours. An announcement that one of our tombstones
   keeps out is answered with `PeerGone`, so a stale copy is removed on the
   other side instead of being offered forever. A mismatch thus always ends
   with both sides equal;
@@ -32,32 +38,42 @@ The protocol (docs/design.md, "Gossip and failure detection"):
   through other links at once, and remove it only when none is answered
   within `check_timeout` (then our verdict goes on to our links). Probing
   both ways at once keeps the mesh's convergence after a death close to
-  one detection time, not two. A node told that it is gone refutes with a newer generation;
+  one detection time, not two. A node told that it is gone refutes with a
+  newer generation, at most once per `REFUTE_INTERVAL_S` (later verdicts wait
+  for the next refute);
   a peer that sends its own announcement while we hold it dead is told so,
   and refutes in turn;
 - membership is transitive: a known peer without a link is dialed, by the
   lower node id at once and by the other after `REDIAL_AFTER_S` (both dial
-  only when one of them cannot). When both dial at once, each side keeps the
-  link dialed by the lower node id; a link older than `DUPLICATE_RACE_S` may
-  be dead (the peer's Gossiper restarted) and the fresh one replaces it;
+  only when one of them cannot); at most `MAX_DIALS` dials of members run at
+  once, each trying the first `DIAL_ADDRESSES` addresses announced. When both
+  dial at once, each side keeps the link dialed by the lower node id; a link
+  older than `DUPLICATE_RACE_S` may be dead (the peer's Gossiper restarted)
+  and the fresh one replaces it;
 - an invite token's addresses are dialed until admitted, and again whenever
   that link ends (a seed node that restarted knows nobody), with
   `meshllm.runtime.backoff.Backoff` between failed tries;
 - probes of the failure detector (`meshllm.mesh.health`) travel on the links:
   a probe of a peer we have no link to dials it and follows on the new link
   (a dropped probe would get a live peer declared dead); a `ProbeRequest` is
-  relayed as a probe of our own and its ack passed back.
+  relayed as a probe of our own and its ack passed back. Nonces are random,
+  and an ack counts only from the link probed or the helper asked to relay
+  it, and from helpers only `HELPER_SAVES` times in a row: a member acking
+  nonces blindly, or lying as a helper, cannot keep a dead node alive.
 """
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm.mesh import wire
-from meshllm.mesh.membership import Authenticator, Membership, sign_leave
+from meshllm.mesh.health import random_nonce
+from meshllm.mesh.membership import BAD_SIGNATURE, Authenticator, Membership, sign_leave
 from meshllm.runtime.backoff import Backoff
 
 ANTI_ENTROPY_S = 2.0
@@ -82,6 +98,25 @@ CHECK_TIMEOUT_S = 1.0
 """How long the check of a peer reported dead waits for an ack (the probe timeout)."""
 CHECK_HELPERS = 2
 """Other links asked to probe a peer reported dead, besides our own probe."""
+ANSWER_INTERVAL_S = ANTI_ENTROPY_S / 2
+"""Least time between two answers to a link's `Fingerprint`s, or to its `Digest`s. An honest
+peer sends at most one of each per anti-entropy period (on a new link, then when we differ);
+a `Digest` claiming to lack everything otherwise buys a whole table for ~30 bytes."""
+REFUTE_INTERVAL_S = 1.0
+"""Least time between two refutes: a flood of `PeerGone(us)` costs one re-signed announcement
+per interval; the newest generation wins anyway, so one refute answers every verdict before it."""
+MAX_DIALS = 8
+"""Dials of members at once (invite tokens and remembered peers aside)."""
+DIAL_ADDRESSES = 2
+"""How many of a member's announced addresses a dial tries (members choose them)."""
+FORGED_LINK = "it sent an announcement with a forged signature"
+"""Why a link is closed on its first announcement that fails its signature check."""
+HELPER_SAVES = 2
+"""How many times in a row a peer that does not answer our probes is kept alive by helpers'
+acks alone. A helper's ack cannot be checked: a hostile helper could otherwise keep a dead
+node in the mesh for good (a peer we truly cannot reach is of no use to us either)."""
+MAX_RELAYS = 256
+"""Relayed probes waiting for their ack; `ProbeRequest`s beyond are ignored."""
 
 
 # -- actions --------------------------------------------------------------------------
@@ -196,6 +231,20 @@ class _Link:
     dialed: bool
     """We dialed it (else the peer did)."""
     opened_at: float
+    answered_at: dict[str, float] = field(default_factory=dict)
+    """Kind of frame ("fingerprint", "digest") -> when we last answered one."""
+    awaiting_reply: bool = False
+    """We sent a `Digest` on it: one reply `Digest` is answered."""
+
+
+@dataclass
+class _Awaited:
+    """A probe of ours: the peer probed, and the links its ack may come from."""
+
+    target: str
+    peers: frozenset[str]
+    """The peer probed and the helpers asked to relay the probe."""
+    expiry: float
 
 
 @dataclass
@@ -226,6 +275,7 @@ class GossipCore:
         remembered: tuple[str, ...] = (),
         rng: random.Random | None = None,
         check_timeout: float = CHECK_TIMEOUT_S,
+        nonces: Callable[[], int] = random_nonce,
     ) -> None:
         self.key = key
         """Signs our announcement and our leave; None only in tests of the protocol alone,
@@ -239,10 +289,15 @@ class GossipCore:
         self.dialing: set[str] = set()
         """Peers being dialed (one dial at a time per peer)."""
         self.unlinked_since: dict[str, float] = {}
-        self.relays: dict[int, tuple[str, int, float]] = {}
-        """our nonce -> (peer that asked, its nonce, expiry) of a relayed probe."""
-        self.relay_nonce = 1 << 40
-        """Above the failure detector's nonces, so a relayed ack is never taken for ours."""
+        self.relays: dict[int, tuple[str, int, float, str]] = {}
+        """our nonce -> (peer that asked, its nonce, expiry, peer probed) of a relayed probe."""
+        self.nonces = nonces
+        """Nonces of our own probes (random: `random_nonce`; a seeded source in simulation)."""
+        self.awaiting: dict[int, _Awaited] = {}
+        """nonce of a probe of ours -> who may ack it. An ack from any other link proves
+        nothing."""
+        self.helper_saves: dict[str, int] = {}
+        """peer -> acks of our probes of it in a row that came through helpers (`HELPER_SAVES`)."""
         self.check_timeout = check_timeout
         self.checks: dict[str, tuple[frozenset[int], float]] = {}
         """peer reported dead by another member -> (nonces of our probes of it, deadline)."""
@@ -251,6 +306,10 @@ class GossipCore:
         self.joins = [JoinState(tuple(addresses), next_at=now) for addresses in joins]
         self.remembered = remembered
         self.stopping = False
+        self.refute_at = -math.inf
+        """When the next refute may go out (`REFUTE_INTERVAL_S`)."""
+        self.refute_due: str | None = None
+        """The reason of a verdict on us that waits for `refute_at`."""
         # Nodes start at different moments; a random phase keeps their rounds apart.
         self.next_anti_entropy = now + self.rng.uniform(0, ANTI_ENTROPY_S)
 
@@ -291,6 +350,7 @@ class GossipCore:
         self._links[link] = _Link(link, peer_id, dialed, now)
         self.unlinked_since.pop(peer_id, None)
         if not synced:
+            self._links[link].awaiting_reply = True
             # Our digest, not our table: the peer answers with what we lack (and its own
             # digest if it lacks something), so a newcomer's links after the first carry
             # ~27 bytes per member instead of a whole signed announcement each.
@@ -298,6 +358,14 @@ class GossipCore:
         if (nonce := self.unsent_probes.pop(peer_id, None)) is not None:
             out.append(Send(link, peer_id, wire.Probe(nonce)))
         return out
+
+    def _close(self, link: int, peer_id: str, reason: str, now: float) -> CloseLink:
+        """Close a link ourselves: frames still on their way from it are ignored."""
+        del self._links[link]
+        del self.links[peer_id]
+        if peer_id in self.members.peers:
+            self.unlinked_since[peer_id] = now
+        return CloseLink(link, peer_id, reason)
 
     def link_closed(self, link: int, now: float) -> list[Action]:
         """A link ended (either side closed it, or it timed out)."""
@@ -345,9 +413,18 @@ class GossipCore:
             case wire.Sync(announcements=anns):
                 self._on_sync(link, src, anns, now, out)
             case wire.Fingerprint(value=value):
-                if value != self.members.fingerprint():
+                if value != self.members.fingerprint() and self._answer(info, "fingerprint", now):
+                    info.awaiting_reply = True
                     out.append(Send(link, src, wire.Digest(self.members.digest())))
             case wire.Digest(generations=gens, reply=reply):
+                # A reply answers our own digest (once); a digest of the peer's own, at most
+                # one per `ANSWER_INTERVAL_S`: each may cost us the whole table.
+                if reply:
+                    if not info.awaiting_reply:
+                        return out
+                    info.awaiting_reply = False
+                elif not self._answer(info, "digest", now):
+                    return out
                 if missing := self.members.newer_than(gens):
                     out += [Send(link, src, sync) for sync in wire.sync_frames(missing)]
                 if not reply and self.members.lacks(gens):
@@ -357,16 +434,11 @@ class GossipCore:
             case wire.Probe(nonce=nonce):
                 out.append(Send(link, src, wire.ProbeAck(nonce)))
             case wire.ProbeAck(nonce=nonce):
-                relay = self.relays.pop(nonce, None)
-                if relay is not None:
-                    if (back := self.links.get(relay[0])) is not None:
-                        out.append(Send(back, relay[0], wire.ProbeAck(relay[1])))
-                elif not self._check_answered(nonce):
-                    out.append(ProbeAnswered(nonce))
+                self._on_ack(src, nonce, out)
             case wire.ProbeRequest(target=target, nonce=nonce):
-                if (to := self.links.get(target)) is not None:
-                    relay_nonce = self._nonce()
-                    self.relays[relay_nonce] = (src, nonce, now + RELAY_TTL_S)
+                if (to := self.links.get(target)) is not None and len(self.relays) < MAX_RELAYS:
+                    relay_nonce = self.nonces()
+                    self.relays[relay_nonce] = (src, nonce, now + RELAY_TTL_S, target)
                     out.append(Send(to, target, wire.Probe(relay_nonce)))
             case _:
                 out.append(UnexpectedFrame(src, type(msg).__name__))
@@ -374,6 +446,7 @@ class GossipCore:
 
     def probe(self, peer_id: str, nonce: int, now: float) -> list[Action]:
         """The failure detector probes `peer_id` directly."""
+        self._await(nonce, peer_id, peer_id, now)
         if (link := self.links.get(peer_id)) is not None:
             return [Send(link, peer_id, wire.Probe(nonce))]
         ann = self.members.peers.get(peer_id)
@@ -386,11 +459,48 @@ class GossipCore:
         self._dial(peer_id, ann.addresses, out)
         return out
 
-    def probe_via(self, via: str, target: str, nonce: int) -> list[Action]:
+    def probe_via(self, via: str, target: str, nonce: int, now: float) -> list[Action]:
         """The failure detector asks `via` to probe `target` for us."""
         if (link := self.links.get(via)) is not None:
+            self._await(nonce, target, via, now)
             return [Send(link, via, wire.ProbeRequest(target, nonce))]
         return []
+
+    def _on_ack(self, src: str, nonce: int, out: list[Action]) -> None:
+        """An ack counts only from the peer probed (or a helper asked to relay): from any
+        other link it would keep a dead node alive on a member's word."""
+        relay = self.relays.get(nonce)
+        if relay is not None:
+            if relay[3] == src:
+                del self.relays[nonce]
+                self.helper_saves.pop(src, None)
+                if (back := self.links.get(relay[0])) is not None:
+                    out.append(Send(back, relay[0], wire.ProbeAck(relay[1])))
+            return
+        awaited = self.awaiting.get(nonce)
+        if awaited is None or src not in awaited.peers or not self._believe(awaited.target, src):
+            return
+        del self.awaiting[nonce]
+        if not self._check_answered(nonce):
+            out.append(ProbeAnswered(nonce))
+
+    def _await(self, nonce: int, target: str, peer_id: str, now: float) -> None:
+        """An ack of `nonce`, our probe of `target`, may come from `peer_id` (until
+        `RELAY_TTL_S` from now)."""
+        peers = self.awaiting[nonce].peers if nonce in self.awaiting else frozenset[str]()
+        self.awaiting[nonce] = _Awaited(target, peers | {peer_id}, now + RELAY_TTL_S)
+
+    def _believe(self, target: str, src: str) -> bool:
+        """Whether an ack of our probe of `target`, from `src`, shows that it is alive: always
+        from `target` itself; from a helper, `HELPER_SAVES` times in a row at most."""
+        if src == target:
+            self.helper_saves.pop(target, None)
+            return True
+        saves = self.helper_saves.get(target, 0) + 1
+        if saves > HELPER_SAVES:
+            return False
+        self.helper_saves[target] = saves
+        return True
 
     def peer_died(self, node_id: str, now: float) -> list[Action]:
         """The failure detector found `node_id` dead: remove it and tell the mesh."""
@@ -420,6 +530,8 @@ class GossipCore:
         """When `tick` is next due."""
         due = [j.next_at for j in self.joins if not j.dialing]
         due += [deadline for _, deadline in self.checks.values()]
+        if self.refute_due is not None:
+            due.append(self.refute_at)
         return min([self.next_anti_entropy, *due])
 
     def tick(self, now: float) -> list[Action]:
@@ -433,10 +545,13 @@ class GossipCore:
                 if (ann := self.members.peers.get(node_id)) is not None:
                     reason = "reported gone, and did not answer our probes"
                     self._remove(node_id, ann.generation, reason, now, out)
+        if self.refute_due is not None and now >= self.refute_at:
+            self._refute(self.refute_due, now, out)
         if now >= self.next_anti_entropy:
             self.next_anti_entropy = now + ANTI_ENTROPY_S
             self.members.expire(now)
             self.relays = {k: v for k, v in self.relays.items() if v[2] > now}
+            self.awaiting = {k: v for k, v in self.awaiting.items() if v.expiry > now}
             if self.links:
                 peer_id = self.rng.choice(list(self.links))
                 fingerprint = wire.Fingerprint(self.members.fingerprint())
@@ -466,9 +581,14 @@ class GossipCore:
         for ann in anns:
             if self.key is not None and (refusal := self.auth.refusal(ann)) is not None:
                 out.append(Rejected(src, ann.node_id, refusal))
+                if refusal == BAD_SIGNATURE:
+                    # Honest relays pass on only what they verified: this link forges, and
+                    # each failed check costs ~0.3 ms. The rest of its frame is not read.
+                    out.append(self._close(link, src, FORGED_LINK, now))
+                    break
                 continue
-            if self._no_room_for(ann):
-                out.append(Rejected(src, ann.node_id, "the membership table is full"))
+            if (refusal := self.members.refusal(ann)) is not None:
+                out.append(Rejected(src, ann.node_id, refusal))
                 continue
             stone = self.members.buried(ann, now)
             if stone is not None:
@@ -486,10 +606,12 @@ class GossipCore:
                 self._forward(sync, out, exclude=src)
             self._changed(now, out)
 
-    def _no_room_for(self, ann: wire.PeerAnnouncement) -> bool:
-        """A new member while the table is full (`MAX_PEERS`) is refused."""
-        known = ann.node_id in self.members.peers or ann.node_id == self.node_id
-        return not known and self.members.full()
+    def _answer(self, info: _Link, kind: str, now: float) -> bool:
+        """True (and noted) if a `kind` frame on this link may be answered now."""
+        if now - info.answered_at.get(kind, -math.inf) < ANSWER_INTERVAL_S:
+            return False
+        info.answered_at[kind] = now
+        return True
 
     def _on_gone(self, src: str, gone: wire.PeerGone, now: float, out: list[Action]) -> None:
         """A leave signed by the node removes it; anything else only makes us check it."""
@@ -510,13 +632,15 @@ class GossipCore:
             return
         nonces: list[int] = []
         if (link := self.links.get(node_id)) is not None:
-            nonces.append(self._nonce())
+            nonces.append(self.nonces())
+            self._await(nonces[-1], node_id, node_id, now)
             out.append(Send(link, node_id, wire.Probe(nonces[-1])))
         # The verdict's sender may be among them: a false "alive" from it costs nothing,
         # the failure detector keeps probing.
         helpers = sorted(set(self.links) - {node_id})
         for via in self.rng.sample(helpers, min(CHECK_HELPERS, len(helpers))):
-            nonces.append(self._nonce())
+            nonces.append(self.nonces())
+            self._await(nonces[-1], node_id, via, now)
             out.append(Send(self.links[via], via, wire.ProbeRequest(node_id, nonces[-1])))
         # With nobody to ask (no link to it, no other peer) the deadline alone decides:
         # the verdict's sender and we both failed to reach it.
@@ -529,10 +653,6 @@ class GossipCore:
                 del self.checks[node_id]
                 return True
         return False
-
-    def _nonce(self) -> int:
-        self.relay_nonce += 1
-        return self.relay_nonce
 
     def _remove(
         self,
@@ -547,11 +667,14 @@ class GossipCore:
         """Remove a node and pass the news on: `msg` (a signed leave) as it came, else
         our own verdict."""
         if node_id == self.node_id:
-            self.members.remove(node_id, generation, now)
-            out.append(Refuted(reason))
-            self._forward(wire.Sync((self.members.me,)), out)
+            if now < self.refute_at:
+                self.refute_due = reason  # `tick` refutes at `refute_at`
+            else:
+                self._refute(reason, now, out)
             return
         self.checks.pop(node_id, None)
+        self.unsent_probes.pop(node_id, None)
+        self.helper_saves.pop(node_id, None)
         if not self.members.remove(node_id, generation, now):
             return
         out.append(PeerRemoved(node_id, generation, reason))
@@ -566,6 +689,14 @@ class GossipCore:
             out.append(CloseLink(link, node_id, reason))
         self._changed(now, out)
 
+    def _refute(self, reason: str, now: float, out: list[Action]) -> None:
+        """Announce ourselves with a newer generation: it outranks every verdict so far."""
+        self.refute_due = None
+        self.refute_at = now + REFUTE_INTERVAL_S
+        self.members.remove(self.node_id, 0, now)
+        out.append(Refuted(reason))
+        self._forward(wire.Sync((self.members.me,)), out)
+
     def _changed(self, now: float, out: list[Action]) -> None:
         out.append(Publish())
         self._dial_unlinked(now, out)
@@ -576,12 +707,17 @@ class GossipCore:
                 out.append(Send(link, peer_id, msg))
 
     def _dial(self, peer_id: str, addresses: tuple[str, ...], out: list[Action]) -> None:
-        if peer_id not in self.dialing and addresses:
-            self.dialing.add(peer_id)
-            out.append(Dial(addresses, peer_id=peer_id))
+        """Dial a member: at most `MAX_DIALS` at once, its first `DIAL_ADDRESSES` addresses
+        (members choose them: a hostile one would have us send handshakes anywhere)."""
+        if peer_id in self.dialing or not addresses or len(self.dialing) >= MAX_DIALS:
+            return
+        self.dialing.add(peer_id)
+        out.append(Dial(addresses[:DIAL_ADDRESSES], peer_id=peer_id))
 
     def _dial_unlinked(self, now: float, out: list[Action]) -> None:
         for peer_id, ann in self.members.peers.items():
+            if len(self.dialing) >= MAX_DIALS:
+                return
             if peer_id in self.links or peer_id in self.dialing or not ann.addresses:
                 continue
             since = self.unlinked_since.setdefault(peer_id, now)

@@ -16,6 +16,8 @@ Gentler settings for slow links (every 15 s, 5 s timeout) are `--probe-interval 
 from __future__ import annotations
 
 import random
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DEFAULT_INTERVAL_S = 0.5
@@ -26,6 +28,12 @@ SLOW_INTERVAL_S = 15.0
 """A gentler probe interval for slow or wide-area links."""
 SLOW_TIMEOUT_S = 5.0
 """A gentler probe timeout for slow or wide-area links."""
+
+
+def random_nonce() -> int:
+    """A nonce nobody can guess, so an ack proves that the probe reached its peer (a member
+    that acked counted-up nonces blindly kept a killed node alive)."""
+    return secrets.randbits(63)
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,8 @@ class FailureDetector:
     order: list[str] = field(default_factory=list)
     pending: dict[str, _Pending] = field(default_factory=dict)
     next_probe_at: float = 0.0
-    nonce: int = 0
+    nonces: Callable[[], int] = field(default=random_nonce)
+    """Where probe nonces come from (random; a seeded source in simulation)."""
 
     def set_members(self, members: set[str]) -> None:
         self.members = set(members)
@@ -75,9 +84,9 @@ class FailureDetector:
             del self.pending[gone]
 
     def _probe(self, node_id: str, now: float) -> SendProbe:
-        self.nonce += 1
-        self.pending[node_id] = _Pending(self.nonce, now + self.timeout)
-        return SendProbe(node_id, self.nonce)
+        nonce = self.nonces()
+        self.pending[node_id] = _Pending(nonce, now + self.timeout)
+        return SendProbe(node_id, nonce)
 
     def suspect(self, node_id: str, now: float) -> list[Action]:
         """Probe `node_id` now (unless a probe is already out)."""

@@ -36,6 +36,12 @@ from meshllm.mesh.wire import (
 )
 
 TOMBSTONE_TTL_S = 120.0
+ANNOUNCEMENT_MAX_BYTES = 64 << 10
+"""An announcement's largest encoded size. Honest ones take a few kB; the field bounds alone
+(`wire.PeerAnnouncement`) would allow ~800 kB, and a table of those ~6 GB."""
+TABLE_MAX_BYTES = 32 << 20
+"""The membership table's largest total of encoded announcements."""
+BAD_SIGNATURE = "its signature does not verify"
 VERIFIED_CACHE = 2 * MAX_PEERS
 """Digests of announcements whose signature verified (a full table and its next versions)."""
 
@@ -63,7 +69,7 @@ class Authenticator:
         except identity.BadKey:
             return "its key is not a P-256 public key"
         if not identity.verify(key, ann.signature, data):
-            return "its signature does not verify"
+            return BAD_SIGNATURE
         if len(self._verified) >= VERIFIED_CACHE:
             del self._verified[next(iter(self._verified))]
         self._verified[digest] = None
@@ -117,6 +123,10 @@ class Membership:
     """node id -> (generation at removal, expiry time)."""
     _fingerprint: int | None = field(default=None, repr=False, compare=False)
     """`fingerprint()` until the digest changes (it is asked for on every gossip round)."""
+    sizes: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    """node id -> encoded size of its announcement in `peers`."""
+    total_bytes: int = field(default=0, repr=False, compare=False)
+    """The sum of `sizes` (at most `TABLE_MAX_BYTES`)."""
 
     def __post_init__(self) -> None:
         self._set_me(self.me)
@@ -128,6 +138,22 @@ class Membership:
     def full(self) -> bool:
         """True when no new member fits (`MAX_PEERS`)."""
         return len(self.peers) >= MAX_PEERS
+
+    def refusal(self, ann: PeerAnnouncement) -> str | None:
+        """Why `ann` has no room here, or None (also when it is no news: `merge` drops it)."""
+        known = self.peers.get(ann.node_id)
+        if ann.node_id == self.node_id or (
+            known is not None and known.generation >= ann.generation
+        ):
+            return None
+        if known is None and self.full():
+            return "the membership table is full"
+        size = encoded_size(ann)
+        if size > ANNOUNCEMENT_MAX_BYTES:
+            return f"it is over {ANNOUNCEMENT_MAX_BYTES} bytes"
+        if self.total_bytes - self.sizes.get(ann.node_id, 0) + size > TABLE_MAX_BYTES:
+            return f"the membership table is full ({TABLE_MAX_BYTES} bytes)"
+        return None
 
     def _set_me(self, ann: PeerAnnouncement) -> None:
         self.me = ann if self.key is None else sign_announcement(ann, self.key)
@@ -160,7 +186,13 @@ class Membership:
             return False
         if known is None and self.full():
             return False
+        size = encoded_size(ann)
+        old_size = self.sizes.get(ann.node_id, 0)
+        if size > ANNOUNCEMENT_MAX_BYTES or self.total_bytes - old_size + size > TABLE_MAX_BYTES:
+            return False
         self.peers[ann.node_id] = ann
+        self.total_bytes += size - old_size
+        self.sizes[ann.node_id] = size
         self._fingerprint = None
         return True
 
@@ -184,6 +216,7 @@ class Membership:
         if known is None or known.generation > generation:
             return False
         del self.peers[node_id]
+        self.total_bytes -= self.sizes.pop(node_id, 0)
         self._fingerprint = None
         self.tombstones[node_id] = (generation, now + TOMBSTONE_TTL_S)
         return True
@@ -220,6 +253,11 @@ class Membership:
 
     def view(self) -> tuple[PeerAnnouncement, ...]:
         return tuple(sorted(self.peers.values(), key=lambda a: a.node_id))
+
+
+def encoded_size(ann: PeerAnnouncement) -> int:
+    """`ann`'s size on the wire (msgpack), which bounds what a table of them holds."""
+    return len(msgspec.msgpack.encode(ann))
 
 
 def mesh_catalog(announcements: Iterable[PeerAnnouncement]) -> set[str]:

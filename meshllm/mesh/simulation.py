@@ -40,6 +40,7 @@ Gossiper's `on_stop` does.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import math
@@ -237,11 +238,23 @@ class Simulation:
         node_rng = random.Random(self.rng.getrandbits(64))
         joins = () if join_via is None else ((self.nodes[join_via].address,),)
         key = self._keys[node_id]
+        # Nonces from the node's seeded source: a run with a seed repeats to the byte.
+        nonces = functools.partial(node_rng.getrandbits, 63)
         core = gossip.GossipCore(
-            me, self.now, key=key, joins=joins, rng=node_rng, check_timeout=self.timeout
+            me,
+            self.now,
+            key=key,
+            joins=joins,
+            rng=node_rng,
+            check_timeout=self.timeout,
+            nonces=nonces,
         )
         detector = health.FailureDetector(
-            interval=self.interval, timeout=self.timeout, indirect=self.indirect, rng=node_rng
+            interval=self.interval,
+            timeout=self.timeout,
+            indirect=self.indirect,
+            rng=node_rng,
+            nonces=nonces,
         )
         # Nodes start at different moments: spread the probe phases.
         detector.next_probe_at = self.now + node_rng.uniform(0, self.interval)
@@ -512,7 +525,7 @@ class Simulation:
                 case health.SendProbe(node_id=peer_id, nonce=nonce):
                     self._execute(node, node.core.probe(peer_id, nonce, self.now))
                 case health.SendProbeRequest(via=via, target=target, nonce=nonce):
-                    self._execute(node, node.core.probe_via(via, target, nonce))
+                    self._execute(node, node.core.probe_via(via, target, nonce, self.now))
                 case health.DeclareDead(node_id=peer_id):
                     ann = node.members.peers.get(peer_id)
                     gen = ann.generation if ann is not None else 0
