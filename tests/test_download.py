@@ -23,7 +23,7 @@ from meshllm.models import download as download_mod
 from meshllm.models.download import (
     DownloadError,
     TerminalProgress,
-    download,
+    download_file,
     format_bytes,
     part_path,
     terminal_progress,
@@ -161,12 +161,12 @@ def delays() -> list[float]:
 
 def fetch(fs: FileServer, dest: Path, delays: list[float], **kwargs: object) -> Path:
     kwargs.setdefault("timeout", TIMEOUT)
-    return download(
+    return download_file(
         fs.url(str(kwargs.pop("path", "/model.gguf"))),
         dest,
         sleep=delays.append,
         **kwargs,  # type: ignore[arg-type]
-    )
+    ).path
 
 
 def test_full_download_with_checks_and_progress(
@@ -356,7 +356,7 @@ def test_connection_refused_is_a_clear_offline_error(tmp_path: Path, delays: lis
         port = s.getsockname()[1]
     dest = tmp_path / "m.gguf"
     with pytest.raises(DownloadError, match=f"connection to 127.0.0.1:{port} refused"):
-        download(f"http://127.0.0.1:{port}/m.gguf", dest, timeout=TIMEOUT, sleep=delays.append)
+        download_file(f"http://127.0.0.1:{port}/m.gguf", dest, timeout=TIMEOUT, sleep=delays.append)
     assert delays == []  # no retrying when there is no server at all
     assert not dest.exists()
     assert not part_path(dest).exists()
@@ -370,7 +370,7 @@ def test_dns_failure_says_offline(
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     with pytest.raises(DownloadError, match=r"cannot resolve huggingface.co.*offline"):
-        download(
+        download_file(
             "https://huggingface.co/o/r/resolve/main/m.gguf",
             tmp_path / "m.gguf",
             timeout=TIMEOUT,
@@ -408,7 +408,7 @@ def test_a_second_download_of_the_same_file_is_refused(
 
 def test_not_an_http_url(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="not an http"):
-        download("ftp://example.invalid/m.gguf", tmp_path / "m.gguf")
+        download_file("ftp://example.invalid/m.gguf", tmp_path / "m.gguf")
 
 
 def test_not_enough_disk_space(

@@ -1,6 +1,6 @@
 """Resumable, verified downloads of model files over HTTP(S), with the standard library only.
 
-`download(url, dest)` writes into `dest + ".part"` and renames it to `dest` only once every
+`download_file(url, dest)` writes into `dest + ".part"` and renames it to `dest` only once every
 byte is there and checked (size, and SHA-256 when known), so a model file in the models
 directory is always whole. An interrupted download leaves the `.part` behind; the next call
 resumes it with an HTTP `Range` request (a server that ignores `Range` answers 200 with the
@@ -96,42 +96,6 @@ def part_path(dest: str | os.PathLike[str]) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-def download(
-    url: str,
-    dest: str | os.PathLike[str],
-    *,
-    expected_size: int | None = None,
-    sha256: str | None = None,
-    progress: ProgressCallback | None = None,
-    timeout: float = DEFAULT_TIMEOUT_S,
-    retries: int = DEFAULT_RETRIES,
-    backoff_s: float = 1.0,
-    max_backoff_s: float = 30.0,
-    chunk_size: int = CHUNK_SIZE,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Path:
-    """Download `url` to `dest` atomically, resuming a `.part` left by an earlier attempt.
-
-    `timeout` bounds connecting and each read (seconds). `retries` bounds the consecutive
-    failed attempts after a dropped connection (an attempt that receives bytes resets the
-    count); the wait between them doubles from `backoff_s` up to `max_backoff_s`.
-    Returns `dest`. Raises `DownloadError`.
-    """
-    return download_file(
-        url,
-        dest,
-        expected_size=expected_size,
-        sha256=sha256,
-        progress=progress,
-        timeout=timeout,
-        retries=retries,
-        backoff_s=backoff_s,
-        max_backoff_s=max_backoff_s,
-        chunk_size=chunk_size,
-        sleep=sleep,
-    ).path
-
-
 def download_file(
     url: str,
     dest: str | os.PathLike[str],
@@ -146,8 +110,15 @@ def download_file(
     chunk_size: int = CHUNK_SIZE,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Downloaded:
-    """`download`, returning the file's size and SHA-256 as well (computed once the file is
-    whole, so a node can announce the digest of a model it fetched without one)."""
+    """Download `url` to `dest` atomically, resuming a `.part` left by an earlier attempt;
+    the file's path, size and SHA-256 (computed once the file is whole, so a node can
+    announce the digest of a model it fetched without one).
+
+    `timeout` bounds connecting and each read (seconds). `retries` bounds the consecutive
+    failed attempts after a dropped connection (an attempt that receives bytes resets the
+    count); the wait between them doubles from `backoff_s` up to `max_backoff_s`.
+    Raises `DownloadError`.
+    """
     dest = Path(dest)
     part = part_path(dest)
     if _exists(dest):
@@ -706,9 +677,10 @@ def throttled(callback: ProgressCallback, min_interval_s: float = 1.0) -> Progre
 
 __all__ = [
     "DownloadError",
+    "Downloaded",
     "ProgressCallback",
     "TerminalProgress",
-    "download",
+    "download_file",
     "format_bytes",
     "part_path",
     "terminal_progress",

@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import gguf
 
 from meshllm.models.catalog import CATALOG, CatalogEntry, find_entry, hf_url, is_hf_name
-from meshllm.models.download import ProgressCallback, download, format_bytes
+from meshllm.models.download import ProgressCallback, download_file, format_bytes
 from meshllm.runtime.paths import cache_dir
 from meshllm.runtime.paths import models_dir as default_models_dir
 
@@ -669,7 +669,7 @@ def download_model(
     if resolved.source in _LOCAL_SOURCES or not resolved.needs_download:
         return resolved.path
     assert resolved.url is not None  # every non-local source has one
-    return download(
+    return download_file(
         resolved.url,
         resolved.path,
         expected_size=resolved.size,
@@ -677,4 +677,4 @@ def download_model(
         progress=progress,
         timeout=timeout,
         retries=retries,
-    )
+    ).path
