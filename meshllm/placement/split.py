@@ -1,0 +1,187 @@
+"""Tensor split planning (sans-I/O): which members serve a model no one of them can hold.
+
+A model is split only when it fits on no single member of its group (the same
+rule as placement: size x `MEMORY_OVERHEAD` within a member's memory), or when
+the operator asks for it. The host is the member with the most memory; it takes
+the fewest workers that make the model fit, the nearest of them (round-trip
+time as the host measures it), skipping members beyond an RTT limit: every
+decoded token waits for each worker once, so each worker and each millisecond
+costs tokens per second. Layers go to each member in proportion to its memory
+(llama-server's `--tensor-split`).
+
+A plan that still works is kept (`plan(..., current=...)`): a member that
+comes back, or a nearer one that joins, does not reshuffle a split that
+serves, since moving layers means loading the model again.
+
+Pure functions of their arguments; nothing here does I/O or reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from meshllm.placement.election import MEMORY_OVERHEAD
+
+RTT_LIMIT_MS = 80.0
+"""Members farther than this (round trip, from the host) are never workers."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """A member of the model's group, as the planner sees it."""
+
+    node_id: str
+    memory_bytes: int
+    """What it may use for models (`--max-vram` already applied)."""
+
+
+@dataclass(frozen=True)
+class Solo:
+    """One member holds the model: no split."""
+
+    host: str
+
+
+@dataclass(frozen=True)
+class Split:
+    """The host runs llama-server with the workers' RPC servers."""
+
+    host: str
+    workers: tuple[str, ...]
+    """Nearest first."""
+    shares: tuple[float, ...]
+    """`--tensor-split` proportions: the host's, then each worker's; they sum to 1."""
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.host, *self.workers)
+
+
+@dataclass(frozen=True)
+class NoFit:
+    """The model fits nowhere, even pooled: said, not retried."""
+
+    reason: str
+
+
+Plan = Solo | Split | NoFit
+
+
+def host_of(members: list[Member]) -> Member | None:
+    """The member that hosts the model (most memory, then lowest id): the round
+    trips `plan` takes are this member's."""
+    return min(members, key=lambda m: (-m.memory_bytes, m.node_id), default=None)
+
+
+def needed_bytes(model_bytes: int) -> int:
+    """Memory a model needs, in all, wherever its layers go."""
+    return int(model_bytes * MEMORY_OVERHEAD)
+
+
+def plan(
+    model_bytes: int,
+    members: list[Member],
+    rtt_ms: Mapping[str, float],
+    *,
+    force_split: bool = False,
+    rtt_limit_ms: float = RTT_LIMIT_MS,
+    current: Plan | None = None,
+) -> Plan:
+    """Where `model_bytes` of model is served among `members`.
+
+    `rtt_ms`: round trips from the host-to-be to each other member, as its
+    health prober measured them; a member with none is not a worker (not known
+    to be reachable). `force_split`: split even when one member could hold it
+    (`--split`), over the host and its nearest worker at least. `current`: the
+    plan in force, kept while it still works.
+    """
+    need = needed_bytes(model_bytes)
+    by_id = {m.node_id: m for m in members}
+    if current is not None and _still_works(current, need, by_id, rtt_ms, rtt_limit_ms):
+        # Kept unless the reason for its kind is gone: a split only while no one
+        # member holds the model (or one is asked for), a solo host unless asked to split.
+        if isinstance(current, Solo) and not force_split:
+            return current
+        if isinstance(current, Split) and (force_split or not _one_holds(need, members)):
+            return current
+    host = host_of(members)
+    if host is None:
+        return NoFit("no member in the model's group")
+    if host.memory_bytes >= need and not force_split:
+        return Solo(host.node_id)
+    others = [m for m in members if m is not host]
+    near = sorted(
+        (
+            m
+            for m in others
+            if m.node_id in rtt_ms and rtt_ms[m.node_id] <= rtt_limit_ms and m.memory_bytes > 0
+        ),
+        key=lambda m: (rtt_ms[m.node_id], m.node_id),
+    )
+    workers = _fewest_nearest(need - host.memory_bytes, near, at_least=1 if force_split else 0)
+    if workers is None:
+        pooled = host.memory_bytes + sum(m.memory_bytes for m in near)
+        far = sum(1 for m in others if m.memory_bytes > 0) - len(near)
+        beyond = f" ({far} more beyond {rtt_limit_ms:g} ms or unmeasured)" if far else ""
+        return NoFit(
+            f"needs {need / 1e9:.1f} GB; the host and its reachable members hold "
+            f"{pooled / 1e9:.1f} GB together{beyond}"
+        )
+    return _split(host, workers)
+
+
+def _fewest_nearest(missing: int, near: list[Member], at_least: int) -> tuple[Member, ...] | None:
+    """The fewest members of `near` (sorted nearest first) whose memory covers `missing`,
+    and among sets of that size the one reaching least far down the list; None if
+    even all of them fall short."""
+    count = max(at_least, 0)
+    while count <= len(near):
+        if count and sum(m.memory_bytes for m in _largest(near, count)) >= missing:
+            break
+        if count == 0 and missing <= 0:
+            return ()
+        count += 1
+    else:
+        return None
+    # The shortest prefix of the nearest members in which `count` of them fit.
+    for end in range(count, len(near) + 1):
+        chosen = _largest(near[:end], count)
+        if sum(m.memory_bytes for m in chosen) >= missing:
+            return tuple(sorted(chosen, key=near.index))
+    return None  # unreachable: the whole list fits by the loop above
+
+
+def _largest(members: list[Member], count: int) -> list[Member]:
+    return sorted(members, key=lambda m: (-m.memory_bytes, m.node_id))[:count]
+
+
+def _split(host: Member, workers: tuple[Member, ...]) -> Split:
+    total = host.memory_bytes + sum(w.memory_bytes for w in workers)
+    shares = tuple(m.memory_bytes / total for m in (host, *workers))
+    return Split(host.node_id, tuple(w.node_id for w in workers), shares)
+
+
+def _one_holds(need: int, members: list[Member]) -> bool:
+    return any(m.memory_bytes >= need for m in members)
+
+
+def _still_works(
+    current: Plan,
+    need: int,
+    by_id: Mapping[str, Member],
+    rtt_ms: Mapping[str, float],
+    rtt_limit_ms: float,
+) -> bool:
+    """`current` can go on serving: its members are all here, still hold what they
+    must, and every worker is still within reach."""
+    if isinstance(current, NoFit):
+        return False
+    if isinstance(current, Solo):
+        host = by_id.get(current.host)
+        return host is not None and host.memory_bytes >= need
+    if any(node not in by_id for node in current.members):
+        return False
+    if any(rtt_ms.get(w, float("inf")) > rtt_limit_ms for w in current.workers):
+        return False
+    return sum(by_id[node].memory_bytes for node in current.members) >= need
