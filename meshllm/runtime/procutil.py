@@ -105,3 +105,35 @@ def listens_on_loopback(pid: int, port: int) -> bool:
             if link.startswith("socket:[") and link[8:-1] in inodes:
                 return True
     return False
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """Every TCP (v4 and v6) address process `pid` itself listens on, as (host, port).
+
+    How a worker proves it is reachable only from this machine: the RPC server
+    has no authentication, so nothing but 127.0.0.1 may ever appear here.
+    """
+    inodes: set[str] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found: set[tuple[str, int]] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
+                    address, port = fields[1].split(":")
+                    found.add((_proc_address(address), int(port, 16)))
+    return found
+
+
+def _proc_address(hex_address: str) -> str:
+    """/proc/net/tcp's address (little-endian 32-bit words in hex) in the usual notation."""
+    import ipaddress
+
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(words))
