@@ -182,6 +182,7 @@ MESSAGES: st.SearchStrategy[wire.WireMessage] = st.one_of(
     st.builds(wire.ProbeAck, MSGPACK_INTS),
     st.builds(wire.ProbeRequest, NODE_IDS, MSGPACK_INTS),
     st.builds(wire.TunnelOpen, NAMES),
+    st.just(wire.RpcOpen()),
 )
 
 

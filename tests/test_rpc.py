@@ -165,3 +165,72 @@ def test_layers_on_an_rpc_worker_answer_as_the_model_alone(
     _, solo_port = serve(started, llama_server, demo_model, tmp_path / "solo.log")
     assert split_answer == chat(solo_port)
     assert split_answer
+
+
+# -- the RPC connection over QUIC (meshllm.tunnel.rpc) -----------------------------------
+
+
+@pytest.mark.integration
+def test_layers_on_a_worker_reached_through_quic_answer_as_the_model_alone(
+    started: Started,
+    rpc_binary: str,
+    llama_server: str,
+    demo_model: Path,
+    tmp_path: Path,
+) -> None:
+    """The host's llama-server dials the forwarder's loopback port; each connection is
+    a QUIC stream between two admitted endpoints to the worker's RPC server."""
+    import asyncio
+
+    from meshllm.mesh import wire
+    from meshllm.mesh.identity import load_or_create_key, node_id_of
+    from meshllm.mesh.quic import Link, MeshEndpoint
+    from meshllm.tunnel.rpc import RpcForwarder, serve_rpc_stream
+
+    rpc_port = free_port()
+    rpc_log = tmp_path / "rpc.log"
+    rpc = started.start(rpc_server_command(rpc_binary, rpc_port), rpc_log)
+    wait_until(lambda: listening_addresses(rpc.pid), "the RPC server to listen", rpc, rpc_log)
+    secret = b"s" * 32
+
+    async def no_setup(link: Link) -> None:
+        pass
+
+    async def worker_stream(
+        link: Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if isinstance(await wire.read_frame(reader), wire.RpcOpen):
+            await serve_rpc_stream(reader, writer, rpc_port)
+
+    async def main() -> tuple[str, int, int]:
+        keys = [load_or_create_key(None) for _ in range(2)]
+        worker = MeshEndpoint(node_id_of(keys[0]), secret, keys[0], no_setup, worker_stream)
+        host = MeshEndpoint(node_id_of(keys[1]), secret, keys[1], no_setup)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        await worker.listen(udp)
+        link = await host.dial("127.0.0.1", udp.getsockname()[1])
+        forwarder = RpcForwarder(link.open_stream)
+        try:
+            port = await forwarder.listen()
+            _, split_port = await asyncio.to_thread(
+                serve,
+                started,
+                llama_server,
+                demo_model,
+                tmp_path / "split.log",
+                *split_args([port], [1.0]),
+            )
+            answer = await asyncio.wait_for(asyncio.to_thread(chat, split_port), 60)
+            return answer, forwarder.relayed.to_worker, forwarder.relayed.from_worker
+        finally:
+            await forwarder.close()
+            host.close()
+            worker.close()
+            await asyncio.sleep(0.05)
+
+    split_answer, to_worker, from_worker = asyncio.run(main())
+    # The weights crossed the tunnel: at least the model's tensors went to the worker.
+    assert to_worker > demo_model.stat().st_size // 2, (to_worker, from_worker)
+    _, solo_port = serve(started, llama_server, demo_model, tmp_path / "solo.log")
+    assert split_answer == chat(solo_port) and split_answer

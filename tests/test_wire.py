@@ -43,6 +43,7 @@ EVERY_MESSAGE: list[wire.WireMessage] = [
     wire.ProbeAck(1 << 41),
     wire.ProbeRequest("00000000000000ff", 99),
     wire.TunnelOpen("meshllm-demo"),
+    wire.RpcOpen(),
 ]
 
 

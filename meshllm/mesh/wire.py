@@ -221,6 +221,11 @@ class TunnelOpen(msgspec.Struct, tag=True, frozen=True):
     model: ModelName
 
 
+class RpcOpen(msgspec.Struct, tag=True, frozen=True):
+    """First frame of a tensor-split stream: the bytes of one llama.cpp RPC connection
+    follow, both ways, for the worker's RPC server (meshllm.tunnel.rpc)."""
+
+
 WireMessage = (
     Hello
     | Challenge
@@ -235,6 +240,7 @@ WireMessage = (
     | ProbeAck
     | ProbeRequest
     | TunnelOpen
+    | RpcOpen
 )
 
 
