@@ -20,12 +20,10 @@ from meshllm.placement import election
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.runtime.config import ModelSpec, NodeConfig
+from meshllm.runtime.logs import Throttle
 
 REPORTED_MAX = 1024
 """How many refused proposals the Elector remembers having logged."""
-REPORT_INTERVAL_S = 10.0
-"""Least time between two lines about refused proposals: their names are a member's words,
-and one announcement may carry 256 of them (a peer cycling names would flood the log)."""
 
 
 class ModelSources(NamedTuple):
@@ -112,10 +110,9 @@ class Elector(Actor):
         self.wanted: ModelSpec | None = None
         self.served_here: set[str] = set()
         self.reported: set[tuple[str, str, str]] = set()
-        self.report_at = 0.0
-        """When the next line about a refused proposal may be logged."""
-        self.unreported = 0
-        """Refused proposals not logged since the last line (`REPORT_INTERVAL_S`)."""
+        self.throttle = Throttle()
+        """Lines about refused proposals: their names are a member's words, and one
+        announcement may carry 256 of them (a peer cycling names would flood the log)."""
         # `--join` alone: choose from the mesh's view, not from the empty one before
         # joining (a choice made then would be held: "a decision holds").
         self.heard_mesh = not cfg.options.join or self.explicit is not None
@@ -176,7 +173,7 @@ class Elector(Actor):
     def _report_refused(self, refused: dict[tuple[str, str], str]) -> None:
         """Say once why a peer's proposed download is not used (the model then has no
         download source here). Names come from gossip: logged with %r, truncated, and at most
-        one line per `REPORT_INTERVAL_S` (the others are counted in the next line)."""
+        one line per `Throttle` interval (the others are counted in the next line)."""
         now = time.monotonic()
         for (node_id, name), reason in refused.items():
             key = (node_id, name, reason)
@@ -185,12 +182,10 @@ class Elector(Actor):
             if len(self.reported) >= REPORTED_MAX:
                 self.reported.clear()  # bounded: a peer cycling names cannot grow it
             self.reported.add(key)
-            if now < self.report_at:
-                self.unreported += 1
+            skipped = self.throttle.allow("refused proposal", now)
+            if skipped is None:
                 continue
-            self.report_at = now + REPORT_INTERVAL_S
-            more = f" ({self.unreported} more not logged)" if self.unreported else ""
-            self.unreported = 0
+            more = f" ({skipped} more not logged)" if skipped else ""
             self.log.warning(
                 "model %.80r proposed by %.80r has no download source here: %.200r%s",
                 name,

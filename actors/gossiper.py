@@ -10,7 +10,7 @@ The node's key (handed over by `meshllm up` as PEM) signs its announcements.
 Whatever a peer makes us do is bounded here too: the mesh view and
 `peers.json` are refreshed at most every `PUBLISH_INTERVAL_S` however fast
 announcements change, and each kind of refused input logs at most one line
-per `WARN_INTERVAL_S`.
+per `logs.WARN_INTERVAL_S`.
 """
 
 from __future__ import annotations
@@ -35,31 +35,13 @@ from meshllm.mesh.quic import Link, MeshEndpoint, key_from_pem
 from meshllm.mesh.token import InvalidToken, decode_token, split_address
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
+from meshllm.runtime.logs import Throttle
 
 TRAFFIC_FILE_S = 1.0
 """How often the endpoint's traffic counters are written to the run directory."""
 PUBLISH_INTERVAL_S = 0.25
 """Least time between two mesh views (and `peers.json` writes): a peer that bumps its
 generation in a loop costs one publish per interval, not one per frame."""
-WARN_INTERVAL_S = 10.0
-"""Least time between two warnings of one kind about what peers sent."""
-
-
-class Throttle:
-    """At most one log line per `interval` for each kind of trouble; the rest are counted."""
-
-    def __init__(self, interval: float = WARN_INTERVAL_S) -> None:
-        self.interval = interval
-        self.next_at: dict[str, float] = {}
-        self.skipped: dict[str, int] = {}
-
-    def allow(self, kind: str, now: float) -> int | None:
-        """None to stay silent; else how many lines of this kind were skipped since the last."""
-        if now < self.next_at.get(kind, 0.0):
-            self.skipped[kind] = self.skipped.get(kind, 0) + 1
-            return None
-        self.next_at[kind] = now + self.interval
-        return self.skipped.pop(kind, 0)
 
 
 def node_key(resources: dict[str, Any], node_id: str) -> ec.EllipticCurvePrivateKey:

@@ -16,10 +16,10 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from actors.gossiper import Throttle
 from meshllm.mesh import gossip, identity, wire
 from meshllm.mesh.gossip import ANTI_ENTROPY_S, REDIAL_AFTER_S, GossipCore
 from meshllm.mesh.membership import sign_announcement, sign_leave
+from meshllm.runtime.logs import Throttle
 
 MAX_DELIVERIES = 1000
 

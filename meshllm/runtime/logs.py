@@ -20,3 +20,29 @@ def setup(level: str = "INFO", process_name: str | None = None) -> None:
     root.setLevel(level.upper())
     for noisy in ("uvicorn.access", "quic", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+WARN_INTERVAL_S = 10.0
+"""Least time between two warnings of one kind about what peers sent."""
+
+
+class Throttle:
+    """At most one log line per `interval` for each kind of trouble; the rest are counted.
+
+    For warnings whose cause and rate a peer controls. Sans-I/O: the caller passes the
+    time. `kind` may name a peer (one line per peer): what it holds is bounded by the
+    kinds a caller uses.
+    """
+
+    def __init__(self, interval: float = WARN_INTERVAL_S) -> None:
+        self.interval = interval
+        self.next_at: dict[str, float] = {}
+        self.skipped: dict[str, int] = {}
+
+    def allow(self, kind: str, now: float) -> int | None:
+        """None to stay silent; else how many lines of this kind were skipped since the last."""
+        if now < self.next_at.get(kind, 0.0):
+            self.skipped[kind] = self.skipped.get(kind, 0) + 1
+            return None
+        self.next_at[kind] = now + self.interval
+        return self.skipped.pop(kind, 0)

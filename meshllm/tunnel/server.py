@@ -31,6 +31,7 @@ from meshllm.http.upstream import HOP_BY_HOP, Pool, Response, UpstreamError
 from meshllm.mesh import wire
 from meshllm.mesh.quic import Link, drained, release_stream, stop_waiter, write_last
 from meshllm.runtime import messages as m
+from meshllm.runtime.logs import Throttle
 from meshllm.tunnel.core import LAST_CHUNK, PeerQuota, chunk, response_head, serving_port
 from meshllm.tunnel.hop import (
     LENGTH_BYTES,
@@ -49,8 +50,6 @@ HEAD_TIMEOUT_S = 10.0
 BODY_STALL_S = 10.0
 """How long a request body may go without a byte arriving (and its end, once whole).
 A deadline on progress, not on the whole body: a large body on a slow link is fine."""
-DROP_LOG_INTERVAL_S = 10.0
-"""At most one warning per peer this often about streams that were not tunnel requests."""
 MAX_STREAMS_PER_PEER = 64
 """Requests one peer may have in progress here at once. A llama-server answers a
 few at a time (its slots) and queues the rest, so an honest peer's queue fits
@@ -101,8 +100,8 @@ class TunnelServer:
         self.capped: set[str] = set()
         """Peers at their stream cap now (each logged once per episode)."""
         self.dropped = 0
-        self.drop_logged: dict[str, float] = {}
-        """Peer -> when a dropped stream of theirs was last logged."""
+        self.drop_warnings = Throttle()
+        """One line per peer per interval about streams that were not tunnel requests."""
         """Streams dropped because their first frame was not a valid `TunnelOpen`."""
         self.refused = 0
         """Streams answered with an error because they broke a rule or a cap."""
@@ -231,15 +230,10 @@ class TunnelServer:
         self.dropped += 1
         link.protocol.endpoint.counters.malformed_frames += 1
         # A member controls `why` and how often: one line per peer per interval, cut short.
-        now = time.monotonic()
-        if now - self.drop_logged.get(link.peer_id, -DROP_LOG_INTERVAL_S) >= DROP_LOG_INTERVAL_S:
-            self.drop_logged[link.peer_id] = now
-            log.warning(
-                "dropped a tunnel stream from %s: %s (more are counted, not logged, for %gs)",
-                link.peer_id,
-                why[:200],
-                DROP_LOG_INTERVAL_S,
-            )
+        skipped = self.drop_warnings.allow(link.peer_id, time.monotonic())
+        if skipped is not None:
+            more = f" ({skipped} more not logged)" if skipped else ""
+            log.warning("dropped a tunnel stream from %s: %s%s", link.peer_id, why[:200], more)
         _answer(reader, writer, b"")
 
     def _refuse(
