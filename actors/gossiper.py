@@ -135,7 +135,7 @@ class Gossiper(Actor):
                     self.log.info("peer %s gone: %r", node_id, reason)
                 case gossip.Refuted(reason=reason):
                     # The reason is a member's words: quoted, cut, and at most a line per
-                    # `WARN_INTERVAL_S` (a member can tell us we are dead in a loop).
+                    # `logs.WARN_INTERVAL_S` (a member can tell us we are dead in a loop).
                     self._warn(
                         "refuted",
                         "the mesh thinks this node is gone (%.200r): refuted",
