@@ -17,7 +17,6 @@ import asyncio
 import collections
 import contextlib
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -30,7 +29,12 @@ from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.runtime.backoff import Backoff
 from meshllm.runtime.config import ModelSpec
-from meshllm.runtime.procutil import die_with_parent, listens_on_loopback, stop_process
+from meshllm.runtime.procutil import (
+    die_with_parent,
+    free_port,
+    listens_on_loopback,
+    stop_process,
+)
 
 BIND_FAILED = re.compile(
     rb"couldn't bind HTTP server socket, hostname: 127\.0\.0\.1, port: (\d+)\s*$"
@@ -48,16 +52,6 @@ good; a permanent failure (HTTP 4xx, wrong size or digest, disk full) fails it a
 
 class DownloadCancelled(Exception):
     """The wanted model changed (or the node stops) while its file was downloading."""
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago. Another process may take it before
-    llama-server binds it: llama-server then exits saying so (`bind_failed`) and is started
-    again at once on another port; /health on the port is what makes the server ready."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def bind_failed(lines: Iterable[bytes], port: int) -> bool:

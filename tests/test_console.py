@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ from meshllm.http.console import ConsoleApp
 from meshllm.mesh.status import MeshStatus, build_mesh_status, own_card
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.runtime.messages import LocalServerState, MeshView, ModelRoute, RouteTable, RouteTarget
+from meshllm.runtime.procutil import free_port
 from meshllm.testing import NodeProcess, chat, http, wait_for
 
 T = TypeVar("T")
@@ -455,13 +455,6 @@ def format_bytes(n: int) -> str:
         unit += 1
     digits = 0 if value >= 100 or unit == 0 else 1
     return f"{value:.{digits}f} {units[unit]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def invite_token(node: NodeProcess) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,6 +21,7 @@ from meshllm.models.demo import (
     ensure_demo_model,
     write_demo_model,
 )
+from meshllm.runtime.procutil import free_port
 
 LLAMA_SERVER = Path.home() / ".cache/meshllm/llama.cpp-0.3.36/bin/llama-server"
 
@@ -114,12 +114,6 @@ def test_ensure_demo_model_does_not_rewrite(tmp_path: Path) -> None:
 # --- real llama-server ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _post(url: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     req = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -167,7 +161,7 @@ def _wait_healthy(base: str, proc: subprocess.Popen[bytes], deadline_s: float) -
 @pytest.mark.skipif(not LLAMA_SERVER.exists(), reason=f"{LLAMA_SERVER} not built")
 def test_llama_server_runs_to_max_tokens(tmp_path: Path) -> None:
     model = write_demo_model(tmp_path / "demo.gguf")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("wb")
     # Flash attention (on by default) accumulates in F16 with batch-shape-dependent order, so a

@@ -15,17 +15,10 @@ from pathlib import Path
 import pytest
 
 from meshllm.runtime.binaries import BinaryNotFound, find_binary
-from meshllm.runtime.procutil import _proc_address, listening_addresses
+from meshllm.runtime.procutil import _proc_address, free_port, listening_addresses
 from meshllm.runtime.rpc import rpc_server_command, split_args
 
 START_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_proc_addresses_read_as_written() -> None:

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from actors.server_supervisor import bind_failed, free_port
+from actors.server_supervisor import bind_failed
 from meshllm.models.demo import write_demo_model
-from meshllm.runtime.procutil import listens_on_loopback
+from meshllm.runtime.procutil import free_port, listens_on_loopback
 from meshllm.testing import chat, running_node
 
 HOSTILE = "listening on http://127.0.0.1:1"

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -137,3 +138,14 @@ def _proc_address(hex_address: str) -> str:
     raw = bytes.fromhex(hex_address)
     words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     return str(ipaddress.ip_address(words))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago. Another process may take it
+    before the child that is given it binds it: llama-server then exits saying so
+    (`bind_failed`) and is started again at once on another port; /health on the port
+    is what makes the server ready."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
