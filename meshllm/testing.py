@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import IO, Any
@@ -359,3 +359,41 @@ def group_rss_kib(node: NodeProcess) -> int:
         rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
         total += int(rss.group(1)) if rss else 0
     return total
+
+
+@contextlib.asynccontextmanager
+async def quic_stranger(port: int, host: str = "127.0.0.1") -> AsyncIterator[Any]:
+    """A plain aioquic client from `host` to 127.0.0.1:`port` that completes the QUIC
+    handshake and knows nothing of admission (no secret): what strangers can do.
+    Yields its `QuicConnectionProtocol`; closed (and its socket) on the way out."""
+    import asyncio
+    import socket
+    import ssl
+
+    from aioquic.asyncio.protocol import QuicConnectionProtocol
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from meshllm.mesh.quic import ALPN
+
+    loop = asyncio.get_running_loop()
+    config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN])
+    config.verify_mode = ssl.CERT_NONE
+    config.server_name = "127.0.0.1"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: QuicConnectionProtocol(QuicConnection(configuration=config)), sock=sock
+    )
+    assert isinstance(protocol, QuicConnectionProtocol)
+    try:
+        protocol.connect(("127.0.0.1", port))
+        async with asyncio.timeout(5):
+            await protocol.wait_connected()
+        yield protocol
+    finally:
+        protocol.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await protocol.wait_closed()
+        transport.close()

@@ -13,17 +13,14 @@ import asyncio
 import contextlib
 import os
 import re
-import socket
-import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicErrorCode
+from aioquic.quic.connection import QuicErrorCode
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm.mesh import identity, quic, wire
@@ -34,6 +31,7 @@ from meshllm.testing import (
     group_rss_kib,
     http,
     quic_ports,
+    quic_stranger,
     running_node,
     token_of,
     wait_for,
@@ -68,32 +66,6 @@ def run(test: Callable[[], Coroutine[Any, Any, None]], deadline: float = 60) -> 
 def node(llama_server: str, demo_model: Path) -> Iterator[NodeProcess]:
     with running_node("--model", str(demo_model), *LOOPBACK) as node:
         yield node
-
-
-@contextlib.asynccontextmanager
-async def stranger(port: int, host: str = "127.0.0.1") -> AsyncIterator[QuicConnectionProtocol]:
-    """A QUIC connection to `port` that completed the handshake and knows no secret."""
-    loop = asyncio.get_running_loop()
-    config = QuicConfiguration(is_client=True, alpn_protocols=[quic.ALPN], idle_timeout=60)
-    config.verify_mode = ssl.CERT_NONE
-    config.server_name = "127.0.0.1"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((host, 0))
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: QuicConnectionProtocol(QuicConnection(configuration=config)), sock=sock
-    )
-    assert isinstance(protocol, QuicConnectionProtocol)
-    try:
-        protocol.connect(("127.0.0.1", port))
-        async with asyncio.timeout(5):
-            await protocol.wait_connected()
-        yield protocol
-    finally:
-        protocol.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1):
-                await protocol.wait_closed()
-        transport.close()
 
 
 async def closed_within(client: QuicConnectionProtocol, seconds: float, what: str) -> None:
@@ -131,7 +103,7 @@ STRANGERS = [silent, floods_gaps, uses_a_unidirectional_stream]
 
 async def attack(port: int, behave: Callable[[QuicConnectionProtocol], Any]) -> None:
     what = f"{behave.__name__} on port {port}"
-    async with stranger(port) as client:
+    async with quic_stranger(port) as client:
         assert client._quic._retry_count == 1, "the node did not validate the address first"
         await asyncio.gather(
             behave(client),
@@ -228,18 +200,18 @@ def test_over_the_pending_cap_the_network_with_the_most_waiting_makes_way(
     async def main() -> None:
         async with contextlib.AsyncExitStack() as held:
             clients = [
-                await held.enter_async_context(stranger(gossip_port, h))
+                await held.enter_async_context(quic_stranger(gossip_port, h))
                 for h in crowd[: quic.MAX_PENDING]
             ]
             # Full. A connection from another network closes the crowd's oldest...
-            other = await held.enter_async_context(stranger(gossip_port, "127.0.4.1"))
+            other = await held.enter_async_context(quic_stranger(gossip_port, "127.0.4.1"))
             await closed_within(clients[0], quic.ADMISSION_TIMEOUT_S, "the crowd's oldest")
             # ...by the cap (the admission deadline ends a connection with another code).
             close = clients[0]._quic._close_event
             assert close is not None and close.error_code == QuicErrorCode.CONNECTION_REFUSED
             assert close.reason_phrase == "too many connections waiting for admission"
             # The crowd's next one closes its own oldest, not the other network's.
-            clients.append(await held.enter_async_context(stranger(gossip_port, crowd[-1])))
+            clients.append(await held.enter_async_context(quic_stranger(gossip_port, crowd[-1])))
             await closed_within(clients[1], quic.ADMISSION_TIMEOUT_S, "the crowd's next oldest")
             assert other._quic._close_event is None
             assert all(client._quic._close_event is None for client in clients[2:])
@@ -255,7 +227,7 @@ async def _keep_connecting(port: int, host: str, connected: list[int]) -> None:
     """
     while True:
         with contextlib.suppress(ConnectionError, TimeoutError):
-            async with stranger(port, host) as client:
+            async with quic_stranger(port, host) as client:
                 connected[0] += 1
                 try:
                     await client.wait_closed()

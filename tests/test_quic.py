@@ -9,17 +9,15 @@ import asyncio
 import contextlib
 import os
 import socket
-import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import pytest
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm.mesh import identity, quic, wire
+from meshllm.testing import quic_stranger
 
 SECRET = b"k" * 32
 OTHER_SECRET = b"x" * 32
@@ -93,32 +91,6 @@ async def nodes(*specs: tuple[str, bytes]) -> AsyncIterator[list[Node]]:
         for node in started:
             node.endpoint.close()
         await asyncio.sleep(0.05)  # let the close frames go out
-
-
-@contextlib.asynccontextmanager
-async def raw_client(port: int, host: str = "127.0.0.1") -> AsyncIterator[QuicConnectionProtocol]:
-    """A plain aioquic client: completes the QUIC handshake, knows nothing of admission."""
-    loop = asyncio.get_running_loop()
-    config = QuicConfiguration(is_client=True, alpn_protocols=[quic.ALPN])
-    config.verify_mode = ssl.CERT_NONE
-    config.server_name = "127.0.0.1"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((host, 0))
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: QuicConnectionProtocol(QuicConnection(configuration=config)), sock=sock
-    )
-    assert isinstance(protocol, QuicConnectionProtocol)
-    try:
-        protocol.connect(("127.0.0.1", port))
-        async with asyncio.timeout(5):
-            await protocol.wait_connected()
-        yield protocol
-    finally:
-        protocol.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2):
-                await protocol.wait_closed()
-        transport.close()
 
 
 async def flood_gaps(
@@ -237,7 +209,7 @@ def test_a_server_hanging_up_in_admission_is_an_admission_error(
 
 def test_a_wrong_proof_gets_refused_and_counted() -> None:
     async def main() -> None:
-        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+        async with nodes(("server", SECRET)) as (server,), quic_stranger(server.port) as client:
             reader, writer = await client.create_stream()
             key = ec.generate_private_key(ec.SECP256R1())
             hello = wire.Hello(identity.node_id_of(key), os.urandom(16), identity.public_der(key))
@@ -268,7 +240,7 @@ def test_a_wrong_proof_gets_refused_and_counted() -> None:
 )
 def test_a_raw_client_sending_garbage_is_disconnected_and_counted(garbage: bytes) -> None:
     async def main() -> None:
-        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+        async with nodes(("server", SECRET)) as (server,), quic_stranger(server.port) as client:
             reader, writer = await client.create_stream()
             writer.write(garbage)
             if garbage.endswith(b"\x01\x02"):
@@ -287,7 +259,7 @@ def test_a_second_stream_before_admission_is_disconnected_and_counted(
     monkeypatch.setattr(quic, "ADMISSION_TIMEOUT_S", 60.0)  # closed for the stream, not late
 
     async def main() -> None:
-        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+        async with nodes(("server", SECRET)) as (server,), quic_stranger(server.port) as client:
             first_reader, first = await client.create_stream()
             first.write(b"\x00\x00")  # half a header: admission waits for more
             await asyncio.sleep(0.05)
@@ -311,7 +283,7 @@ def test_a_silent_client_is_disconnected_after_the_admission_timeout(
     monkeypatch.setattr(quic, "ADMISSION_TIMEOUT_S", 0.3)
 
     async def main() -> None:
-        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+        async with nodes(("server", SECRET)) as (server,), quic_stranger(server.port) as client:
             reader, writer = await client.create_stream()
             writer.write(b"\x00")  # opens the stream, then nothing
             assert await closed_by_server(client, reader) == b""
@@ -422,7 +394,7 @@ def test_a_proof_without_the_clients_signature_is_refused() -> None:
     """The HMAC alone (what any member can compute) does not prove the Hello's id."""
 
     async def main() -> None:
-        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+        async with nodes(("server", SECRET)) as (server,), quic_stranger(server.port) as client:
             reader, writer = await client.create_stream()
             key = ec.generate_private_key(ec.SECP256R1())
             node_id, nonce = identity.node_id_of(key), os.urandom(16)
@@ -461,7 +433,7 @@ def test_admission_frames_fit_under_their_cap() -> None:
 def test_windows_and_streams_are_tiny_before_admission_and_raised_after() -> None:
     async def main() -> None:
         async with nodes(("server", SECRET), ("client", SECRET)) as (server, client):
-            async with raw_client(server.port) as stranger:
+            async with quic_stranger(server.port) as stranger:
                 assert stranger._quic._retry_count == 1  # its address was validated first
                 # What the server's transport parameters allowed a stranger.
                 assert stranger._quic._remote_max_data == quic.ADMISSION_WINDOW_BYTES
@@ -502,7 +474,7 @@ def test_over_the_pending_cap_the_network_with_the_most_waiting_makes_way(
             clients: dict[str, QuicConnectionProtocol] = {}
 
             async def connect(host: str) -> None:
-                clients[host] = await held.enter_async_context(raw_client(server.port, host))
+                clients[host] = await held.enter_async_context(quic_stranger(server.port, host))
 
             def closed() -> list[str]:
                 return sorted(host for host, c in clients.items() if c._quic._close_event)
@@ -547,7 +519,7 @@ def test_a_member_is_admitted_while_strangers_fill_every_pending_slot(
             contextlib.AsyncExitStack() as held,
         ):
             for i in range(quic.MAX_PENDING):
-                await held.enter_async_context(raw_client(server.port, f"127.0.{10 + i}.1"))
+                await held.enter_async_context(quic_stranger(server.port, f"127.0.{10 + i}.1"))
             assert len(server.endpoint.pending) == quic.MAX_PENDING
             link = await member.endpoint.dial("127.0.0.1", server.port)
             assert link.peer_id == server.node_id
@@ -667,7 +639,7 @@ def test_an_unauthenticated_node_id_is_logged_quoted(caplog: pytest.LogCaptureFi
     forged = "\x1b[2J0123456789abcdef\nINFO  gossiper: joined the mesh"
 
     async def main() -> None:
-        async with nodes(("server", SECRET)) as (server,), raw_client(server.port) as client:
+        async with nodes(("server", SECRET)) as (server,), quic_stranger(server.port) as client:
             reader, writer = await client.create_stream()
             key = ec.generate_private_key(ec.SECP256R1())
             hello = wire.Hello(forged, os.urandom(16), identity.public_der(key))
