@@ -397,3 +397,28 @@ async def quic_stranger(port: int, host: str = "127.0.0.1") -> AsyncIterator[Any
             async with asyncio.timeout(2):
                 await protocol.wait_closed()
         transport.close()
+
+
+async def websocket_attempt(
+    app: Any, path: str, headers: list[tuple[bytes, bytes]]
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Offer an ASGI `app` (the Proxy's or the console's) a websocket connection, with
+    the Starlette app inside it (`app.app`) replaced by a spy: what `app` sent back,
+    and the scopes that reached the inside (none may: only plain HTTP is served)."""
+    reached: list[Any] = []
+
+    async def spy(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope)
+
+    app.app = spy
+    sent: list[dict[str, Any]] = []
+    received = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict[str, Any]:
+        return received.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "websocket", "path": path, "headers": headers}, receive, send)
+    return sent, reached

@@ -28,7 +28,7 @@ from meshllm.mesh.status import MeshStatus, build_mesh_status, own_card
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.runtime.messages import LocalServerState, MeshView, ModelRoute, RouteTable, RouteTarget
 from meshllm.runtime.procutil import free_port
-from meshllm.testing import NodeProcess, chat, http, wait_for
+from meshllm.testing import NodeProcess, chat, http, wait_for, websocket_attempt
 
 T = TypeVar("T")
 GiB = 1024**3
@@ -264,28 +264,9 @@ def test_cross_site_requests_are_403(
 def test_a_websocket_scope_is_closed_and_never_reaches_the_page() -> None:
     # No kind of request skips the origin check by not being "http".
     async def main() -> None:
-        app = ConsoleApp("127.0.0.1", 1)
-        reached: list[Any] = []
-
-        async def spy(scope: Any, receive: Any, send: Any) -> None:
-            reached.append(scope)
-
-        app.app = spy  # type: ignore[assignment]
-        sent: list[dict[str, Any]] = []
-        received = [{"type": "websocket.connect"}]
-
-        async def receive() -> dict[str, Any]:
-            return received.pop(0)
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "websocket",
-            "path": "/api/events",
-            "headers": [(b"host", b"127.0.0.1:1"), (b"origin", b"https://evil.example")],
-        }
-        await app(scope, receive, send)
+        headers = [(b"host", b"127.0.0.1:1"), (b"origin", b"https://evil.example")]
+        attempt = websocket_attempt(ConsoleApp("127.0.0.1", 1), "/api/events", headers)
+        sent, reached = await attempt
         assert sent == [{"type": "websocket.close", "code": 1008}]
         assert not reached
 

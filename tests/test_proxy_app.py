@@ -20,6 +20,7 @@ import uvicorn
 
 from meshllm.http.proxy import RETRY_AFTER_S, ProxyApp, machine_names
 from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
+from meshllm.testing import websocket_attempt
 from tests.test_upstream import (
     CHUNKED_HEAD,
     WAIT_S,
@@ -875,27 +876,10 @@ def test_a_websocket_scope_is_closed_and_never_reaches_the_app(loopback_only: bo
     # Even one that would pass every check: no kind of request skips them by not being "http".
     async def main() -> None:
         app = app_for(closed_port(), loopback_only=loopback_only)
-        reached: list[Any] = []
-
-        async def spy(scope: Any, receive: Any, send: Any) -> None:
-            reached.append(scope)
-
-        app.app = spy  # type: ignore[assignment]
-        sent: list[dict[str, Any]] = []
-        received = [{"type": "websocket.connect"}]
-
-        async def receive() -> dict[str, Any]:
-            return received.pop(0)
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "websocket",
-            "path": "/v1/models",
-            "headers": [(b"host", b"evil.example"), (b"origin", b"https://evil.example")],
-        }
-        await asyncio.wait_for(app(scope, receive, send), WAIT_S)
+        headers = [(b"host", b"evil.example"), (b"origin", b"https://evil.example")]
+        sent, reached = await asyncio.wait_for(
+            websocket_attempt(app, "/v1/models", headers), WAIT_S
+        )
         assert sent == [{"type": "websocket.close", "code": 1008}]
         assert not reached
 
