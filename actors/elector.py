@@ -3,20 +3,24 @@
 
 It follows the mesh view and this node's server state, re-decides when they
 change (and at the core's own deadlines), and publishes the wanted model on
-topic `wanted` for the ServerSupervisor.
+topic `wanted` for the ServerSupervisor. A model that does not fit this node
+(or `--split`) is served with the other nodes of its split group: which part
+this node plays comes from `meshllm.placement.split.role_of`, with the round
+trips the HealthProber measured (topic `rtt`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.models.catalog import CATALOG, SourceRefused, find_entry, proposed_source
-from meshllm.placement import election
+from meshllm.placement import election, split
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.runtime.config import ModelSpec, NodeConfig
@@ -80,6 +84,28 @@ def known_models(
     return model_sources(own, announcements, models_dir).specs
 
 
+def model_bytes(spec: ModelSpec) -> int:
+    """The model's size: announced or catalogued, else its file's; 0 when unknown."""
+    if spec.size:
+        return spec.size
+    try:
+        return os.path.getsize(spec.path) if spec.path else 0
+    except OSError:
+        return 0
+
+
+def describe(part: split.SplitRole) -> str:
+    """One line for the log about a split group part."""
+    if part.part == "host" and part.workers:
+        shares = ", ".join(f"{s:.0%}" for s in part.shares)
+        return f"host with workers {', '.join(part.workers)} (layers {shares})"
+    if part.part == "host":
+        return "host, alone (the model fits here)"
+    if part.part == "worker":
+        return f"worker for {part.host}"
+    return f"{part.part}: {part.note}"
+
+
 def model_infos(specs: dict[str, ModelSpec]) -> dict[str, election.ModelInfo]:
     return {
         name: election.ModelInfo(
@@ -99,7 +125,11 @@ def election_core(config: NodeConfig) -> election.Elector:
 
 class Elector(Actor):
     name = "elector"
-    subscriptions = {"gossiper": ["mesh"], "server_supervisor": ["local"]}
+    subscriptions = {
+        "gossiper": ["mesh"],
+        "server_supervisor": ["local"],
+        "health_prober": ["rtt"],
+    }
 
     async def on_start(self) -> None:
         cfg = self.config
@@ -108,6 +138,11 @@ class Elector(Actor):
         self.local = m.LocalServerState()
         self.explicit = cfg.models[0].name if cfg.models else None
         self.wanted: ModelSpec | None = None
+        self.wanted_split: split.SplitRole | None = None
+        self.split_plan: split.Plan | None = None
+        """The plan this node made as its split group's host (kept while it works)."""
+        self.rtts: dict[str, float] = {}
+        self.reason = ""
         self.served_here: set[str] = set()
         self.reported: set[tuple[str, str, str]] = set()
         self.throttle = Throttle()
@@ -123,6 +158,8 @@ class Elector(Actor):
     async def on_topic(self, topic: str, msg: m.Message) -> None:
         if isinstance(msg, m.MeshView):
             self.mesh = msg
+        elif isinstance(msg, m.PeerRtts):
+            self.rtts = msg.rtt_ms
         elif isinstance(msg, m.LocalServerState):
             previous, self.local = self.local, msg
             if msg.state == "ready":
@@ -161,14 +198,55 @@ class Elector(Actor):
         )
         decision = self.core.update(view, time.monotonic())
         self.wake.set()
-        if decision is None:
-            return
-        spec = specs.get(decision.model) if decision.model else None
-        reason = f"{decision.reason}{': ' + decision.detail if decision.detail else ''}"
-        self.log.info("decided: serve %s (%s)", decision.model or "nothing", reason)
-        if spec != self.wanted:
-            self.wanted = spec
-            await self.bus.publish("wanted", m.ServeModel(spec, reason))
+        if decision is not None:
+            self.reason = f"{decision.reason}{': ' + decision.detail if decision.detail else ''}"
+            self.log.info("decided: serve %s (%s)", decision.model or "nothing", self.reason)
+        model = self.core.decision.model if self.core.decision else None
+        spec = specs.get(model) if model else None
+        part = self._split_part(spec, announcements)
+        if (spec, part) != (self.wanted, self.wanted_split):
+            if part is not None and part != self.wanted_split:
+                self.log.info("split group of %s: %s", spec.name if spec else "-", describe(part))
+            self.wanted, self.wanted_split = spec, part
+            await self.bus.publish("wanted", m.ServeModel(spec, self.reason, part))
+
+    def _split_part(
+        self, spec: ModelSpec | None, announcements: list[PeerAnnouncement]
+    ) -> split.SplitRole | None:
+        """This node's part in `spec`'s split group; None when it serves the model alone
+        (it fits here, or its size is unknown, and `--split` was not given)."""
+        opts = self.config.options
+        if spec is None:
+            self.split_plan = None
+            return None
+        size = model_bytes(spec)
+        budget = self.config.vram_bytes
+        if not opts.split and (budget <= 0 or election.fits(size or None, budget)):
+            # Fits here, or memory was not detected: served alone, as before splits.
+            self.split_plan = None
+            return None
+        me = self.config.node_id
+        members = [split.GroupMember(me, self.config.vram_bytes)]
+        for ann in announcements:
+            if ann.serving != spec.name or not ann.split_group:
+                continue
+            member = split.GroupMember(
+                ann.node_id, ann.vram_bytes, ann.role == "host", ann.split_workers
+            )
+            if ann.node_id == me:
+                members[0] = member  # what the others see of this node
+            else:
+                members.append(member)
+        part, self.split_plan = split.role_of(
+            me,
+            size,
+            members,
+            self.rtts,
+            force_split=opts.split,
+            rtt_limit_ms=opts.split_rtt_limit_ms,
+            current=self.split_plan,
+        )
+        return part
 
     def _report_refused(self, refused: dict[tuple[str, str], str]) -> None:
         """Say once why a peer's proposed download is not used (the model then has no

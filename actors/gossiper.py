@@ -32,6 +32,7 @@ from meshllm.mesh import gossip, wire
 from meshllm.mesh.identity import load_or_create_key, node_id_of
 from meshllm.mesh.membership import boot_generation
 from meshllm.mesh.quic import Link, MeshEndpoint, key_from_pem
+from meshllm.mesh.status import announced_part
 from meshllm.mesh.token import InvalidToken, decode_token, split_address
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
@@ -301,12 +302,11 @@ class Gossiper(Actor):
 
     async def on_topic(self, topic: str, msg: m.Message) -> None:
         if isinstance(msg, m.LocalServerState):
-            serving = msg.model or None
-            role = "client" if self.config.options.client else ("host" if serving else "idle")
             changes: dict[str, Any] = {
-                "serving": serving,
+                "serving": msg.model or None,
                 "server_state": msg.state,
-                "role": role,
+                "server_reason": msg.reason[:200] if msg.state == "failed" else "",
+                **announced_part(msg, self.config.options.client),
             }
             me = self.core.members.me
             if msg.sha256 and msg.model in me.model_urls and msg.model not in me.model_sha256:

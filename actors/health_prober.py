@@ -1,6 +1,9 @@
 """HealthProber: finds dead peers and has the Gossiper remove them (docs/design.md).
 
 Glue around `meshllm.mesh.health.FailureDetector`; probes travel through the Gossiper.
+It publishes the round trips its probes measure on topic `rtt` (split planning picks
+the nearest members): when a member gets its first one or leaves at once, otherwise
+at most every `RTT_PUBLISH_S` and only when one moved by more than a fifth.
 """
 
 from __future__ import annotations
@@ -13,6 +16,13 @@ from meshllm.mesh import health
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 
+RTT_PUBLISH_S = 2.0
+
+
+def rtts_moved(old: dict[str, float], new: dict[str, float]) -> bool:
+    """Whether `new` differs from what was last published enough to say so."""
+    return any(abs(v - old[k]) > max(1.0, 0.2 * old[k]) for k, v in new.items() if k in old)
+
 
 class HealthProber(Actor):
     name = "health_prober"
@@ -24,7 +34,18 @@ class HealthProber(Actor):
             timeout=self.config.options.probe_timeout_s,
         )
         self.wake = asyncio.Event()
+        self.published: dict[str, float] = {}
+        self.published_at = 0.0
         self.task = asyncio.create_task(self._run())
+
+    async def _publish_rtts(self) -> None:
+        now = time.monotonic()
+        rtts = dict(self.detector.rtt_ms)
+        if set(rtts) != set(self.published) or (
+            now - self.published_at >= RTT_PUBLISH_S and rtts_moved(self.published, rtts)
+        ):
+            self.published, self.published_at = rtts, now
+            await self.bus.publish("rtt", m.PeerRtts(rtts))
 
     async def _run(self) -> None:
         while True:
@@ -49,11 +70,13 @@ class HealthProber(Actor):
         if isinstance(msg, m.MeshView):
             self.detector.set_members({peer.node_id for peer in msg.peers})
             self.wake.set()
+            await self._publish_rtts()
 
     async def on_tell(self, msg: m.Message) -> None:
         match msg:
             case m.ProbeAnswered(nonce=nonce):
-                self.detector.on_ack(nonce)
+                self.detector.on_ack(nonce, time.monotonic())
+                await self._publish_rtts()
             case m.SuspectPeer(node_id=node_id, reason=reason):
                 self.log.info("suspecting %s (%s)", node_id, reason)
                 await self._act(self.detector.suspect(node_id, time.monotonic()))

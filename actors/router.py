@@ -30,15 +30,35 @@ class Router(Actor):
         own = {spec.name for spec in (*self.config.models, *self.config.available)}
         catalog = own | mesh_catalog(self.mesh.peers)
         remote = [
-            Serving(peer.serving, peer.node_id, peer.http_port)
+            Serving(
+                peer.serving,
+                peer.node_id,
+                peer.http_port,
+                workers=peer.split_workers,
+                shares=peer.split_shares,
+            )
             for peer in self.mesh.peers
-            if peer.serving and peer.server_state == "ready"
+            if peer.serving and peer.server_state == "ready" and peer.role == "host"
         ]
-        table = build_route_table(self.config.node_id, self.local, remote, catalog)
+        table = build_route_table(
+            self.config.node_id, self.local, remote, catalog, failure_notes(self.mesh, self.local)
+        )
         if table != self.table:
             self.table = table
             self.log.info("routes: %s", _summary(table))
             await self.bus.publish("routes", table)
+
+
+def failure_notes(mesh: m.MeshView, local: m.LocalServerState) -> dict[str, str]:
+    """Model -> why a node says it cannot serve it (e.g. it fits nowhere, even split)."""
+    notes = {
+        peer.serving: f"{peer.node_id}: {peer.server_reason}"
+        for peer in mesh.peers
+        if peer.serving and peer.server_state == "failed" and peer.server_reason
+    }
+    if local.model and local.state == "failed" and local.reason:
+        notes[local.model] = f"this node: {local.reason[:200]}"
+    return notes
 
 
 def _summary(table: m.RouteTable) -> str:

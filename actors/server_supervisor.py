@@ -9,6 +9,12 @@ model metadata, so a model could name any port): the supervisor takes a free
 port on 127.0.0.1, passes it with `--port`, and calls the server ready only
 when that port answers /health with 200 and the listening socket is the
 child's own (another local user could take the port first and answer).
+
+In a split group (meshllm.placement.split) the wanted part decides what
+runs: a host runs llama-server with `--rpc`, through one loopback port per
+worker that the Tunnel carries to that worker; a worker runs llama.cpp's RPC
+server on 127.0.0.1 only (checked from /proc: it has no authentication) with
+its tensor cache in the node's home; a standby runs nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import re
 import threading
 import time
@@ -28,13 +35,16 @@ from meshllm.http.upstream import get_status
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.runtime.backoff import Backoff
+from meshllm.runtime.bus import AskTimeout
 from meshllm.runtime.config import ModelSpec
 from meshllm.runtime.procutil import (
     die_with_parent,
     free_port,
+    listening_addresses,
     listens_on_loopback,
     stop_process,
 )
+from meshllm.runtime.rpc import LOOPBACK, rpc_server_command, split_args
 
 BIND_FAILED = re.compile(
     rb"couldn't bind HTTP server socket, hostname: 127\.0\.0\.1, port: (\d+)\s*$"
@@ -43,6 +53,12 @@ BIND_FAILED = re.compile(
 BIND_TRIES = 3
 ERRORISH = re.compile(rb"error|failed|cannot|unable|invalid|not found|abort", re.IGNORECASE)
 HEALTH_POLL_S = 0.05
+RPC_START_S = 30.0
+"""How long an RPC server may take to listen."""
+SAME_BUILD = (
+    "a split's host and workers must run llama.cpp from the same build "
+    "(meshllm's setup builds llama-server and ggml-rpc-server together)"
+)
 OUTPUT_LINE_BYTES = 64 * 1024
 DOWNLOAD_TRIES = 3
 """Downloads of one wanted model that fail for a reason that may pass (the server down,
@@ -62,13 +78,29 @@ def bind_failed(lines: Iterable[bytes], port: int) -> bool:
     )
 
 
-def failure_reason(lines: collections.deque[bytes], returncode: int | None) -> str:
-    """The most telling line of llama-server's output for why it stopped."""
+def failure_reason(
+    lines: collections.deque[bytes], returncode: int | None, program: str = "llama-server"
+) -> str:
+    """The most telling line of a server's output for why it stopped."""
     for line in reversed(lines):
         if ERRORISH.search(line):
-            return line.decode(errors="replace").strip()
+            reason = line.decode(errors="replace").strip()
+            if re.search(r"\brpc\b|version", reason, re.IGNORECASE):
+                reason += f" ({SAME_BUILD})"
+            return reason
     tail = lines[-1].decode(errors="replace").strip() if lines else "no output"
-    return f"llama-server exited with code {returncode}: {tail}"
+    return f"{program} exited with code {returncode}: {tail}"
+
+
+def threads_arg(llama_args: Iterable[str]) -> int | None:
+    """The `--threads`/`-t` given to llama-server, which a worker's RPC server uses too."""
+    args = list(llama_args)
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in ("--threads", "-t"):
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            return int(value) if value.isdigit() and int(value) > 0 else None
+    return None
 
 
 class ServerSupervisor(Actor):
@@ -76,7 +108,8 @@ class ServerSupervisor(Actor):
     subscriptions = {"elector": ["wanted"]}
 
     async def on_start(self) -> None:
-        self.wanted: ModelSpec | None = None
+        self.want: m.ServeModel = m.ServeModel()
+        """What the Elector last asked for; a new object at every change."""
         self.proc: asyncio.subprocess.Process | None = None
         self.policy = Backoff(base_s=0.2, max_s=15.0, window_s=60.0)
         self.download_policy = Backoff(base_s=2.0, max_s=60.0)
@@ -95,11 +128,14 @@ class ServerSupervisor(Actor):
         await self._set(m.LocalServerState())
 
     async def on_topic(self, topic: str, msg: m.Message) -> None:
-        if isinstance(msg, m.ServeModel) and msg.spec != self.wanted:
+        if isinstance(msg, m.ServeModel) and (msg.spec, msg.split) != (
+            self.want.spec,
+            self.want.split,
+        ):
             self.log.info(
                 "told to serve %s (%s)", msg.spec.name if msg.spec else "nothing", msg.reason
             )
-            self.wanted = msg.spec
+            self.want = msg
             self.download_cancel.set()
             self.policy.reset()
             self.download_policy.reset()
@@ -128,23 +164,37 @@ class ServerSupervisor(Actor):
     async def _reconcile(self) -> None:
         """Make the running server match the wanted one (circus's reconcile loop)."""
         while True:
-            spec = self.wanted
+            want = self.want
+            spec, part = want.spec, want.split
             self.wake.clear()
             if spec is None:
                 if self.state != m.LocalServerState():
                     await self._set(m.LocalServerState())
                 await self.wake.wait()
                 continue
-            path = spec.path or self.fetched.get(spec.target) or await self._download(spec)
+            if part is not None and part.part in ("standby", "nofit"):
+                # Nothing runs here; a model that fits nowhere says why, once.
+                state: m.ServerStateName = "waiting" if part.part == "standby" else "failed"
+                await self._set(
+                    m.LocalServerState(spec.name, state=state, reason=part.note, split=part)
+                )
+                await self.wake.wait()
+                continue
+            if part is not None and part.part == "worker":
+                path = ""
+                await self._run_rpc_server_once(want)
+            else:
+                path = spec.path or self.fetched.get(spec.target) or await self._download(spec)
             for _ in range(BIND_TRIES if path else 0):
-                if self.wanted is not spec or not await self._run_server_once(spec, path):
+                if self.want is not want or not await self._run_server_once(want, path):
                     break  # a taken port (rare race) is retried at once on another one
-            if self.wanted is not spec:
+            if self.want is not want:
                 continue  # switched or dropped: start the new one without backoff
             if self.gave_up is spec:
                 await self.wake.wait()  # failed for good: only a new wanted model moves on
                 continue
-            policy = self.policy if path else self.download_policy
+            worker = part is not None and part.part == "worker"
+            policy = self.policy if path or worker else self.download_policy
             delay = policy.failed(time.monotonic())
             self.log.warning("restarting %s in %.1fs", spec.name, delay)
             with contextlib.suppress(TimeoutError):
@@ -204,9 +254,23 @@ class ServerSupervisor(Actor):
         self.log.info("downloaded %s: %d bytes, sha256 %s", spec.name, done.size, done.sha256)
         return str(done.path)
 
-    async def _run_server_once(self, spec: ModelSpec, path: str) -> bool:
+    async def _run_server_once(self, want: m.ServeModel, path: str) -> bool:
         """Start llama-server, watch it until it exits, publish every state change.
         True when it exited because another process had taken its port."""
+        spec, part = want.spec, want.split
+        assert spec is not None
+        workers = part.workers if part is not None else ()
+        rpc: list[str] = []
+        if workers and part is not None:
+            try:
+                reply = await self.bus.ask("tunnel", m.UseRpcWorkers(workers), timeout=10.0)
+            except AskTimeout as exc:
+                reply = m.ActorError(str(exc))
+            if not isinstance(reply, m.RpcPorts) or len(reply.ports) != len(workers):
+                why = f"the Tunnel opened no ports for the split's workers: {reply!r}"
+                await self._set(m.LocalServerState(spec.name, state="failed", reason=why))
+                return False
+            rpc = split_args(reply.ports, part.shares)
         port = free_port()
         cmd = [
             self.config.llama_server,
@@ -215,6 +279,7 @@ class ServerSupervisor(Actor):
             "--host", "127.0.0.1",
             "--port", str(port),
             "--no-webui",
+            *rpc,
             *self.config.options.llama_args,
         ]  # fmt: skip
         self.output.clear()
@@ -233,6 +298,7 @@ class ServerSupervisor(Actor):
             path=path,
             pid=self.proc.pid,
             restarts=self.policy.total,
+            split=part,
             sha256=sha256,
             size=size,
         )
@@ -249,9 +315,78 @@ class ServerSupervisor(Actor):
             await stop_process(self.proc)
             reason = failure_reason(self.output, self.proc.returncode)
             self.proc = None
-        if self.wanted is spec:
+            if workers:
+                with contextlib.suppress(Exception):
+                    await self.bus.ask("tunnel", m.UseRpcWorkers(()), timeout=5.0)
+        if self.want is want:
             await self._set(msgspec_replace(base, state="failed", reason=reason))
         return bind_failed(self.output, port)
+
+    async def _run_rpc_server_once(self, want: m.ServeModel) -> None:
+        """A split worker: llama.cpp's RPC server on 127.0.0.1, until it exits."""
+        spec, part = want.spec, want.split
+        assert spec is not None and part is not None
+        base = m.LocalServerState(model=spec.name, split=part, restarts=self.policy.total)
+        binary = self.config.rpc_server
+        if not binary:
+            self.gave_up = spec
+            why = f"cannot be a split worker: {self.config.rpc_server_missing}"
+            await self._set(msgspec_replace(base, state="failed", reason=why))
+            return
+        port = free_port()
+        cmd = rpc_server_command(binary, port, threads_arg(self.config.options.llama_args))
+        cache = Path(self.config.home) / "cache"
+        self.output.clear()
+        self.log.info("starting %s (cache in %s)", " ".join(cmd), cache)
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+            env={**os.environ, "LLAMA_CACHE": str(cache)},
+        )
+        base = msgspec_replace(base, pid=self.proc.pid, port=port)
+        await self._set(msgspec_replace(base, state="loading"))
+        reader = asyncio.create_task(self._read_output())
+        try:
+            listening = await self._await_listening(port)
+            if listening:
+                await self._set(msgspec_replace(base, state="ready"))
+                self.policy.reset()
+            await self.proc.wait()
+            await asyncio.wait_for(reader, 2)
+        finally:
+            reader.cancel()
+            await stop_process(self.proc)
+            reason = failure_reason(self.output, self.proc.returncode, "the RPC server")
+            self.proc = None
+        if self.want is want:
+            await self._set(msgspec_replace(base, state="failed", reason=reason))
+
+    async def _await_listening(self, port: int) -> bool:
+        """Whether the RPC server came to listen on 127.0.0.1:`port`, and there alone; a
+        server that listens anywhere else is stopped at once (it has no authentication)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + RPC_START_S
+        while self.proc.returncode is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                found = listening_addresses(self.proc.pid)
+                if found - {(LOOPBACK, port)}:
+                    self.output.append(
+                        f"error: the RPC server listens beyond 127.0.0.1:{port}: "
+                        f"{sorted(found)}; stopped".encode()
+                    )
+                    await stop_process(self.proc)
+                    return False
+                if found:
+                    return True
+            await asyncio.sleep(HEALTH_POLL_S)
+        if self.proc.returncode is None:
+            self.output.append(b"error: the RPC server did not listen in time")
+            await stop_process(self.proc)
+        return False
 
     async def _await_health(self, port: int) -> bool:
         assert self.proc is not None
@@ -279,7 +414,7 @@ class ServerSupervisor(Actor):
                 self.output.append(line.rstrip())
 
     async def on_stop(self) -> None:
-        self.wanted = None
+        self.want = m.ServeModel()
         self.download_cancel.set()
         self.loop_task.cancel()
         if self.proc is not None:

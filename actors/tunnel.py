@@ -5,20 +5,48 @@ Proxy's unix socket, and the two topics it follows. The requesting side is
 `meshllm.tunnel.client.TunnelClient`, the host's side
 `meshllm.tunnel.server.TunnelServer`; the request frame and the Proxy's end
 of the hop are in `meshllm.tunnel.hop`.
+
+A split host's llama-server reaches each worker's RPC server through a
+loopback port here (`UseRpcWorkers`, asked by the ServerSupervisor): each
+connection waits until the worker announces its RPC server ready for this
+node, then becomes a QUIC stream to the worker's Tunnel
+(`meshllm.tunnel.rpc`). Bytes relayed go to `rpc-traffic.json` in the run
+directory and to the log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import gc
 import os
 import socket
+import time
+from pathlib import Path
+
+import msgspec
 
 from meshllm.mesh.quic import MeshEndpoint, key_from_pem
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.tunnel.client import TunnelClient
+from meshllm.tunnel.rpc import RpcForwarder
 from meshllm.tunnel.server import TunnelServer, guard_control
+
+RPC_TRAFFIC_S = 0.5
+"""How often the RPC byte counters are written while a split is hosted here."""
+
+
+def worker_ready(view: m.MeshView, worker: str) -> bool:
+    """Whether `worker` announces its RPC server ready for this node (its host)."""
+    ann = next((p for p in view.peers if p.node_id == worker), None)
+    return (
+        ann is not None
+        and ann.role == "worker"
+        and ann.split_host == view.node_id
+        and ann.server_state == "ready"
+    )
 
 
 class Tunnel(Actor):
@@ -41,6 +69,13 @@ class Tunnel(Actor):
             stream_handler=self.server.handle_stream,
         )
         self.client = TunnelClient(self.endpoint, suspect=self._suspect, max_body_bytes=max_body)
+        self.view = m.MeshView(self.config.node_id)
+        self.view_changed = asyncio.Event()
+        self.forwarders: list[RpcForwarder] = []
+        self.rpc_sent = self.rpc_received = 0
+        """Bytes of RPC connections whose forwarders are closed (the open ones count apart)."""
+        self.rpc_file = Path(self.config.run_dir) / "rpc-traffic.json"
+        self.rpc_task: asyncio.Task[None] | None = None
         sock: socket.socket | None = self.resources.get("socket")
         if sock is not None:
             await self.endpoint.listen(sock)
@@ -54,13 +89,82 @@ class Tunnel(Actor):
     async def on_topic(self, topic: str, msg: m.Message) -> None:
         if isinstance(msg, m.MeshView):
             self.client.set_view(msg)
+            self.view = msg
+            self.view_changed.set()
+            self.view_changed = asyncio.Event()
         elif isinstance(msg, m.LocalServerState):
             self.server.local = msg
+
+    async def on_ask(self, msg: m.Message) -> m.Message:
+        if isinstance(msg, m.UseRpcWorkers):
+            return await self._use_workers(msg.workers)
+        return await super().on_ask(msg)
+
+    async def _use_workers(self, workers: tuple[str, ...]) -> m.RpcPorts:
+        """Replace the split's forwarders with one per worker; their loopback ports."""
+        await self._close_forwarders()
+        ports = []
+        for worker in workers:
+            forwarder = RpcForwarder(functools.partial(self._open_rpc, worker))
+            ports.append(await forwarder.listen())
+            self.forwarders.append(forwarder)
+        if workers:
+            self.log.info("RPC ports for workers %s: %s", ", ".join(workers), ports)
+            if self.rpc_task is None:
+                self.rpc_task = asyncio.create_task(self._write_rpc_traffic_forever())
+        return m.RpcPorts(tuple(ports))
+
+    async def _open_rpc(self, worker: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream to `worker`'s RPC server, once it says it is ready for this node
+        (llama-server waits on its connection meanwhile, as during a load)."""
+        deadline = time.monotonic() + self.config.options.load_timeout_s
+        while not worker_ready(self.view, worker):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionError(f"worker {worker} did not get its RPC server ready")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.view_changed.wait(), left)
+        return await self.client.open_stream(worker)
+
+    def _rpc_totals(self) -> tuple[int, int]:
+        sent = self.rpc_sent + sum(f.relayed.to_worker for f in self.forwarders)
+        received = self.rpc_received + sum(f.relayed.from_worker for f in self.forwarders)
+        return sent, received
+
+    async def _close_forwarders(self) -> None:
+        if not self.forwarders:
+            return
+        for forwarder in self.forwarders:
+            await forwarder.close()
+            self.rpc_sent += forwarder.relayed.to_worker
+            self.rpc_received += forwarder.relayed.from_worker
+        self.forwarders = []
+        sent, received = self._rpc_totals()
+        self.log.info("RPC to workers so far: %d bytes sent, %d received", sent, received)
+        self._write_rpc_traffic()
+
+    def _write_rpc_traffic(self) -> None:
+        sent, received = self._rpc_totals()
+        data = {"to_workers": sent, "from_workers": received, "forwarders": len(self.forwarders)}
+        with contextlib.suppress(OSError):
+            tmp = self.rpc_file.with_suffix(".tmp")
+            tmp.write_bytes(msgspec.json.encode(data))
+            tmp.replace(self.rpc_file)
+
+    async def _write_rpc_traffic_forever(self) -> None:
+        """The byte counters, for the tests and the benchmark (a second load of a model
+        sends far fewer bytes than the first when the workers keep their tensor cache)."""
+        while True:
+            self._write_rpc_traffic()
+            await asyncio.sleep(RPC_TRAFFIC_S)
 
     async def _suspect(self, node_id: str, reason: str) -> None:
         await self.bus.tell("health_prober", m.SuspectPeer(node_id, reason))
 
     async def on_stop(self) -> None:
+        if self.rpc_task is not None:
+            self.rpc_task.cancel()
+        await self._close_forwarders()
         await self.client.close()
         self.server.close()
         self.endpoint.close()

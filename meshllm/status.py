@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from meshllm.runtime.messages import NodeStatus
+from meshllm.placement.memory import format_bytes
+from meshllm.runtime.messages import ModelRoute, NodeStatus
 
 
 def printable(text: str, limit: int = 64) -> str:
@@ -22,7 +23,9 @@ def table(rows: list[list[str]]) -> str:
 
 def format_status(s: NodeStatus) -> str:
     server = s.server
-    llama = f"llama-server :{server.port}" if server.port else "-"
+    worker = server.split is not None and server.split.part == "worker"
+    program = "rpc-server" if worker else "llama-server"
+    llama = f"{program} :{server.port}" if server.port else "-"
     state = "-" if s.role == "client" else server.state
     rows = [
         ["NODE", "ROLE", "MODEL", "STATE", "API", "PORTS"],
@@ -32,17 +35,24 @@ def format_status(s: NodeStatus) -> str:
     if server.state == "failed" and server.reason:
         # On a line of its own: a reason can be long, and the table stays readable.
         out[-1:] = [f"failed: {printable(server.reason, 400)}", ""]
+    elif server.split is not None and server.split.part != "host":
+        part = server.split
+        doing = f"worker for {part.host}" if part.part == "worker" else part.note
+        out[-1:] = [f"split: {printable(doing, 400)}", ""]
     members = [*s.peers, *([s.me] if s.me else [])]
     if members:
         total = sum(p.vram_bytes for p in members)
         nodes = f"{len(members)} node" + ("" if len(members) == 1 else "s")
-        out += [f"mesh: {nodes}, {total / 1e9:.1f} GB of model memory", ""]
+        out += [f"mesh: {nodes}, {format_bytes(total)} of model memory", ""]
     model_rows = [["MODEL", "STATUS", "NODES"]]
+    notes = []
     for route in s.routes.models:
         status = "warm" if route.targets else "cold"
-        model_rows.append([route.name, status, ", ".join(route.nodes) or "-"])
+        model_rows.append([route.name, status, ", ".join(split_text(route)) or "-"])
+        if route.note:
+            notes.append(f"{printable(route.name)}: {printable(route.note, 400)}")
     if len(model_rows) > 1:
-        out += [table(model_rows), ""]
+        out += [table(model_rows), *notes, ""]
     peer_rows = [["PEER", "ROLE", "MODEL", "STATE", "API PORT", "ADDRESS"]]
     for p in s.peers:
         address = p.addresses[0] if p.addresses else "-"
@@ -56,3 +66,17 @@ def format_status(s: NodeStatus) -> str:
         actor_rows.append([a.name, str(a.pid), "yes" if a.alive else "no", str(a.restarts)])
     out.append(table(actor_rows))
     return "\n".join(out)
+
+
+def split_text(route: ModelRoute) -> list[str]:
+    """A model's servers for the table: a split one as its host and workers with their
+    shares of the layers (`host 62% + worker 38%`)."""
+    out = []
+    for target in route.targets:
+        members = (target.node_id, *target.workers)
+        if target.workers:
+            parts = zip(members, target.shares, strict=False)
+            out.append(" + ".join(f"{node} {share:.0%}" for node, share in parts))
+        else:
+            out.append(target.node_id)
+    return out or list(route.nodes)

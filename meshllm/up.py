@@ -29,7 +29,7 @@ from meshllm.mesh.token import (
 )
 from meshllm.placement.memory import detect_memory
 from meshllm.runtime import logs
-from meshllm.runtime.binaries import find_binary
+from meshllm.runtime.binaries import find_binary, rpc_server_binary
 from meshllm.runtime.config import ModelSpec, NodeConfig, UpOptions
 from meshllm.runtime.paths import NodeHome, cache_dir, home_from, models_dir
 from meshllm.runtime.root import Node, cleanup_run_dir
@@ -216,6 +216,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         except InvalidToken as exc:
             raise UpError(str(exc)) from None
         llama_server = "" if opts.client else find_binary("llama-server", opts.llama_server)
+        rpc_server, rpc_missing = ("", "") if opts.client else rpc_server_binary(opts.rpc_server)
         available = () if opts.client else scan_available()
         memory = detect_memory(opts.max_vram_gb)
         key = load_or_create_key(None if opts.client else home.key_path)
@@ -242,6 +243,8 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         http_host=opts.listen,
         http_port=sock.getsockname()[1],
         llama_server=llama_server,
+        rpc_server=rpc_server,
+        rpc_server_missing=rpc_missing,
         mesh_secret=secret,
         advertise_host=advertised,
         gossip_port=gossip_port,

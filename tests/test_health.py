@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from meshllm.mesh.health import (
     Action,
     DeclareDead,
@@ -61,6 +63,23 @@ def test_ack_clears_the_probe() -> None:
     d.on_ack(probe.nonce)  # a late duplicate is harmless
     d.on_ack(12345)  # so is an unknown nonce
     assert not any(isinstance(a, (DeclareDead, SendProbeRequest)) for a in d.tick(5 * TIMEOUT))
+
+
+def test_direct_acks_measure_round_trips_smoothed_indirect_ones_do_not() -> None:
+    d = detector(members=1)
+    (probe,) = probes(d.tick(0.0))
+    d.on_ack(probe.nonce, 0.004)
+    assert d.rtt_ms == {"n0": 4.0}
+    (probe,) = probes(d.tick(INTERVAL))
+    d.on_ack(probe.nonce, INTERVAL + 0.012)
+    assert d.rtt_ms["n0"] == pytest.approx(5.0)  # one sample of 12 moves 4 an eighth
+    # A probe that went indirect proves the peer alive, not how near it is.
+    (probe,) = probes(d.tick(2 * INTERVAL))
+    d.tick(2 * INTERVAL + TIMEOUT)
+    d.on_ack(probe.nonce, 2 * INTERVAL + TIMEOUT + 0.5)
+    assert d.rtt_ms["n0"] == pytest.approx(5.0)
+    d.set_members(set())
+    assert d.rtt_ms == {}
 
 
 def test_no_ack_asks_helpers_then_declares_dead() -> None:

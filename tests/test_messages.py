@@ -61,7 +61,7 @@ def _value(t: msgspec.inspect.Type) -> Any:
     if isinstance(t, i.IntType):
         return 7
     if isinstance(t, i.FloatType):
-        return 1.5
+        return 0.5 if t.le is not None else 1.5
     if isinstance(t, i.BytesType):
         return b"\x00\xff"
     if isinstance(t, i.LiteralType):

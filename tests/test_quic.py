@@ -443,7 +443,7 @@ def test_windows_and_streams_are_tiny_before_admission_and_raised_after() -> Non
             (incoming,) = await eventually(lambda: server.links, "the server's link")
             # A frame far over the admission window flows both ways on the control stream...
             big = wire.Sync(
-                tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(4000))
+                tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(3000))
             )
             assert len(wire.encode_frame(big)) > 100 * quic.ADMISSION_WINDOW_BYTES
             link.send(big)

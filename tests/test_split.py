@@ -10,13 +10,18 @@ from hypothesis import strategies as st
 
 from meshllm.placement.split import (
     RTT_LIMIT_MS,
+    GroupMember,
     Member,
     NoFit,
     Solo,
     Split,
+    SplitRole,
+    Waiting,
+    group_host,
     host_of,
     needed_bytes,
     plan,
+    role_of,
 )
 
 GB = 10**9
@@ -53,9 +58,11 @@ def test_two_workers_when_one_is_not_enough_nearest_first() -> None:
 
 def test_members_beyond_the_rtt_limit_or_unmeasured_are_never_workers() -> None:
     group = members(host=9, far=8, unmeasured=8)
+    # The unmeasured member would make it fit: wait for its round trip, not give up.
     result = plan(10 * GB, group, {"far": RTT_LIMIT_MS + 1})
-    assert isinstance(result, NoFit)
-    assert "2 more beyond" in result.reason
+    assert isinstance(result, Waiting) and "1 member" in result.reason
+    result = plan(10 * GB, members(host=9, far=8, unmeasured=0), {"far": RTT_LIMIT_MS + 1})
+    assert isinstance(result, NoFit) and "1 more beyond" in result.reason
     near = plan(10 * GB, group, {"far": 20.0}, rtt_limit_ms=25.0)
     assert isinstance(near, Split) and near.workers == ("far",)
 
@@ -63,7 +70,7 @@ def test_members_beyond_the_rtt_limit_or_unmeasured_are_never_workers() -> None:
 def test_a_model_too_big_even_pooled_is_reported_not_retried() -> None:
     result = plan(100 * GB, members(a=8, b=8), {"b": 1.0})
     assert isinstance(result, NoFit)
-    assert "needs 110.0 GB" in result.reason and "16.0 GB together" in result.reason
+    assert "needs 110.00 GB" in result.reason and "16.00 GB together" in result.reason
     assert isinstance(plan(GB, [], {}), NoFit)
 
 
@@ -152,3 +159,57 @@ def test_any_plan_fits_uses_the_fewest_workers_and_respects_the_limit(
     else:
         within = [n for n in held if rtt[n] <= RTT_LIMIT_MS]
         assert sum(held[n] for n in within) < need
+
+
+# -- who plays which part (role_of) ----------------------------------------------------
+
+
+def group(**memory_gb: float) -> list[GroupMember]:
+    return [GroupMember(node_id, int(gb * GB)) for node_id, gb in memory_gb.items()]
+
+
+def test_the_host_plans_the_others_follow_its_announced_plan() -> None:
+    # 10 GB needs 11: a (6) and b (5.5) together; c (5) stands by.
+    members = group(a=6, b=5.5, c=5)
+    part, current = role_of("a", 10 * GB, members, {"b": 2.0, "c": 9.0})
+    assert part.part == "host" and part.workers == ("b",)
+    assert isinstance(current, Split)
+    # Until a announces its plan, b and c cannot know theirs: they stand by for a.
+    assert role_of("b", 10 * GB, members, {})[0] == SplitRole(
+        "standby", "a", note="a hosts the model"
+    )
+    announced = [GroupMember("a", 6 * GB, True, ("b",)), *members[1:]]
+    assert role_of("b", 10 * GB, announced, {})[0] == SplitRole("worker", host="a")
+    assert role_of("c", 10 * GB, announced, {})[0].part == "standby"
+
+
+def test_a_bigger_member_that_joins_does_not_take_over_a_claimed_split() -> None:
+    members = [GroupMember("a", 6 * GB, True, ("b",)), *group(b=5.5, big=9)]
+    assert group_host(members) == "a"
+    part, _ = role_of("big", 10 * GB, members, {})
+    assert part.part == "standby"
+    # Without a claim (the host died), the member with the most memory hosts.
+    assert group_host(group(b=5.5, big=9)) == "big"
+
+
+def test_a_working_split_is_kept_when_a_nearer_member_appears() -> None:
+    members = group(a=6, b=5.5, c=5.5)
+    _, current = role_of("a", 10 * GB, members, {"b": 5.0})
+    assert isinstance(current, Split) and current.workers == ("b",)
+    part, again = role_of("a", 10 * GB, members, {"b": 5.0, "c": 0.5}, current=current)
+    assert part.workers == ("b",) and again == current
+    # The worker leaves: c takes its place.
+    part, _ = role_of("a", 10 * GB, group(a=6, c=5.5), {"c": 0.5}, current=current)
+    assert part.workers == ("c",)
+
+
+def test_the_host_reports_no_fit_and_waits_for_round_trips() -> None:
+    part, _ = role_of("a", 100 * GB, group(a=6, b=5), {"b": 1.0})
+    assert part.part == "nofit" and "needs 110.00 GB" in part.note
+    part, _ = role_of("a", 10 * GB, group(a=6, b=5), {})
+    assert part.part == "standby" and "measuring round trips" in part.note
+
+
+def test_asked_to_split_alone_the_host_serves_the_model_alone() -> None:
+    part, current = role_of("a", GB, group(a=6), {}, force_split=True)
+    assert part == SplitRole("host", "a", shares=(1.0,)) and isinstance(current, Solo)

@@ -104,7 +104,7 @@ def test_format_status_shows_the_mesh_memory_total() -> None:
     peer = PeerAnnouncement(node_id="node-def456", generation=1, vram_bytes=16_500_000_000)
     status = msgspec.structs.replace(_status(m.LocalServerState()), me=me, peers=(peer,))
     text = format_status(status)
-    assert "mesh: 2 nodes, 24.5 GB of model memory" in text
+    assert "mesh: 2 nodes, 24.50 GB of model memory" in text
     assert "node-def456" in text
 
 

@@ -37,7 +37,7 @@ from meshllm.http.origin import (
 )
 from meshllm.http.routing import Routes
 from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError
-from meshllm.runtime.messages import RouteTable, RouteTarget
+from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
 from meshllm.tunnel.hop import FORWARDED_METHOD, FORWARDED_PATHS
 
 log = logging.getLogger("meshllm.proxy")
@@ -270,10 +270,7 @@ class ProxyApp:
                         "object": "model",
                         "created": created,
                         "owned_by": "meshllm",
-                        "meshllm": {
-                            "status": "warm" if r.targets else "cold",
-                            "nodes": list(r.nodes),
-                        },
+                        "meshllm": _model_info(r),
                     }
                     for r in table.models
                 ],
@@ -489,3 +486,25 @@ async def read_body(scope: Scope, receive: Receive, send: Send, limit: int) -> b
 
 def _too_large(limit: int) -> str:
     return f"request body exceeds the limit of {limit} bytes"
+
+
+def _model_info(route: ModelRoute) -> dict[str, object]:
+    """The `meshllm` part of a `/v1/models` entry: where the model is served, and how."""
+    info: dict[str, object] = {
+        "status": "warm" if route.targets else "cold",
+        "nodes": list(route.nodes),
+    }
+    splits = [
+        {
+            "host": t.node_id,
+            "workers": list(t.workers),
+            "shares": dict(zip((t.node_id, *t.workers), t.shares, strict=False)),
+        }
+        for t in route.targets
+        if t.workers
+    ]
+    if splits:
+        info["split"] = splits
+    if route.note:
+        info["note"] = route.note
+    return info

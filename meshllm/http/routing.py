@@ -7,7 +7,7 @@ model falls back to the first available target (unless `--strict-models`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from meshllm.runtime.messages import LocalServerState, ModelRoute, RouteTable, RouteTarget
@@ -21,6 +21,9 @@ class Serving:
     node_id: str
     port: int
     local: bool = False
+    workers: tuple[str, ...] = ()
+    """A split host's workers."""
+    shares: tuple[float, ...] = ()
 
 
 def build_route_table(
@@ -28,25 +31,37 @@ def build_route_table(
     local: LocalServerState,
     remote: Iterable[Serving] = (),
     catalog: Iterable[str] = (),
+    notes: Mapping[str, str] | None = None,
 ) -> RouteTable:
-    """The table the Proxy routes by: warm models (with targets) then cold ones.
+    """The table the Proxy routes by: warm models (with targets) then cold ones, with
+    `notes` saying why a cold one is not served, where known.
 
     Targets are ordered local first, then by node id, so every node picks the
-    same host for a model.
+    same host for a model. A split group's workers and standbys are no targets:
+    only its host runs llama-server.
     """
     servers: list[Serving] = list(remote)
+    split = local.split
     if local.model and local.state == "ready" and local.port:
-        servers.append(Serving(local.model, node_id, local.port, local=True))
+        if split is None:
+            servers.append(Serving(local.model, node_id, local.port, local=True))
+        elif split.part == "host":
+            servers.append(
+                Serving(local.model, node_id, local.port, True, split.workers, split.shares)
+            )
     by_model: dict[str, list[Serving]] = {}
     for s in servers:
         by_model.setdefault(s.model, []).append(s)
     routes = []
     for model in sorted(by_model):
         group = sorted(by_model[model], key=lambda s: (not s.local, s.node_id))
-        targets = tuple(RouteTarget(s.node_id, s.local, s.port, s.model) for s in group)
+        targets = tuple(
+            RouteTarget(s.node_id, s.local, s.port, s.model, s.workers, s.shares) for s in group
+        )
         routes.append(ModelRoute(model, targets, tuple(s.node_id for s in group)))
     cold = sorted(set(catalog) - set(by_model))
-    routes += [ModelRoute(name) for name in cold]
+    notes = notes or {}
+    routes += [ModelRoute(name, note=notes.get(name, "")) for name in cold]
     return RouteTable(tuple(routes))
 
 
@@ -69,7 +84,8 @@ class Routes:
         if route is not None:
             if route.targets:
                 return route.targets[0], ""
-            return None, f"model {model!r} is known to the mesh but no node serves it yet"
+            why = f" ({route.note})" if route.note else ""
+            return None, f"model {model!r} is known to the mesh but no node serves it yet{why}"
         if self.unknown(model):
             return None, f"model {model!r} does not exist in this mesh"
         if self.first is None:

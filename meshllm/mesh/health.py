@@ -62,6 +62,7 @@ class _Pending:
     nonce: int
     deadline: float
     indirect: bool = False
+    sent: float = 0.0
 
 
 @dataclass
@@ -76,16 +77,21 @@ class FailureDetector:
     next_probe_at: float = 0.0
     nonces: Callable[[], int] = field(default=random_nonce)
     """Where probe nonces come from (random; a seeded source in simulation)."""
+    rtt_ms: dict[str, float] = field(default_factory=dict)
+    """Round trip to each member, in ms, from its direct acks (smoothed as TCP does,
+    1/8 of each new sample): what split planning calls near."""
 
     def set_members(self, members: set[str]) -> None:
         self.members = set(members)
         self.order = [m for m in self.order if m in self.members]
         for gone in set(self.pending) - self.members:
             del self.pending[gone]
+        for gone in set(self.rtt_ms) - self.members:
+            del self.rtt_ms[gone]
 
     def _probe(self, node_id: str, now: float) -> SendProbe:
         nonce = self.nonces()
-        self.pending[node_id] = _Pending(nonce, now + self.timeout)
+        self.pending[node_id] = _Pending(nonce, now + self.timeout, sent=now)
         return SendProbe(node_id, nonce)
 
     def suspect(self, node_id: str, now: float) -> list[Action]:
@@ -94,11 +100,16 @@ class FailureDetector:
             return []
         return [self._probe(node_id, now)]
 
-    def on_ack(self, nonce: int) -> None:
-        """An ack for `nonce` came back, directly or through a helper."""
+    def on_ack(self, nonce: int, now: float | None = None) -> None:
+        """An ack for `nonce` came back, directly or through a helper; at `now`, a direct
+        one also measures the round trip."""
         for node_id, pending in self.pending.items():
             if pending.nonce == nonce:
                 del self.pending[node_id]
+                if now is not None and not pending.indirect:
+                    sample = max(0.0, now - pending.sent) * 1000.0
+                    old = self.rtt_ms.get(node_id)
+                    self.rtt_ms[node_id] = sample if old is None else old + (sample - old) / 8
                 return
 
     def tick(self, now: float) -> list[Action]:

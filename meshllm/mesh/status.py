@@ -7,11 +7,12 @@ another actor anything per request. See docs/design.md, "Actors".
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from meshllm import __version__
+from meshllm.mesh import wire
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.runtime.messages import LocalServerState, MeshView, RouteTable
 
@@ -23,9 +24,10 @@ class NodeCard(msgspec.Struct, frozen=True, kw_only=True):
 
     node_id: str
     role: str
-    """host, client, or idle (a node waiting for capacity)."""
+    """host, worker or standby (parts of a split), client, or idle (a node waiting
+    for capacity)."""
     state: str
-    """State of the node's llama-server: stopped, loading, ready or failed."""
+    """State of the node's server: stopped, waiting, downloading, loading, ready or failed."""
     model: str | None
     """Model the node serves (or is loading); None when it serves nothing."""
     vram_bytes: int
@@ -34,7 +36,13 @@ class NodeCard(msgspec.Struct, frozen=True, kw_only=True):
     this_node: bool
     version: str = ""
     reason: str = ""
-    """Why this node's server failed (known for this node only)."""
+    """Why the node's server failed."""
+    split_host: str = ""
+    """A worker's host."""
+    workers: tuple[str, ...] = ()
+    """A split host's workers."""
+    shares: tuple[float, ...] = ()
+    """A split host's layer shares: its own, then each worker's."""
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +56,20 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
     """Node ids whose server for this model is ready."""
     loading: tuple[str, ...] = ()
     """Node ids still loading (or restarting) a server for it."""
+    splits: tuple[SplitCard, ...] = ()
+    """The ready servers of it that are split over several nodes."""
+    note: str = ""
+    """Why a cold model is not served, when a node said so (e.g. it fits nowhere)."""
+
+
+class SplitCard(msgspec.Struct, frozen=True, kw_only=True):
+    """A model served by a host with workers: who holds which share of its layers."""
+
+    host: str
+    members: tuple[str, ...]
+    """The host, then its workers."""
+    shares: tuple[float, ...]
+    """Each member's share, in the same order."""
 
 
 class MeshMemory(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,10 +105,10 @@ def own_card(
     node_id: str, client: bool, local: LocalServerState, vram_bytes: int, http_port: int
 ) -> NodeCard:
     """This node's box: the same role rule the Gossiper announces."""
-    role = "client" if client else ("host" if local.model else "idle")
+    part = announced_part(local, client)
     return NodeCard(
         node_id=node_id,
-        role=role,
+        role=part["role"],
         state=local.state,
         model=local.model or None,
         vram_bytes=vram_bytes,
@@ -94,6 +116,9 @@ def own_card(
         this_node=True,
         reason=local.reason if local.state == "failed" else "",
         version=__version__,
+        split_host=part["split_host"] or "",
+        workers=part["split_workers"],
+        shares=part["split_shares"],
     )
 
 
@@ -107,6 +132,10 @@ def peer_card(ann: PeerAnnouncement) -> NodeCard:
         http_port=ann.http_port,
         this_node=False,
         version=ann.version,
+        reason=ann.server_reason,
+        split_host=ann.split_host or "",
+        workers=ann.split_workers,
+        shares=ann.split_shares,
     )
 
 
@@ -124,6 +153,12 @@ def build_mesh_status(me: NodeCard, mesh: MeshView, routes: RouteTable, api: str
             node_count=len(route.nodes),
             nodes=route.nodes,
             loading=tuple(loading.get(route.name, ())),
+            splits=tuple(
+                SplitCard(host=t.node_id, members=(t.node_id, *t.workers), shares=t.shares)
+                for t in route.targets
+                if t.workers
+            ),
+            note=route.note,
         )
         for route in routes.models
     ]
@@ -135,3 +170,29 @@ def build_mesh_status(me: NodeCard, mesh: MeshView, routes: RouteTable, api: str
         nodes_without=len(nodes) - len(counted),
     )
     return MeshStatus(node_id=me.node_id, api=api, nodes=nodes, models=tuple(models), memory=memory)
+
+
+ROLES: dict[str, wire.Role] = {"host": "host", "worker": "worker", "standby": "standby"}
+"""A split group's parts as announced (`nofit` is a standby whose model fits nowhere)."""
+
+
+def announced_part(local: LocalServerState, client: bool) -> dict[str, Any]:
+    """The announcement's role and split fields for this node's server state."""
+    split = local.split
+    if client or split is None:
+        role: wire.Role = "client" if client else ("host" if local.model else "idle")
+        return {
+            "role": role,
+            "split_group": False,
+            "split_host": None,
+            "split_workers": (),
+            "split_shares": (),
+        }
+    hosting = split.part == "host" and bool(split.workers)
+    return {
+        "role": ROLES.get(split.part, "standby"),
+        "split_group": True,
+        "split_host": split.host if split.part == "worker" else None,
+        "split_workers": split.workers if hosting else (),
+        "split_shares": split.shares if hosting else (),
+    }

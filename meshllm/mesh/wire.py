@@ -18,7 +18,10 @@ from meshllm import PROTOCOL_VERSION
 MAX_FRAME_BYTES = 1 << 20
 HEADER = 4
 
-Role = Literal["host", "client", "idle"]
+Role = Literal["host", "worker", "standby", "client", "idle"]
+"""`host`: runs llama-server for its model (alone, or with workers); `worker`: runs an RPC
+server for a split host; `standby`: in a split group, in neither part now; `client`: a lite
+client; `idle`: serves nothing."""
 
 GENERATION_MAX = 2**62
 """Generations stay below this (a boot generation is ~2**49); bumps saturate here,
@@ -56,6 +59,10 @@ Address = Annotated[
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 """A port, 0 when there is none."""
 Bytes = Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
+MAX_SPLIT_WORKERS = 64
+"""Workers one split host may announce."""
+Share = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+"""A member's part of a split model's layers."""
 """A size in bytes (a petabyte-scale bound: far over any real model or memory)."""
 Url = Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^https?://[^\x00-\x20\x7f]+$")]
 """A download source: http or https only, no spaces or control characters."""
@@ -108,6 +115,17 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     model_sha256: Annotated[dict[ModelName, Sha256], msgspec.Meta(max_length=MAX_MODELS)] = {}
     """SHA-256 (hex) of those downloads: a peer fetches a proposed model only with
     its size and digest, and checks both."""
+    server_reason: Reason = ""
+    """Why the model is not served here, when `server_state` is failed."""
+    split_group: bool = False
+    """The node is in its model's split group: it cannot hold `serving` alone (or was
+    started with `--split`), so it serves it only with other members."""
+    split_host: NodeId | None = None
+    """A worker's host (the node whose llama-server uses its RPC server)."""
+    split_workers: Annotated[tuple[NodeId, ...], msgspec.Meta(max_length=MAX_SPLIT_WORKERS)] = ()
+    """A split host's workers, nearest first."""
+    split_shares: Annotated[tuple[Share, ...], msgspec.Meta(max_length=MAX_SPLIT_WORKERS + 1)] = ()
+    """A split host's layer shares: its own, then each worker's."""
     public_key: Annotated[bytes, msgspec.Meta(max_length=PUBLIC_KEY_MAX)] = b""
     """The node's public key (DER SubjectPublicKeyInfo)."""
     signature: Annotated[bytes, msgspec.Meta(max_length=SIGNATURE_MAX)] = b""

@@ -43,6 +43,7 @@ from typing import IO, TextIO
 from urllib.parse import urljoin, urlsplit
 
 from meshllm import __version__
+from meshllm.placement.memory import format_bytes
 from meshllm.runtime.backoff import Backoff
 
 log = logging.getLogger("meshllm.models.download")
@@ -566,15 +567,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, http.client.IncompleteRead):
         return "incomplete read"
     return str(exc) or type(exc).__name__
-
-
-def format_bytes(n: float) -> str:
-    """`1929903264` -> `1.93 GB` (decimal units, like Hugging Face shows sizes)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def _format_duration(seconds: float) -> str:

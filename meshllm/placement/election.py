@@ -210,7 +210,9 @@ def fits(size_bytes: int | None, budget_bytes: int) -> bool:
 
 
 def _counts_as_server(ann: PeerAnnouncement) -> bool:
-    return bool(ann.serving) and ann.role != "client" and ann.server_state != "failed"
+    """A node that serves its model: a host (a split group's workers and standbys are
+    part of their host's server, not servers of their own)."""
+    return bool(ann.serving) and ann.role in ("host", "idle") and ann.server_state != "failed"
 
 
 def servers_by_model(

@@ -190,3 +190,12 @@ def detect_memory(
     return replace(
         found, total_bytes=total, free_bytes=min(found.free_bytes, total), source="override"
     )
+
+
+def format_bytes(n: float) -> str:
+    """`1929903264` -> `1.93 GB` (decimal units, like Hugging Face shows sizes)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"

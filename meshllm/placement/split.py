@@ -13,6 +13,14 @@ A plan that still works is kept (`plan(..., current=...)`): a member that
 comes back, or a nearer one that joins, does not reshuffle a split that
 serves, since moving layers means loading the model again.
 
+Which member plays which part (`role_of`): the nodes that serve a model
+but cannot hold it alone (or were started with `--split`) form its split
+group. Its host is the member that already claims to be (so a bigger member
+that joins does not take over a split that serves), else `host_of`. The
+host plans, with its own round trips, and announces the plan; a member the
+host's plan names is its worker, the others stand by. Every member computes
+the same host from the same announcements.
+
 Pure functions of their arguments; nothing here does I/O or reads a clock.
 """
 
@@ -20,8 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
 
 from meshllm.placement.election import MEMORY_OVERHEAD
+from meshllm.placement.memory import format_bytes
 
 RTT_LIMIT_MS = 80.0
 """Members farther than this (round trip, from the host) are never workers."""
@@ -65,7 +77,14 @@ class NoFit:
     reason: str
 
 
-Plan = Solo | Split | NoFit
+@dataclass(frozen=True)
+class Waiting:
+    """Not yet known: members that would make the model fit have no round trip measured."""
+
+    reason: str
+
+
+Plan = Solo | Split | NoFit | Waiting
 
 
 def host_of(members: list[Member]) -> Member | None:
@@ -87,6 +106,7 @@ def plan(
     force_split: bool = False,
     rtt_limit_ms: float = RTT_LIMIT_MS,
     current: Plan | None = None,
+    host_id: str | None = None,
 ) -> Plan:
     """Where `model_bytes` of model is served among `members`.
 
@@ -94,7 +114,8 @@ def plan(
     health prober measured them; a member with none is not a worker (not known
     to be reachable). `force_split`: split even when one member could hold it
     (`--split`), over the host and its nearest worker at least. `current`: the
-    plan in force, kept while it still works.
+    plan in force, kept while it still works. `host_id`: the host, when the group
+    already has one (else `host_of`).
     """
     need = needed_bytes(model_bytes)
     by_id = {m.node_id: m for m in members}
@@ -105,7 +126,7 @@ def plan(
             return current
         if isinstance(current, Split) and (force_split or not _one_holds(need, members)):
             return current
-    host = host_of(members)
+    host = by_id.get(host_id) if host_id is not None else host_of(members)
     if host is None:
         return NoFit("no member in the model's group")
     if host.memory_bytes >= need and not force_split:
@@ -120,13 +141,18 @@ def plan(
         key=lambda m: (rtt_ms[m.node_id], m.node_id),
     )
     workers = _fewest_nearest(need - host.memory_bytes, near, at_least=1 if force_split else 0)
+    if workers is None and host.memory_bytes >= need:
+        return Solo(host.node_id)  # asked to split, but no worker is in reach
     if workers is None:
+        unmeasured = [m for m in others if m.node_id not in rtt_ms and m.memory_bytes > 0]
+        if unmeasured and _fewest_nearest(need - host.memory_bytes, near + unmeasured, 0):
+            return Waiting(f"measuring round trips to {len(unmeasured)} member(s)")
         pooled = host.memory_bytes + sum(m.memory_bytes for m in near)
         far = sum(1 for m in others if m.memory_bytes > 0) - len(near)
         beyond = f" ({far} more beyond {rtt_limit_ms:g} ms or unmeasured)" if far else ""
         return NoFit(
-            f"needs {need / 1e9:.1f} GB; the host and its reachable members hold "
-            f"{pooled / 1e9:.1f} GB together{beyond}"
+            f"needs {format_bytes(need)}; the host and its reachable members hold "
+            f"{format_bytes(pooled)} together{beyond}"
         )
     return _split(host, workers)
 
@@ -175,7 +201,7 @@ def _still_works(
 ) -> bool:
     """`current` can go on serving: its members are all here, still hold what they
     must, and every worker is still within reach."""
-    if isinstance(current, NoFit):
+    if isinstance(current, NoFit | Waiting):
         return False
     if isinstance(current, Solo):
         host = by_id.get(current.host)
@@ -185,3 +211,79 @@ def _still_works(
     if any(rtt_ms.get(w, float("inf")) > rtt_limit_ms for w in current.workers):
         return False
     return sum(by_id[node].memory_bytes for node in current.members) >= need
+
+
+# -- who plays which part ----------------------------------------------------------------
+
+
+class SplitRole(msgspec.Struct, frozen=True):
+    """This node's part in its model's split group (`role_of`), as the Elector passes it on."""
+
+    part: Literal["host", "worker", "standby", "nofit"]
+    host: str = ""
+    """The group's host (this node when `part` is host)."""
+    workers: tuple[str, ...] = ()
+    """The host's workers, nearest first; none: the host serves alone."""
+    shares: tuple[float, ...] = ()
+    """`--tensor-split` shares: the host's, then each worker's."""
+    note: str = ""
+    """Why a standby waits, or why the model fits nowhere."""
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """A member of a model's split group, as its announcement says."""
+
+    node_id: str
+    memory_bytes: int
+    claims_host: bool = False
+    """It announces itself as the group's host."""
+    workers: tuple[str, ...] = ()
+    """The workers its plan names (when it claims to host)."""
+
+
+def group_host(members: list[GroupMember]) -> str | None:
+    """The group's host: among the members that claim it (normally one), else among all,
+    the one `host_of` picks."""
+    claimers = [m for m in members if m.claims_host] or members
+    host = host_of([Member(m.node_id, m.memory_bytes) for m in claimers])
+    return None if host is None else host.node_id
+
+
+def role_of(
+    me: str,
+    model_bytes: int,
+    members: list[GroupMember],
+    rtt_ms: Mapping[str, float],
+    *,
+    force_split: bool = False,
+    rtt_limit_ms: float = RTT_LIMIT_MS,
+    current: Plan | None = None,
+) -> tuple[SplitRole, Plan | None]:
+    """This node's part in the group `members` (itself included), and, when it is the
+    host, its plan (to pass back as `current` next time)."""
+    host = group_host(members)
+    if host is None:
+        return SplitRole("standby", note="no member in the group"), None
+    if host != me:
+        by_id = {m.node_id: m for m in members}
+        if me in by_id[host].workers:
+            return SplitRole("worker", host=host), None
+        return SplitRole("standby", host=host, note=f"{host} hosts the model"), None
+    pool = [Member(m.node_id, m.memory_bytes) for m in members]
+    chosen = plan(
+        model_bytes,
+        pool,
+        rtt_ms,
+        force_split=force_split,
+        rtt_limit_ms=rtt_limit_ms,
+        current=current,
+        host_id=me,
+    )
+    if isinstance(chosen, Solo):
+        return SplitRole("host", host=me, shares=(1.0,)), chosen
+    if isinstance(chosen, Split):
+        return SplitRole("host", me, chosen.workers, chosen.shares), chosen
+    if isinstance(chosen, Waiting):
+        return SplitRole("standby", host=me, note=chosen.reason), chosen
+    return SplitRole("nofit", host=me, note=chosen.reason), chosen

@@ -51,3 +51,14 @@ def find_binary(kind: str, flag: str | None = None) -> str:
         f"{kind} not found (looked at --{kind}, ${_ENV[kind]}, {build_dir()}, PATH); "
         + INSTALL_HINT.format(cache=build_dir())
     )
+
+
+def rpc_server_binary(flag: str | None) -> tuple[str, str]:
+    """The RPC server a split worker runs, and why there is none: a node that is never a
+    worker does not need one, so only a wrong `--rpc-server` stops the node from starting."""
+    try:
+        return find_binary("rpc-server", flag), ""
+    except BinaryNotFound as exc:
+        if flag:
+            raise
+        return "", str(exc)

@@ -18,6 +18,7 @@ import msgspec
 from meshllm.http.origin import check_origins
 from meshllm.mesh import health
 from meshllm.placement.election import COLD_GRACE_S
+from meshllm.placement.split import RTT_LIMIT_MS
 from meshllm.runtime.paths import DEFAULT_HOME
 
 
@@ -154,6 +155,28 @@ class UpOptions:
         metavar="GB",
         check=_not_negative,
     )
+    split: bool = option(
+        False,
+        "--split",
+        "Serve this node's model split with other nodes that serve it (llama.cpp RPC "
+        "over the mesh) even when it fits here. Without it, a model is split only when it "
+        "fits on no single node that serves it.",
+    )
+    split_rtt_limit_ms: float = option(
+        RTT_LIMIT_MS,
+        "--split-rtt-limit",
+        "Farthest round trip (ms) to a node that may hold layers of a split model: every "
+        "token waits for each worker once.",
+        metavar="MS",
+        check=_positive,
+    )
+    rpc_server: str | None = option(
+        None,
+        "--rpc-server",
+        "llama.cpp RPC server binary (rpc-server or ggml-rpc-server) a split worker runs; "
+        "it must come from the same llama.cpp build as every host's llama-server.",
+        metavar="PATH",
+    )
     probe_interval_s: float = option(
         health.DEFAULT_INTERVAL_S,
         "--probe-interval",
@@ -229,6 +252,10 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The port the OpenAI API is bound to (`--port`, or the one picked for port 0)."""
     llama_server: str = ""
     """Path of the llama-server binary (`--llama-server`, else found; empty for a client)."""
+    rpc_server: str = ""
+    """Path of the RPC server binary a split worker runs (empty: not found)."""
+    rpc_server_missing: str = ""
+    """Why there is no RPC server binary (said when this node is asked to be a worker)."""
     mesh_secret: bytes = b""
     """Admits peers (from the invite token, or made by the first node)."""
     advertise_host: str = "127.0.0.1"

@@ -12,9 +12,11 @@ from typing import Literal
 import msgspec
 
 from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.placement.split import SplitRole
 from meshllm.runtime.config import ModelSpec
 
-ServerStateName = Literal["stopped", "downloading", "loading", "ready", "failed"]
+ServerStateName = Literal["stopped", "waiting", "downloading", "loading", "ready", "failed"]
+"""`waiting`: a split group's standby, serving nothing until the group needs it."""
 
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):
@@ -51,6 +53,9 @@ class LocalServerState(msgspec.Struct, tag=True, frozen=True):
     reason: str = ""
     """Why the server failed, taken from llama-server's own output."""
     restarts: int = 0
+    split: SplitRole | None = None
+    """This node's part in its model's split group; None: it serves the model alone.
+    A worker's `port` is its RPC server's."""
     sha256: str = ""
     """Digest of the model file when this node downloaded it (its own `--model URL`):
     announced, so other nodes can fetch the same file and check it."""
@@ -66,6 +71,10 @@ class RouteTarget(msgspec.Struct, frozen=True):
     """llama-server port on that node (local) or its API port (remote)."""
     model: str = ""
     """The model served there (the remote Tunnel checks it; the request may name another)."""
+    workers: tuple[str, ...] = ()
+    """A split host's workers (none: the model is served there alone)."""
+    shares: tuple[float, ...] = ()
+    """A split host's layer shares: its own, then each worker's."""
 
 
 class ModelRoute(msgspec.Struct, frozen=True):
@@ -74,6 +83,8 @@ class ModelRoute(msgspec.Struct, frozen=True):
     """Empty for a cold model: known to the mesh, served by no node."""
     nodes: tuple[str, ...] = ()
     """Node ids serving the model."""
+    note: str = ""
+    """Why a cold model is not served (e.g. it fits nowhere, even split), when known."""
 
 
 class RouteTable(msgspec.Struct, tag=True, frozen=True):
@@ -136,6 +147,27 @@ class ServeModel(msgspec.Struct, tag=True, frozen=True):
     spec: ModelSpec | None = None
     """None: serve nothing, wait for capacity."""
     reason: str = ""
+    split: SplitRole | None = None
+    """The node's part in the model's split group (meshllm.placement.split); None: alone."""
+
+
+class PeerRtts(msgspec.Struct, tag=True, frozen=True):
+    """Round trips to peers, in ms, as probes measured them (HealthProber, topic `rtt`)."""
+
+    rtt_ms: dict[str, float] = {}
+
+
+class UseRpcWorkers(msgspec.Struct, tag=True, frozen=True):
+    """ServerSupervisor -> Tunnel (ask): carry a split host's RPC connections to these
+    workers (nearest first); replaces the previous set, () closes all."""
+
+    workers: tuple[str, ...] = ()
+
+
+class RpcPorts(msgspec.Struct, tag=True, frozen=True):
+    """Tunnel's reply to `UseRpcWorkers`: one loopback port per worker, in order."""
+
+    ports: tuple[int, ...] = ()
 
 
 class DropModel(msgspec.Struct, tag=True, frozen=True):
@@ -189,6 +221,9 @@ Message = (
     | PeerDied
     | GetToken
     | ServeModel
+    | PeerRtts
+    | UseRpcWorkers
+    | RpcPorts
     | DropModel
     | GetStatus
     | NodeStatus

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from meshllm.mesh.status import announced_part
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import actor_main
 from meshllm.runtime.backoff import Backoff
@@ -167,7 +168,7 @@ class Node:
         )
         return m.NodeStatus(
             node_id=self.config.node_id,
-            role="client" if self.config.options.client else "host",
+            role=announced_part(self.server, self.config.options.client)["role"],
             home=self.config.home,
             http=f"{self.config.http_host}:{self.config.http_port}",
             server=self.server,

@@ -7,7 +7,7 @@ checked. `-c` keeps received tensors in a local cache, so loading the same
 model again need not send the weights again. Host and workers must run the
 same llama.cpp build: RPC refuses a mismatched one.
 
-Not wired to the actors yet (issue 10): these build the command lines.
+The ServerSupervisor runs these command lines; the Tunnel carries the connections.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from collections.abc import Sequence
 LOOPBACK = "127.0.0.1"
 
 
-def rpc_server_command(binary: str, port: int, threads: int = 1) -> list[str]:
-    """A worker's RPC server: on loopback only, with the tensor cache."""
-    return [binary, "--host", LOOPBACK, "--port", str(port), "--threads", str(threads), "--cache"]
+def rpc_server_command(binary: str, port: int, threads: int | None = None) -> list[str]:
+    """A worker's RPC server: on loopback only, with the tensor cache (in `$LLAMA_CACHE`),
+    on `threads` CPU threads (None: the RPC server's own default)."""
+    command = [binary, "--host", LOOPBACK, "--port", str(port), "--cache"]
+    return command if threads is None else [*command, "--threads", str(threads)]
 
 
 def split_args(worker_ports: Sequence[int], shares: Sequence[float]) -> list[str]:

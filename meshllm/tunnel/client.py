@@ -257,6 +257,18 @@ class TunnelClient:
 
     # -- links -----------------------------------------------------------------
 
+    async def open_stream(self, node_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new stream to `node_id`'s Tunnel (dialled if need be), for a split's RPC
+        connection; ConnectionError when the node is not known or not reachable."""
+        addr = await self._address(node_id)
+        if addr is None:
+            raise ConnectionError(f"node {node_id} has no tunnel address in the mesh")
+        try:
+            link = await self._link(node_id, addr)
+        except (AdmissionError, TimeoutError) as exc:
+            raise ConnectionError(f"cannot reach node {node_id}'s tunnel: {exc}") from exc
+        return await link.open_stream()
+
     async def _link(self, node_id: str, addr: Address) -> Link:
         link = self.links.get(node_id)
         if link is not None and not link.closed.is_set():

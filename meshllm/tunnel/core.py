@@ -56,8 +56,23 @@ def serving_port(state: LocalServerState, model: str) -> tuple[int, str]:
         return 0, f"this node serves no model (asked for {model!r})"
     if state.model != model:
         return 0, f"this node serves {state.model!r}, not {model!r}"
+    if state.split is not None and state.split.part != "host":
+        return 0, f"this node is a {state.split.part} of {model!r}'s split, not its host"
     if state.state != "ready" or not state.port:
         return 0, f"model {model!r} is {state.state} on this node"
+    return state.port, ""
+
+
+def rpc_port(state: LocalServerState, peer: str) -> tuple[int, str]:
+    """(RPC server port, "") if this node is a ready split worker of host `peer`, else
+    (0, why): only the host a worker serves reaches its RPC server."""
+    split = state.split
+    if split is None or split.part != "worker":
+        return 0, "this node is no split worker"
+    if split.host != peer:
+        return 0, f"this node is a split worker of {split.host}, not of {peer}"
+    if state.state != "ready" or not state.port:
+        return 0, f"this node's RPC server is {state.state}"
     return state.port, ""
 
 

@@ -17,6 +17,10 @@ most `MAX_STREAMS_PER_PEER` streams and `BODY_BYTES_PER_PEER` body bytes at
 once. What breaks a rule is answered with the OpenAI-shaped error and ends
 the stream, and a member that sends data on a link's control stream, which
 nothing reads, loses the link (`guard_control`).
+
+A stream that starts with `wire.RpcOpen` instead carries a split host's RPC
+connection to this node's RPC server (`meshllm.tunnel.rpc`), when this node
+is a ready worker of that very host (`core.rpc_port`); otherwise it is dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ from meshllm.mesh import wire
 from meshllm.mesh.quic import Link, drained, release_stream, stop_waiter, write_last
 from meshllm.runtime import messages as m
 from meshllm.runtime.logs import Throttle
-from meshllm.tunnel.core import LAST_CHUNK, PeerQuota, chunk, response_head, serving_port
+from meshllm.tunnel.core import (
+    LAST_CHUNK,
+    PeerQuota,
+    chunk,
+    response_head,
+    rpc_port,
+    serving_port,
+)
 from meshllm.tunnel.hop import (
     LENGTH_BYTES,
     MAX_BODY_BYTES,
@@ -42,6 +53,7 @@ from meshllm.tunnel.hop import (
     frame_length,
     upstream_headers,
 )
+from meshllm.tunnel.rpc import serve_rpc_stream
 
 log = logging.getLogger("meshllm.tunnel")
 
@@ -103,6 +115,8 @@ class TunnelServer:
         self.drop_warnings = Throttle()
         """One line per peer per interval about streams that were not tunnel requests."""
         """Streams dropped because their first frame was not a valid `TunnelOpen`."""
+        self.rpc_streams = 0
+        """Split RPC connections relayed to this node's RPC server."""
         self.refused = 0
         """Streams answered with an error because they broke a rule or a cap."""
         self.pool: Pool | None = None
@@ -151,13 +165,16 @@ class TunnelServer:
             try:
                 async with asyncio.timeout(self.head_timeout_s):
                     opening = await wire.read_frame(reader, OPEN_FRAME_BYTES)
-                    if not isinstance(opening, wire.TunnelOpen):
+                    if isinstance(opening, wire.RpcOpen):
+                        pass  # a long-lived byte stream: relayed below, out of this deadline
+                    elif not isinstance(opening, wire.TunnelOpen):
                         self._drop(
                             link, reader, writer, f"first frame was {type(opening).__name__}"
                         )
                         return
-                    prefix = await reader.readexactly(LENGTH_BYTES)
-                    payload = await reader.readexactly(frame_length(prefix))
+                    else:
+                        prefix = await reader.readexactly(LENGTH_BYTES)
+                        payload = await reader.readexactly(frame_length(prefix))
             except TimeoutError:
                 if opening is None:
                     self._drop(link, reader, writer, "no first frame in time")
@@ -165,6 +182,14 @@ class TunnelServer:
                 raise RequestTimeout(
                     f"the request head did not arrive within {self.head_timeout_s:g}s"
                 ) from None
+            if isinstance(opening, wire.RpcOpen):
+                port, why = rpc_port(self.local, link.peer_id)
+                if not port:
+                    self._drop(link, reader, writer, f"an RPC stream: {why}")
+                    return
+                self.rpc_streams += 1
+                await serve_rpc_stream(reader, writer, port)
+                return
             request = decode_request(payload, self.max_body_bytes)
             # Refused before its body is read: a wrong model is answered at once.
             port, why = serving_port(self.local, opening.model)
