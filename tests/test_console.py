@@ -24,9 +24,17 @@ import pytest
 from meshllm import __version__
 from meshllm.http import console as console_app
 from meshllm.http.console import ConsoleApp
-from meshllm.mesh.status import MeshStatus, build_mesh_status, own_card
+from meshllm.mesh.status import MeshStatus, NodeCard, SplitCard, build_mesh_status, own_card
 from meshllm.mesh.wire import PeerAnnouncement
-from meshllm.runtime.messages import LocalServerState, MeshView, ModelRoute, RouteTable, RouteTarget
+from meshllm.placement.split import SplitRole
+from meshllm.runtime.messages import (
+    LocalServerState,
+    MeshView,
+    ModelRoute,
+    RouteTable,
+    RouteTarget,
+    ServerStateName,
+)
 from meshllm.runtime.procutil import free_port
 from meshllm.testing import NodeProcess, chat, http, wait_for, websocket_attempt
 
@@ -55,7 +63,7 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
 
 
 def peer(
-    node_id: str, model: str | None, state: str, vram: int, role: str = "host"
+    node_id: str, model: str | None, state: str, vram: int, role: str = "host", **split: Any
 ) -> PeerAnnouncement:
     return PeerAnnouncement(
         node_id=node_id,
@@ -65,6 +73,7 @@ def peer(
         server_state=state,
         vram_bytes=vram,
         http_port=9000,
+        **split,
     )
 
 
@@ -122,6 +131,83 @@ def test_own_card_roles() -> None:
     assert client.role == "client"
     assert idle.version == client.version == __version__  # as peers see it in its announcement
     assert (failed.role, failed.state, failed.reason) == ("host", "failed", "out of memory")
+
+
+def split_status(
+    model: str = "alpha", reason: str = "out of memory", note: str = "fits nowhere"
+) -> MeshStatus:
+    """A model split over three nodes (aaaa hosts, bbbb and cccc work), a standby, a
+    failed peer and a cold model with a note; the strings can be hostile."""
+    a, b, c, d, e = (ch * 16 for ch in "abcde")
+    shares = (0.5, 0.3, 0.2)
+    split = SplitRole("host", host=a, workers=(b, c), shares=shares)
+    local = LocalServerState(model=model, state="ready", port=5000, split=split)
+    me = own_card(a, client=False, local=local, vram_bytes=8 * GiB, http_port=9337)
+    mesh = MeshView(
+        a,
+        (
+            peer(b, model, "ready", 4 * GiB, role="worker", split_group=True, split_host=a),
+            peer(c, model, "ready", 2 * GiB, role="worker", split_group=True, split_host=a),
+            peer(d, model, "waiting", 1 * GiB, role="standby", split_group=True),
+            peer(e, "beta", "failed", 1 * GiB, server_reason=reason),
+        ),
+    )
+    target = RouteTarget(a, True, 5000, model, (b, c), shares)
+    routes = RouteTable((ModelRoute(model, (target,), (a,)), ModelRoute("beta", note=note)))
+    return build_mesh_status(me, mesh, routes, "http://127.0.0.1:9337/v1")
+
+
+def test_status_shows_a_split_model_its_members_and_shares() -> None:
+    a, b, c, d, e = (ch * 16 for ch in "abcde")
+    status = split_status()
+    alpha, beta = status.models
+    assert (alpha.name, alpha.status, alpha.nodes) == ("alpha", "warm", (a,))
+    assert alpha.splits == (SplitCard(host=a, members=(a, b, c), shares=(0.5, 0.3, 0.2)),)
+    assert (beta.status, beta.splits, beta.note) == ("cold", (), "fits nowhere")
+    cards = {n.node_id: n for n in status.nodes}
+    assert (cards[a].role, cards[a].workers, cards[a].shares) == ("host", (b, c), (0.5, 0.3, 0.2))
+    assert cards[a].split_host == ""
+    for worker in (b, c):
+        assert (cards[worker].role, cards[worker].split_host) == ("worker", a)
+        assert (cards[worker].workers, cards[worker].shares) == ((), ())
+    assert (cards[d].role, cards[d].state, cards[d].split_host) == ("standby", "waiting", "")
+    assert (cards[e].state, cards[e].reason) == ("failed", "out of memory")  # a peer's reason
+
+
+def test_status_a_solo_server_is_no_split() -> None:
+    """Only targets with workers are splits; a model served solo elsewhere lists none."""
+    status = mesh_status()
+    assert all(m.splits == () for m in status.models)
+    assert all((n.split_host, n.workers, n.shares) == ("", (), ()) for n in status.nodes)
+    both = RouteTable(
+        (
+            ModelRoute(
+                "alpha",
+                (
+                    RouteTarget("aaaa", True, 5000, "alpha"),
+                    RouteTarget("bbbb", False, 9000, "alpha", ("cccc",), (0.6, 0.4)),
+                ),
+                ("aaaa", "bbbb"),
+            ),
+        )
+    )
+    card = build_mesh_status(status.nodes[0], MeshView("aaaa"), both, status.api).models[0]
+    assert card.splits == (SplitCard(host="bbbb", members=("bbbb", "cccc"), shares=(0.6, 0.4)),)
+
+
+def test_own_card_split_parts() -> None:
+    def card(split: SplitRole, state: ServerStateName = "ready") -> NodeCard:
+        local = LocalServerState(model="m", state=state, split=split)
+        return own_card("n", client=False, local=local, vram_bytes=0, http_port=1)
+
+    worker = card(SplitRole("worker", host="h"))
+    standby = card(SplitRole("standby", host="h", note="not needed now"), "waiting")
+    nofit = card(SplitRole("nofit", note="needs 540.00 KB"), "waiting")
+    alone = card(SplitRole("host", host="n"))  # in a split group, serving alone
+    assert (worker.role, worker.split_host, worker.workers) == ("worker", "h", ())
+    assert (standby.role, standby.state, standby.split_host) == ("standby", "waiting", "")
+    assert nofit.role == "standby"
+    assert (alone.role, alone.workers, alone.shares) == ("host", (), ())
 
 
 # -- the app, in-process ----------------------------------------------------------
