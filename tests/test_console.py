@@ -1,10 +1,12 @@
 """The web console: its status core, its ASGI app in-process, and the page in a real browser.
 
-The browser test drives Debian's Chromium headless through Playwright (never a
-downloaded browser; `tools/setup` installs the package) against a real
-two-node mesh with two models. With `MESHLLM_CONSOLE_SCREENSHOT=PATH` it
-leaves a screenshot there (the README's is `bench/results/console.png`); a
-plain test run writes nothing into the repository.
+The browser tests drive Debian's Chromium headless through Playwright (never a
+downloaded browser; `tools/setup` installs the package): one against a real
+two-node mesh with two models, one against a fixed status served by Playwright's
+routing (a split and hostile peer strings, no mesh at all). With
+`MESHLLM_CONSOLE_SCREENSHOT=PATH` the first leaves a screenshot there (the
+README's is `bench/results/console.png`); a plain test run writes nothing into the
+repository.
 """
 
 from __future__ import annotations
@@ -18,15 +20,25 @@ import signal
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import msgspec
 import pytest
 
 from meshllm import __version__
 from meshllm.http import console as console_app
 from meshllm.http.console import ConsoleApp
-from meshllm.mesh.status import MeshStatus, build_mesh_status, own_card
+from meshllm.mesh.status import MeshStatus, NodeCard, SplitCard, build_mesh_status, own_card
 from meshllm.mesh.wire import PeerAnnouncement
-from meshllm.runtime.messages import LocalServerState, MeshView, ModelRoute, RouteTable, RouteTarget
+from meshllm.placement.split import SplitRole
+from meshllm.runtime.messages import (
+    LocalServerState,
+    MeshView,
+    ModelRoute,
+    RouteTable,
+    RouteTarget,
+    ServerStateName,
+)
 from meshllm.runtime.procutil import free_port
 from meshllm.testing import NodeProcess, chat, http, wait_for, websocket_attempt
 
@@ -55,7 +67,7 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
 
 
 def peer(
-    node_id: str, model: str | None, state: str, vram: int, role: str = "host"
+    node_id: str, model: str | None, state: str, vram: int, role: str = "host", **split: Any
 ) -> PeerAnnouncement:
     return PeerAnnouncement(
         node_id=node_id,
@@ -65,6 +77,7 @@ def peer(
         server_state=state,
         vram_bytes=vram,
         http_port=9000,
+        **split,
     )
 
 
@@ -122,6 +135,88 @@ def test_own_card_roles() -> None:
     assert client.role == "client"
     assert idle.version == client.version == __version__  # as peers see it in its announcement
     assert (failed.role, failed.state, failed.reason) == ("host", "failed", "out of memory")
+
+
+HOSTILE_MODEL = '<img src=x onerror="window.owned=1">'
+HOSTILE_REASON = "<script>window.owned=2</script> out of memory"
+HOSTILE_NOTE = '<b onmouseover="window.owned=3">a1b2</b>: needs 540.00 KB'
+
+
+def split_status(
+    model: str = "alpha", reason: str = "out of memory", note: str = "fits nowhere"
+) -> MeshStatus:
+    """A model split over three nodes (aaaa hosts, bbbb and cccc work), a standby, a
+    failed peer and a cold model with a note; the strings can be hostile."""
+    a, b, c, d, e = (ch * 16 for ch in "abcde")
+    shares = (0.5, 0.3, 0.2)
+    split = SplitRole("host", host=a, workers=(b, c), shares=shares)
+    local = LocalServerState(model=model, state="ready", port=5000, split=split)
+    me = own_card(a, client=False, local=local, vram_bytes=8 * GiB, http_port=9337)
+    mesh = MeshView(
+        a,
+        (
+            peer(b, model, "ready", 4 * GiB, role="worker", split_group=True, split_host=a),
+            peer(c, model, "ready", 2 * GiB, role="worker", split_group=True, split_host=a),
+            peer(d, model, "waiting", 1 * GiB, role="standby", split_group=True),
+            peer(e, "beta", "failed", 1 * GiB, server_reason=reason),
+        ),
+    )
+    target = RouteTarget(a, True, 5000, model, (b, c), shares)
+    routes = RouteTable((ModelRoute(model, (target,), (a,)), ModelRoute("beta", note=note)))
+    return build_mesh_status(me, mesh, routes, "http://127.0.0.1:9337/v1")
+
+
+def test_status_shows_a_split_model_its_members_and_shares() -> None:
+    a, b, c, d, e = (ch * 16 for ch in "abcde")
+    status = split_status()
+    alpha, beta = status.models
+    assert (alpha.name, alpha.status, alpha.nodes) == ("alpha", "warm", (a,))
+    assert alpha.splits == (SplitCard(host=a, members=(a, b, c), shares=(0.5, 0.3, 0.2)),)
+    assert (beta.status, beta.splits, beta.note) == ("cold", (), "fits nowhere")
+    cards = {n.node_id: n for n in status.nodes}
+    assert (cards[a].role, cards[a].workers, cards[a].shares) == ("host", (b, c), (0.5, 0.3, 0.2))
+    assert cards[a].split_host == ""
+    for worker in (b, c):
+        assert (cards[worker].role, cards[worker].split_host) == ("worker", a)
+        assert (cards[worker].workers, cards[worker].shares) == ((), ())
+    assert (cards[d].role, cards[d].state, cards[d].split_host) == ("standby", "waiting", "")
+    assert (cards[e].state, cards[e].reason) == ("failed", "out of memory")  # a peer's reason
+
+
+def test_status_a_solo_server_is_no_split() -> None:
+    """Only targets with workers are splits; a model served solo elsewhere lists none."""
+    status = mesh_status()
+    assert all(m.splits == () for m in status.models)
+    assert all((n.split_host, n.workers, n.shares) == ("", (), ()) for n in status.nodes)
+    both = RouteTable(
+        (
+            ModelRoute(
+                "alpha",
+                (
+                    RouteTarget("aaaa", True, 5000, "alpha"),
+                    RouteTarget("bbbb", False, 9000, "alpha", ("cccc",), (0.6, 0.4)),
+                ),
+                ("aaaa", "bbbb"),
+            ),
+        )
+    )
+    card = build_mesh_status(status.nodes[0], MeshView("aaaa"), both, status.api).models[0]
+    assert card.splits == (SplitCard(host="bbbb", members=("bbbb", "cccc"), shares=(0.6, 0.4)),)
+
+
+def test_own_card_split_parts() -> None:
+    def card(split: SplitRole, state: ServerStateName = "ready") -> NodeCard:
+        local = LocalServerState(model="m", state=state, split=split)
+        return own_card("n", client=False, local=local, vram_bytes=0, http_port=1)
+
+    worker = card(SplitRole("worker", host="h"))
+    standby = card(SplitRole("standby", host="h", note="not needed now"), "waiting")
+    nofit = card(SplitRole("nofit", note="needs 540.00 KB"), "waiting")
+    alone = card(SplitRole("host", host="n"))  # in a split group, serving alone
+    assert (worker.role, worker.split_host, worker.workers) == ("worker", "h", ())
+    assert (standby.role, standby.state, standby.split_host) == ("standby", "waiting", "")
+    assert nofit.role == "standby"
+    assert (alone.role, alone.workers, alone.shares) == ("host", (), ())
 
 
 # -- the app, in-process ----------------------------------------------------------
@@ -601,6 +696,83 @@ def test_console_in_a_browser(
         expect(cold.locator(".count")).to_have_text("0 nodes")
         expect(page.locator("#node-total")).to_have_text("1")
         expect(page.locator("#model-total")).to_have_text("1 / 2")
+        assert not errors, errors
+    finally:
+        with contextlib.suppress(Exception):
+            page.close()
+
+
+def test_console_shows_a_split_and_treats_peer_strings_as_text(browser: Any) -> None:
+    """The page against a fixed status (no mesh): a split model with its members and
+    shares, a worker, a standby, a split host, a failed peer's reason and a cold model's
+    note; hostile model names, reasons and notes are shown as text and never run."""
+    from playwright.sync_api import Route, expect
+
+    a, b, c, d, e = (ch * 16 for ch in "abcde")
+    status = split_status(HOSTILE_MODEL, HOSTILE_REASON, HOSTILE_NOTE)
+    event = b"retry: 60000\nevent: status\ndata: " + msgspec.json.encode(status) + b"\n\n"
+    assets = console_app.load_assets()
+
+    def serve(route: Route) -> None:
+        path = urlsplit(route.request.url).path
+        if path == "/api/events":
+            route.fulfill(status=200, content_type="text/event-stream", body=event)
+        elif path in assets:
+            body, kind = assets[path]
+            route.fulfill(status=200, headers={"content-type": kind.decode()}, body=body)
+        else:
+            route.fulfill(status=404, body=b"")
+
+    page = browser.new_page(viewport={"width": 1360, "height": 860})
+    page.set_default_timeout(10_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.route("**/*", serve)
+        page.goto("http://127.0.0.1:9/")
+        expect(page.locator("#nodes .node")).to_have_count(5)
+
+        # Models list: the split model with its host then workers, each with a share.
+        row = page.locator("#models .model-row").first
+        expect(row).to_have_attribute("data-status", "warm")
+        expect(row.locator(".name")).to_have_text(HOSTILE_MODEL)
+        split = row.locator(".split")
+        expect(split).to_have_attribute("data-host", a)
+        expect(split).to_have_text("split aaaaaaaa 50% · bbbbbbbb 30% · cccccccc 20%")
+        expect(split.locator(".member")).to_have_count(3)
+        parts = split.locator(".member").evaluate_all(
+            "ms => ms.map(m => [m.dataset.nodeId, m.dataset.part, m.dataset.share])"
+        )
+        assert parts == [[a, "host", "0.5"], [b, "worker", "0.3"], [c, "worker", "0.2"]]
+        cold = page.locator('#models .model-row[data-model="beta"]')
+        expect(cold).to_have_attribute("data-status", "cold")
+        expect(cold.locator(".note")).to_have_text(HOSTILE_NOTE)
+        expect(cold.locator(".split")).to_have_count(0)
+
+        # Node boxes: the host's workers, each worker's host and share, the standby.
+        def box(node_id: str) -> Any:
+            return page.locator(f'.node[data-node-id="{node_id}"]')
+
+        expect(box(a).locator(".badge.role")).to_have_text("host")
+        expect(box(a).locator(".split")).to_have_text(
+            "holds 50% · workers bbbbbbbb 30% · cccccccc 20%"
+        )
+        for worker, share in ((b, "30%"), (c, "20%")):
+            expect(box(worker).locator(".badge.role")).to_have_text("worker")
+            expect(box(worker).locator(".split")).to_have_text(f"worker for aaaaaaaa · {share}")
+            expect(box(worker).locator(".split")).to_have_attribute("data-host", a)
+            expect(box(worker)).to_have_attribute("data-highlight", "true")  # serves the pick
+        expect(box(d).locator(".badge.role")).to_have_text("standby")
+        expect(box(d).locator(".badge.state")).to_have_text("waiting")
+        expect(box(d).locator(".split")).to_contain_text("standby")
+        expect(box(d)).to_have_attribute("data-highlight", "false")  # serves none of it
+        expect(box(e).locator(".badge.state")).to_have_text("failed")
+        expect(box(e).locator(".reason")).to_have_text(HOSTILE_REASON)  # a peer's reason
+        expect(box(e).locator(".split")).to_have_count(0)
+
+        # Hostile strings stayed text: no element they name exists, no script of theirs ran.
+        assert page.locator("#models img, #nodes img, #models b, #nodes script").count() == 0
+        assert page.evaluate("window.owned") is None
         assert not errors, errors
     finally:
         with contextlib.suppress(Exception):

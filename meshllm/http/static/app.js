@@ -1,6 +1,7 @@
 // meshllm console: live mesh status (server-sent events) and a streaming chat.
 // No framework and no build step. Every string that comes from the mesh (model
-// names, node ids) reaches the page through textContent, never as HTML.
+// names, node ids, states, failure reasons, notes) reaches the page through
+// textContent or an attribute, never as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -41,6 +42,28 @@ function formatBytes(bytes) {
 
 const shortId = (id) => id.slice(0, 8);
 const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+// A split member's part of the layers, as `ctl status` writes it (0.57 -> "57%").
+const percent = (share) => (Number.isFinite(share) ? `${Math.round(share * 100)}%` : "?");
+// Server states the page styles; anything else a peer announces is shown, never styled.
+const STATES = new Set(["stopped", "waiting", "downloading", "loading", "ready", "failed"]);
+
+// Node ids with their shares ("a1b2c3d4 57% · c3d4e5f6 43%"), the host first.
+function shareList(ids, shares, hostFirst) {
+  const out = [];
+  ids.forEach((id, i) => {
+    if (i) out.push(" · ");
+    const part = hostFirst && i === 0 ? "host" : "worker";
+    out.push(
+      el(
+        "span",
+        { className: "member", "data-node-id": id, "data-part": part, "data-share": shares[i], title: `${part} ${id}` },
+        el("code", { text: shortId(id) }),
+        i < shares.length ? ` ${percent(shares[i])}` : "",
+      ),
+    );
+  });
+  return out;
+}
 
 // -- mesh status ----------------------------------------------------------------
 
@@ -99,6 +122,16 @@ function renderModels(models) {
         el("span", { className: "name", text: m.name }),
         el("span", { className: "status", text: m.status }),
         el("span", { className: "count", text: plural(m.node_count, "node") + loading }),
+        ...(m.splits || []).map((split) =>
+          el(
+            "span",
+            { className: "detail split", "data-host": split.host },
+            el("span", { className: "tag", text: "split" }),
+            " ",
+            ...shareList(split.members || [], split.shares || [], true),
+          ),
+        ),
+        m.note ? el("span", { className: "detail note", text: m.note }) : null,
       );
       button.addEventListener("click", () => choose(m.name));
       return el(
@@ -135,11 +168,42 @@ function renderPicker(models) {
   picker.value = ui.selected;
 }
 
+// A node's part in a split: a worker's host (and its share there), a host's workers.
+function splitLine(n, byId) {
+  if (n.role === "worker" && n.split_host) {
+    const host = byId.get(n.split_host);
+    const at = host ? (host.workers || []).indexOf(n.node_id) : -1;
+    const share = at >= 0 && at + 1 < host.shares.length ? ` · ${percent(host.shares[at + 1])}` : "";
+    return el(
+      "div",
+      { className: "split", "data-host": n.split_host },
+      "worker for ",
+      el("code", { title: n.split_host, text: shortId(n.split_host) }),
+      share,
+    );
+  }
+  if (n.role === "standby") {
+    return el("div", { className: "split", text: "standby in its model's split group, not used now" });
+  }
+  if (n.workers && n.workers.length) {
+    return el(
+      "div",
+      { className: "split" },
+      n.shares?.length ? `holds ${percent(n.shares[0])} · workers ` : "workers ",
+      ...shareList(n.workers, (n.shares || []).slice(1), false),
+    );
+  }
+  return null;
+}
+
 function renderNodes(nodes) {
+  const byId = new Map(nodes.map((n) => [n.node_id, n]));
   $("nodes").replaceChildren(
     ...nodes.map((n) => {
-      const serving = n.model && n.model === ui.selected;
+      // A standby holds the model's name but serves none of it.
+      const serving = n.model && n.model === ui.selected && n.role !== "standby";
       const stateText = n.model ? n.state : n.role === "client" ? "no server" : "waiting";
+      const stateClass = n.model ? (STATES.has(n.state) ? n.state : "other") : "none";
       const box = el(
         "article",
         {
@@ -159,9 +223,10 @@ function renderNodes(nodes) {
           "div",
           { className: "badges" },
           el("span", { className: "badge role", text: n.role }),
-          el("span", { className: `badge state state-${n.model ? n.state : "none"}`, text: stateText }),
+          el("span", { className: `badge state state-${stateClass}`, text: stateText }),
         ),
         el("div", { className: n.model ? "model" : "model none", title: n.model || "", text: n.model || "no model" }),
+        splitLine(n, byId),
         n.reason ? el("div", { className: "reason", text: n.reason }) : null,
         el("div", { className: "meta", text: n.vram_bytes ? `${formatBytes(n.vram_bytes)} VRAM` : "no VRAM announced" }),
       );
