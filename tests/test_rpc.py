@@ -227,3 +227,71 @@ def test_layers_on_a_worker_reached_through_quic_answer_as_the_model_alone(
     assert to_worker > demo_model.stat().st_size // 2, (to_worker, from_worker)
     _, solo_port = serve(started, llama_server, demo_model, tmp_path / "solo.log")
     assert split_answer == chat(solo_port) and split_answer
+
+
+# -- the worker's side of the Tunnel (meshllm.tunnel.server) ------------------------------
+
+
+def test_rpc_streams_reach_a_worker_only_from_its_host() -> None:
+    """A worker's Tunnel relays an `RpcOpen` stream to its RPC server (here a TCP echo
+    server standing in for it) only from the host it serves, once ready; any other
+    member's stream, or one before the server is ready, is dropped unrelayed."""
+    import asyncio
+
+    from meshllm.mesh import wire
+    from meshllm.mesh.identity import load_or_create_key, node_id_of
+    from meshllm.mesh.quic import Link, MeshEndpoint
+    from meshllm.placement.split import SplitRole
+    from meshllm.runtime.messages import LocalServerState
+    from meshllm.tunnel.server import TunnelServer
+
+    async def no_setup(link: Link) -> None:
+        pass
+
+    async def main() -> list[bytes]:
+        accepted: list[bytes] = []
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            data = await reader.read(100)
+            accepted.append(data)
+            writer.write(data)
+            await writer.drain()
+            writer.close()
+
+        rpc = await asyncio.start_server(echo, "127.0.0.1", 0)
+        rpc_port = rpc.sockets[0].getsockname()[1]
+        keys = [load_or_create_key(None) for _ in range(3)]
+        worker_id, host_id, other_id = (node_id_of(k) for k in keys)
+        server = TunnelServer()
+        worker = MeshEndpoint(worker_id, b"s" * 32, keys[0], no_setup, server.handle_stream)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        await worker.listen(udp)
+        dialers = [
+            MeshEndpoint(i, b"s" * 32, k, no_setup) for i, k in zip((host_id, other_id), keys[1:])
+        ]
+        host, other = [await d.dial("127.0.0.1", udp.getsockname()[1]) for d in dialers]
+        part = SplitRole("worker", host=host_id)
+
+        async def attempt(link: Link) -> bytes:
+            reader, writer = await link.open_stream()
+            writer.write(wire.encode_frame(wire.RpcOpen()) + b"hello")
+            return await asyncio.wait_for(reader.read(100), 10)
+
+        try:
+            server.local = LocalServerState("m", state="loading", port=rpc_port, split=part)
+            before_ready = await attempt(host)
+            server.local = LocalServerState("m", state="ready", port=rpc_port, split=part)
+            from_other = await attempt(other)
+            from_host = await attempt(host)
+            return [before_ready, from_other, from_host, *accepted]
+        finally:
+            for d in dialers:
+                d.close()
+            worker.close()
+            rpc.close()
+            await asyncio.sleep(0.05)  # the closed streams' writers go before the loop
+
+    before_ready, from_other, from_host, *accepted = asyncio.run(main())
+    assert before_ready == b"" and from_other == b""  # dropped: nothing came back
+    assert from_host == b"hello" and accepted == [b"hello"]  # only the host's got through
