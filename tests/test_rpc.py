@@ -240,7 +240,7 @@ def test_rpc_streams_reach_a_worker_only_from_its_host() -> None:
 
     from meshllm.mesh import wire
     from meshllm.mesh.identity import load_or_create_key, node_id_of
-    from meshllm.mesh.quic import Link, MeshEndpoint
+    from meshllm.mesh.quic import Link, MeshEndpoint, release_stream
     from meshllm.placement.split import SplitRole
     from meshllm.runtime.messages import LocalServerState
     from meshllm.tunnel.server import TunnelServer
@@ -275,8 +275,11 @@ def test_rpc_streams_reach_a_worker_only_from_its_host() -> None:
 
         async def attempt(link: Link) -> bytes:
             reader, writer = await link.open_stream()
-            writer.write(wire.encode_frame(wire.RpcOpen()) + b"hello")
-            return await asyncio.wait_for(reader.read(100), 10)
+            try:
+                writer.write(wire.encode_frame(wire.RpcOpen()) + b"hello")
+                return await asyncio.wait_for(reader.read(100), 10)
+            finally:
+                release_stream(reader, writer, abort=True)
 
         try:
             server.local = LocalServerState("m", state="loading", port=rpc_port, split=part)
