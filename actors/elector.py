@@ -100,7 +100,7 @@ def describe(part: split.SplitRole) -> str:
         shares = ", ".join(f"{s:.0%}" for s in part.shares)
         return f"host with workers {', '.join(part.workers)} (layers {shares})"
     if part.part == "host":
-        return "host, alone (the model fits here)"
+        return "host, alone (the model fits here, and no other member is there to split with)"
     if part.part == "worker":
         return f"worker for {part.host}"
     return f"{part.part}: {part.note}"
@@ -141,6 +141,10 @@ class Elector(Actor):
         self.wanted_split: split.SplitRole | None = None
         self.split_plan: split.Plan | None = None
         """The plan this node made as its split group's host (kept while it works)."""
+        self.split_host: str | None = None
+        """The split group's host as this node last saw it claim the part."""
+        self.hold = split.PartHold()
+        self.heard_peers = not cfg.options.join
         self.rtts: dict[str, float] = {}
         self.reason = ""
         self.served_here: set[str] = set()
@@ -225,13 +229,21 @@ class Elector(Actor):
             # Fits here, or memory was not detected: served alone, as before splits.
             self.split_plan = None
             return None
+        if not self.heard_peers:
+            if not self.mesh.peers:
+                # Joining: plan with the group, not alone before it is heard (a node
+                # that would split must not load the whole model meanwhile).
+                return split.SplitRole("standby", note="joining the mesh")
+            self.heard_peers = True
         me = self.config.node_id
         members = [split.GroupMember(me, self.config.vram_bytes)]
         for ann in announcements:
             if ann.serving != spec.name or not ann.split_group:
                 continue
+            # A worker whose RPC server failed is no candidate until it recovers.
+            failed = ann.role == "worker" and ann.server_state == "failed"
             member = split.GroupMember(
-                ann.node_id, ann.vram_bytes, ann.role == "host", ann.split_workers
+                ann.node_id, 0 if failed else ann.vram_bytes, ann.role == "host", ann.split_workers
             )
             if ann.node_id == me:
                 members[0] = member  # what the others see of this node
@@ -245,8 +257,11 @@ class Elector(Actor):
             force_split=opts.split,
             rtt_limit_ms=opts.split_rtt_limit_ms,
             current=self.split_plan,
+            incumbent=self.split_host,
         )
-        return part
+        claims = {m.node_id for m in members if m.claims_host}
+        self.split_host = part.host if part.host in claims else self.split_host
+        return self.hold.settle(part, {m.node_id for m in members}, time.monotonic())
 
     def _report_refused(self, refused: dict[tuple[str, str], str]) -> None:
         """Say once why a peer's proposed download is not used (the model then has no
@@ -275,7 +290,8 @@ class Elector(Actor):
     async def _timer(self) -> None:
         """Re-run the decision at the core's own deadlines (claims that expire, cold grace)."""
         while True:
-            deadline = self.core.next_deadline()
+            deadlines = [self.core.next_deadline(), self.hold.due()]
+            deadline = min((d for d in deadlines if d is not None), default=None)
             delay = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
             self.wake.clear()
             with contextlib.suppress(TimeoutError):

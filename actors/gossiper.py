@@ -241,7 +241,8 @@ class Gossiper(Actor):
                     continue
                 await self._run(actions)
         except (asyncio.IncompleteReadError, ConnectionError, wire.WireError) as exc:
-            self.log.info("link to %s ended: %s", link.peer_id, exc or "closed")
+            why = "closed" if isinstance(exc, asyncio.IncompleteReadError) else exc or "closed"
+            self.log.info("link to %s ended: %s", link.peer_id, why)
         finally:
             del self.links[link_id]
             link.close()
@@ -305,7 +306,8 @@ class Gossiper(Actor):
             changes: dict[str, Any] = {
                 "serving": msg.model or None,
                 "server_state": msg.state,
-                "server_reason": msg.reason[:200] if msg.state == "failed" else "",
+                # Only the planner's own words: a server's output can name local paths.
+                "server_reason": msg.split.note[:200] if msg.split is not None else "",
                 **announced_part(msg, self.config.options.client),
             }
             me = self.core.members.me

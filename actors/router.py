@@ -50,13 +50,13 @@ class Router(Actor):
 
 
 def failure_notes(mesh: m.MeshView, local: m.LocalServerState) -> dict[str, str]:
-    """Model -> why a node says it cannot serve it (e.g. it fits nowhere, even split)."""
+    """Model -> why a node says it does not serve it (e.g. it fits nowhere, even split)."""
     notes = {
         peer.serving: f"{peer.node_id}: {peer.server_reason}"
         for peer in mesh.peers
-        if peer.serving and peer.server_state == "failed" and peer.server_reason
+        if peer.serving and peer.server_state in ("failed", "waiting") and peer.server_reason
     }
-    if local.model and local.state == "failed" and local.reason:
+    if local.model and local.state in ("failed", "waiting") and local.reason:
         notes[local.model] = f"this node: {local.reason[:200]}"
     return notes
 

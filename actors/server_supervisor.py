@@ -123,7 +123,9 @@ class ServerSupervisor(Actor):
         self.state = m.LocalServerState()
         self.wake = asyncio.Event()
         self.download_cancel = threading.Event()
-        self.log_path = Path(self.config.home) / "logs" / "llama-server.log"
+        self.logs = Path(self.config.home) / "logs"
+        self.log_path = self.logs / "llama-server.log"
+        """Where llama-server's output goes (a worker's RPC server: `rpc-server.log`)."""
         self.loop_task = asyncio.create_task(self._reconcile_forever())
         await self._set(m.LocalServerState())
 
@@ -173,10 +175,10 @@ class ServerSupervisor(Actor):
                 await self.wake.wait()
                 continue
             if part is not None and part.part in ("standby", "nofit"):
-                # Nothing runs here; a model that fits nowhere says why, once.
-                state: m.ServerStateName = "waiting" if part.part == "standby" else "failed"
+                # Nothing runs here; the group may grow, so even a model that fits
+                # nowhere now waits (its note says why), rather than failing.
                 await self._set(
-                    m.LocalServerState(spec.name, state=state, reason=part.note, split=part)
+                    m.LocalServerState(spec.name, state="waiting", reason=part.note, split=part)
                 )
                 await self.wake.wait()
                 continue
@@ -303,7 +305,7 @@ class ServerSupervisor(Actor):
             size=size,
         )
         await self._set(msgspec_replace(base, state="loading", port=port))
-        reader = asyncio.create_task(self._read_output())
+        reader = asyncio.create_task(self._read_output(self.log_path))
         try:
             if await self._await_health(port):
                 await self._set(msgspec_replace(base, state="ready", port=port))
@@ -349,7 +351,7 @@ class ServerSupervisor(Actor):
         )
         base = msgspec_replace(base, pid=self.proc.pid, port=port)
         await self._set(msgspec_replace(base, state="loading"))
-        reader = asyncio.create_task(self._read_output())
+        reader = asyncio.create_task(self._read_output(self.logs / "rpc-server.log"))
         try:
             listening = await self._await_listening(port)
             if listening:
@@ -405,9 +407,9 @@ class ServerSupervisor(Actor):
             await stop_process(self.proc)
         return False
 
-    async def _read_output(self) -> None:
+    async def _read_output(self, path: Path) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        with self.log_path.open("ab") as logfile:
+        with path.open("ab") as logfile:
             while line := await _read_line(self.proc.stdout):
                 logfile.write(line)
                 logfile.flush()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshllm.runtime.binaries import BinaryNotFound, build_dir, find_binary
+from meshllm.runtime.binaries import BinaryNotFound, build_dir, find_binary, rpc_server_binary
 
 
 @pytest.fixture
@@ -125,3 +125,20 @@ def test_symlinked_flag_is_resolved(places: dict[str, Path]) -> None:
     link = places["flag"] / "link"
     os.symlink(real, link)
     assert find_binary("llama-server", str(link)) == str(real.resolve())
+
+
+def test_a_missing_rpc_server_is_said_only_when_asked_for(
+    places: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not found anywhere: the node starts, and says why when asked to be a worker.
+    path, why = rpc_server_binary(None)
+    assert path == "" and "rpc-server not found" in why
+    # Asked for by flag or variable, a wrong path stops the start.
+    with pytest.raises(BinaryNotFound, match="--rpc-server"):
+        rpc_server_binary(str(places["flag"] / "nope"))
+    monkeypatch.setenv("MESHLLM_RPC_SERVER", str(places["env"] / "nope"))
+    with pytest.raises(BinaryNotFound, match="MESHLLM_RPC_SERVER"):
+        rpc_server_binary(None)
+    found = _exe(places["env"] / "ggml-rpc-server")
+    monkeypatch.setenv("MESHLLM_RPC_SERVER", str(found))
+    assert rpc_server_binary(None) == (str(found), "")

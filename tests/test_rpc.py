@@ -268,7 +268,8 @@ def test_rpc_streams_reach_a_worker_only_from_its_host() -> None:
         udp.bind(("127.0.0.1", 0))
         await worker.listen(udp)
         dialers = [
-            MeshEndpoint(i, b"s" * 32, k, no_setup) for i, k in zip((host_id, other_id), keys[1:])
+            MeshEndpoint(i, b"s" * 32, k, no_setup)
+            for i, k in zip((host_id, other_id), keys[1:], strict=True)
         ]
         host, other = [await d.dial("127.0.0.1", udp.getsockname()[1]) for d in dialers]
         part = SplitRole("worker", host=host_id)

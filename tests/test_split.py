@@ -13,6 +13,7 @@ from meshllm.placement.split import (
     GroupMember,
     Member,
     NoFit,
+    PartHold,
     Solo,
     Split,
     SplitRole,
@@ -70,7 +71,9 @@ def test_members_beyond_the_rtt_limit_or_unmeasured_are_never_workers() -> None:
 def test_a_model_too_big_even_pooled_is_reported_not_retried() -> None:
     result = plan(100 * GB, members(a=8, b=8), {"b": 1.0})
     assert isinstance(result, NoFit)
-    assert "needs 110.00 GB" in result.reason and "16.00 GB together" in result.reason
+    assert (
+        "needs 110.00 GB" in result.reason and "2 members in reach hold 16.00 GB" in result.reason
+    )
     assert isinstance(plan(GB, [], {}), NoFit)
 
 
@@ -176,7 +179,7 @@ def test_the_host_plans_the_others_follow_its_announced_plan() -> None:
     assert isinstance(current, Split)
     # Until a announces its plan, b and c cannot know theirs: they stand by for a.
     assert role_of("b", 10 * GB, members, {})[0] == SplitRole(
-        "standby", "a", note="a hosts the model"
+        "standby", "a", note="standing by; a plans the split"
     )
     announced = [GroupMember("a", 6 * GB, True, ("b",)), *members[1:]]
     assert role_of("b", 10 * GB, announced, {})[0] == SplitRole("worker", host="a")
@@ -213,3 +216,33 @@ def test_the_host_reports_no_fit_and_waits_for_round_trips() -> None:
 def test_asked_to_split_alone_the_host_serves_the_model_alone() -> None:
     part, current = role_of("a", GB, group(a=6), {}, force_split=True)
     assert part == SplitRole("host", "a", shares=(1.0,)) and isinstance(current, Solo)
+
+
+def test_a_group_keeps_its_incumbent_host_against_a_bigger_claimer() -> None:
+    members = [
+        GroupMember("a", 6 * GB, True, ("b",)),
+        GroupMember("h", 10**15, True, ("b",)),
+        *group(b=5.5),
+    ]
+    assert group_host(members) == "h"  # without memory of who hosted: the biggest claimer
+    assert group_host(members, incumbent="a") == "a"
+    part, _ = role_of("b", 10 * GB, members, {}, incumbent="a")
+    assert part == SplitRole("worker", host="a")
+    # The incumbent stopped claiming (it left, or stood down): the others choose again.
+    assert group_host([members[1], *members[2:]], incumbent="a") == "h"
+
+
+def test_a_running_part_is_held_unless_a_member_it_needs_left() -> None:
+    hold = PartHold(hold_s=10.0)
+    worker = SplitRole("worker", host="a")
+    standby = SplitRole("standby", host="h", note="standing by; h plans the split")
+    assert hold.settle(worker, {"a", "b", "h"}, 0.0) == worker
+    # Announcements flip: the change waits for the hold, whatever comes meanwhile.
+    assert hold.settle(standby, {"a", "b", "h"}, 1.0) == worker
+    assert hold.due() == 10.0
+    assert hold.settle(worker, {"a", "b", "h"}, 2.0) == worker
+    assert hold.settle(standby, {"a", "b", "h"}, 10.0) == standby and hold.due() is None
+    # From a part that runs nothing, at once; and when the host left, at once.
+    assert hold.settle(worker, {"a", "b"}, 10.5) == worker
+    other = SplitRole("worker", host="b")
+    assert hold.settle(other, {"b"}, 11.0) == other

@@ -18,14 +18,18 @@ Retry-After while nothing serves), never hang. A worker's RPC server listens on
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from meshllm.models.demo import ModelShape, ensure_shaped_model
+from meshllm.runtime.paths import cache_dir
 from meshllm.runtime.procutil import listening_addresses
 from meshllm.testing import NodeProcess, http, mesh_models, token_of, wait_for
 
@@ -103,7 +107,13 @@ class SplitMesh:
 
 
 def answer(port: int) -> str:
-    status, _, body = http(port, "POST", "/v1/chat/completions", BODY, timeout=60)
+    return answer_for(port, MODEL)
+
+
+def answer_for(port: int, model: str) -> str:
+    status, _, body = http(
+        port, "POST", "/v1/chat/completions", {**BODY, "model": model}, timeout=60
+    )
     assert status == 200, body
     content: str = json.loads(body)["choices"][0]["message"]["content"]
     return content
@@ -217,3 +227,57 @@ def test_the_group_plans_again_when_a_member_dies(split_mesh: SplitMesh, part: s
         assert split["host"] == mesh.ids["B"]  # the most memory of those left
     for name in (*sorted(left), "client"):
         assert answer(mesh.nodes[name].port) == mesh.solo_answer, name
+
+
+# -- the workers' tensor cache -------------------------------------------------------------
+
+CACHED_SHAPE = ModelShape(
+    name="rpc-cache-test",
+    n_layer=2,
+    n_embd=256,
+    n_head=4,
+    n_head_kv=4,
+    n_ff=11008,
+    n_ctx=512,
+    rope_freq_base=10000.0,
+    f16=False,
+)
+"""A small model (about 70 MB) whose FFN matrices (11.3 MB each) are over the 10 MiB
+above which llama.cpp's RPC server caches a tensor."""
+
+
+def rpc_bytes_sent(node: NodeProcess) -> int:
+    traffic = json.loads((node.home / "run" / "rpc-traffic.json").read_bytes())
+    return int(traffic["to_workers"])
+
+
+def test_a_second_load_sends_far_fewer_bytes_to_the_worker(
+    start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    model = ensure_shaped_model(cache_dir() / "models", CACHED_SHAPE)
+    models = tmp_path / "no-models"
+    models.mkdir()
+    env = {"MESHLLM_MODELS_DIR": str(models)}
+    args = ("--model", str(model), "--split", *LOOPBACK, *ONE_THREAD)
+    # Equal memory: half the layers each (one of the two), whichever hosts.
+    first_node = start_node(*args, "--max-vram", "1", name="a", env=env)
+    other = start_node(*args, "--max-vram", "1", "--join", token_of(first_node), name="b", env=env)
+    name = model.stem
+    first_node.wait_ready(name, timeout=120)
+    host, worker = sorted((first_node, other), key=lambda n: n.status()["role"] != "host")
+    first_answer = answer_for(host.port, name)
+    first = rpc_bytes_sent(host)
+    assert first > model.stat().st_size // 4, first  # the worker's layers crossed the tunnel
+    # The host's llama-server dies; the node starts it again and loads the model again.
+    server = host.status()["server"]
+    os.kill(int(server["pid"]), signal.SIGKILL)
+    wait_for(
+        lambda: (s := host.status()["server"])["state"] == "ready" and s["pid"] != server["pid"],
+        120,
+        "the host's llama-server to be back",
+    )
+    second = wait_for(lambda: rpc_bytes_sent(host) - first, 10, "the second load's bytes")
+    assert second < first / 4, (first, second)
+    assert answer_for(host.port, name) == first_answer
+    assert worker.status()["role"] == "worker"
+    print(f"RPC bytes to the worker: first load {first}, second load {second}")

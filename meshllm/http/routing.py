@@ -84,8 +84,9 @@ class Routes:
         if route is not None:
             if route.targets:
                 return route.targets[0], ""
-            why = f" ({route.note})" if route.note else ""
-            return None, f"model {model!r} is known to the mesh but no node serves it yet{why}"
+            if route.note:
+                return None, f"model {model!r} is known to the mesh but not served: {route.note}"
+            return None, f"model {model!r} is known to the mesh but no node serves it yet"
         if self.unknown(model):
             return None, f"model {model!r} does not exist in this mesh"
         if self.first is None:

@@ -1027,7 +1027,10 @@ class MeshEndpoint:
             protocol.close()
             protocol._transport.close()  # type: ignore[union-attr]
             if isinstance(exc, TimeoutError):
-                raise AdmissionError(f"{host}:{port} did not complete admission") from None
+                raise AdmissionError(
+                    f"{host}:{port} did not complete admission in time (the node is down, "
+                    "or is not a meshllm node)"
+                ) from None
             if isinstance(exc, wire.WireError):
                 why = _shown(str(exc), 120)
                 raise AdmissionError(f"{host}:{port} broke the admission protocol: {why}") from None

@@ -59,11 +59,11 @@ Address = Annotated[
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 """A port, 0 when there is none."""
 Bytes = Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
+"""A size in bytes (a petabyte-scale bound: far over any real model or memory)."""
 MAX_SPLIT_WORKERS = 64
 """Workers one split host may announce."""
 Share = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 """A member's part of a split model's layers."""
-"""A size in bytes (a petabyte-scale bound: far over any real model or memory)."""
 Url = Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^https?://[^\x00-\x20\x7f]+$")]
 """A download source: http or https only, no spaces or control characters."""
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]

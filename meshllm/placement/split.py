@@ -32,11 +32,16 @@ from typing import Literal
 
 import msgspec
 
+from meshllm.mesh.wire import MAX_SPLIT_WORKERS
 from meshllm.placement.election import MEMORY_OVERHEAD
 from meshllm.placement.memory import format_bytes
 
 RTT_LIMIT_MS = 80.0
 """Members farther than this (round trip, from the host) are never workers."""
+HOLD_S = 10.0
+"""How long a node keeps a part that runs something (host or worker) before a change
+that no departure forces (`PartHold`): a member cannot make it restart its server more
+often than this by what it announces."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ def plan(
     if host.memory_bytes >= need and not force_split:
         return Solo(host.node_id)
     others = [m for m in members if m is not host]
+    # At most as many candidates as a plan may name: the planner's cost stays flat
+    # however many members a group has (a member can make ids by the thousand).
     near = sorted(
         (
             m
@@ -139,20 +146,23 @@ def plan(
             if m.node_id in rtt_ms and rtt_ms[m.node_id] <= rtt_limit_ms and m.memory_bytes > 0
         ),
         key=lambda m: (rtt_ms[m.node_id], m.node_id),
-    )
+    )[:MAX_SPLIT_WORKERS]
     workers = _fewest_nearest(need - host.memory_bytes, near, at_least=1 if force_split else 0)
     if workers is None and host.memory_bytes >= need:
         return Solo(host.node_id)  # asked to split, but no worker is in reach
     if workers is None:
-        unmeasured = [m for m in others if m.node_id not in rtt_ms and m.memory_bytes > 0]
+        unmeasured = _largest(
+            [m for m in others if m.node_id not in rtt_ms and m.memory_bytes > 0],
+            MAX_SPLIT_WORKERS,
+        )
         if unmeasured and _fewest_nearest(need - host.memory_bytes, near + unmeasured, 0):
             return Waiting(f"measuring round trips to {len(unmeasured)} member(s)")
         pooled = host.memory_bytes + sum(m.memory_bytes for m in near)
         far = sum(1 for m in others if m.memory_bytes > 0) - len(near)
         beyond = f" ({far} more beyond {rtt_limit_ms:g} ms or unmeasured)" if far else ""
+        held = "1 member in reach holds" if not near else f"{1 + len(near)} members in reach hold"
         return NoFit(
-            f"needs {format_bytes(need)}; the host and its reachable members hold "
-            f"{format_bytes(pooled)} together{beyond}"
+            f"needs {format_bytes(need)}; its split group's {held} {format_bytes(pooled)}{beyond}"
         )
     return _split(host, workers)
 
@@ -242,10 +252,15 @@ class GroupMember:
     """The workers its plan names (when it claims to host)."""
 
 
-def group_host(members: list[GroupMember]) -> str | None:
-    """The group's host: among the members that claim it (normally one), else among all,
+def group_host(members: list[GroupMember], incumbent: str | None = None) -> str | None:
+    """The group's host: `incumbent` (the host this node saw last) while it is a member
+    that still claims it, so a member announcing more memory cannot take over a split
+    that serves; else among the members that claim it (normally one), else among all,
     the one `host_of` picks."""
-    claimers = [m for m in members if m.claims_host] or members
+    claimers = [m for m in members if m.claims_host]
+    if any(m.node_id == incumbent for m in claimers):
+        return incumbent
+    claimers = claimers or members
     host = host_of([Member(m.node_id, m.memory_bytes) for m in claimers])
     return None if host is None else host.node_id
 
@@ -259,17 +274,19 @@ def role_of(
     force_split: bool = False,
     rtt_limit_ms: float = RTT_LIMIT_MS,
     current: Plan | None = None,
+    incumbent: str | None = None,
 ) -> tuple[SplitRole, Plan | None]:
     """This node's part in the group `members` (itself included), and, when it is the
-    host, its plan (to pass back as `current` next time)."""
-    host = group_host(members)
+    host, its plan (to pass back as `current` next time). `incumbent`: the group's host
+    as this node last saw it (`group_host`)."""
+    host = group_host(members, incumbent)
     if host is None:
         return SplitRole("standby", note="no member in the group"), None
     if host != me:
         by_id = {m.node_id: m for m in members}
         if me in by_id[host].workers:
             return SplitRole("worker", host=host), None
-        return SplitRole("standby", host=host, note=f"{host} hosts the model"), None
+        return SplitRole("standby", host=host, note=f"standing by; {host} plans the split"), None
     pool = [Member(m.node_id, m.memory_bytes) for m in members]
     chosen = plan(
         model_bytes,
@@ -287,3 +304,37 @@ def role_of(
     if isinstance(chosen, Waiting):
         return SplitRole("standby", host=me, note=chosen.reason), chosen
     return SplitRole("nofit", host=me, note=chosen.reason), chosen
+
+
+class PartHold:
+    """Keeps a part that runs something (host or worker) for `hold_s` before a change
+    that no departure forces: what members announce cannot make this node restart its
+    server in a loop. A change is taken at once when the part runs nothing (standby,
+    no fit) or when a member the part depends on (its host, its workers) left the group.
+    """
+
+    def __init__(self, hold_s: float = HOLD_S) -> None:
+        self.hold_s = hold_s
+        self.part: SplitRole | None = None
+        self.since = -float("inf")
+        self.held = False
+        """A proposed change waits for `due`."""
+
+    def settle(self, proposed: SplitRole | None, present: set[str], now: float) -> SplitRole | None:
+        """The part to take now, given the one `role_of` proposes and the group's members."""
+        current = self.part
+        if proposed == current:
+            return current
+        running = current is not None and current.part in ("host", "worker")
+        if running and now - self.since < self.hold_s:
+            assert current is not None
+            needed = {current.host, *current.workers} - {""}
+            if needed <= present:
+                self.held = True
+                return current  # held: see `due`
+        self.part, self.since, self.held = proposed, now, False
+        return proposed
+
+    def due(self) -> float | None:
+        """When a held change may be taken (call `settle` again then), if one waits."""
+        return self.since + self.hold_s if self.held else None

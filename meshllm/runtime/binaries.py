@@ -55,10 +55,11 @@ def find_binary(kind: str, flag: str | None = None) -> str:
 
 def rpc_server_binary(flag: str | None) -> tuple[str, str]:
     """The RPC server a split worker runs, and why there is none: a node that is never a
-    worker does not need one, so only a wrong `--rpc-server` stops the node from starting."""
+    worker does not need one, so only a wrong `--rpc-server` (or `$MESHLLM_RPC_SERVER`)
+    stops the node from starting."""
     try:
         return find_binary("rpc-server", flag), ""
     except BinaryNotFound as exc:
-        if flag:
+        if flag or os.environ.get(_ENV["rpc-server"]):
             raise
         return "", str(exc)
