@@ -6,7 +6,7 @@ plus one line here.
 
 from __future__ import annotations
 
-from bench import convergence, gossip_traffic, probes, proxy, remote, tunnel, versions
+from bench import convergence, gossip_traffic, probes, proxy, remote, split, tunnel, versions
 from bench.common import Section
 
 SECTIONS: dict[str, Section] = {
@@ -15,6 +15,7 @@ SECTIONS: dict[str, Section] = {
         proxy.SECTION,
         remote.SECTION,
         tunnel.SECTION,
+        split.SECTION,
         convergence.SECTION,
         probes.SECTION,
         gossip_traffic.SECTION,

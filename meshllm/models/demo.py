@@ -37,12 +37,20 @@ laptop CPU. Its output is gibberish, but it is well-behaved gibberish:
   hundred tokens when the request is batched differently (concurrent slots, a reused prompt
   cache), mostly through flash attention's F16 accumulation; ``llama-server -fa off`` makes
   that very rare.
+
+``write_shaped_model`` writes the same kind of model in another ``ModelShape``: by default
+the layers of a real ~0.5 B model (``DANUBE3_500M_SHAPE``, ~830 MB, layer matrices in F16)
+for the tensor split benchmark, where a decode step must cost what a real model's does and
+the FFN matrices must be large enough for llama.cpp's RPC tensor cache. It keeps the
+vocabulary and every guarantee above; it is written on demand into a cache (seconds), never
+committed.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -125,48 +133,126 @@ def _uniform(
     return (rng.random(shape) * 2.0 - 1.0) * (std * np.sqrt(3.0))
 
 
-def _tensors(seed: int) -> list[tuple[str, npt.NDArray[np.float32]]]:
+@dataclass(frozen=True)
+class ModelShape:
+    """The widths of a llama-architecture model written with the demo vocabulary."""
+
+    name: str
+    """Part of the file name `ensure_shaped_model` writes."""
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx: int
+    rope_freq_base: float
+    f16: bool
+    """Layer matrices in F16 (norms, embeddings and the LM head stay F32)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def matrix_bytes(self) -> dict[str, int]:
+        """Bytes of each weight matrix of one layer, as written."""
+        item = 2 if self.f16 else 4
+        kv_dim = self.n_head_kv * self.head_dim
+        return {
+            "attn_q": self.n_embd * self.n_head * self.head_dim * item,
+            "attn_k": self.n_embd * kv_dim * item,
+            "attn_v": self.n_embd * kv_dim * item,
+            "attn_output": self.n_head * self.head_dim * self.n_embd * item,
+            "ffn_gate": self.n_embd * self.n_ff * item,
+            "ffn_up": self.n_embd * self.n_ff * item,
+            "ffn_down": self.n_ff * self.n_embd * item,
+        }
+
+    def weight_bytes(self) -> int:
+        """Bytes of all tensors (about the file's size: the header is a few kB)."""
+        layer = sum(self.matrix_bytes().values()) + 2 * self.n_embd * 4
+        return self.n_layer * layer + (2 * N_VOCAB + 1) * self.n_embd * 4
+
+
+DEMO_SHAPE = ModelShape(
+    name="tiny",
+    n_layer=N_LAYER,
+    n_embd=N_EMBD,
+    n_head=N_HEAD,
+    n_head_kv=N_HEAD_KV,
+    n_ff=N_FF,
+    n_ctx=N_CTX,
+    rope_freq_base=ROPE_FREQ_BASE,
+    f16=False,
+)
+"""The tiny demo model's shape (`write_demo_model`)."""
+
+DANUBE3_500M_SHAPE = ModelShape(
+    name="danube3-500m-shape",
+    n_layer=16,
+    n_embd=1536,
+    n_head=16,
+    n_head_kv=8,
+    n_ff=4096,
+    n_ctx=4096,
+    rope_freq_base=100000.0,
+    f16=True,
+)
+"""The layers of H2O's h2o-danube3-500m (a real llama-architecture model) with the demo
+vocabulary instead of its 32k one: ~0.42 B parameters, ~830 MB in F16, whose FFN matrices
+(12 MiB each) are over the 10 MiB above which llama.cpp's RPC server caches a tensor, so
+a worker with `--cache` need not receive them again. A decode step reads every weight
+once: compute, not the network, dominates it, as with a real model (the benchmark's
+`split` section). The context is cut to 4k so the KV cache stays small."""
+
+
+def _tensors(
+    seed: int, shape: ModelShape = DEMO_SHAPE
+) -> list[tuple[str, npt.NDArray[np.float32] | npt.NDArray[np.float16]]]:
     """Build all weight tensors, numpy shape (out, in) as gguf expects (llama.cpp reverses it)."""
     rng = np.random.default_rng(seed)
     n_banned = len(_SPECIAL_TOKENS) + 256  # everything before the printable pieces
-    kv_dim = N_HEAD_KV * HEAD_DIM
+    n_embd, n_head, head_dim, n_ff = shape.n_embd, shape.n_head, shape.head_dim, shape.n_ff
+    kv_dim = shape.n_head_kv * head_dim
 
     def f32(a: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
         return np.ascontiguousarray(a, dtype=np.float32)
 
-    out: list[tuple[str, npt.NDArray[np.float32]]] = []
+    def matrix(a: npt.NDArray[np.float64]) -> npt.NDArray[np.float32] | npt.NDArray[np.float16]:
+        return np.ascontiguousarray(a, dtype=np.float16) if shape.f16 else f32(a)
 
-    embd = _uniform(rng, (N_VOCAB, N_EMBD), 1.0)
+    out: list[tuple[str, npt.NDArray[np.float32] | npt.NDArray[np.float16]]] = []
+
+    embd = _uniform(rng, (N_VOCAB, n_embd), 1.0)
     embd[:, 0] = _BIAS_CHANNEL_VALUE  # the bias channel (see module docstring)
     out.append(("token_embd.weight", f32(embd)))
 
-    for i in range(N_LAYER):
-        scale = 1.0 / np.sqrt(N_EMBD)
-        wq = _uniform(rng, (N_HEAD * HEAD_DIM, N_EMBD), 2.0 * scale)
-        wk = _uniform(rng, (kv_dim, N_EMBD), 2.0 * scale)
-        wv = _uniform(rng, (kv_dim, N_EMBD), scale)
-        wo = _uniform(rng, (N_EMBD, N_HEAD * HEAD_DIM), scale)
-        w_gate = _uniform(rng, (N_FF, N_EMBD), scale)
-        w_up = _uniform(rng, (N_FF, N_EMBD), scale)
-        w_down = _uniform(rng, (N_EMBD, N_FF), 1.0 / np.sqrt(N_FF))
+    for i in range(shape.n_layer):
+        scale = 1.0 / np.sqrt(n_embd)
+        wq = _uniform(rng, (n_head * head_dim, n_embd), 2.0 * scale)
+        wk = _uniform(rng, (kv_dim, n_embd), 2.0 * scale)
+        wv = _uniform(rng, (kv_dim, n_embd), scale)
+        wo = _uniform(rng, (n_embd, n_head * head_dim), scale)
+        w_gate = _uniform(rng, (n_ff, n_embd), scale)
+        w_up = _uniform(rng, (n_ff, n_embd), scale)
+        w_down = _uniform(rng, (n_embd, n_ff), 1.0 / np.sqrt(n_ff))
         # No layer may write to the bias channel, so it stays constant in the residual stream.
         wo[0, :] = 0.0
         w_down[0, :] = 0.0
         out += [
-            (f"blk.{i}.attn_norm.weight", f32(np.ones(N_EMBD))),
-            (f"blk.{i}.attn_q.weight", f32(wq)),
-            (f"blk.{i}.attn_k.weight", f32(wk)),
-            (f"blk.{i}.attn_v.weight", f32(wv)),
-            (f"blk.{i}.attn_output.weight", f32(wo)),
-            (f"blk.{i}.ffn_norm.weight", f32(np.ones(N_EMBD))),
-            (f"blk.{i}.ffn_gate.weight", f32(w_gate)),
-            (f"blk.{i}.ffn_up.weight", f32(w_up)),
-            (f"blk.{i}.ffn_down.weight", f32(w_down)),
+            (f"blk.{i}.attn_norm.weight", f32(np.ones(n_embd))),
+            (f"blk.{i}.attn_q.weight", matrix(wq)),
+            (f"blk.{i}.attn_k.weight", matrix(wk)),
+            (f"blk.{i}.attn_v.weight", matrix(wv)),
+            (f"blk.{i}.attn_output.weight", matrix(wo)),
+            (f"blk.{i}.ffn_norm.weight", f32(np.ones(n_embd))),
+            (f"blk.{i}.ffn_gate.weight", matrix(w_gate)),
+            (f"blk.{i}.ffn_up.weight", matrix(w_up)),
+            (f"blk.{i}.ffn_down.weight", matrix(w_down)),
         ]
 
-    out.append(("output_norm.weight", f32(np.ones(N_EMBD))))
+    out.append(("output_norm.weight", f32(np.ones(n_embd))))
 
-    head = _uniform(rng, (N_VOCAB, N_EMBD), 1.0)
+    head = _uniform(rng, (N_VOCAB, n_embd), 1.0)
     head[:, 0] = 0.0
     # Printable tokens: mean-centred, so their logits average to ~0 -> max >= ~0.
     head[n_banned:, 1:] -= head[n_banned:, 1:].mean(axis=0, keepdims=True)
@@ -179,6 +265,32 @@ def _tensors(seed: int) -> list[tuple[str, npt.NDArray[np.float32]]]:
 
 def write_demo_model(path: Path, *, seed: int = 0, name: str = DEMO_MODEL_NAME) -> Path:
     """Write the demo model to ``path`` atomically (temp file + rename) and return ``path``."""
+    return _write_model(path, DEMO_SHAPE, seed, name)
+
+
+def write_shaped_model(
+    path: Path, shape: ModelShape = DANUBE3_500M_SHAPE, *, seed: int = 0, name: str | None = None
+) -> Path:
+    """Write a demo model of another shape (by default a real ~0.5 B model's layers, a few
+    hundred MB) to ``path`` atomically and return ``path``: the demo's vocabulary, random
+    weights and guarantees (every reply runs to ``max_tokens``, printable, deterministic
+    for a seed), only larger. Takes seconds: numpy, seeded."""
+    return _write_model(path, shape, seed, name or f"{DEMO_MODEL_NAME}-{shape.name}")
+
+
+def ensure_shaped_model(
+    models_dir: Path, shape: ModelShape = DANUBE3_500M_SHAPE, *, seed: int = 0
+) -> Path:
+    """Return the shaped model's path in ``models_dir`` (a cache, never committed), writing
+    it there if it is missing."""
+    name = f"{DEMO_MODEL_NAME}-{shape.name}"
+    path = Path(models_dir) / (f"{name}.gguf" if seed == 0 else f"{name}-seed{seed}.gguf")
+    if not path.exists():
+        write_shaped_model(path, shape, seed=seed, name=name)
+    return path
+
+
+def _write_model(path: Path, shape: ModelShape, seed: int, name: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pieces, scores, types = _vocab()
@@ -189,16 +301,17 @@ def write_demo_model(path: Path, *, seed: int = 0, name: str = DEMO_MODEL_NAME) 
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
         writer.add_name(name)
-        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+        file_type = gguf.LlamaFileType.MOSTLY_F16 if shape.f16 else gguf.LlamaFileType.ALL_F32
+        writer.add_file_type(int(file_type))
         writer.add_vocab_size(N_VOCAB)
-        writer.add_context_length(N_CTX)
-        writer.add_embedding_length(N_EMBD)
-        writer.add_block_count(N_LAYER)
-        writer.add_feed_forward_length(N_FF)
-        writer.add_head_count(N_HEAD)
-        writer.add_head_count_kv(N_HEAD_KV)
-        writer.add_rope_dimension_count(HEAD_DIM)
-        writer.add_rope_freq_base(ROPE_FREQ_BASE)
+        writer.add_context_length(shape.n_ctx)
+        writer.add_embedding_length(shape.n_embd)
+        writer.add_block_count(shape.n_layer)
+        writer.add_feed_forward_length(shape.n_ff)
+        writer.add_head_count(shape.n_head)
+        writer.add_head_count_kv(shape.n_head_kv)
+        writer.add_rope_dimension_count(shape.head_dim)
+        writer.add_rope_freq_base(shape.rope_freq_base)
         writer.add_layer_norm_rms_eps(RMS_EPS)
 
         writer.add_tokenizer_model("llama")
@@ -216,7 +329,7 @@ def write_demo_model(path: Path, *, seed: int = 0, name: str = DEMO_MODEL_NAME) 
         writer.add_add_space_prefix(False)
         writer.add_chat_template(CHATML_TEMPLATE)
 
-        for tensor_name, data in _tensors(seed):
+        for tensor_name, data in _tensors(seed, shape):
             writer.add_tensor(tensor_name, data)
 
         writer.write_header_to_file()

@@ -42,11 +42,16 @@ class Relayed:
 async def _copy_to_quic(
     source: asyncio.StreamReader, quic: asyncio.StreamWriter, count: Callable[[int], None]
 ) -> None:
-    while piece := await source.read(PIECE_BYTES):
-        count(len(piece))
-        quic.write(piece)
-        await drained(quic)
-    quic.write_eof()
+    try:
+        while piece := await source.read(PIECE_BYTES):
+            count(len(piece))
+            quic.write(piece)
+            await drained(quic)
+        quic.write_eof()
+    except (RuntimeError, ValueError) as exc:
+        # aioquic refuses writes on a stream the other side gave up (STOP_SENDING made
+        # it reset the stream, or forget it): the RPC server or llama-server went away.
+        raise ConnectionResetError(f"the other side gave up the stream: {exc}") from None
 
 
 async def _copy_from_quic(
@@ -73,17 +78,22 @@ async def _relay(
         asyncio.ensure_future(_copy_to_quic(tcp_reader, quic_writer, outgoing)),
         asyncio.ensure_future(_copy_from_quic(quic_reader, tcp_writer, incoming)),
     ]
+    ended = False
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
             task.result()  # a failure ends both directions
         await asyncio.gather(*tasks)
+        ended = True
     except (ConnectionError, OSError) as exc:
         log.info("an RPC connection ended: %s", exc)
     finally:
         for task in tasks:
             task.cancel()
-        release_stream(quic_reader, quic_writer, abort=True)
+        # Aborted only when it failed: after a clean end both ways, a reset could
+        # overtake (and discard) the last bytes still unacknowledged, such as the
+        # RPC server's last reply on a lossy link.
+        release_stream(quic_reader, quic_writer, abort=not ended)
         tcp_writer.close()
 
 
@@ -103,10 +113,14 @@ class RpcForwarder:
         port: int = self.server.sockets[0].getsockname()[1]
         return port
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks.add(task)
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Our own task rather than asyncio's for a coroutine callback: `close` cancels
+        # it, and Python 3.11's streams log a cancelled callback task as an error.
+        task = asyncio.ensure_future(self._carry(reader, writer))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             quic_reader, quic_writer = await self.open_stream()
         except (ConnectionError, OSError) as exc:
@@ -122,11 +136,7 @@ class RpcForwarder:
         def incoming(n: int) -> None:
             relayed.from_worker += n
 
-        try:
-            await _relay(reader, writer, quic_reader, quic_writer, outgoing, incoming)
-        finally:
-            if task is not None:
-                self.tasks.discard(task)
+        await _relay(reader, writer, quic_reader, quic_writer, outgoing, incoming)
 
     async def close(self) -> None:
         if self.server is not None:
