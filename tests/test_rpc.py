@@ -299,3 +299,54 @@ def test_rpc_streams_reach_a_worker_only_from_its_host() -> None:
     before_ready, from_other, from_host, *accepted = asyncio.run(main())
     assert before_ready == b"" and from_other == b""  # dropped: nothing came back
     assert from_host == b"hello" and accepted == [b"hello"]  # only the host's got through
+
+
+def test_the_forwarder_serves_this_user_only() -> None:
+    """Another user of the machine connecting to a host's RPC port is closed unrelayed;
+    this node's own user (its llama-server) is carried to the worker."""
+    import asyncio
+    import os
+    import shutil
+    import sys
+
+    from meshllm.tunnel.rpc import RpcForwarder
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to connect as another user")
+
+    async def main() -> tuple[int, int]:
+        opened: list[int] = []
+
+        async def open_stream() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            opened.append(1)
+            raise ConnectionError("no worker in this test")
+
+        forwarder = RpcForwarder(open_stream)
+        port = await forwarder.listen()
+        connect = (
+            "import socket; s = socket.create_connection(('127.0.0.1', %d)); "
+            "s.sendall(b'x'); s.settimeout(5); s.recv(1)" % port
+        )
+        stranger = await asyncio.create_subprocess_exec(
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            connect,
+        )
+        await asyncio.wait_for(stranger.wait(), 10)
+        refused = forwarder.refused
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(100):
+            if opened:
+                break
+            await asyncio.sleep(0.02)
+        writer.close()
+        await forwarder.close()
+        return refused, len(opened)
+
+    refused, opened = asyncio.run(main())
+    assert refused == 1  # the other user's connection, closed before any stream
+    assert opened == 1  # this user's: the forwarder went for the worker

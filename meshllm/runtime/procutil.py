@@ -131,6 +131,21 @@ def listening_addresses(pid: int) -> set[tuple[str, int]]:
     return found
 
 
+def loopback_peer_uid(peer_port: int, local_port: int) -> int | None:
+    """The user owning the 127.0.0.1 TCP socket of port `peer_port` connected to our
+    `local_port`, from /proc/net/tcp; None where /proc cannot tell. How a loopback
+    listener that must serve this node's own children refuses other local users."""
+    wanted = (f"0100007F:{peer_port:04X}", f"0100007F:{local_port:04X}")
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for fields in (line.split() for line in lines):
+        if len(fields) > 7 and (fields[1], fields[2]) == wanted:
+            return int(fields[7])
+    return None
+
+
 def _proc_address(hex_address: str) -> str:
     """/proc/net/tcp's address (little-endian 32-bit words in hex) in the usual notation."""
     import ipaddress

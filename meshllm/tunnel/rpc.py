@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 from meshllm.mesh import wire
 from meshllm.mesh.quic import drained, release_stream
+from meshllm.runtime.procutil import loopback_peer_uid
 from meshllm.runtime.rpc import LOOPBACK
 
 log = logging.getLogger("meshllm.tunnel.rpc")
@@ -99,10 +101,16 @@ async def _relay(
 
 class RpcForwarder:
     """The host's side: a loopback port for its llama-server's `--rpc`, whose every
-    connection is carried over a new QUIC stream to one worker."""
+    connection is carried over a new QUIC stream to one worker.
+
+    Loopback is open to every user of the machine: a connection from a socket that
+    another user owns (read from /proc) is closed unrelayed, so only this node's own
+    llama-server speaks for it to the worker."""
 
     def __init__(self, open_stream: StreamOpener) -> None:
         self.open_stream = open_stream
+        self.refused = 0
+        """Connections closed because another local user made them."""
         self.relayed = Relayed()
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -121,6 +129,14 @@ class RpcForwarder:
         task.add_done_callback(self.tasks.discard)
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_port = writer.get_extra_info("peername")[1]
+        local_port = writer.get_extra_info("sockname")[1]
+        uid = loopback_peer_uid(peer_port, local_port)
+        if uid is not None and uid != os.getuid():
+            self.refused += 1
+            log.warning("refused an RPC connection from another local user (uid %d)", uid)
+            writer.close()
+            return
         try:
             quic_reader, quic_writer = await self.open_stream()
         except (ConnectionError, OSError) as exc:
