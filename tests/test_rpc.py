@@ -324,8 +324,8 @@ def test_the_forwarder_serves_this_user_only() -> None:
         forwarder = RpcForwarder(open_stream)
         port = await forwarder.listen()
         connect = (
-            "import socket; s = socket.create_connection(('127.0.0.1', %d)); "
-            "s.sendall(b'x'); s.settimeout(5); s.recv(1)" % port
+            f"import socket; s = socket.create_connection(('127.0.0.1', {port})); "
+            "s.sendall(b'x'); s.settimeout(5); s.recv(1)"
         )
         stranger = await asyncio.create_subprocess_exec(
             "setpriv",

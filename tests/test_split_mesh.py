@@ -263,8 +263,15 @@ def test_a_second_load_sends_far_fewer_bytes_to_the_worker(
     first_node = start_node(*args, "--max-vram", "1", name="a", env=env)
     other = start_node(*args, "--max-vram", "1", "--join", token_of(first_node), name="b", env=env)
     name = model.stem
-    first_node.wait_ready(name, timeout=120)
-    host, worker = sorted((first_node, other), key=lambda n: n.status()["role"] != "host")
+    # The first node serves alone until the second joins, then (after its 10 s hold
+    # of a running part) splits with it.
+    split = wait_for(
+        lambda: (mesh_models(first_node.port).get(name) or {}).get("split"),
+        120,
+        "the model to be served split",
+        interval=0.2,
+    )[0]
+    host, worker = sorted((first_node, other), key=lambda n: n.status()["node_id"] != split["host"])
     first_answer = answer_for(host.port, name)
     first = rpc_bytes_sent(host)
     assert first > model.stat().st_size // 4, first  # the worker's layers crossed the tunnel
