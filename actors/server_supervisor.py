@@ -272,7 +272,9 @@ class ServerSupervisor(Actor):
                 why = f"the Tunnel opened no ports for the split's workers: {reply!r}"
                 await self._set(m.LocalServerState(spec.name, state="failed", reason=why))
                 return False
-            rpc = split_args(reply.ports, part.shares)
+            rpc = split_args(
+                reply.ports, part.shares, host_gpus=self.config.gpus, layers=model_layers(path)
+            )
         port = free_port()
         cmd = [
             self.config.llama_server,
@@ -430,6 +432,16 @@ async def _read_line(stream: asyncio.StreamReader) -> bytes:
         return await stream.readline()
     except ValueError:
         return await stream.read(OUTPUT_LINE_BYTES) + b"\n"
+
+
+def model_layers(path: str) -> int | None:
+    """The model's layer count from its GGUF header (None when it cannot be read)."""
+    from meshllm.models.files import read_gguf_header
+
+    try:
+        return read_gguf_header(path).block_count
+    except (OSError, ValueError):
+        return None
 
 
 def msgspec_replace(base: m.LocalServerState, **changes: object) -> m.LocalServerState:

@@ -240,6 +240,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         available=available,
         models_dir=str(models_dir()),
         vram_bytes=0 if opts.client else memory.budget_bytes,
+        gpus=len(memory.gpus),
         http_host=opts.listen,
         http_port=sock.getsockname()[1],
         llama_server=llama_server,

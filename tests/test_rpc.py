@@ -28,12 +28,25 @@ def test_proc_addresses_read_as_written() -> None:
     assert _proc_address("00000000000000000000000000000000") == "::"
 
 
-def test_split_args_name_every_worker_and_share() -> None:
-    args = split_args([5001, 5002], [0.5, 0.25, 0.25])
-    assert args[args.index("--rpc") + 1] == "127.0.0.1:5001,127.0.0.1:5002"
-    assert args[args.index("--tensor-split") + 1] == "0.5000,0.2500,0.2500"
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_split_args_name_every_worker_and_give_the_host_its_share() -> None:
+    # A GPU host: llama-server lists the RPC servers first, then the host's GPUs.
+    args = split_args([5001, 5002], [0.5, 0.25, 0.25], host_gpus=2)
+    assert flag(args, "--rpc") == "127.0.0.1:5001,127.0.0.1:5002"
+    assert flag(args, "--tensor-split") == "0.2500,0.2500,0.2500,0.2500"
+    assert flag(args, "--n-gpu-layers") == "999"
+    # A host without a GPU keeps its share as the layers not offloaded.
+    args = split_args([5001, 5002], [0.5, 0.25, 0.25], layers=24)
+    assert flag(args, "--tensor-split") == "0.2500,0.2500"
+    assert flag(args, "--n-gpu-layers") == "12"
+    assert flag(split_args([5001], [0.9, 0.1], layers=2), "--n-gpu-layers") == "1"  # at least one
     with pytest.raises(ValueError):
         split_args([], [1.0])
+    with pytest.raises(ValueError):
+        split_args([5001], [1.0])
 
 
 def test_the_rpc_server_binds_loopback_and_keeps_a_cache() -> None:
@@ -150,7 +163,7 @@ def test_layers_on_an_rpc_worker_answer_as_the_model_alone(
         llama_server,
         demo_model,
         tmp_path / "split.log",
-        *split_args([rpc_port], [1.0]),
+        *split_args([rpc_port], [0.0, 1.0]),
     )
     split_answer = chat(split_port)
     assert "Accepted client connection" in rpc_log.read_text()  # the layers went there
@@ -212,7 +225,7 @@ def test_layers_on_a_worker_reached_through_quic_answer_as_the_model_alone(
                 llama_server,
                 demo_model,
                 tmp_path / "split.log",
-                *split_args([port], [1.0]),
+                *split_args([port], [0.0, 1.0]),
             )
             answer = await asyncio.wait_for(asyncio.to_thread(chat, split_port), 60)
             return answer, forwarder.relayed.to_worker, forwarder.relayed.from_worker

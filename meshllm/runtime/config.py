@@ -246,6 +246,8 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     vram_bytes: int = 0
     """Memory budget for models: VRAM, a share of RAM, or `--max-vram`
     (see meshllm.placement.memory)."""
+    gpus: int = 0
+    """NVIDIA GPUs found (a split host places its share of the layers on them)."""
     http_host: str = "127.0.0.1"
     """Where the OpenAI API listens (`--listen`)."""
     http_port: int = 0

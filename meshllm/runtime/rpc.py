@@ -24,12 +24,30 @@ def rpc_server_command(binary: str, port: int, threads: int | None = None) -> li
     return command if threads is None else [*command, "--threads", str(threads)]
 
 
-def split_args(worker_ports: Sequence[int], shares: Sequence[float]) -> list[str]:
-    """llama-server flags that offload every layer to its devices, the workers' RPC
-    servers among them (reached on local ports, each a tunnel to one worker), in
-    proportion to `shares`: one per device, in the order llama-server lists them."""
-    if not worker_ports:
-        raise ValueError("a split needs at least one worker")
+def split_args(
+    worker_ports: Sequence[int],
+    shares: Sequence[float],
+    *,
+    host_gpus: int = 0,
+    layers: int | None = None,
+) -> list[str]:
+    """llama-server flags that give each worker's RPC server (reached on a local port,
+    a tunnel to that worker) and the host its share of the model's layers.
+
+    `shares`: the host's, then each worker's. llama-server lists the RPC servers
+    first among its devices, then the host's `host_gpus` GPUs, which split the host's
+    share evenly; every layer is offloaded. A host without a GPU has no device of its
+    own: the layers it keeps are the ones not offloaded, so `--n-gpu-layers` is the
+    workers' part of the model's `layers` (llama-server offloads the last layers)."""
+    if not worker_ports or len(shares) != len(worker_ports) + 1:
+        raise ValueError("a split needs at least one worker, and one share per member")
     servers = ",".join(f"{LOOPBACK}:{port}" for port in worker_ports)
-    split = ",".join(f"{share:.4f}" for share in shares)
-    return ["--rpc", servers, "--n-gpu-layers", "999", "--tensor-split", split]
+    host, workers = shares[0], list(shares[1:])
+    if host_gpus > 0:
+        devices, offloaded = [*workers, *[host / host_gpus] * host_gpus], 999
+    else:
+        part = sum(workers) / (sum(shares) or 1.0)
+        offloaded = 999 if layers is None else min(layers, max(1, round(layers * part)))
+        devices = workers
+    split = ",".join(f"{share:.4f}" for share in devices)
+    return ["--rpc", servers, "--n-gpu-layers", str(offloaded), "--tensor-split", split]
