@@ -41,8 +41,8 @@ def test_split_args_name_every_worker_and_give_the_host_its_share() -> None:
     # A host without a GPU keeps its share as the layers not offloaded.
     args = split_args([5001, 5002], [0.5, 0.25, 0.25], layers=24)
     assert flag(args, "--tensor-split") == "0.2500,0.2500"
-    assert flag(args, "--n-gpu-layers") == "12"
-    assert flag(split_args([5001], [0.9, 0.1], layers=2), "--n-gpu-layers") == "1"  # at least one
+    assert flag(args, "--n-gpu-layers") == "13"  # 12 layers and the output layer
+    assert flag(split_args([5001], [0.9, 0.1], layers=2), "--n-gpu-layers") == "2"  # one at least
     with pytest.raises(ValueError):
         split_args([], [1.0])
     with pytest.raises(ValueError):
@@ -337,8 +337,8 @@ def test_the_forwarder_serves_this_user_only() -> None:
         forwarder = RpcForwarder(open_stream)
         port = await forwarder.listen()
         connect = (
-            f"import socket; s = socket.create_connection(('127.0.0.1', {port})); "
-            "s.sendall(b'x'); s.settimeout(5); s.recv(1)"
+            f"import socket, contextlib; s = socket.create_connection(('127.0.0.1', {port})); "
+            "s.sendall(b'x'); s.settimeout(5)\nwith contextlib.suppress(OSError): s.recv(1)"
         )
         stranger = await asyncio.create_subprocess_exec(
             "setpriv",

@@ -38,7 +38,8 @@ def split_args(
     first among its devices, then the host's `host_gpus` GPUs, which split the host's
     share evenly; every layer is offloaded. A host without a GPU has no device of its
     own: the layers it keeps are the ones not offloaded, so `--n-gpu-layers` is the
-    workers' part of the model's `layers` (llama-server offloads the last layers)."""
+    workers' part of the model's `layers`, plus the output layer, which llama-server
+    counts as one more (it offloads from the last layer down)."""
     if not worker_ports or len(shares) != len(worker_ports) + 1:
         raise ValueError("a split needs at least one worker, and one share per member")
     servers = ",".join(f"{LOOPBACK}:{port}" for port in worker_ports)
@@ -47,7 +48,7 @@ def split_args(
         devices, offloaded = [*workers, *[host / host_gpus] * host_gpus], 999
     else:
         part = sum(workers) / (sum(shares) or 1.0)
-        offloaded = 999 if layers is None else min(layers, max(1, round(layers * part)))
+        offloaded = 999 if layers is None else min(layers, max(1, round(layers * part))) + 1
         devices = workers
     split = ",".join(f"{share:.4f}" for share in devices)
     return ["--rpc", servers, "--n-gpu-layers", str(offloaded), "--tensor-split", split]
