@@ -95,7 +95,7 @@ from meshllm.models.demo import DANUBE3_500M_SHAPE, ModelShape, ensure_shaped_mo
 from meshllm.runtime.binaries import find_binary
 from meshllm.runtime.paths import cache_dir
 from meshllm.runtime.procutil import die_with_parent, free_port
-from meshllm.runtime.rpc import LOOPBACK, rpc_server_command
+from meshllm.runtime.rpc import LOOPBACK, rpc_server_command, split_args
 from meshllm.tunnel.client import KEEPALIVE_S
 from meshllm.tunnel.rpc import RpcForwarder, serve_rpc_stream
 
@@ -624,10 +624,6 @@ class Servers:
     node_threads: int
     """llama-server's and rpc-server's --threads on each split member (0: defaults)."""
 
-    def worker_layers(self) -> int:
-        """Repeating layers on the worker: the last half (the host keeps the rest)."""
-        return self.shape.n_layer // 2
-
     def command(self, port: int, threads: int, *extra: str) -> list[str]:
         command = [self.llama_server, "--model", str(self.model), "--host", LOOPBACK]
         command += ["--port", str(port), "--no-webui", "--ctx-size", str(CTX_SIZE)]
@@ -636,10 +632,14 @@ class Servers:
             command += ["--threads", str(threads)]
         return [*command, *extra]
 
+    def worker_layers(self) -> int:
+        """Repeating layers on the worker: the last half (`split_args` with even shares)."""
+        return round(self.shape.n_layer * 0.5)
+
     def split(self, port: int, rpc_port: int) -> list[str]:
-        # -ngl counts the output layer as one: the worker takes its half and the output.
-        ngl = self.worker_layers() + 1
-        rpc = ["--rpc", f"{LOOPBACK}:{rpc_port}", "--n-gpu-layers", str(ngl)]
+        # The flags a split host runs (meshllm.runtime.rpc.split_args): half the
+        # layers each; on this CPU host the worker takes the last half and the output.
+        rpc = split_args([rpc_port], [0.5, 0.5], layers=self.shape.n_layer)
         return self.command(port, self.node_threads, *rpc)
 
     def solo(self, port: int, threads: int) -> list[str]:
