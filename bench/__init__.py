@@ -16,6 +16,8 @@ Sections (`all` runs them in this order):
     probes       simulated probe/gossip traffic, detection and join at N = 10..100
     traffic      gossip and probe bytes per node: N = 2, 4, 8 real nodes (endpoint
                  counters) next to the simulation; then simulated N = 100..1000
+    split        tensor split of a realistic-shape model (~835 MB, generated): over
+                 the QUIC tunnel vs llama.cpp's RPC over TCP vs solo; loads, bulk
     versions     this tree's node vs another tree's (not in `all`; --base-repo)
 
 Each section starts the real nodes it needs (`meshllm up` in a temp home, on
