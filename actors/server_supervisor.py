@@ -26,8 +26,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -286,6 +287,29 @@ class ServerSupervisor(Actor):
             *rpc,
             *self.config.options.llama_args,
         ]  # fmt: skip
+        proc = await self._spawn(cmd)
+        size, sha256 = self.digests.get(spec.name, (0, ""))
+        base = m.LocalServerState(
+            model=spec.name,
+            path=path,
+            pid=proc.pid,
+            port=port,
+            restarts=self.policy.total,
+            split=part,
+            sha256=sha256,
+            size=size,
+        )
+        try:
+            await self._watch(want, base, self._await_health(port), self.log_path, "llama-server")
+        finally:
+            if workers:
+                with contextlib.suppress(Exception):
+                    await self.bus.ask("tunnel", m.UseRpcWorkers(()), timeout=5.0)
+        return bind_failed(self.output, port)
+
+    async def _spawn(
+        self, cmd: list[str], env: dict[str, str] | None = None
+    ) -> asyncio.subprocess.Process:
         self.output.clear()
         self.log.info("starting %s", " ".join(cmd))
         self.proc = await asyncio.create_subprocess_exec(
@@ -295,36 +319,36 @@ class ServerSupervisor(Actor):
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C is for the root; we stop it ourselves
             preexec_fn=die_with_parent,
+            env=env,
         )
-        size, sha256 = self.digests.get(spec.name, (0, ""))
-        base = m.LocalServerState(
-            model=spec.name,
-            path=path,
-            pid=self.proc.pid,
-            restarts=self.policy.total,
-            split=part,
-            sha256=sha256,
-            size=size,
-        )
-        await self._set(msgspec_replace(base, state="loading", port=port))
-        reader = asyncio.create_task(self._read_output(self.log_path))
+        return self.proc
+
+    async def _watch(
+        self,
+        want: m.ServeModel,
+        base: m.LocalServerState,
+        became_ready: Coroutine[Any, Any, bool],
+        log_path: Path,
+        program: str,
+    ) -> None:
+        """Publish the server `base` describes loading, then ready once `became_ready`
+        says so, and failed (with the telling line of its output) when it exits."""
+        assert self.proc is not None
+        await self._set(msgspec_replace(base, state="loading"))
+        reader = asyncio.create_task(self._read_output(log_path))
         try:
-            if await self._await_health(port):
-                await self._set(msgspec_replace(base, state="ready", port=port))
+            if await became_ready:
+                await self._set(msgspec_replace(base, state="ready"))
                 self.policy.reset()
             await self.proc.wait()
             await asyncio.wait_for(reader, 2)
         finally:
             reader.cancel()
             await stop_process(self.proc)
-            reason = failure_reason(self.output, self.proc.returncode)
+            reason = failure_reason(self.output, self.proc.returncode, program)
             self.proc = None
-            if workers:
-                with contextlib.suppress(Exception):
-                    await self.bus.ask("tunnel", m.UseRpcWorkers(()), timeout=5.0)
         if self.want is want:
-            await self._set(msgspec_replace(base, state="failed", reason=reason))
-        return bind_failed(self.output, port)
+            await self._set(msgspec_replace(base, state="failed", reason=reason, port=0))
 
     async def _run_rpc_server_once(self, want: m.ServeModel) -> None:
         """A split worker: llama.cpp's RPC server on 127.0.0.1, until it exits."""
@@ -339,35 +363,12 @@ class ServerSupervisor(Actor):
             return
         port = free_port()
         cmd = rpc_server_command(binary, port, threads_arg(self.config.options.llama_args))
+        # Received tensors are kept in $LLAMA_CACHE/rpc: a reload need not resend them.
         cache = Path(self.config.home) / "cache"
-        self.output.clear()
-        self.log.info("starting %s (cache in %s)", " ".join(cmd), cache)
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-            env={**os.environ, "LLAMA_CACHE": str(cache)},
-        )
-        base = msgspec_replace(base, pid=self.proc.pid, port=port)
-        await self._set(msgspec_replace(base, state="loading"))
-        reader = asyncio.create_task(self._read_output(self.logs / "rpc-server.log"))
-        try:
-            listening = await self._await_listening(port)
-            if listening:
-                await self._set(msgspec_replace(base, state="ready"))
-                self.policy.reset()
-            await self.proc.wait()
-            await asyncio.wait_for(reader, 2)
-        finally:
-            reader.cancel()
-            await stop_process(self.proc)
-            reason = failure_reason(self.output, self.proc.returncode, "the RPC server")
-            self.proc = None
-        if self.want is want:
-            await self._set(msgspec_replace(base, state="failed", reason=reason))
+        proc = await self._spawn(cmd, env={**os.environ, "LLAMA_CACHE": str(cache)})
+        base = msgspec_replace(base, pid=proc.pid, port=port)
+        became_ready = self._await_listening(port)
+        await self._watch(want, base, became_ready, self.logs / "rpc-server.log", "the RPC server")
 
     async def _await_listening(self, port: int) -> bool:
         """Whether the RPC server came to listen on 127.0.0.1:`port`, and there alone; a
