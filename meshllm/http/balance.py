@@ -1,0 +1,188 @@
+"""Balancing, failover and admission over a model's replicas (sans-I/O).
+
+Issue 11, items 1 and 3. For each request the Proxy asks `Balancer.order` which
+targets to try and in what order, and tells the balancer what happened (`started`,
+then `finished` or `failed`). Nothing here touches a socket or a clock: `now` is the
+caller's monotonic time in seconds.
+
+Everything is bounded: the balancer keeps state only for targets of the current
+route table (and those with requests still in flight).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from meshllm.runtime.backoff import Backoff
+from meshllm.runtime.messages import RouteTarget
+
+Target = TypeVar("Target", str, RouteTarget)
+"""A node id, or a route table's target."""
+
+FAILOVER_STATUSES = frozenset({502, 503, 504})
+"""Upstream statuses that count as a failure before the first byte (`Balancer.failed`):
+the server, not the request, is at fault (llama-server answers 503 while it loads
+its model), so another replica can answer. Any other status, 500 included, is the
+server's answer to this request and passes through to the client."""
+
+
+def target_id(target: str | RouteTarget) -> str:
+    """What a target is counted and hashed by: its node id (and model), the same on every
+    node, so that every node sends an affinity key to the same replica."""
+    if isinstance(target, str):
+        return target
+    return f"{target.node_id}/{target.model}"
+
+
+def _local(target: str | RouteTarget) -> bool:
+    return not isinstance(target, str) and target.local
+
+
+@dataclass(frozen=True)
+class BalancePolicy:
+    attempts: int = 3
+    """Targets one request is tried on at most: the first choice, then failovers."""
+    cooldown_s: float = 1.0
+    """How long a target that failed is avoided; doubled by each failure after a
+    cooldown ended, up to `cooldown_max_s`, and back to this after a success."""
+    cooldown_max_s: float = 30.0
+    affinity_slack: int = 2
+    """The preferred replica of an affinity key is passed over once it has more than
+    `max(affinity_slack, affinity_slack_ratio * least)` requests in flight beyond the
+    least loaded one: a cached prompt is worth a short wait, not a pile-up."""
+    affinity_slack_ratio: float = 0.5
+
+    def overloaded(self, in_flight: int, least: int) -> bool:
+        return in_flight > least + max(self.affinity_slack, self.affinity_slack_ratio * least)
+
+
+@dataclass
+class _TargetState:
+    backoff: Backoff
+    in_flight: int = 0
+    cool_until: float = -math.inf
+
+
+class Balancer:
+    """Which of a model's targets to try, in order, for one request.
+
+    Rules, in order:
+    - a target in cooldown (it failed before the first byte, see `failed`) is not
+      returned at all; with every target cooling the order is empty and the caller
+      answers 503 with `retry_after` (no retry storm against dead replicas);
+    - the rest are ranked by requests in flight from this node (least first), a local
+      target first among equals, then at random (`rng`). This is power-of-d-choices
+      with d = all targets: the counts are exact and local, a model has few replicas,
+      so sampling two would only lose information;
+    - with an affinity key (bytes), the target with the highest rendezvous
+      weight for the key goes first unless it is `BalancePolicy.overloaded`; when a
+      target leaves, only the keys it had move;
+    - at most `BalancePolicy.attempts` targets are returned.
+
+    One balancer serves every model of the route table: targets are told apart by
+    node and model (`target_id`).
+    """
+
+    def __init__(self, policy: BalancePolicy | None = None, rng: random.Random | None = None):
+        self.policy = policy or BalancePolicy()
+        self.rng = rng or random.Random()
+        self.states: dict[str, _TargetState] = {}
+        self.current: set[str] | None = None
+        """Ids in the route table (None: no table given yet, keep every state)."""
+
+    def retain(self, targets: Iterable[str | RouteTarget]) -> None:
+        """A new route table: forget targets that left it, once their requests end."""
+        self.current = {target_id(t) for t in targets}
+        for tid in list(self.states):
+            self._forget_if_gone(tid)
+
+    def order(
+        self, targets: Sequence[Target], now: float, key: bytes | None = None
+    ) -> list[Target]:
+        """The targets to try, first choice first (see the class's rules)."""
+        healthy = [t for t in targets if not self.cooling(t, now)]
+        if not healthy:
+            return []
+        # sorted() calls the key once per target: one random tie-breaker each.
+        ranked = sorted(
+            healthy, key=lambda t: (self.in_flight(t), not _local(t), self.rng.random())
+        )
+        if key is not None:
+            preferred = max(healthy, key=lambda t: _weight(key, t))
+            if not self.policy.overloaded(self.in_flight(preferred), self.in_flight(ranked[0])):
+                ranked.remove(preferred)
+                ranked.insert(0, preferred)
+        return ranked[: self.policy.attempts]
+
+    def retry_after(self, targets: Iterable[str | RouteTarget], now: float) -> int:
+        """Whole seconds until the first of `targets` ends its cooldown (at least 1)."""
+        ends = [self.states[target_id(t)].cool_until for t in targets if self.cooling(t, now)]
+        return max(1, math.ceil(min(ends) - now)) if ends else 1
+
+    def started(self, target: str | RouteTarget) -> None:
+        """A request went to `target`; end it with one `finished` or one `failed`."""
+        self._state(target).in_flight += 1
+
+    def finished(self, target: str | RouteTarget, ok: bool = True) -> None:
+        """A request to `target` ended. `ok`: the target answered (any status but
+        `FAILOVER_STATUSES`), which resets its backoff; not ok (a stream cut midway, the
+        client left) says nothing about its health."""
+        state = self.states.get(target_id(target))
+        if state is None:
+            return
+        state.in_flight = max(0, state.in_flight - 1)
+        if ok:
+            state.backoff.reset()
+        self._forget_if_gone(target_id(target))
+
+    def failed(self, target: str | RouteTarget, now: float) -> float:
+        """A request to `target` failed before any byte reached the client: the
+        connection was refused or reset, no response came before the caller's deadline,
+        or the status was in `FAILOVER_STATUSES`. Ends the request (as `finished`) and
+        puts the target in cooldown; returns the seconds left of it.
+
+        Failures during a cooldown (requests already under way when it began) do not
+        lengthen it: only a failure after it ended doubles the next one."""
+        tid = target_id(target)
+        state = self._state(target)
+        state.in_flight = max(0, state.in_flight - 1)
+        if state.cool_until <= now:
+            state.cool_until = now + state.backoff.failed(now)
+        left = state.cool_until - now
+        self._forget_if_gone(tid)
+        return left
+
+    def in_flight(self, target: str | RouteTarget) -> int:
+        state = self.states.get(target_id(target))
+        return state.in_flight if state else 0
+
+    def cooling(self, target: str | RouteTarget, now: float) -> bool:
+        state = self.states.get(target_id(target))
+        return state is not None and state.cool_until > now
+
+    def _state(self, target: str | RouteTarget) -> _TargetState:
+        tid = target_id(target)
+        state = self.states.get(tid)
+        if state is None:
+            p = self.policy
+            # A window of ten long cooldowns bounds the failures the backoff remembers.
+            backoff = Backoff(p.cooldown_s, p.cooldown_max_s, window_s=10 * p.cooldown_max_s)
+            state = self.states[tid] = _TargetState(backoff)
+        return state
+
+    def _forget_if_gone(self, tid: str) -> None:
+        state = self.states.get(tid)
+        gone = self.current is not None and tid not in self.current
+        if state is not None and gone and state.in_flight == 0:
+            del self.states[tid]
+
+
+def _weight(key: bytes, target: str | RouteTarget) -> int:
+    """The rendezvous (highest random weight) hash of a key on a target."""
+    digest = hashlib.blake2b(key + target_id(target).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
