@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from meshllm.http.balance import (
+    AffinityFields,
     BalancePolicy,
     Balancer,
+    affinity_key,
     target_id,
 )
 from meshllm.runtime.messages import RouteTarget
@@ -18,6 +22,10 @@ from meshllm.runtime.messages import RouteTarget
 
 def remote(node: str) -> RouteTarget:
     return RouteTarget(node, False, 9337, "m")
+
+
+def body(**fields: object) -> bytes:
+    return json.dumps({"model": "m", **fields}).encode()
 
 
 # --- balancing ---------------------------------------------------------------------
@@ -159,3 +167,154 @@ def test_invariants_under_any_events(steps: list[tuple[str, str, float]], keyed:
             assert first == least or (keyed and not balancer.policy.overloaded(first, least))
         if balancer.current is not None:  # state only for the table and what is in flight
             assert all(t in balancer.current or s.in_flight for t, s in balancer.states.items())
+
+
+# --- affinity ----------------------------------------------------------------------
+
+
+def keys(n: int) -> list[bytes]:
+    return [affinity_key(body(user=f"user-{i}")) or b"" for i in range(n)]
+
+
+def test_a_key_keeps_its_replica_while_the_targets_stay() -> None:
+    targets = ["a", "b", "c"]
+    for key in keys(50):
+        firsts = {Balancer(rng=random.Random(s)).order(targets, 0.0, key)[0] for s in range(5)}
+        assert len(firsts) == 1
+    spread = {Balancer().order(targets, 0.0, key)[0] for key in keys(50)}
+    assert spread == set(targets)
+
+
+@given(st.integers(2, 8), st.data())
+def test_a_leaving_target_moves_only_its_own_keys(n: int, data: st.DataObject) -> None:
+    targets = [f"node-{i}" for i in range(n)]
+    gone = data.draw(st.sampled_from(targets))
+    balancer = Balancer()
+    for key in keys(200):
+        before = balancer.order(targets, 0.0, key)[0]
+        after = balancer.order([t for t in targets if t != gone], 0.0, key)[0]
+        assert after == before or before == gone
+
+
+def test_a_leaving_target_had_about_one_nth_of_the_keys() -> None:
+    targets = [f"node-{i}" for i in range(5)]
+    balancer = Balancer()
+    moved = sum(balancer.order(targets, 0.0, key)[0] == "node-0" for key in keys(2000))
+    assert 300 < moved < 500  # 1/5 of 2000, give or take
+
+
+def test_an_overloaded_preferred_replica_is_passed_over() -> None:
+    key = keys(1)[0]
+    balancer = Balancer()
+    preferred = balancer.order(["a", "b"], 0.0, key)[0]
+    other = "b" if preferred == "a" else "a"
+    for _ in range(2):  # min 0 + slack 2: still preferred
+        balancer.started(preferred)
+    assert balancer.order(["a", "b"], 0.0, key)[0] == preferred
+    balancer.started(preferred)
+    assert balancer.order(["a", "b"], 0.0, key)[0] == other
+    for _ in range(10):  # least 10: 50% slack lets the preferred one run 15
+        balancer.started(other)
+    for _ in range(12):
+        balancer.started(preferred)
+    assert balancer.in_flight(preferred) == 15
+    assert balancer.order(["a", "b"], 0.0, key)[0] == preferred
+    balancer.started(preferred)
+    assert balancer.order(["a", "b"], 0.0, key)[0] == other
+
+
+def test_the_margin_is_a_parameter() -> None:
+    key = keys(1)[0]
+    balancer = Balancer(BalancePolicy(affinity_slack=0, affinity_slack_ratio=0.0))
+    preferred = balancer.order(["a", "b"], 0.0, key)[0]
+    balancer.started(preferred)
+    assert balancer.order(["a", "b"], 0.0, key)[0] != preferred
+
+
+def test_a_cooling_preferred_replica_hands_its_keys_to_the_next() -> None:
+    balancer = Balancer()
+    key = keys(1)[0]
+    preferred = balancer.order(["a", "b", "c"], 0.0, key)[0]
+    balancer.failed(preferred, 0.0)
+    rest = [t for t in "abc" if t != preferred]
+    assert balancer.order(["a", "b", "c"], 0.5, key)[0] == balancer.order(rest, 0.5, key)[0]
+
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant. " * 20}
+
+
+def chat(*turns: str, system: dict[str, str] = SYSTEM) -> bytes:
+    roles = ["user", "assistant"]
+    messages = [system] + [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return body(messages=messages)
+
+
+def test_a_conversation_keeps_its_key_as_it_grows() -> None:
+    first = affinity_key(chat("What is rendezvous hashing?"))
+    assert first is not None and len(first) == 16
+    assert affinity_key(chat("What is rendezvous hashing?", "It is...", "And why?")) == first
+    assert affinity_key(chat("Something else")) != first
+    other_system = {"role": "system", "content": "Be terse."}
+    assert affinity_key(chat("What is rendezvous hashing?", system=other_system)) != first
+
+
+def test_explicit_keys_come_first() -> None:
+    convo = json.loads(chat("hi"))
+    by_cache_key = affinity_key(body(prompt_cache_key="x", user="u", messages=convo["messages"]))
+    assert by_cache_key == affinity_key(body(prompt_cache_key="x"))
+    by_user = affinity_key(body(user="u", messages=convo["messages"]))
+    assert by_user == affinity_key(body(user="u"))
+    assert len({by_cache_key, by_user, affinity_key(body(user="x"))}) == 3
+
+
+def test_completion_prompts_are_keyed_by_their_first_bytes() -> None:
+    lead = "Once upon a time " * 200
+    key = affinity_key(body(prompt=lead + "there was a router."), prefix_bytes=1024)
+    assert key == affinity_key(body(prompt=lead + "it ended."), prefix_bytes=1024)
+    assert key != affinity_key(body(prompt="Twice " + lead), prefix_bytes=1024)
+    assert affinity_key(body(prompt=[lead, "b"]), 64) == affinity_key(body(prompt=[lead, "c"]), 64)
+    assert affinity_key(body(prompt=[1, 2, 3])) is not None
+
+
+def test_other_apis_prompts() -> None:
+    anthropic = affinity_key(body(system="Be kind.", messages=[{"role": "user", "content": "a"}]))
+    assert anthropic != affinity_key(
+        body(system="Be mean.", messages=[{"role": "user", "content": "a"}])
+    )
+    responses = affinity_key(body(instructions="Be kind.", input="hello"))
+    assert responses is not None
+    listed = [{"role": "developer", "content": "x"}, {"role": "user", "content": "y"}]
+    assert affinity_key(body(input=listed)) == affinity_key(body(input=[*listed, {"role": "x"}]))
+
+
+def test_work_is_bounded_by_the_prefix() -> None:
+    huge = "x" * 100_000
+    a = affinity_key(chat("q", system={"role": "system", "content": huge + "a"}))
+    b = affinity_key(chat("q", system={"role": "system", "content": huge + "b"}))
+    assert a == b  # only the first PREFIX_BYTES of each part count
+    many = [{"role": "system", "content": str(i)} for i in range(1000)]
+    assert affinity_key(body(messages=many)) == affinity_key(body(messages=many[:8]))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[1, 2]",
+        b'"text"',
+        b'{"model": "m"}',
+        b'{"messages": []}',
+        b'{"messages": "x"}',
+        b'{"user": null}',
+    ],
+)
+def test_bodies_without_a_key(raw: bytes) -> None:
+    assert affinity_key(raw) is None
+
+
+def test_parsed_fields_give_the_same_key() -> None:
+    raw = chat("hello")
+    messages = [msgspec.Raw(json.dumps(m).encode()) for m in json.loads(raw)["messages"]]
+    fields = AffinityFields(messages=messages)
+    assert affinity_key(fields) == affinity_key(raw)

@@ -1,12 +1,14 @@
 """Balancing, failover and admission over a model's replicas (sans-I/O).
 
-Issue 11, items 1 and 3. For each request the Proxy asks `Balancer.order` which
-targets to try and in what order, and tells the balancer what happened (`started`,
-then `finished` or `failed`). Nothing here touches a socket or a clock: `now` is the
-caller's monotonic time in seconds.
+Issue 11, items 1-3. For each request the Proxy asks `Balancer.order` which
+targets to try and in what order (preferring the replica an `affinity_key` hashes
+to), and tells the balancer what happened (`started`, then `finished` or `failed`).
+Nothing here touches a socket or a clock: `now` is the caller's monotonic time in
+seconds.
 
 Everything is bounded: the balancer keeps state only for targets of the current
-route table (and those with requests still in flight).
+route table (and those with requests still in flight), and a client's strings are
+hashed, never kept.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
+
+import msgspec
 
 from meshllm.runtime.backoff import Backoff
 from meshllm.runtime.messages import RouteTarget
@@ -79,7 +83,7 @@ class Balancer:
       target first among equals, then at random (`rng`). This is power-of-d-choices
       with d = all targets: the counts are exact and local, a model has few replicas,
       so sampling two would only lose information;
-    - with an affinity key (bytes), the target with the highest rendezvous
+    - with an affinity key (`affinity_key`), the target with the highest rendezvous
       weight for the key goes first unless it is `BalancePolicy.overloaded`; when a
       target leaves, only the keys it had move;
     - at most `BalancePolicy.attempts` targets are returned.
@@ -186,3 +190,106 @@ def _weight(key: bytes, target: str | RouteTarget) -> int:
     """The rendezvous (highest random weight) hash of a key on a target."""
     digest = hashlib.blake2b(key + target_id(target).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+# --- affinity keys ---------------------------------------------------------------
+
+PREFIX_BYTES = 2048
+"""How much of each prompt part an affinity key hashes (of its JSON): enough to tell
+conversations apart, little enough to keep the work per request small."""
+LEADING_MESSAGES = 8
+"""Messages an affinity key looks at, at most: the system ones and the first other."""
+_SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+_ABSENT = msgspec.Raw()
+"""msgspec has no `Raw | None`: a field that is absent (or null) is this empty Raw."""
+
+
+class AffinityFields(msgspec.Struct):
+    """The fields of a request body an affinity key is made from (the rest is skipped)."""
+
+    prompt_cache_key: msgspec.Raw = _ABSENT
+    user: msgspec.Raw = _ABSENT
+    system: msgspec.Raw = _ABSENT
+    """Anthropic's `/v1/messages` system prompt."""
+    instructions: msgspec.Raw = _ABSENT
+    """The system prompt of `/v1/responses`."""
+    messages: list[msgspec.Raw] | None = None
+    """Each message's JSON, unparsed (one pass over the body finds them all)."""
+    prompt: msgspec.Raw = _ABSENT
+    """`/v1/completions`, `/completion`, `/infill`: text, texts or tokens."""
+    input: msgspec.Raw = _ABSENT
+    """`/v1/responses`: text or a list of messages."""
+
+
+class _Role(msgspec.Struct):
+    role: str | None = None
+
+
+_fields = msgspec.json.Decoder(AffinityFields)
+_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+_role = msgspec.json.Decoder(_Role)
+
+
+def affinity_key(body: bytes | AffinityFields, prefix_bytes: int = PREFIX_BYTES) -> bytes | None:
+    """A 16-byte key that requests likely to share a prompt cache have in common, or None.
+
+    The first present of: `prompt_cache_key`; `user`; the leading prefix of the prompt,
+    which is what a conversation keeps as it grows: the system prompt (`system`,
+    `instructions`, the leading system messages) and the first other message, or the
+    start of a `prompt` or `input` that is text or tokens. Each part counts with at most
+    `prefix_bytes` of its JSON; a body that is no JSON object has no key.
+    """
+    if isinstance(body, AffinityFields):
+        fields = body
+    else:
+        try:
+            fields = _fields.decode(body)
+        except msgspec.DecodeError:
+            return None
+    for label, value in ((b"k", fields.prompt_cache_key), (b"u", fields.user)):
+        if _present(value):
+            return _digest(label, [memoryview(value)[:prefix_bytes]])
+    parts = [
+        memoryview(r)[:prefix_bytes] for r in (fields.system, fields.instructions) if _present(r)
+    ]
+    parts += _leading(fields.messages or [], prefix_bytes)
+    for raw in (fields.prompt, fields.input):
+        if _is_messages(raw):
+            parts += _leading(_raw_list.decode(raw), prefix_bytes)
+        elif _present(raw):
+            parts.append(memoryview(raw)[:prefix_bytes])
+    return _digest(b"p", parts) if parts else None
+
+
+def _present(raw: msgspec.Raw) -> bool:
+    return len(raw) > 0 and memoryview(raw) != b"null"
+
+
+def _is_messages(raw: msgspec.Raw) -> bool:
+    """Whether a `prompt` or `input` is a list of messages (not text, texts or tokens)."""
+    return memoryview(raw)[:64].tobytes().lstrip(b"[ \t\r\n").startswith(b"{")
+
+
+def _leading(messages: list[msgspec.Raw], prefix_bytes: int) -> list[memoryview]:
+    """What a conversation keeps as it grows: its system messages and the first other."""
+    parts = []
+    for item in messages[:LEADING_MESSAGES]:
+        parts.append(memoryview(item)[:prefix_bytes])
+        try:
+            role = _role.decode(item).role
+        except msgspec.DecodeError:  # no message object: it counts as the first other
+            role = None
+        if role not in _SYSTEM_ROLES:
+            break
+    return parts
+
+
+def _digest(label: bytes, parts: Sequence[memoryview]) -> bytes:
+    h = hashlib.blake2b(label, digest_size=16)
+    for part in parts:
+        # Length-prefixed, so that moving bytes between parts changes the key.
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    return h.digest()
