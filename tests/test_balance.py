@@ -11,9 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshllm.http.balance import (
+    Admission,
+    Admitted,
     AffinityFields,
     BalancePolicy,
     Balancer,
+    Queued,
+    Refused,
     affinity_key,
     target_id,
 )
@@ -318,3 +322,98 @@ def test_parsed_fields_give_the_same_key() -> None:
     messages = [msgspec.Raw(json.dumps(m).encode()) for m in json.loads(raw)["messages"]]
     fields = AffinityFields(messages=messages)
     assert affinity_key(fields) == affinity_key(raw)
+
+
+# --- admission ---------------------------------------------------------------------
+
+
+def test_admits_up_to_the_limit_then_queues_then_refuses() -> None:
+    gate = Admission(limit=2, queue_limit=2, wait_s=10.0)
+    decisions = [gate.request("m", now) for now in (0.0, 0.0, 1.0, 2.0, 4.5)]
+    assert [type(d) for d in decisions] == [Admitted, Admitted, Queued, Queued, Refused]
+    assert decisions[2] == Queued(3, 11.0)
+    assert decisions[4] == Refused(5, 4, "too many requests for 'm'")  # oldest waited 3.5 s
+    assert (gate.in_flight("m"), gate.queued("m")) == (2, 2)
+    assert isinstance(gate.request("other", 0.0), Admitted)  # each model its own limit
+
+
+def test_a_release_admits_the_oldest_waiter() -> None:
+    gate = Admission(limit=1, queue_limit=5)
+    gate.request("m", 0.0)
+    queued = [gate.request("m", 0.0).ticket for _ in range(3)]
+    assert gate.release("m") == [Admitted(queued[0])]
+    gate.cancel("m", queued[1])
+    assert gate.release("m") == [Admitted(queued[2])]
+    assert gate.release("m") == []
+    assert gate.gates == {}
+
+
+def test_waiters_are_refused_at_their_deadline() -> None:
+    gate = Admission(limit=1, queue_limit=5, wait_s=30.0)
+    gate.request("m", 0.0)
+    first, second = gate.request("m", 1.0), gate.request("m", 2.0)
+    assert gate.next_deadline() == 31.0
+    assert gate.expire(30.9) == []
+    assert gate.expire(31.5) == [Refused(first.ticket, 30, "no slot for 'm' within 30 s")]
+    assert gate.next_deadline() == 32.0
+    gate.cancel("m", second.ticket)
+    assert gate.next_deadline() is None
+
+
+def test_no_queue_refuses_at_once() -> None:
+    gate = Admission(limit=1, queue_limit=0)
+    gate.request("m", 0.0)
+    assert gate.request("m", 0.0) == Refused(2, 1, "too many requests for 'm'")
+    with pytest.raises(ValueError):
+        Admission(limit=0)
+
+
+admission_steps = st.lists(
+    st.tuples(st.sampled_from(["request", "release", "cancel", "expire"]), st.sampled_from("mn")),
+    max_size=80,
+)
+
+
+@given(admission_steps, st.integers(1, 3), st.integers(0, 3))
+def test_admission_invariants(steps: list[tuple[str, str]], limit: int, queue_limit: int) -> None:
+    gate = Admission(limit, queue_limit, wait_s=5.0)
+    now = 0.0
+    waiting: dict[str, list[int]] = {"m": [], "n": []}
+    running = {"m": 0, "n": 0}
+    done: set[int] = set()
+
+    def admitted(model: str, ticket: int) -> None:
+        assert ticket not in done
+        done.add(ticket)
+        running[model] += 1
+
+    for i, (op, model) in enumerate(steps):
+        now += 1.0
+        if op == "request":
+            decision = gate.request(model, now)
+            if isinstance(decision, Admitted):
+                admitted(model, decision.ticket)
+            elif isinstance(decision, Queued):
+                waiting[model].append(decision.ticket)
+            else:
+                done.add(decision.ticket)
+        elif op == "release" and running[model]:
+            running[model] -= 1
+            for a in gate.release(model):
+                assert a.ticket == waiting[model].pop(0)  # first in, first out
+                admitted(model, a.ticket)
+        elif op == "cancel" and waiting[model]:
+            ticket = waiting[model].pop(i % len(waiting[model]))
+            gate.cancel(model, ticket)
+            done.add(ticket)
+        elif op == "expire":
+            for r in gate.expire(now):
+                assert 1 <= r.retry_after_s <= 5
+                for queue in waiting.values():
+                    if r.ticket in queue:
+                        assert r.ticket == queue.pop(0)
+                done.add(r.ticket)
+        for m in "mn":
+            assert gate.in_flight(m) == running[m] <= limit
+            assert gate.queued(m) == len(waiting[m]) <= queue_limit
+        assert set(gate.gates) == {m for m in "mn" if running[m] or waiting[m]}

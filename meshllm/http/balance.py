@@ -1,14 +1,14 @@
 """Balancing, failover and admission over a model's replicas (sans-I/O).
 
-Issue 11, items 1-3. For each request the Proxy asks `Balancer.order` which
-targets to try and in what order (preferring the replica an `affinity_key` hashes
-to), and tells the balancer what happened (`started`, then `finished` or `failed`).
-Nothing here touches a socket or a clock: `now` is the caller's monotonic time in
-seconds.
+Issue 11, items 1-4. For each request the Proxy asks `Admission` whether it may
+go now, asks `Balancer.order` which targets to try and in what order, and tells
+the balancer what happened (`started`, then `finished` or `failed`). Nothing here
+touches a socket or a clock: `now` is the caller's monotonic time in seconds, and
+the caller owns the futures and its one timer (`Admission.next_deadline`).
 
 Everything is bounded: the balancer keeps state only for targets of the current
-route table (and those with requests still in flight), and a client's strings are
-hashed, never kept.
+route table (and those with requests still in flight), admission only for models
+with requests in flight or waiting, and a client's strings are hashed, never kept.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import hashlib
 import math
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import msgspec
@@ -293,3 +293,147 @@ def _digest(label: bytes, parts: Sequence[memoryview]) -> bytes:
         h.update(len(part).to_bytes(4, "big"))
         h.update(part)
     return h.digest()
+
+
+# --- admission --------------------------------------------------------------------
+
+MAX_IN_FLIGHT = 64
+"""Requests per model this node lets through at once: 16 replicas' worth of
+llama-server's default 4 slots; beyond the slots llama-server only queues them."""
+MAX_QUEUED = 256
+"""Requests per model waiting for a slot; beyond it 429."""
+QUEUE_WAIT_S = 30.0
+"""How long a request waits for a slot before 429."""
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The request may go now; end it with `Admission.release`."""
+
+    ticket: int
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The request waits: a later `release` admits it, or `expire` refuses it."""
+
+    ticket: int
+    deadline: float
+    """When `expire` refuses it, unless admitted before."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Answer 429 with Retry-After."""
+
+    ticket: int
+    retry_after_s: int
+    reason: str
+
+
+Decision = Admitted | Queued | Refused
+
+
+@dataclass
+class _Gate:
+    in_flight: int = 0
+    waiting: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """Ticket -> (queued at, deadline), oldest first (dicts keep insertion order)."""
+
+
+class Admission:
+    """Per model: at most `limit` requests in flight, then at most `queue_limit`
+    waiting first in, first out, each for at most `wait_s`; beyond that, refusals.
+
+    Retry-After is how long the oldest waiter has waited (at least 1 s, at most
+    `wait_s`): a burst clears fast, a steady overload says so.
+    """
+
+    def __init__(
+        self,
+        limit: int = MAX_IN_FLIGHT,
+        queue_limit: int = MAX_QUEUED,
+        wait_s: float = QUEUE_WAIT_S,
+    ):
+        if limit < 1 or queue_limit < 0 or wait_s < 0:
+            raise ValueError("admission needs limit >= 1, queue_limit >= 0, wait_s >= 0")
+        self.limit = limit
+        self.queue_limit = queue_limit
+        self.wait_s = wait_s
+        self.gates: dict[str, _Gate] = {}
+        """Only models with requests in flight or waiting: a route's name, never a client's."""
+        self.tickets = 0
+
+    def request(self, model: str, now: float) -> Decision:
+        """A request for `model` (the route's name) arrived."""
+        self.tickets += 1
+        ticket = self.tickets
+        gate = self.gates.setdefault(model, _Gate())
+        if gate.in_flight < self.limit and not gate.waiting:
+            gate.in_flight += 1
+            return Admitted(ticket)
+        if len(gate.waiting) < self.queue_limit:
+            gate.waiting[ticket] = (now, now + self.wait_s)
+            return Queued(ticket, now + self.wait_s)
+        refused = Refused(ticket, self._retry_after(gate, now), f"too many requests for {model!r}")
+        self._drop_if_idle(model)
+        return refused
+
+    def release(self, model: str) -> list[Admitted]:
+        """An admitted request for `model` ended: returns who is admitted in its place."""
+        gate = self.gates.get(model)
+        if gate is None:
+            return []
+        gate.in_flight = max(0, gate.in_flight - 1)
+        admitted = []
+        while gate.waiting and gate.in_flight < self.limit:
+            ticket = next(iter(gate.waiting))
+            del gate.waiting[ticket]
+            gate.in_flight += 1
+            admitted.append(Admitted(ticket))
+        self._drop_if_idle(model)
+        return admitted
+
+    def cancel(self, model: str, ticket: int) -> None:
+        """A waiting request was given up (its client left); admitted ones `release`."""
+        gate = self.gates.get(model)
+        if gate is not None:
+            gate.waiting.pop(ticket, None)
+            self._drop_if_idle(model)
+
+    def expire(self, now: float) -> list[Refused]:
+        """Refuse every request whose deadline has come (only this refuses a waiter)."""
+        refused = []
+        for model, gate in list(self.gates.items()):
+            while gate.waiting:
+                ticket, (since, deadline) = next(iter(gate.waiting.items()))
+                if deadline > now:
+                    break
+                del gate.waiting[ticket]
+                wait = max(1, math.ceil(min(now - since, self.wait_s)))
+                reason = f"no slot for {model!r} within {self.wait_s:g} s"
+                refused.append(Refused(ticket, wait, reason))
+            self._drop_if_idle(model)
+        return refused
+
+    def next_deadline(self) -> float | None:
+        """When `expire` next has something to do (None: nobody waits)."""
+        heads = [next(iter(g.waiting.values()))[1] for g in self.gates.values() if g.waiting]
+        return min(heads, default=None)
+
+    def in_flight(self, model: str) -> int:
+        gate = self.gates.get(model)
+        return gate.in_flight if gate else 0
+
+    def queued(self, model: str) -> int:
+        gate = self.gates.get(model)
+        return len(gate.waiting) if gate else 0
+
+    def _retry_after(self, gate: _Gate, now: float) -> int:
+        oldest = next(iter(gate.waiting.values()))[0] if gate.waiting else now
+        return max(1, math.ceil(min(now - oldest, self.wait_s)))
+
+    def _drop_if_idle(self, model: str) -> None:
+        gate = self.gates.get(model)
+        if gate is not None and gate.in_flight == 0 and not gate.waiting:
+            del self.gates[model]
