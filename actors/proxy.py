@@ -30,6 +30,9 @@ class Proxy(Actor):
             remote=remote_via_tunnel(self.config.tunnel_http_path),
             loopback_only=is_loopback_address(self.config.http_host),
             cors_origins=self.config.options.cors_origins,
+            max_in_flight=self.config.options.max_in_flight,
+            max_queued=self.config.options.max_queued,
+            queue_wait_s=self.config.options.queue_wait_s,
         )
         sock: socket.socket = self.resources["socket"]
         self.server = actor_server(

@@ -368,6 +368,55 @@ def test_kill_9_of_a_host_mid_stream(mesh: Mesh) -> None:
     assert {p["node_id"] for p in mesh.nodes["A"].status()["peers"]} >= {mesh.ids["B"]}
 
 
+def test_a_replica_killed_under_load_costs_no_request(mesh: Mesh) -> None:
+    """M1 has two servers (A and C). Requests flow from the lite client, spread over both
+    by their prompts; C's llama-server is killed with kill -9 among them. A request whose
+    replica died before answering fails over to the other replica: the client sees none
+    of it. C's server comes back (its supervisor restarts it) and is routed to again."""
+    mesh.restore()
+    c = mesh.nodes["C"]
+    victim = int(c.status()["server"]["pid"])
+    served_by_c = served_count(c)
+    statuses: list[int] = []
+
+    def load(first: int = 0) -> None:
+        for i in range(first, first + 40):
+            body = chat_body(M1, max_tokens=8)
+            body["messages"] = [{"role": "user", "content": f"question {i}"}]
+            status, _, data = http(mesh.port("client"), "POST", "/v1/chat/completions", body)
+            statuses.append(status if status == 200 else -status)
+            if status != 200:
+                print(f"request {i}: {status} {data[:200]!r}")
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    # Spread over both replicas: C answers some of them before it is killed.
+    wait_for(lambda: served_count(c) > served_by_c, 60, "C to answer some of the load")
+    os.kill(victim, 9)
+    thread.join(120)
+    assert not thread.is_alive(), "the load did not finish"
+    assert statuses == [200] * 40, statuses
+    # C's llama-server is restarted and C is a target of M1 again.
+    server = wait_for(
+        lambda: (s := c.status()["server"])["state"] == "ready" and s["pid"] != victim and s,
+        60,
+        "C's llama-server to be back",
+    )
+    assert server["pid"] != victim
+    wait_for(mesh.converged, 30, "M1 to be served by A and C again", interval=0.2)
+    before = served_count(c)
+    statuses.clear()
+    load(first=100)
+    assert statuses == [200] * 40, statuses
+    assert served_count(c) > before  # used again once it came back
+
+
+def served_count(node: NodeProcess) -> int:
+    """Requests the node's llama-server has completed (its log's timing lines)."""
+    log = node.home / "logs" / "llama-server.log"
+    return log.read_text(errors="replace").count("total time =") if log.exists() else 0
+
+
 def test_drop_of_the_only_server_makes_the_model_cold_everywhere(mesh: Mesh) -> None:
     mesh.restore()
     b = mesh.nodes["B"]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -966,3 +967,165 @@ def test_machine_names_include_localhost_and_the_host_name() -> None:
     names = machine_names()
     assert b"localhost" in names
     assert socket.gethostname().lower().encode() in names
+
+
+# -- balancing, failover, admission (meshllm.http.balance in the Proxy) ----------------------
+
+
+def replicas(*ports: int, model: str = "demo") -> RouteTable:
+    """One model served by local targets on `ports` (node ids r0, r1, ...)."""
+    targets = tuple(RouteTarget(f"r{i}", True, port, model) for i, port in enumerate(ports))
+    return RouteTable((ModelRoute(model, targets, tuple(t.node_id for t in targets)),))
+
+
+def held(release: asyncio.Event, body: bytes = b"held") -> Responder:
+    """Answers only once `release` is set (a replica busy with a long generation)."""
+
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        w.write(response(body))
+        await w.drain()
+        return True
+
+    return respond
+
+
+def status_of(code: str, body: bytes = b"{}") -> Responder:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(response(body, code))
+        await w.drain()
+        return True
+
+    return respond
+
+
+def test_requests_go_to_the_replica_with_the_fewest_in_flight() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        async with FakeServer(held(release, b"a")) as a, FakeServer(held(release, b"b")) as b:
+            app = new_app()
+            app.set_table(replicas(a.port, b.port))
+            # No prompt, so no affinity key: least in flight alone decides.
+            calls = [call(app, body={"model": "demo"}) for _ in range(4)]
+            tasks = [asyncio.ensure_future(c()) for c in calls]
+            await run_until(lambda: len(a.requests) + len(b.requests) == 4)
+            assert (len(a.requests), len(b.requests)) == (2, 2)  # spread, not piled on one
+            release.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
+            assert sorted(c.body for c in calls) == [b"a", b"a", b"b", b"b"]
+            assert app.balancer.in_flight(replicas(a.port).models[0].targets[0]) == 0
+
+    run(main())
+
+
+def test_a_replica_that_refuses_is_skipped_and_cools_down() -> None:
+    async def main() -> None:
+        dead = closed_port()
+        async with FakeServer(ok(b"alive")) as alive:
+            app = new_app()
+            app.set_table(replicas(dead, alive.port))
+            dead_target = app.routes.by_name["demo"].targets[0]
+            tried = False
+            for _ in range(20):  # ties break at random: the dead one comes up soon
+                c = await complete(call(app, body={"model": "demo"}))
+                assert (c.status, c.body) == (200, b"alive")  # never the client's problem
+                tried = tried or app.balancer.cooling(dead_target, time.monotonic())
+            assert tried
+            assert len(alive.requests) == 20
+
+    run(main())
+
+
+def test_a_busy_or_failing_answer_before_any_byte_fails_over() -> None:
+    async def main() -> None:
+        async with (
+            FakeServer(status_of("503 Service Unavailable")) as loading,
+            FakeServer(ok(b"served")) as ready,
+        ):
+            app = new_app()
+            app.set_table(replicas(loading.port, ready.port))
+            for _ in range(3):
+                c = await complete(call(app, body=CHAT_BODY))
+                assert (c.status, c.body) == (200, b"served")
+
+    run(main())
+
+
+def test_with_every_replica_down_the_answer_is_503_with_retry_after() -> None:
+    async def main() -> None:
+        app = new_app()
+        app.set_table(replicas(closed_port(), closed_port()))
+        first = await complete(call(app, body=CHAT_BODY))
+        assert_openai_error(first, 502, "upstream_error")  # both tried, both refused
+        again = await complete(call(app, body=CHAT_BODY))
+        assert_openai_error(again, 503, "model_not_ready")  # cooling: not tried again
+        assert int(again.response_headers[b"retry-after"]) >= 1
+
+    run(main())
+
+
+def test_admission_queues_then_refuses_with_429() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        async with FakeServer(held(release)) as srv:
+            app = new_app(max_in_flight=1, max_queued=1, queue_wait_s=5.0)
+            app.set_table(replicas(srv.port))
+            first, queued, refused = (call(app, body=CHAT_BODY) for _ in range(3))
+            running = asyncio.ensure_future(first())
+            await run_until(lambda: len(srv.requests) == 1)
+            waiting = asyncio.ensure_future(queued())
+            await run_until(lambda: app.admission.queued("demo") == 1)
+            await complete(refused)
+            assert_openai_error(refused, 429, "too_many_requests")
+            assert int(refused.response_headers[b"retry-after"]) >= 1
+            assert len(srv.requests) == 1  # the queued one has not gone yet
+            release.set()
+            await asyncio.wait_for(asyncio.gather(running, waiting), WAIT_S)
+            assert first.status == queued.status == 200
+            assert app.admission.in_flight("demo") == 0 and app.admission.queued("demo") == 0
+
+    run(main())
+
+
+def test_a_queued_request_gives_up_at_its_deadline() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        async with FakeServer(held(release)) as srv:
+            app = new_app(max_in_flight=1, max_queued=4, queue_wait_s=0.2)
+            app.set_table(replicas(srv.port))
+            first, late = call(app, body=CHAT_BODY), call(app, body=CHAT_BODY)
+            running = asyncio.ensure_future(first())
+            await run_until(lambda: len(srv.requests) == 1)
+            await complete(late)
+            assert_openai_error(late, 429, "too_many_requests")
+            release.set()
+            await asyncio.wait_for(running, WAIT_S)
+            assert app.admission.queued("demo") == 0 and app.admission.in_flight("demo") == 0
+
+    run(main())
+
+
+async def run_until(done: Any) -> None:
+    for _ in range(int(WAIT_S / 0.01)):
+        if done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_a_conversation_stays_on_the_replica_that_has_its_prompt() -> None:
+    async def main() -> None:
+        async with FakeServer(ok(b"a")) as a, FakeServer(ok(b"b")) as b:
+            app = new_app()
+            app.set_table(replicas(a.port, b.port))
+            for turn in range(6):
+                # The same system prompt and first message, a growing conversation.
+                messages = [
+                    {"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": "hi"},
+                    *[{"role": "assistant", "content": f"turn {i}"} for i in range(turn)],
+                ]
+                await complete(call(app, body={"model": "demo", "messages": messages}))
+            assert sorted((len(a.requests), len(b.requests))) == [0, 6]
+
+    run(main())

@@ -18,14 +18,16 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
 from meshllm.runtime.backoff import Backoff
-from meshllm.runtime.messages import RouteTarget
 
-Target = TypeVar("Target", str, RouteTarget)
+if TYPE_CHECKING:  # the node's config takes this module's defaults; messages take the config
+    from meshllm.runtime.messages import RouteTarget
+
+Target = TypeVar("Target", str, "RouteTarget")
 """A node id, or a route table's target."""
 
 FAILOVER_STATUSES = frozenset({502, 503, 504})

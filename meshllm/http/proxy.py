@@ -4,6 +4,14 @@ It decides every request locally from the last route table pushed to it: no
 round trip to another actor per request. Completion endpoints are plain ASGI
 callables, because on the hot path every microsecond of framework shows up in
 the added latency the benchmark measures.
+
+Among a model's targets, `meshllm.http.balance` decides: a request waits for
+admission (per model, at most `--max-in-flight` at once, then a bounded queue
+with a deadline, then 429), goes to the least busy healthy replica (or the one
+its prompt is cached on), and fails over to the next before any byte reached
+the client (a refused connection, a 502/503/504); a target that failed cools
+down with exponential backoff, and with none healthy the answer is 503 with
+Retry-After. Once bytes were sent nothing is retried.
 """
 
 from __future__ import annotations
@@ -22,6 +30,17 @@ from starlette.requests import Request
 from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
+from meshllm.http.balance import (
+    FAILOVER_STATUSES,
+    MAX_IN_FLIGHT,
+    MAX_QUEUED,
+    QUEUE_WAIT_S,
+    Admission,
+    Balancer,
+    Queued,
+    Refused,
+    affinity_key,
+)
 from meshllm.http.errors import RETRY_AFTER_S, error_body
 from meshllm.http.origin import (
     LOCAL_NAMES,
@@ -36,7 +55,7 @@ from meshllm.http.origin import (
     with_cors,
 )
 from meshllm.http.routing import Routes
-from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError
+from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError, UpstreamUnreachable
 from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
 from meshllm.tunnel.hop import FORWARDED_METHOD, FORWARDED_PATHS
 
@@ -62,11 +81,18 @@ _json = msgspec.json.Encoder()
 
 
 async def send_error(
-    send: Send, status: int, message: str, code: str | None = None, retry_after: bool = False
+    send: Send,
+    status: int,
+    message: str,
+    code: str | None = None,
+    retry_after: bool | int = False,
 ) -> None:
+    """An OpenAI-shaped error; `retry_after` True sends the default Retry-After, a
+    number sends that many seconds."""
     headers = list(JSON_HEADERS)
-    if retry_after:
-        headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
+    if retry_after is not False:
+        seconds = RETRY_AFTER_S if retry_after is True else int(retry_after)
+        headers.append((b"retry-after", str(seconds).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": error_body(status, message, code)})
 
@@ -188,6 +214,10 @@ class ProxyApp:
         loopback_only: bool = False,
         cors_origins: tuple[str, ...] | list[str] = (),
         own_names: frozenset[bytes] | None = None,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_queued: int = MAX_QUEUED,
+        queue_wait_s: float = QUEUE_WAIT_S,
+        balancer: Balancer | None = None,
     ) -> None:
         self.max_body_bytes = max_body_bytes
         self.loopback_only = loopback_only
@@ -199,6 +229,10 @@ class ProxyApp:
         self.remote = remote
         self.pools = PoolMap()
         self.routes = Routes(RouteTable(), strict_models)
+        self.balancer = balancer or Balancer()
+        self.admission = Admission(max_in_flight, max_queued, queue_wait_s)
+        self.waiters: dict[int, asyncio.Future[None]] = {}
+        """Queued requests' tickets -> what `_release` resolves when they are admitted."""
         self.models_body = b'{"object":"list","data":[]}'
         self.app = Starlette(
             routes=[
@@ -257,6 +291,7 @@ class ProxyApp:
 
     def set_table(self, table: RouteTable) -> None:
         self.routes = Routes(table, self.strict_models)
+        self.balancer.retain(t for r in table.models for t in r.targets)
         self.pools.retain(
             {("127.0.0.1", t.port) for r in table.models for t in r.targets if t.local}
         )
@@ -317,32 +352,124 @@ class ProxyApp:
             # msgspec gives up on JSON nested thousands deep (even in a field it skips).
             await send_error(send, 400, "request body is nested too deeply", "invalid_json")
             return
-        target, why = self.routes.choose(peek.model)
-        if target is None:
+        route, why = self.routes.candidates(peek.model)
+        if route is None:
             if self.routes.unknown(peek.model):
                 await send_error(send, 404, why, "model_not_found")
             else:
                 await send_error(send, 503, why, "model_not_ready", retry_after=True)
             return
-        upstream: Upstream
+        await until_disconnect(receive, self._admit_and_forward(route, scope["path"], body, send))
+
+    async def _admit_and_forward(
+        self, route: ModelRoute, path: str, body: bytes, send: Send
+    ) -> None:
+        """Wait for admission, then try the route's targets in the balancer's order."""
+        decision = self.admission.request(route.name, time.monotonic())
+        if isinstance(decision, Refused):
+            await send_error(
+                send, 429, decision.reason, "too_many_requests", decision.retry_after_s
+            )
+            return
+        if isinstance(decision, Queued) and not await self._wait_admitted(route.name, decision):
+            wait = self.admission.wait_s
+            why = f"no slot for {route.name!r} within {wait:g} s"
+            await send_error(send, 429, why, "too_many_requests", max(1, round(wait)))
+            return
+        try:
+            await self._forward_with_failover(route, path, body, send)
+        finally:
+            self._release(route.name)
+
+    async def _wait_admitted(self, model: str, queued: Queued) -> bool:
+        """Whether the queued request got a slot before its deadline (when it did, the
+        caller owns it and `_release`s it)."""
+        future = asyncio.get_running_loop().create_future()
+        self.waiters[queued.ticket] = future
+        try:
+            async with asyncio.timeout(queued.deadline - time.monotonic()):
+                await asyncio.shield(future)
+            return True
+        except TimeoutError:
+            if future.done():
+                return True  # admitted as the deadline came
+            self.admission.cancel(model, queued.ticket)
+            return False
+        except asyncio.CancelledError:
+            if future.done():
+                self._release(model)  # admitted, but its client left: hand the slot on
+            else:
+                self.admission.cancel(model, queued.ticket)
+            raise
+        finally:
+            self.waiters.pop(queued.ticket, None)
+
+    def _release(self, model: str) -> None:
+        """An admitted request ended: wake those admitted in its place."""
+        for admitted in self.admission.release(model):
+            future = self.waiters.get(admitted.ticket)
+            if future is not None and not future.done():
+                future.set_result(None)
+            else:
+                self._release(model)  # its waiter is gone: pass the slot on
+
+    def _upstream(self, target: RouteTarget) -> Upstream | None:
         if target.local:
-            upstream = self.pools.get("127.0.0.1", target.port)
-        elif self.remote is not None:
-            upstream = self.remote(target)
-        else:
+            return self.pools.get("127.0.0.1", target.port)
+        return self.remote(target) if self.remote is not None else None
+
+    async def _forward_with_failover(
+        self, route: ModelRoute, path: str, body: bytes, send: Send
+    ) -> None:
+        """Try the route's targets in the balancer's order until one answers; never
+        again once a byte went to the client."""
+        now = time.monotonic()
+        key = affinity_key(body) if len(route.targets) > 1 else None
+        order = self.balancer.order(route.targets, now, key)
+        if not order:
+            retry = self.balancer.retry_after(route.targets, now)
+            why = f"every server of {route.name!r} failed just now; retry in {retry} s"
+            await send_error(send, 503, why, "model_not_ready", retry)
+            return
+        failure = ""
+        for attempt, target in enumerate(order):
+            upstream = self._upstream(target)
+            if upstream is None:
+                continue  # a remote target, and no tunnel
+            last = attempt == len(order) - 1
+            self.balancer.started(target)
+            try:
+                resp = await upstream.request("POST", path, body, JSON_HEADERS)
+            except UpstreamError as exc:
+                # Unreachable: the server is down, so it cools down; a response that broke
+                # the protocol is this request's failure. Either way no byte went out yet.
+                if isinstance(exc, UpstreamUnreachable):
+                    self.balancer.failed(target, time.monotonic())
+                else:
+                    self.balancer.finished(target, ok=False)
+                log.warning("upstream %s failed: %s", upstream.where, exc)
+                failure = f"upstream failed: {exc}"
+                continue
+            except BaseException:
+                self.balancer.finished(target, ok=False)
+                raise
+            if resp.status in FAILOVER_STATUSES and not last:
+                # Not a byte sent yet: another replica may answer.
+                self.balancer.failed(target, time.monotonic())
+                log.info("%s answered %d; trying another server", upstream.where, resp.status)
+                resp.release()  # unread: the connection is closed, not reused
+                continue
+            ok = False
+            try:
+                await relay_response(resp, send)
+                ok = True
+            finally:
+                self.balancer.finished(target, ok=ok)
+            return
+        if not failure:
             await send_error(send, 503, "remote models need the tunnel", "no_tunnel")
             return
-        await forward_until_disconnect(
-            upstream,
-            "POST",
-            scope["path"],
-            body,
-            JSON_HEADERS,
-            receive,
-            send,
-            "upstream",
-            "upstream_error",
-        )
+        await send_error(send, 502, failure, "upstream_error")
 
 
 async def forward_until_disconnect(
@@ -362,14 +489,18 @@ async def forward_until_disconnect(
     connection, which makes llama-server stop generating. An upstream that
     cannot be reached is a 502 naming `what`, with error code `code`.
     """
-    # The relay runs in this task (no task of its own, no asyncio.wait): one watcher
-    # task cancels it if the client goes away before it is done.
+    await until_disconnect(receive, _relay(pool, method, path, body, headers, send, what, code))
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
+    """Run `work` in this task (no task of its own, no asyncio.wait), cancelled by one
+    watcher task if the client goes away before it is done."""
     task = asyncio.current_task()
     assert task is not None
     state = _Watch()
     watch = asyncio.ensure_future(_watch_disconnect(receive, task, state))
     try:
-        await _relay(pool, method, path, body, headers, send, what, code)
+        await work
     except asyncio.CancelledError:
         if not state.cancelled or task.uncancel() > 0:
             raise  # cancelled from outside, not by the watcher

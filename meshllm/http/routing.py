@@ -73,10 +73,24 @@ class Routes:
         self.strict = strict
         self.by_name = {r.name: r for r in table.models}
         self.first = next((r.targets[0] for r in table.models if r.targets), None)
+        self.first_route = next((r for r in table.models if r.targets), None)
 
     def unknown(self, model: str | None) -> bool:
         """Strict mode's 404: a named model absent from a table that lists models."""
         return bool(self.strict and model and self.table.models and model not in self.by_name)
+
+    def candidates(self, model: str | None) -> tuple[ModelRoute | None, str]:
+        """(route, why) for a request's `model`: the route whose targets may answer it
+        (the balancer picks among them), or None and why not. An unknown model falls
+        back to the first route with targets, as `choose` does."""
+        route = self.by_name.get(model) if model else None
+        if route is not None:
+            if route.targets:
+                return route, ""
+            return None, self.choose(model)[1]
+        if self.unknown(model) or self.first_route is None:
+            return None, self.choose(model)[1]
+        return self.first_route, ""
 
     def choose(self, model: str | None) -> tuple[RouteTarget | None, str]:
         """(target, why) for a request's `model`; why names the failure when target is None."""

@@ -46,6 +46,11 @@ class UpstreamError(ConnectionError):
     """The upstream server could not be reached or broke the protocol."""
 
 
+class UpstreamUnreachable(UpstreamError):
+    """No response at all: the connection was refused, or closed before any byte of
+    an answer (the server is down or restarting; another replica may answer)."""
+
+
 class _StaleConnection(Exception):
     pass
 
@@ -268,7 +273,7 @@ class Pool:
             else:
                 _, proto = await loop.create_connection(Connection, self.host, self.port)
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {self.where}: {exc}") from exc
+            raise UpstreamUnreachable(f"cannot connect to {self.where}: {exc}") from exc
         return proto
 
     def put(self, conn: Connection) -> None:
@@ -311,7 +316,7 @@ class Pool:
             return await self._exchange(conn, data, no_body)
         except _StaleConnection as exc:
             conn.close()
-            raise UpstreamError(f"{self.where} closed the connection") from exc
+            raise UpstreamUnreachable(f"{self.where} closed the connection") from exc
 
     async def _exchange(self, conn: Connection, data: bytes, no_body: bool) -> Response:
         try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from meshllm.http.balance import MAX_IN_FLIGHT, MAX_QUEUED, QUEUE_WAIT_S
 from meshllm.http.origin import check_origins
 from meshllm.mesh import health
 from meshllm.placement.election import COLD_GRACE_S
@@ -116,6 +117,28 @@ class UpOptions:
     )
     max_body_mb: float = option(
         16.0, "--max-body-mb", "Largest request body accepted (MiB).", check=_positive
+    )
+    max_in_flight: int = option(
+        MAX_IN_FLIGHT,
+        "--max-in-flight",
+        "Requests per model this node sends on at once (over all its servers); more wait "
+        "in a queue.",
+        metavar="N",
+        check=_positive,
+    )
+    max_queued: int = option(
+        MAX_QUEUED,
+        "--queue",
+        "Requests per model that may wait for a slot; beyond them, 429 with Retry-After.",
+        metavar="N",
+        check=_not_negative,
+    )
+    queue_wait_s: float = option(
+        QUEUE_WAIT_S,
+        "--queue-timeout",
+        "Seconds a request may wait for a slot before 429 with Retry-After.",
+        metavar="S",
+        check=_positive,
     )
     cors_origins: list[str] = option(  # noqa: RUF009
         [],
