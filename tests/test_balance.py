@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshllm.http.balance import (
+    SPLIT_LIST_BYTES,
     Admission,
     Admitted,
     AffinityFields,
@@ -319,7 +320,7 @@ def test_bodies_without_a_key(raw: bytes) -> None:
 
 def test_parsed_fields_give_the_same_key() -> None:
     raw = chat("hello")
-    messages = [msgspec.Raw(json.dumps(m).encode()) for m in json.loads(raw)["messages"]]
+    messages = msgspec.Raw(json.dumps(json.loads(raw)["messages"]).encode())
     fields = AffinityFields(messages=messages)
     assert affinity_key(fields) == affinity_key(raw)
 
@@ -417,3 +418,18 @@ def test_admission_invariants(steps: list[tuple[str, str]], limit: int, queue_li
             assert gate.in_flight(m) == running[m] <= limit
             assert gate.queued(m) == len(waiting[m]) <= queue_limit
         assert set(gate.gates) == {m for m in "mn" if running[m] or waiting[m]}
+
+
+def test_hostile_bodies_give_no_key_or_a_bounded_one_never_an_error() -> None:
+    # Objects where lists are expected, and nesting past what the decoder follows.
+    for body in (b'{"input": {}}', b'{"prompt": {}}', b'{"messages": {"a": 1}}'):
+        affinity_key(body)  # no exception, whatever it returns
+    deep = b'{"messages": [' + b"[" * 5000 + b"]" * 5000 + b"]}"
+    affinity_key(deep)
+    # A long list is not split element by element: its leading bytes stand for it,
+    # so two bodies that differ only far down share a key.
+    many = b"[" + b",".join([b'{"role":"user","content":"x"}'] * 40_000)
+    assert len(many) > SPLIT_LIST_BYTES
+    first = affinity_key(b'{"messages": ' + many + b',{"role":"user","content":"a"}]}')
+    second = affinity_key(b'{"messages": ' + many + b',{"role":"user","content":"b"}]}')
+    assert first is not None and first == second

@@ -1129,3 +1129,36 @@ def test_a_conversation_stays_on_the_replica_that_has_its_prompt() -> None:
             assert sorted((len(a.requests), len(b.requests))) == [0, 6]
 
     run(main())
+
+
+def test_a_request_that_makes_servers_drop_it_is_not_sent_down_every_connection() -> None:
+    """A body that makes a server close the connection without answering: sent to a
+    replica at most twice (one kept-alive connection, then a fresh one), tried on at
+    most the balancer's attempts, and no replica is cooled down for it."""
+
+    def drops_poison() -> Responder:
+        async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+            if b"poison" in req.body:
+                return False  # closed, no answer
+            w.write(response(b"fine", headers=("Connection: keep-alive",)))
+            await w.drain()
+            return True
+
+        return respond
+
+    async def main() -> None:
+        async with FakeServer(drops_poison()) as a, FakeServer(drops_poison()) as b:
+            app = new_app()
+            app.set_table(replicas(a.port, b.port))
+            warm = [call(app, body={"model": "demo"}) for _ in range(8)]
+            await asyncio.wait_for(asyncio.gather(*(c() for c in warm)), WAIT_S)
+            poison = await complete(call(app, body={"model": "demo", "user": "poison"}))
+            assert_openai_error(poison, 502, "upstream_error")
+            for srv in (a, b):
+                assert sum(b"poison" in r.body for r in srv.requests) <= 2
+            now = time.monotonic()
+            assert not any(app.balancer.cooling(t, now) for t in app.routes.by_name["demo"].targets)
+            fine = await complete(call(app, body={"model": "demo"}))
+            assert (fine.status, fine.body) == (200, b"fine")
+
+    run(main())

@@ -199,6 +199,9 @@ def _weight(key: bytes, target: str | RouteTarget) -> int:
 PREFIX_BYTES = 2048
 """How much of each prompt part an affinity key hashes (of its JSON): enough to tell
 conversations apart, little enough to keep the work per request small."""
+SPLIT_LIST_BYTES = 256 * 1024
+"""A list of messages longer than this is not split into its elements (each would be an
+object): its leading bytes stand for its leading messages."""
 LEADING_MESSAGES = 8
 """Messages an affinity key looks at, at most: the system ones and the first other."""
 _SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -217,8 +220,8 @@ class AffinityFields(msgspec.Struct):
     """Anthropic's `/v1/messages` system prompt."""
     instructions: msgspec.Raw = _ABSENT
     """The system prompt of `/v1/responses`."""
-    messages: list[msgspec.Raw] | None = None
-    """Each message's JSON, unparsed (one pass over the body finds them all)."""
+    messages: msgspec.Raw = _ABSENT
+    """The messages' JSON, unparsed (split into messages only when small)."""
     prompt: msgspec.Raw = _ABSENT
     """`/v1/completions`, `/completion`, `/infill`: text, texts or tokens."""
     input: msgspec.Raw = _ABSENT
@@ -243,41 +246,48 @@ def affinity_key(body: bytes | AffinityFields, prefix_bytes: int = PREFIX_BYTES)
     start of a `prompt` or `input` that is text or tokens. Each part counts with at most
     `prefix_bytes` of its JSON; a body that is no JSON object has no key.
     """
-    if isinstance(body, AffinityFields):
-        fields = body
-    else:
-        try:
-            fields = _fields.decode(body)
-        except msgspec.DecodeError:
-            return None
-    for label, value in ((b"k", fields.prompt_cache_key), (b"u", fields.user)):
-        if _present(value):
-            return _digest(label, [memoryview(value)[:prefix_bytes]])
-    parts = [
-        memoryview(r)[:prefix_bytes] for r in (fields.system, fields.instructions) if _present(r)
-    ]
-    parts += _leading(fields.messages or [], prefix_bytes)
-    for raw in (fields.prompt, fields.input):
-        if _is_messages(raw):
-            parts += _leading(_raw_list.decode(raw), prefix_bytes)
-        elif _present(raw):
-            parts.append(memoryview(raw)[:prefix_bytes])
-    return _digest(b"p", parts) if parts else None
+    try:
+        fields = body if isinstance(body, AffinityFields) else _fields.decode(body)
+        for label, value in ((b"k", fields.prompt_cache_key), (b"u", fields.user)):
+            if _present(value):
+                return _digest(label, [memoryview(value)[:prefix_bytes]])
+        parts = [
+            memoryview(r)[:prefix_bytes]
+            for r in (fields.system, fields.instructions)
+            if _present(r)
+        ]
+        if _is_list_of_objects(fields.messages):
+            parts += _leading(fields.messages, prefix_bytes)
+        for raw in (fields.prompt, fields.input):
+            if _is_list_of_objects(raw):
+                parts += _leading(raw, prefix_bytes)
+            elif _present(raw):
+                parts.append(memoryview(raw)[:prefix_bytes])
+        return _digest(b"p", parts) if parts else None
+    except (msgspec.DecodeError, RecursionError):
+        # Not the shape an affinity key reads (the request is still forwarded as is).
+        return None
 
 
 def _present(raw: msgspec.Raw) -> bool:
     return len(raw) > 0 and memoryview(raw) != b"null"
 
 
-def _is_messages(raw: msgspec.Raw) -> bool:
-    """Whether a `prompt` or `input` is a list of messages (not text, texts or tokens)."""
-    return memoryview(raw)[:64].tobytes().lstrip(b"[ \t\r\n").startswith(b"{")
+def _is_list_of_objects(raw: msgspec.Raw) -> bool:
+    """Whether `messages`, a `prompt` or an `input` is a list of messages (not text,
+    texts or tokens)."""
+    start = memoryview(raw)[:64].tobytes().lstrip(b" \t\r\n")
+    return start.startswith(b"[") and start[1:].lstrip(b" \t\r\n").startswith(b"{")
 
 
-def _leading(messages: list[msgspec.Raw], prefix_bytes: int) -> list[memoryview]:
-    """What a conversation keeps as it grows: its system messages and the first other."""
+def _leading(raw: msgspec.Raw, prefix_bytes: int) -> list[memoryview]:
+    """What a conversation keeps as it grows: its system messages and the first other.
+    A long list is not split (one object per element would cost far more than the body):
+    its leading bytes stand for its leading messages."""
+    if len(raw) > SPLIT_LIST_BYTES:
+        return [memoryview(raw)[: LEADING_MESSAGES * prefix_bytes]]
     parts = []
-    for item in messages[:LEADING_MESSAGES]:
+    for item in _raw_list.decode(raw)[:LEADING_MESSAGES]:
         parts.append(memoryview(item)[:prefix_bytes])
         try:
             role = _role.decode(item).role

@@ -55,7 +55,7 @@ from meshllm.http.origin import (
     with_cors,
 )
 from meshllm.http.routing import Routes
-from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError, UpstreamUnreachable
+from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError, UpstreamRefused
 from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
 from meshllm.tunnel.hop import FORWARDED_METHOD, FORWARDED_PATHS
 
@@ -441,9 +441,11 @@ class ProxyApp:
             try:
                 resp = await upstream.request("POST", path, body, JSON_HEADERS)
             except UpstreamError as exc:
-                # Unreachable: the server is down, so it cools down; a response that broke
-                # the protocol is this request's failure. Either way no byte went out yet.
-                if isinstance(exc, UpstreamUnreachable):
+                # Refused: nothing listens, the server is down, so it cools down. Closed
+                # before answering (it died mid-request, or this request made it drop the
+                # connection) or a broken answer: this request's failure only. Either way
+                # no byte went out yet, so another replica may answer.
+                if isinstance(exc, UpstreamRefused):
                     self.balancer.failed(target, time.monotonic())
                 else:
                     self.balancer.finished(target, ok=False)
@@ -462,7 +464,7 @@ class ProxyApp:
             ok = False
             try:
                 await relay_response(resp, send)
-                ok = True
+                ok = resp.status not in FAILOVER_STATUSES  # a last failing answer: no reset
             finally:
                 self.balancer.finished(target, ok=ok)
             return

@@ -51,6 +51,10 @@ class UpstreamUnreachable(UpstreamError):
     an answer (the server is down or restarting; another replica may answer)."""
 
 
+class UpstreamRefused(UpstreamUnreachable):
+    """The connection itself failed: nothing listens there (the server is down)."""
+
+
 class _StaleConnection(Exception):
     pass
 
@@ -273,7 +277,7 @@ class Pool:
             else:
                 _, proto = await loop.create_connection(Connection, self.host, self.port)
         except OSError as exc:
-            raise UpstreamUnreachable(f"cannot connect to {self.where}: {exc}") from exc
+            raise UpstreamRefused(f"cannot connect to {self.where}: {exc}") from exc
         return proto
 
     def put(self, conn: Connection) -> None:
@@ -310,7 +314,10 @@ class Pool:
             try:
                 return await self._exchange(conn, data, no_body)
             except _StaleConnection:
-                conn.close()  # closed by the server while idle: try the next one
+                # Closed by the server while idle: once, then a fresh connection (a request
+                # that makes the server drop connections must not be sent down every one).
+                conn.close()
+                break
         conn = await self._connect()
         try:
             return await self._exchange(conn, data, no_body)
