@@ -416,7 +416,6 @@ def render_table(r: dict[str, Any]) -> str:
 
 SECTION = Section(
     "router",
-    "two replicas vs one at concurrency 8, and a load run of many streams (slow: not in all)",
+    "two replicas vs one at concurrency 8, and a load run of many streams",
     run,
-    in_all=False,
 )
