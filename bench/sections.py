@@ -6,7 +6,17 @@ plus one line here.
 
 from __future__ import annotations
 
-from bench import convergence, gossip_traffic, probes, proxy, remote, split, tunnel, versions
+from bench import (
+    convergence,
+    gossip_traffic,
+    probes,
+    proxy,
+    remote,
+    router,
+    split,
+    tunnel,
+    versions,
+)
 from bench.common import Section
 
 SECTIONS: dict[str, Section] = {
@@ -20,5 +30,6 @@ SECTIONS: dict[str, Section] = {
         probes.SECTION,
         gossip_traffic.SECTION,
         versions.SECTION,
+        router.SECTION,
     )
 }
