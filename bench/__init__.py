@@ -18,6 +18,8 @@ Sections (`all` runs them in this order):
                  counters) next to the simulation; then simulated N = 100..1000
     split        tensor split of a realistic-shape model (~835 MB, generated): over
                  the QUIC tunnel vs llama.cpp's RPC over TCP vs solo; loads, bulk
+    router       two replicas vs one behind a lite client; 200 streaming clients
+                 for 60 s: errors, time to first token, memory, open files
     versions     this tree's node vs another tree's (not in `all`; --base-repo)
 
 Each section starts the real nodes it needs (`meshllm up` in a temp home, on
