@@ -80,6 +80,22 @@ def kill_tree(pid: int) -> list[int]:
     return stopped
 
 
+def _socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process `pid` holds (OSError when /proc cannot tell)."""
+    inodes: set[str] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    return inodes
+
+
+def _tcp_rows(table: str = "/proc/net/tcp") -> list[list[str]]:
+    """The fields of each socket in a /proc/net/tcp-style table (OSError when absent)."""
+    return [line.split() for line in Path(table).read_text().splitlines()[1:]]
+
+
 def listens_on_loopback(pid: int, port: int) -> bool:
     """Whether process `pid` itself holds the listening socket on 127.0.0.1:`port`.
 
@@ -89,23 +105,16 @@ def listens_on_loopback(pid: int, port: int) -> bool:
     """
     wanted = f"0100007F:{port:04X}"
     try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-        fds = os.listdir(f"/proc/{pid}/fd")
+        rows = _tcp_rows()
+        inodes = _socket_inodes(pid)
     except FileNotFoundError:
         return not Path("/proc/net/tcp").exists()
     except OSError:
         return False
-    inodes = {
-        fields[9]
-        for fields in (line.split() for line in lines)
-        if len(fields) > 9 and fields[1] == wanted and fields[3] == "0A"  # 0A: LISTEN
-    }
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:[") and link[8:-1] in inodes:
-                return True
-    return False
+    return any(
+        len(fields) > 9 and fields[1] == wanted and fields[3] == "0A" and fields[9] in inodes
+        for fields in rows  # 0A: LISTEN
+    )
 
 
 def listening_addresses(pid: int) -> set[tuple[str, int]]:
@@ -114,17 +123,11 @@ def listening_addresses(pid: int) -> set[tuple[str, int]]:
     How a worker proves it is reachable only from this machine: the RPC server
     has no authentication, so nothing but 127.0.0.1 may ever appear here.
     """
-    inodes: set[str] = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
+    inodes = _socket_inodes(pid)
     found: set[tuple[str, int]] = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(FileNotFoundError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
+            for fields in _tcp_rows(table):
                 if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
                     address, port = fields[1].split(":")
                     found.add((_proc_address(address), int(port, 16)))
@@ -137,10 +140,10 @@ def loopback_peer_uid(peer_port: int, local_port: int) -> int | None:
     listener that must serve this node's own children refuses other local users."""
     wanted = (f"0100007F:{peer_port:04X}", f"0100007F:{local_port:04X}")
     try:
-        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        rows = _tcp_rows()
     except OSError:
         return None
-    for fields in (line.split() for line in lines):
+    for fields in rows:
         if len(fields) > 7 and (fields[1], fields[2]) == wanted:
             return int(fields[7])
     return None
