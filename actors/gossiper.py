@@ -37,6 +37,7 @@ from meshllm.mesh.token import InvalidToken, decode_token, split_address
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.runtime.logs import Throttle
+from meshllm.runtime.paths import publish_json
 
 TRAFFIC_FILE_S = 1.0
 """How often the endpoint's traffic counters are written to the run directory."""
@@ -293,10 +294,7 @@ class Gossiper(Actor):
         while True:
             data = {"at": time.monotonic(), "links": len(self.links)}
             data.update(asdict(self.endpoint.traffic))
-            with contextlib.suppress(OSError):
-                tmp = self.traffic_file.with_suffix(".tmp")
-                tmp.write_bytes(msgspec.json.encode(data))
-                tmp.replace(self.traffic_file)
+            publish_json(self.traffic_file, data)
             await asyncio.sleep(TRAFFIC_FILE_S)
 
     # -- local events ------------------------------------------------------------------------

@@ -25,11 +25,10 @@ import socket
 import time
 from pathlib import Path
 
-import msgspec
-
 from meshllm.mesh.quic import MeshEndpoint, key_from_pem
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
+from meshllm.runtime.paths import publish_json
 from meshllm.tunnel.client import TunnelClient
 from meshllm.tunnel.rpc import RpcForwarder
 from meshllm.tunnel.server import TunnelServer, guard_control
@@ -146,10 +145,7 @@ class Tunnel(Actor):
     def _write_rpc_traffic(self) -> None:
         sent, received = self._rpc_totals()
         data = {"to_workers": sent, "from_workers": received, "forwarders": len(self.forwarders)}
-        with contextlib.suppress(OSError):
-            tmp = self.rpc_file.with_suffix(".tmp")
-            tmp.write_bytes(msgspec.json.encode(data))
-            tmp.replace(self.rpc_file)
+        publish_json(self.rpc_file, data)
 
     async def _write_rpc_traffic_forever(self) -> None:
         """The byte counters, for the tests and the benchmark (a second load of a model

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 DEFAULT_HOME = Path("~/.meshllm")
 DEFAULT_MODELS_DIR = Path("~/.models")
@@ -16,6 +19,16 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "meshllm"
+
+
+def publish_json(path: Path, data: object) -> None:
+    """Write `data` as JSON to `path` whole or not at all (a reader never sees half of
+    it): a node's counters for the benchmark and the tests. Best effort: a file that
+    cannot be written is skipped."""
+    tmp = path.with_suffix(".tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_bytes(msgspec.json.encode(data))
+        tmp.replace(path)
 
 
 def models_dir() -> Path:
