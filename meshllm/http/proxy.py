@@ -36,6 +36,7 @@ from meshllm.http.balance import (
     MAX_QUEUED,
     QUEUE_WAIT_S,
     Admission,
+    AffinityFields,
     Balancer,
     Queued,
     Refused,
@@ -68,9 +69,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-class _Peek(msgspec.Struct):
+class _Peek(AffinityFields):
     """What the proxy checks in a request body: `model` routes it; a `stream` of the
-    wrong type is refused here with a clear message (null is OpenAI's default)."""
+    wrong type is refused here with a clear message (null is OpenAI's default). The
+    fields an affinity key is made from come in the same pass (kept raw)."""
 
     model: str | None = None
     stream: bool | None = None
@@ -359,10 +361,12 @@ class ProxyApp:
             else:
                 await send_error(send, 503, why, "model_not_ready", retry_after=True)
             return
-        await until_disconnect(receive, self._admit_and_forward(route, scope["path"], body, send))
+        key = affinity_key(peek) if len(route.targets) > 1 else None
+        work = self._admit_and_forward(route, scope["path"], body, key, send)
+        await until_disconnect(receive, work)
 
     async def _admit_and_forward(
-        self, route: ModelRoute, path: str, body: bytes, send: Send
+        self, route: ModelRoute, path: str, body: bytes, key: bytes | None, send: Send
     ) -> None:
         """Wait for admission, then try the route's targets in the balancer's order."""
         decision = self.admission.request(route.name, time.monotonic())
@@ -377,7 +381,7 @@ class ProxyApp:
             await send_error(send, 429, why, "too_many_requests", max(1, round(wait)))
             return
         try:
-            await self._forward_with_failover(route, path, body, send)
+            await self._forward_with_failover(route, path, body, key, send)
         finally:
             self._release(route.name)
 
@@ -419,12 +423,11 @@ class ProxyApp:
         return self.remote(target) if self.remote is not None else None
 
     async def _forward_with_failover(
-        self, route: ModelRoute, path: str, body: bytes, send: Send
+        self, route: ModelRoute, path: str, body: bytes, key: bytes | None, send: Send
     ) -> None:
-        """Try the route's targets in the balancer's order until one answers; never
-        again once a byte went to the client."""
+        """Try the route's targets in the balancer's order (`key`: the request's affinity
+        key) until one answers; never again once a byte went to the client."""
         now = time.monotonic()
-        key = affinity_key(body) if len(route.targets) > 1 else None
         order = self.balancer.order(route.targets, now, key)
         if not order:
             retry = self.balancer.retry_after(route.targets, now)
