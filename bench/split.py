@@ -95,7 +95,7 @@ from meshllm.models.demo import DANUBE3_500M_SHAPE, ModelShape, ensure_shaped_mo
 from meshllm.runtime.binaries import find_binary
 from meshllm.runtime.paths import cache_dir
 from meshllm.runtime.procutil import die_with_parent, free_port
-from meshllm.runtime.rpc import LOOPBACK, rpc_server_command, split_args
+from meshllm.runtime.rpc import LOOPBACK, rpc_server_command, split_args, worker_layers
 from meshllm.tunnel.client import KEEPALIVE_S
 from meshllm.tunnel.rpc import RpcForwarder, serve_rpc_stream
 
@@ -131,6 +131,10 @@ QUICK_SHAPE = ModelShape(
 )
 """Small but with FFN matrices (11.5 MB in F32) over the RPC cache's 10 MiB, so the
 quick run's second load still shows the cache at work."""
+
+
+SHARES = (0.5, 0.5)
+"""Host and worker hold half the layers each."""
 
 
 @dataclass(frozen=True)
@@ -634,12 +638,12 @@ class Servers:
 
     def worker_layers(self) -> int:
         """Repeating layers on the worker: the last half (`split_args` with even shares)."""
-        return round(self.shape.n_layer * 0.5)
+        return worker_layers(self.shape.n_layer, SHARES)
 
     def split(self, port: int, rpc_port: int) -> list[str]:
         # The flags a split host runs (meshllm.runtime.rpc.split_args): half the
         # layers each; on this CPU host the worker takes the last half and the output.
-        rpc = split_args([rpc_port], [0.5, 0.5], layers=self.shape.n_layer)
+        rpc = split_args([rpc_port], SHARES, layers=self.shape.n_layer)
         return self.command(port, self.node_threads, *rpc)
 
     def solo(self, port: int, threads: int) -> list[str]:

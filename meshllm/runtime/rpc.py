@@ -24,6 +24,13 @@ def rpc_server_command(binary: str, port: int, threads: int | None = None) -> li
     return command if threads is None else [*command, "--threads", str(threads)]
 
 
+def worker_layers(layers: int, shares: Sequence[float]) -> int:
+    """The repeating layers a host without a GPU offloads to its workers: their part of
+    the model's `layers` (`shares`: the host's, then each worker's), one at least."""
+    part = sum(shares[1:]) / (sum(shares) or 1.0)
+    return min(layers, max(1, round(layers * part)))
+
+
 def split_args(
     worker_ports: Sequence[int],
     shares: Sequence[float],
@@ -47,8 +54,7 @@ def split_args(
     if host_gpus > 0:
         devices, offloaded = [*workers, *[host / host_gpus] * host_gpus], 999
     else:
-        part = sum(workers) / (sum(shares) or 1.0)
-        offloaded = 999 if layers is None else min(layers, max(1, round(layers * part))) + 1
+        offloaded = 999 if layers is None else worker_layers(layers, shares) + 1
         devices = workers
     split = ",".join(f"{share:.4f}" for share in devices)
     return ["--rpc", servers, "--n-gpu-layers", str(offloaded), "--tensor-split", split]
