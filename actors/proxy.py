@@ -33,6 +33,7 @@ class Proxy(Actor):
             max_in_flight=self.config.options.max_in_flight,
             max_queued=self.config.options.max_queued,
             queue_wait_s=self.config.options.queue_wait_s,
+            affinity=not self.config.options.no_affinity,
         )
         sock: socket.socket = self.resources["socket"]
         self.server = actor_server(

@@ -220,6 +220,7 @@ class ProxyApp:
         max_queued: int = MAX_QUEUED,
         queue_wait_s: float = QUEUE_WAIT_S,
         balancer: Balancer | None = None,
+        affinity: bool = True,
     ) -> None:
         self.max_body_bytes = max_body_bytes
         self.loopback_only = loopback_only
@@ -232,6 +233,8 @@ class ProxyApp:
         self.pools = PoolMap()
         self.routes = Routes(RouteTable(), strict_models)
         self.balancer = balancer or Balancer()
+        self.affinity = affinity
+        """Whether requests of one conversation prefer one replica (`--no-affinity`)."""
         self.admission = Admission(max_in_flight, max_queued, queue_wait_s)
         self.waiters: dict[int, asyncio.Future[None]] = {}
         """Queued requests' tickets -> what `_release` resolves when they are admitted."""
@@ -361,7 +364,7 @@ class ProxyApp:
             else:
                 await send_error(send, 503, why, "model_not_ready", retry_after=True)
             return
-        key = affinity_key(peek) if len(route.targets) > 1 else None
+        key = affinity_key(peek) if self.affinity and len(route.targets) > 1 else None
         work = self._admit_and_forward(route, scope["path"], body, key, send)
         await until_disconnect(receive, work)
 

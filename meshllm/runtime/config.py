@@ -140,6 +140,13 @@ class UpOptions:
         metavar="S",
         check=_positive,
     )
+    no_affinity: bool = option(
+        False,
+        "--no-affinity",
+        "Send each request to the least busy replica of its model, ignoring which one has "
+        "its conversation's prompt cached (by default, requests with the same "
+        "prompt_cache_key, user or leading messages prefer the same replica).",
+    )
     cors_origins: list[str] = option(  # noqa: RUF009
         [],
         "--cors-origin",
