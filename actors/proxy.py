@@ -34,6 +34,7 @@ class Proxy(Actor):
             max_queued=self.config.options.max_queued,
             queue_wait_s=self.config.options.queue_wait_s,
             affinity=not self.config.options.no_affinity,
+            stall_s=self.config.options.stall_s,
         )
         sock: socket.socket = self.resources["socket"]
         self.server = actor_server(

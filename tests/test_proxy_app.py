@@ -96,16 +96,17 @@ class Call:
         self.sent.put_nowait(message)
 
     async def __call__(self) -> None:
+        path, _, query = self.path.partition("?")
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
             "http_version": "1.1",
             "method": self.method,
             "scheme": "http",
-            "path": self.path,
-            "raw_path": self.path.encode(),
+            "path": path,
+            "raw_path": path.encode(),
             "root_path": "",
-            "query_string": b"",
+            "query_string": query.encode(),
             "headers": self.headers,
             "client": ("127.0.0.1", 50000),
             "server": ("127.0.0.1", 9337),

@@ -28,6 +28,7 @@ import msgspec
 import pytest
 
 from actors.tunnel import Tunnel
+from meshllm.http.endpoints import MODEL_PATHS, READ_PATHS, tunnelled
 from meshllm.http.errors import error_response
 from meshllm.http.proxy import ProxyApp
 from meshllm.http.upstream import Pool, Response, UpstreamError
@@ -59,7 +60,6 @@ from meshllm.tunnel.core import (
 )
 from meshllm.tunnel.core import chunk as encode_chunk
 from meshllm.tunnel.hop import (
-    FORWARDED_PATHS,
     MAX_BODY_BYTES,
     MAX_FRAME_BYTES,
     MAX_HEADER_BYTES,
@@ -69,7 +69,6 @@ from meshllm.tunnel.hop import (
     TunnelRoute,
     decode_request,
     encode_request,
-    forwarded,
     remote_via_tunnel,
     upstream_headers,
 )
@@ -167,11 +166,15 @@ def test_malformed_request_frame_is_refused(payload: bytes) -> None:
 @pytest.mark.parametrize(
     ("fields", "status", "code"),
     [
-        ({"method": "GET", "path": "/props"}, 403, "not_forwarded"),
+        # what changes a server for all its users never goes through the tunnel
+        ({"path": "/props"}, 403, "not_forwarded"),
         ({"path": "/slots/0?action=save"}, 403, "not_forwarded"),
-        ({"path": "/v1/chat/completions?x=1"}, 403, "not_forwarded"),
-        ({"path": "/v1/chat/completions/"}, 403, "not_forwarded"),
+        ({"path": "/slots/0"}, 403, "not_forwarded"),
         ({"path": "/lora-adapters"}, 403, "not_forwarded"),
+        ({"path": "/v1/chat/completions/"}, 403, "not_forwarded"),
+        ({"path": "/v1/stream"}, 403, "not_forwarded"),
+        ({"method": "GET", "path": "/v1/chat/completions"}, 403, "not_forwarded"),
+        ({"method": "GET", "path": "/models/load"}, 403, "not_forwarded"),
         ({"method": "DELETE"}, 403, "not_forwarded"),
         ({"method": "GET"}, 403, "not_forwarded"),
         ({"body_length": MAX_BODY_BYTES + 1}, 413, "body_too_large"),
@@ -189,9 +192,12 @@ def test_what_the_proxy_would_not_forward_is_refused(
 
 
 def test_allowlist_and_limits_accept_what_the_proxy_forwards() -> None:
-    for path in FORWARDED_PATHS:
-        assert forwarded("POST", path) and not forwarded("GET", path)
+    for path in MODEL_PATHS:
+        assert tunnelled("POST", path) and not tunnelled("GET", path)
         assert decode_request(frame(path=path)).path == path
+        assert decode_request(frame(path=path + "?x=1")).path == path + "?x=1"
+    for path in (*READ_PATHS, "/health", "/props?model=m"):
+        assert decode_request(frame(method="GET", path=path)).path == path
     assert decode_request(frame(body_length=MAX_BODY_BYTES)).body_length == MAX_BODY_BYTES
     many = [[b"x-%d" % i, b"v"] for i in range(MAX_HEADERS)]
     assert len(decode_request(frame(headers=many)).headers) == MAX_HEADERS
@@ -203,15 +209,21 @@ def test_allowlist_and_limits_accept_what_the_proxy_forwards() -> None:
 
 
 def test_the_tunnel_allows_exactly_what_the_proxy_forwards() -> None:
-    # One definition for both: the Proxy's forwarding routes are built from it.
+    # One table for both: the Proxy's forwarding routes are built from it.
     from starlette.routing import Route
 
     from meshllm.http.proxy import ProxyApp
 
     app = ProxyApp()
-    routes = app.app.routes
-    forwarded = {r.path for r in routes if isinstance(r, Route) and "POST" in (r.methods or ())}
-    assert forwarded == FORWARDED_PATHS
+    passed = {
+        (method, r.path)
+        for r in app.app.routes
+        if isinstance(r, Route) and r.endpoint.handler == app.forward  # type: ignore[attr-defined]
+        for method in r.methods or ()
+        if method != "HEAD"
+    }
+    through_tunnel = {(m, p) for m, p in passed if tunnelled(m, p)}
+    assert through_tunnel == {("POST", p) for p in MODEL_PATHS} | {("GET", p) for p in READ_PATHS}
 
 
 def test_peer_quota_counts_each_peer_alone() -> None:

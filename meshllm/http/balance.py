@@ -30,6 +30,12 @@ if TYPE_CHECKING:  # the node's config takes this module's defaults; messages ta
 Target = TypeVar("Target", str, "RouteTarget")
 """A node id, or a route table's target."""
 
+STALL_S = 10.0
+"""A target with requests in flight from this node and no byte from it for this long is
+probed (`Balancer.stalled`): a server that does not answer the probe is hung."""
+PROBE_TIMEOUT_S = 3.0
+"""How long a stalled target's probe (its server's `/health`) may take."""
+
 FAILOVER_STATUSES = frozenset({502, 503, 504})
 """Upstream statuses that count as a failure before the first byte (`Balancer.failed`):
 the server, not the request, is at fault (llama-server answers 503 while it loads
@@ -72,6 +78,10 @@ class _TargetState:
     backoff: Backoff
     in_flight: int = 0
     cool_until: float = -math.inf
+    progress_at: float = -math.inf
+    """When a byte last came from the target for a request of this node (or its requests
+    started, or a probe found it alive)."""
+    hung: bool = False
 
 
 class Balancer:
@@ -130,9 +140,49 @@ class Balancer:
         ends = [self.states[target_id(t)].cool_until for t in targets if self.cooling(t, now)]
         return max(1, math.ceil(min(ends) - now)) if ends else 1
 
-    def started(self, target: str | RouteTarget) -> None:
-        """A request went to `target`; end it with one `finished` or one `failed`."""
-        self._state(target).in_flight += 1
+    def started(self, target: str | RouteTarget, now: float = -math.inf) -> None:
+        """A request went to `target`; end it with one `finished` or one `failed`. The
+        first request in flight starts the target's stall clock (`stalled`) at `now`."""
+        state = self._state(target)
+        if state.in_flight == 0:
+            state.progress_at = max(state.progress_at, now)
+        state.in_flight += 1
+
+    def progressed(self, target: str | RouteTarget, now: float) -> None:
+        """Bytes came from `target` (a response head or a piece of a body)."""
+        state = self.states.get(target_id(target))
+        if state is not None:
+            state.progress_at = now
+
+    def stalled(self, now: float, stall_s: float = STALL_S) -> list[str]:
+        """Ids of the targets to probe: requests in flight, and no byte from them for
+        `stall_s` (a queue or a long prompt is silent too: the probe tells them apart)."""
+        return [
+            tid
+            for tid, state in self.states.items()
+            if state.in_flight and not state.hung and now - state.progress_at > stall_s
+        ]
+
+    def hung(self, target: str | RouteTarget, now: float) -> None:
+        """A stalled target did not answer its probe: it cools down as a failed one does,
+        and stays out (`hung_ids`, probed again by the caller) until `revived`."""
+        state = self._state(target)
+        state.hung = True
+        if state.cool_until <= now:
+            state.cool_until = now + state.backoff.failed(now)
+
+    def revived(self, target: str | RouteTarget, now: float) -> None:
+        """A probe found `target` answering: chosen again at once, its clock restarted."""
+        state = self.states.get(target_id(target))
+        if state is None:
+            return
+        if state.hung:
+            state.hung = False
+            state.cool_until = -math.inf
+        state.progress_at = now
+
+    def hung_ids(self) -> list[str]:
+        return [tid for tid, state in self.states.items() if state.hung]
 
     def finished(self, target: str | RouteTarget, ok: bool = True) -> None:
         """A request to `target` ended. `ok`: the target answered (any status but
@@ -169,7 +219,7 @@ class Balancer:
 
     def cooling(self, target: str | RouteTarget, now: float) -> bool:
         state = self.states.get(target_id(target))
-        return state is not None and state.cool_until > now
+        return state is not None and (state.cool_until > now or state.hung)
 
     def _state(self, target: str | RouteTarget) -> _TargetState:
         tid = target_id(target)

@@ -21,7 +21,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from starlette.applications import Starlette
@@ -34,13 +34,26 @@ from meshllm.http.balance import (
     FAILOVER_STATUSES,
     MAX_IN_FLIGHT,
     MAX_QUEUED,
+    PROBE_TIMEOUT_S,
     QUEUE_WAIT_S,
+    STALL_S,
     Admission,
     AffinityFields,
     Balancer,
     Queued,
     Refused,
     affinity_key,
+    target_id,
+)
+from meshllm.http.endpoints import (
+    LOCAL_PATHS,
+    MODEL_PATHS,
+    NODE_PATHS,
+    READ_PATHS,
+    Kind,
+    kind_of,
+    query_model,
+    request_headers,
 )
 from meshllm.http.errors import RETRY_AFTER_S, error_body
 from meshllm.http.origin import (
@@ -58,7 +71,7 @@ from meshllm.http.origin import (
 from meshllm.http.routing import Routes
 from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError, UpstreamRefused
 from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
-from meshllm.tunnel.hop import FORWARDED_METHOD, FORWARDED_PATHS
+from meshllm.tunnel.hop import MAX_HEADER_BYTES, MAX_HEADERS
 
 log = logging.getLogger("meshllm.proxy")
 
@@ -80,6 +93,93 @@ class _Peek(AffinityFields):
 
 _peek = msgspec.json.Decoder(_Peek)
 _json = msgspec.json.Encoder()
+
+
+class _Request(NamedTuple):
+    """What goes to the upstream: the client's method, path with query, body, headers."""
+
+    method: str
+    path: str
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+async def decode_peek(body: bytes, send: Send) -> _Peek | None:
+    """The fields the Proxy reads of a JSON body; None once a 400 went out."""
+    try:
+        return _peek.decode(body)
+    except msgspec.ValidationError as exc:
+        await send_error(send, 400, f"invalid request body: {exc}", "invalid_body")
+    except msgspec.DecodeError as exc:
+        await send_error(send, 400, f"request body is not valid JSON: {exc}", "invalid_json")
+    except RecursionError:
+        # msgspec gives up on JSON nested thousands deep (even in a field it skips).
+        await send_error(send, 400, "request body is nested too deeply", "invalid_json")
+    return None
+
+
+class _Flight:
+    """One attempt of a request on one target, as the stall watch sees it."""
+
+    __slots__ = ("balancer", "hung", "task", "tid")
+
+    def __init__(self, balancer: Balancer, tid: str, task: asyncio.Task[Any]) -> None:
+        self.balancer = balancer
+        self.tid = tid
+        self.task = task
+        self.hung = False
+        """The target was found hung, and the task cancelled for that."""
+
+    def progress(self) -> None:
+        self.balancer.progressed(self.tid, time.monotonic())
+
+
+class Flights:
+    """The requests under way on each target, so that a hung target's can be cancelled
+    (and the targets themselves, to probe them)."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+        self.by_target: dict[str, dict[asyncio.Task[Any], _Flight]] = {}
+        self.targets: dict[str, RouteTarget] = {}
+
+    def start(self, target: RouteTarget, task: asyncio.Task[Any], now: float) -> _Flight:
+        tid = target_id(target)
+        self.balancer.started(target, now)
+        flight = _Flight(self.balancer, tid, task)
+        self.by_target.setdefault(tid, {})[task] = flight
+        self.targets[tid] = target
+        return flight
+
+    def end(self, flight: _Flight) -> None:
+        flights = self.by_target.get(flight.tid)
+        if flights is not None:
+            flights.pop(flight.task, None)
+            if not flights:
+                del self.by_target[flight.tid]
+
+    def cancel(self, tid: str) -> None:
+        """Cancel the requests under way on a hung target (once each)."""
+        for flight in self.by_target.get(tid, {}).values():
+            if not flight.hung:
+                flight.hung = True
+                flight.task.cancel()
+
+    def retain(self, ids: set[str]) -> None:
+        for tid in list(self.targets):
+            if tid not in ids and tid not in self.by_target:
+                del self.targets[tid]
+
+
+async def probe(upstream: Upstream, timeout: float) -> bool:
+    """Whether a server answers `GET /health` at all (any status) within `timeout`."""
+    try:
+        async with asyncio.timeout(timeout):
+            resp = await upstream.request("GET", "/health")
+    except (UpstreamError, TimeoutError):
+        return False
+    resp.release()
+    return True
 
 
 async def send_error(
@@ -221,6 +321,8 @@ class ProxyApp:
         queue_wait_s: float = QUEUE_WAIT_S,
         balancer: Balancer | None = None,
         affinity: bool = True,
+        stall_s: float = STALL_S,
+        probe_timeout_s: float = PROBE_TIMEOUT_S,
     ) -> None:
         self.max_body_bytes = max_body_bytes
         self.loopback_only = loopback_only
@@ -235,18 +337,30 @@ class ProxyApp:
         self.balancer = balancer or Balancer()
         self.affinity = affinity
         """Whether requests of one conversation prefer one replica (`--no-affinity`)."""
+        self.stall_s = stall_s
+        self.probe_timeout_s = probe_timeout_s
+        self.flights = Flights(self.balancer)
+        self.probes: dict[str, asyncio.Future[None]] = {}
+        self.stall_watch: asyncio.Future[None] | None = None
         self.admission = Admission(max_in_flight, max_queued, queue_wait_s)
         self.waiters: dict[int, asyncio.Future[None]] = {}
         """Queued requests' tickets -> what `_release` resolves when they are admitted."""
         self.models_body = b'{"object":"list","data":[]}'
         self.app = Starlette(
             routes=[
-                Route("/health", _Raw(self.health), methods=["GET"]),
-                Route("/v1/models", _Raw(self.models), methods=["GET"]),
                 *(
-                    Route(path, _Raw(self.forward), methods=[FORWARDED_METHOD])
-                    for path in sorted(FORWARDED_PATHS)
+                    Route(
+                        path,
+                        _Raw(self.health if "health" in path else self.models),
+                        methods=["GET"],
+                    )
+                    for path in sorted(NODE_PATHS)
                 ),
+                *(
+                    Route(path, _Raw(self.forward), methods=sorted(methods))
+                    for path, methods in _passed_methods().items()
+                ),
+                Route("/slots/{slot}", _Raw(self.forward), methods=["POST"]),
             ],
             # Unknown path (404) and wrong method (405) in OpenAI's error shape too.
             exception_handlers={HTTPException: _http_error},
@@ -280,7 +394,7 @@ class ProxyApp:
             send = answer
         # The forwarded endpoints skip Starlette's middleware and router (about 10% of
         # the proxy's CPU per request); every other request goes through Starlette.
-        if scope["method"] == FORWARDED_METHOD and scope["path"] in FORWARDED_PATHS:
+        if kind_of(scope["method"], scope["path"]) is not None:
             await self.forward(scope, receive, send)
             return
         await self.app(scope, receive, send)  # type: ignore[arg-type]
@@ -297,6 +411,7 @@ class ProxyApp:
     def set_table(self, table: RouteTable) -> None:
         self.routes = Routes(table, self.strict_models)
         self.balancer.retain(t for r in table.models for t in r.targets)
+        self.flights.retain({target_id(t) for r in table.models for t in r.targets})
         self.pools.retain(
             {("127.0.0.1", t.port) for r in table.models for t in r.targets if t.local}
         )
@@ -333,7 +448,13 @@ class ProxyApp:
     # -- forwarding ------------------------------------------------------------
 
     async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if form_content_type(scope["headers"]):
+        """A llama-server endpoint (`meshllm.http.endpoints`): to the server its request
+        is routed to, with the client's headers, path and query, answered as it answers."""
+        kind = kind_of(scope["method"], scope["path"])
+        if kind is None:  # only reached through `__call__`'s check
+            await send_error(send, 404, f"{scope['path'][:200]!r} is not passed on")
+            return
+        if kind is not Kind.READ and form_content_type(scope["headers"]):
             # What an HTML form on any site can post, old browsers without saying so.
             await send_error(
                 send,
@@ -342,34 +463,55 @@ class ProxyApp:
                 "unsupported_media_type",
             )
             return
+        headers = request_headers(scope["headers"])
+        if (
+            len(headers) > MAX_HEADERS
+            or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES
+        ):
+            why = f"at most {MAX_HEADERS} headers of {MAX_HEADER_BYTES} bytes in all are passed on"
+            await send_error(send, 431, why, "headers_too_large")
+            return
         body = await read_body(scope, receive, send, self.max_body_bytes)
         if body is None:
             return
-        try:
-            peek = _peek.decode(body)
-        except msgspec.ValidationError as exc:
-            await send_error(send, 400, f"invalid request body: {exc}", "invalid_body")
-            return
-        except msgspec.DecodeError as exc:
-            await send_error(send, 400, f"request body is not valid JSON: {exc}", "invalid_json")
-            return
-        except RecursionError:
-            # msgspec gives up on JSON nested thousands deep (even in a field it skips).
-            await send_error(send, 400, "request body is nested too deeply", "invalid_json")
-            return
-        route, why = self.routes.candidates(peek.model)
+        peek: _Peek | None = None
+        if kind is Kind.MODEL:
+            peek = await decode_peek(body, send)
+            if peek is None:
+                return
+            model = peek.model
+        else:
+            model = query_model(scope["query_string"])
+        route, why = self.routes.candidates(model)
         if route is None:
-            if self.routes.unknown(peek.model):
+            if self.routes.unknown(model):
                 await send_error(send, 404, why, "model_not_found")
             else:
                 await send_error(send, 503, why, "model_not_ready", retry_after=True)
             return
-        key = affinity_key(peek) if self.affinity and len(route.targets) > 1 else None
-        work = self._admit_and_forward(route, scope["path"], body, key, send)
+        query = scope["query_string"]
+        path = scope["path"] if not query else f"{scope['path']}?{query.decode('latin-1')}"
+        request = _Request(scope["method"], path, body, headers)
+        if kind is Kind.MODEL:
+            assert peek is not None
+            key = affinity_key(peek) if self.affinity and len(route.targets) > 1 else None
+            work = self._admit_and_forward(route, request, key, send)
+        elif kind is Kind.LOCAL:
+            local = tuple(t for t in route.targets if t.local)
+            if not local:
+                why = (
+                    f"{scope['method']} {scope['path'][:200]} changes a llama-server for all "
+                    f"its users: send it to the node that runs {route.name!r}"
+                )
+                await send_error(send, 403, why, "not_local")
+                return
+            work = self._forward_with_failover(route, request, None, send, local)
+        else:
+            work = self._forward_with_failover(route, request, None, send)
         await until_disconnect(receive, work)
 
     async def _admit_and_forward(
-        self, route: ModelRoute, path: str, body: bytes, key: bytes | None, send: Send
+        self, route: ModelRoute, request: _Request, key: bytes | None, send: Send
     ) -> None:
         """Wait for admission, then try the route's targets in the balancer's order."""
         decision = self.admission.request(route.name, time.monotonic())
@@ -384,7 +526,7 @@ class ProxyApp:
             await send_error(send, 429, why, "too_many_requests", max(1, round(wait)))
             return
         try:
-            await self._forward_with_failover(route, path, body, key, send)
+            await self._forward_with_failover(route, request, key, send)
         finally:
             self._release(route.name)
 
@@ -426,58 +568,126 @@ class ProxyApp:
         return self.remote(target) if self.remote is not None else None
 
     async def _forward_with_failover(
-        self, route: ModelRoute, path: str, body: bytes, key: bytes | None, send: Send
+        self,
+        route: ModelRoute,
+        request: _Request,
+        key: bytes | None,
+        send: Send,
+        targets: tuple[RouteTarget, ...] | None = None,
     ) -> None:
-        """Try the route's targets in the balancer's order (`key`: the request's affinity
-        key) until one answers; never again once a byte went to the client."""
+        """Try the route's targets (or `targets`) in the balancer's order (`key`: the
+        request's affinity key) until one answers; never again once a byte went to the
+        client. A target found hung while it works on the request counts as failed."""
         now = time.monotonic()
-        order = self.balancer.order(route.targets, now, key)
+        targets = route.targets if targets is None else targets
+        order = self.balancer.order(targets, now, key)
         if not order:
-            retry = self.balancer.retry_after(route.targets, now)
+            retry = self.balancer.retry_after(targets, now)
             why = f"every server of {route.name!r} failed just now; retry in {retry} s"
             await send_error(send, 503, why, "model_not_ready", retry)
             return
+        self._watch_stalls()
+        task = asyncio.current_task()
+        assert task is not None
         failure = ""
         for attempt, target in enumerate(order):
             upstream = self._upstream(target)
             if upstream is None:
                 continue  # a remote target, and no tunnel
             last = attempt == len(order) - 1
-            self.balancer.started(target)
+            flight = self.flights.start(target, task, time.monotonic())
             try:
-                resp = await upstream.request("POST", path, body, JSON_HEADERS)
-            except UpstreamError as exc:
-                # Refused: nothing listens, the server is down, so it cools down. Closed
-                # before answering (it died mid-request, or this request made it drop the
-                # connection) or a broken answer: this request's failure only. Either way
-                # no byte went out yet, so another replica may answer.
-                if isinstance(exc, UpstreamRefused):
-                    self.balancer.failed(target, time.monotonic())
-                else:
+                try:
+                    resp = await upstream.request(
+                        request.method, request.path, request.body, request.headers
+                    )
+                except UpstreamError as exc:
+                    # Refused: nothing listens, the server is down, so it cools down. Closed
+                    # before answering (it died mid-request, or this request made it drop
+                    # the connection) or a broken answer: this request's failure only.
+                    # Either way no byte went out yet, so another replica may answer.
+                    if isinstance(exc, UpstreamRefused):
+                        self.balancer.failed(target, time.monotonic())
+                    else:
+                        self.balancer.finished(target, ok=False)
+                    log.warning("upstream %s failed: %s", upstream.where, exc)
+                    failure = f"upstream failed: {exc}"
+                    continue
+                except asyncio.CancelledError:
                     self.balancer.finished(target, ok=False)
-                log.warning("upstream %s failed: %s", upstream.where, exc)
-                failure = f"upstream failed: {exc}"
-                continue
-            except BaseException:
-                self.balancer.finished(target, ok=False)
-                raise
-            if resp.status in FAILOVER_STATUSES and not last:
-                # Not a byte sent yet: another replica may answer.
-                self.balancer.failed(target, time.monotonic())
-                log.info("%s answered %d; trying another server", upstream.where, resp.status)
-                resp.release()  # unread: the connection is closed, not reused
-                continue
-            ok = False
-            try:
-                await relay_response(resp, send)
-                ok = resp.status not in FAILOVER_STATUSES  # a last failing answer: no reset
+                    if not flight.hung or task.uncancel() > 0:
+                        raise
+                    failure = f"{upstream.where} stopped answering"
+                    continue
+                except BaseException:
+                    self.balancer.finished(target, ok=False)
+                    raise
+                self.balancer.progressed(target, time.monotonic())
+                if resp.status in FAILOVER_STATUSES and not last:
+                    # Not a byte sent yet: another replica may answer.
+                    self.balancer.failed(target, time.monotonic())
+                    log.info("%s answered %d; trying another server", upstream.where, resp.status)
+                    resp.release()  # unread: the connection is closed, not reused
+                    continue
+                ok = False
+                try:
+                    await relay_response(resp, send, flight.progress)
+                    ok = resp.status not in FAILOVER_STATUSES  # a last failing answer: no reset
+                except asyncio.CancelledError:
+                    if not flight.hung or task.uncancel() > 0:
+                        raise
+                    await cut_response(resp, send, f"{upstream.where} stopped answering")
+                finally:
+                    self.balancer.finished(target, ok=ok)
+                return
             finally:
-                self.balancer.finished(target, ok=ok)
-            return
+                self.flights.end(flight)
         if not failure:
             await send_error(send, 503, "remote models need the tunnel", "no_tunnel")
             return
         await send_error(send, 502, failure, "upstream_error")
+
+    # -- hung servers ----------------------------------------------------------
+
+    def _watch_stalls(self) -> None:
+        """Start the one task that looks for stalled targets, if it is not running."""
+        if self.stall_watch is None or self.stall_watch.done():
+            self.stall_watch = asyncio.ensure_future(self._stall_watch())
+
+    async def _stall_watch(self) -> None:
+        """Every half stall time: probe the targets that went silent with requests in
+        flight (`Balancer.stalled`) and those found hung before; ends when none is left."""
+        tick = max(0.1, self.stall_s / 2)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for tid in {*self.balancer.stalled(now, self.stall_s), *self.balancer.hung_ids()}:
+                target = self.flights.targets.get(tid)
+                if target is not None and tid not in self.probes:
+                    self.probes[tid] = asyncio.ensure_future(self._probe(tid, target))
+            if not self.flights.by_target and not self.balancer.hung_ids():
+                return
+
+    async def _probe(self, tid: str, target: RouteTarget) -> None:
+        try:
+            upstream = self._upstream(target)
+            alive = upstream is not None and await probe(upstream, self.probe_timeout_s)
+            now = time.monotonic()
+            if alive:
+                if tid in self.balancer.hung_ids():
+                    log.info("%s answers again", target_id(target))
+                self.balancer.revived(target, now)
+                return
+            if tid not in self.balancer.hung_ids():
+                log.warning(
+                    "%s sent nothing for %g s and does not answer: avoided until it does",
+                    tid,
+                    self.stall_s,
+                )
+            self.balancer.hung(target, now)
+            self.flights.cancel(tid)
+        finally:
+            self.probes.pop(tid, None)
 
 
 async def forward_until_disconnect(
@@ -551,11 +761,12 @@ async def _relay(
     await relay_response(resp, send)
 
 
-async def relay_response(resp: Response, send: Send) -> None:
-    """Pass an upstream response to the ASGI client chunk by chunk.
-
-    A body that has arrived whole by the time the head is read goes out in one message."""
-    streaming = resp.length is None
+async def relay_response(
+    resp: Response, send: Send, progress: Callable[[], None] | None = None
+) -> None:
+    """Pass an upstream response to the ASGI client chunk by chunk (`progress` is called
+    for each). A body that has arrived whole by the time the head is read goes out in
+    one message."""
     if resp.complete():
         headers = resp.forward_headers()
         body = await resp.body()
@@ -567,16 +778,27 @@ async def relay_response(resp: Response, send: Send) -> None:
     )
     try:
         async for chunk in resp.iter_body():
+            if progress is not None:
+                progress()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except UpstreamError as exc:
         log.warning("upstream broke mid-response: %s", exc)
-        if streaming:
-            # An SSE client needs an event it can parse, not a silently cut stream.
-            event = b"data: " + error_body(502, f"upstream failed mid-stream: {exc}") + b"\n\n"
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await cut_response(resp, send, f"upstream failed mid-stream: {exc}")
+        return
     finally:
         resp.release()
     await send({"type": "http.response.body", "body": b""})
+
+
+async def cut_response(resp: Response, send: Send, why: str) -> None:
+    """End a response whose upstream broke off after its head went to the client: a
+    stream with an error event an SSE client can parse, not a silent cut. A body of
+    announced length cannot say so: it ends short, and the connection is closed."""
+    resp.release()
+    if resp.length is None:
+        event = b"data: " + error_body(502, why) + b"\n\n"
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -621,6 +843,17 @@ async def read_body(scope: Scope, receive: Receive, send: Send, limit: int) -> b
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _passed_methods() -> dict[str, set[str]]:
+    """Path -> methods of the llama-server endpoints the Proxy passes on (for Starlette's
+    405 on a wrong method; `__call__` sends them to `forward` before Starlette)."""
+    methods: dict[str, set[str]] = {}
+    for path in MODEL_PATHS | LOCAL_PATHS:
+        methods.setdefault(path, set()).add("POST")
+    for path in READ_PATHS:
+        methods.setdefault(path, set()).add("GET")
+    return methods
 
 
 def _too_large(limit: int) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from meshllm.http.balance import MAX_IN_FLIGHT, MAX_QUEUED, QUEUE_WAIT_S
+from meshllm.http.balance import MAX_IN_FLIGHT, MAX_QUEUED, QUEUE_WAIT_S, STALL_S
 from meshllm.http.origin import check_origins
 from meshllm.mesh import health
 from meshllm.placement.election import COLD_GRACE_S
@@ -137,6 +137,16 @@ class UpOptions:
         QUEUE_WAIT_S,
         "--queue-timeout",
         "Seconds a request may wait for a slot before 429 with Retry-After.",
+        metavar="S",
+        check=_positive,
+    )
+    stall_s: float = option(
+        STALL_S,
+        "--stall-timeout",
+        "Seconds a server may send nothing while requests wait on it before this node "
+        "checks its /health; one that does not answer is hung: its requests that got no "
+        "byte yet go to another replica, its streams end with an error event, and it is "
+        "avoided until it answers again.",
         metavar="S",
         check=_positive,
     )

@@ -8,7 +8,8 @@ Connections stay open across requests, one request at a time, like
 keep-alive HTTP. The requesting Tunnel passes the frame on unchanged down
 the QUIC stream, so the host's Tunnel reads the very same frame, and
 checks it (`decode_request`) against the same rules: only what the Proxy
-forwards (`FORWARDED_PATHS`), within its body limit and the header caps.
+passes through the tunnel (`meshllm.http.endpoints.tunnelled`), within its
+body limit and the header caps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from meshllm.http.endpoints import DROPPED_REQUEST_HEADERS, tunnelled
 from meshllm.http.upstream import Pool, Response
 from meshllm.runtime.messages import RouteTarget
 
@@ -27,25 +29,14 @@ MAX_FRAME_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """The Proxy's default body limit (`--max-body-mb`). A Tunnel applies its own
 node's limit (the actor passes it); this is what applies when none is given."""
-MAX_HEADERS = 32
-"""Headers in one frame: the Proxy sends one (`content-type`)."""
+MAX_HEADERS = 64
+"""Headers in one frame: the client's end-to-end ones (`endpoints.request_headers`)."""
 MAX_HEADER_BYTES = 16 * 1024
 """Names and values of a frame's headers together."""
-
-FORWARDED_METHOD = "POST"
-FORWARDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-"""What the Proxy forwards to a llama-server (with `FORWARDED_METHOD`), and so all
-a Tunnel host passes to its own: defined once, here, for both. A member's
-Tunnel that asks for anything else (slots, LoRA adapters, props...) is refused
-before llama-server sees it."""
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TEXT = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 _PATH = re.compile(r"/[^\x00-\x20\x7f]*")
-_DROPPED = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"te"}
-)
-"""Set by the host's upstream client itself, or meaningful on one hop only."""
 
 
 class FrameError(ValueError):
@@ -55,11 +46,6 @@ class FrameError(ValueError):
         super().__init__(message)
         self.status = status
         self.code = code
-
-
-def forwarded(method: str, path: str) -> bool:
-    """Whether the Proxy forwards `method path` (an exact path: no query string)."""
-    return method == FORWARDED_METHOD and path in FORWARDED_PATHS
 
 
 def body_too_large(limit: int) -> str:
@@ -108,8 +94,8 @@ def decode_request(payload: bytes, max_body: int = MAX_BODY_BYTES) -> TunnelRequ
     """A frame's payload, checked: whatever passes here is safe to forward to llama-server.
 
     It must be well formed (safe to write as an HTTP head), within the header
-    caps, one of the requests the Proxy forwards (`forwarded`), and announce a
-    body of at most `max_body` bytes (its node's Proxy limit).
+    caps, one of the requests the Proxy sends through the tunnel (`tunnelled`), with
+    a body of at most `max_body` bytes (its node's Proxy limit).
     """
     try:
         request = _decoder.decode(payload)
@@ -138,10 +124,10 @@ def decode_request(payload: bytes, max_body: int = MAX_BODY_BYTES) -> TunnelRequ
         raise FrameError(
             f"headers of {size} bytes; at most {MAX_HEADER_BYTES}", 431, "headers_too_large"
         )
-    if not forwarded(request.method, request.path):
+    if not tunnelled(request.method, request.path):
         raise FrameError(
             f"{request.method} {request.path[:200]!r} is not forwarded: the tunnel carries "
-            f"only {FORWARDED_METHOD} to {', '.join(sorted(FORWARDED_PATHS))}",
+            "llama-server's model endpoints and its reads, nothing that changes a server",
             403,
             "not_forwarded",
         )
@@ -154,7 +140,7 @@ def decode_request(payload: bytes, max_body: int = MAX_BODY_BYTES) -> TunnelRequ
 
 def upstream_headers(request: TunnelRequest) -> list[tuple[bytes, bytes]]:
     """The frame's headers that go on to llama-server."""
-    return [(k, v) for k, v in request.headers if k.lower() not in _DROPPED]
+    return [(k, v) for k, v in request.headers if k.lower() not in DROPPED_REQUEST_HEADERS]
 
 
 # -- the Proxy's end ----------------------------------------------------------------------

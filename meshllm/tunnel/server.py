@@ -10,13 +10,13 @@ stream or stops reading cancels the request, and closing the llama-server
 connection stops the generation there.
 
 A member is trusted with the mesh, not with this node's llama-server: a
-stream carries one request of the kinds the Proxy itself forwards
-(`hop.FORWARDED_PATHS`), with the node's body limit and the frame's header
-caps, its head in time and its body making progress; each peer holds at
-most `MAX_STREAMS_PER_PEER` streams and `BODY_BYTES_PER_PEER` body bytes at
-once. What breaks a rule is answered with the OpenAI-shaped error and ends
-the stream, and a member that sends data on a link's control stream, which
-nothing reads, loses the link (`guard_control`).
+stream carries one request of the kinds the Proxy sends through the tunnel
+(`meshllm.http.endpoints.tunnelled`: none that changes a server), with the
+node's body limit and the frame's header caps, its head in time and its body
+making progress; each peer holds at most `MAX_STREAMS_PER_PEER` streams and
+`BODY_BYTES_PER_PEER` body bytes at once. What breaks a rule is answered with
+the OpenAI-shaped error and ends the stream, and a member that sends data on a
+link's control stream, which nothing reads, loses the link (`guard_control`).
 
 A stream that starts with `wire.RpcOpen` instead carries a split host's RPC
 connection to this node's RPC server (`meshllm.tunnel.rpc`), when this node
