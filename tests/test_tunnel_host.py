@@ -26,7 +26,7 @@ from meshllm.mesh import wire
 from meshllm.mesh.identity import load_or_create_key, node_id_of
 from meshllm.mesh.quic import IDLE_TIMEOUT_S, Link, MeshEndpoint, release_stream
 from meshllm.mesh.token import decode_token
-from meshllm.testing import NodeProcess, chat, token_of
+from meshllm.testing import NodeProcess, chat, http, token_of
 from meshllm.tunnel.hop import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_HEADERS, TunnelRequest
 from meshllm.tunnel.server import BODY_STALL_S, HEAD_TIMEOUT_S, MAX_STREAMS_PER_PEER
 
@@ -151,10 +151,12 @@ def honest_chat(pair: Pair) -> None:
     ("method", "path"),
     [
         ("POST", "/slots/0?action=save"),
-        ("GET", "/props"),
+        ("POST", "/slots/0?action=erase"),
+        ("POST", "/props"),
         ("DELETE", "/v1/chat/completions"),
         ("POST", "/lora-adapters"),
-        ("POST", "/v1/chat/completions?x=1"),
+        ("GET", "/v1/stream"),
+        ("POST", "/models/load"),
     ],
 )
 def test_only_what_the_proxy_forwards_reaches_llama_server(
@@ -169,6 +171,23 @@ def test_only_what_the_proxy_forwards_reaches_llama_server(
             assert status == 200 and body["choices"], body
 
     run(main())
+
+
+def test_llama_servers_other_endpoints_reach_it_from_another_node(pair: Pair) -> None:
+    """Through the lite client's Proxy and the tunnel: the aliases, tokenizing, a read
+    with its query, Anthropic's API; and what changes a server is refused at the client."""
+    port = pair.client.port
+    status, _, body = http(port, "POST", "/tokenize", {"model": MODEL, "content": "hi"})
+    assert status == 200 and json.loads(body)["tokens"], body
+    status, _, body = http(port, "POST", "/completion", {"prompt": "hi", "n_predict": 2})
+    assert status == 200 and "content" in json.loads(body), body
+    status, _, body = http(port, "GET", f"/props?model={MODEL}")
+    assert status == 200 and "default_generation_settings" in json.loads(body), body
+    messages = {"model": MODEL, "max_tokens": 2, "messages": CHAT["messages"]}
+    status, _, body = http(port, "POST", "/v1/messages", messages)
+    assert status == 200 and json.loads(body)["type"] == "message", body
+    status, _, body = http(port, "POST", "/slots/0?action=erase", {})
+    assert status == 403 and json.loads(body)["error"]["code"] == "not_local", body
 
 
 def test_body_over_the_proxy_limit_is_413_unread(pair: Pair) -> None:
