@@ -136,12 +136,16 @@ def test_what_changes_a_server_goes_only_to_this_nodes_own() -> None:
         async with FakeServer(ok(b"erased")) as own:
             app = new_app()
             app.set_table(two_models(1, own.port, a_local=False))
-            c = await complete(call(app, "/slots/0?action=erase", b"{}"))
-            assert c.status == 403  # the first model's server is another node's
+            c = await complete(call(app, "/slots/0?action=erase&model=ma", b"{}"))
+            assert c.status == 403  # that model's server is another node's
             assert c.json()["error"]["code"] == "not_local"
             c = await complete(call(app, "/slots/0?action=erase&model=mb", b"{}"))
             assert (c.status, c.body) == (200, b"erased")
             assert own.requests[0].path == "/slots/0?action=erase&model=mb"
+            # naming no model: this node's own server (not the first model's)
+            c = await complete(call(app, "/lora-adapters", b"[]"))
+            assert (c.status, c.body) == (200, b"erased")
+            assert own.requests[1].path == "/lora-adapters"
 
     run(main())
 

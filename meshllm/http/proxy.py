@@ -482,6 +482,8 @@ class ProxyApp:
             model = peek.model
         else:
             model = query_model(scope["query_string"])
+            if model is None and kind is Kind.LOCAL:
+                model = self.routes.local_model()  # this node's own server, by default
         route, why = self.routes.candidates(model)
         if route is None:
             if self.routes.unknown(model):

@@ -75,6 +75,10 @@ class Routes:
         self.first = next((r.targets[0] for r in table.models if r.targets), None)
         self.first_route = next((r for r in table.models if r.targets), None)
 
+    def local_model(self) -> str | None:
+        """The first model this node serves itself, if any."""
+        return next((r.name for r in self.table.models if any(t.local for t in r.targets)), None)
+
     def unknown(self, model: str | None) -> bool:
         """Strict mode's 404: a named model absent from a table that lists models."""
         return bool(self.strict and model and self.table.models and model not in self.by_name)
