@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 
+from meshllm.http.backends import pick
 from meshllm.http.errors import error_response
 from meshllm.http.upstream import HOP_BY_HOP, Pool, Response, UpstreamError
 from meshllm.mesh import wire
@@ -120,14 +122,17 @@ class TunnelServer:
         self.refused = 0
         """Streams answered with an error because they broke a rule or a cap."""
         self.pool: Pool | None = None
-        """Kept-alive connections to the llama-server on `self.pool.port`."""
+        """Kept-alive connections to the llama-server (or backend) last used."""
+        self.backends = m.BackendsState()
+        """This node's external backends (`--backend-url`): they serve what it announces."""
+        self.turns = itertools.count()
 
-    def _pool(self, port: int) -> Pool:
+    def _pool(self, port: int, host: str = LOOPBACK) -> Pool:
         pool = self.pool
-        if pool is None or pool.port != port:
+        if pool is None or pool.port != port or pool.host != host:
             if pool is not None:
                 pool.close()
-            pool = self.pool = Pool(LOOPBACK, port, max_idle=POOL_MAX_IDLE)
+            pool = self.pool = Pool(host, port, max_idle=POOL_MAX_IDLE)
         return pool
 
     async def handle_stream(
@@ -193,6 +198,9 @@ class TunnelServer:
             request = decode_request(payload, self.max_body_bytes)
             # Refused before its body is read: a wrong model is answered at once.
             port, why = serving_port(self.local, opening.model)
+            host = LOOPBACK
+            if not port and (backend := pick(self.backends, opening.model, next(self.turns))):
+                host, port = backend.host, backend.port
             if not port:
                 _answer(reader, writer, error_response(503, why, "model_not_served", True))
                 return
@@ -203,7 +211,7 @@ class TunnelServer:
                 return
             reserved = request.body_length
             body = await self._body(reader, request.body_length)
-            await self._forward(self._pool(port), request, body, reader, writer)
+            await self._forward(self._pool(port, host), request, body, reader, writer)
         except (wire.WireError, asyncio.IncompleteReadError, ConnectionResetError) as exc:
             if not isinstance(opening, wire.TunnelOpen):
                 self._drop(link, reader, writer, repr(exc))
