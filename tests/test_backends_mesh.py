@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,44 @@ def test_a_backend_is_routed_through_the_tunnel_and_follows_its_health(
     backend.start()
     b.wait_ready(NAME, timeout=30)
     assert chat(b.port, NAME, max_tokens=8)["choices"][0]["message"]["content"] == expected
+
+
+def launched(server: PlainLlamaServer) -> int:
+    """Requests the llama-server has started (one log line per task)."""
+    return server.log_path.read_text(errors="replace").count("launch_slot_")
+
+
+def test_two_backends_of_one_model_share_its_requests(
+    llama_server: str,
+    demo_model: Path,
+    tmp_path: Path,
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    servers = [
+        PlainLlamaServer(llama_server, demo_model, tmp_path / f"backend{i}.log") for i in (0, 1)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        urls = [arg for s in servers for arg in ("--backend-url", f"http://127.0.0.1:{s.port}")]
+        a = start_node(*urls, "--model", NAME, *LOOPBACK, name="a")
+        a.wait_ready(NAME, timeout=30)
+        b = start_node("--client", "--join", token_of(a), *LOOPBACK, name="b")
+        b.wait_ready(NAME, timeout=30)
+        (route,) = [r for r in a.status()["routes"]["models"] if r["name"] == NAME]
+        assert sorted(t["port"] for t in route["targets"]) == sorted(s.port for s in servers)
+
+        # Through the tunnel, A hands its backends B's requests in turn.
+        before = [launched(s) for s in servers]
+        for _ in range(4):
+            chat(b.port, NAME, max_tokens=4)
+        assert [launched(s) - n for s, n in zip(servers, before, strict=True)] == [2, 2]
+
+        # On A, requests in flight at once go to the backend with fewer of them.
+        before = [launched(s) for s in servers]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: chat(a.port, NAME, max_tokens=400), range(4)))
+        assert all(launched(s) > n for s, n in zip(servers, before, strict=True))
+    finally:
+        for server in servers:
+            server.stop()
