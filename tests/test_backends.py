@@ -26,8 +26,15 @@ from meshllm.http.backends import (
 from meshllm.http.balance import Balancer, target_id
 from meshllm.http.routing import build_route_table
 from meshllm.mesh.wire import PeerAnnouncement
-from meshllm.runtime.messages import BackendsState, BackendStatus, LocalServerState, MeshView
-from meshllm.status import split_text
+from meshllm.runtime.messages import (
+    BackendsState,
+    BackendStatus,
+    LocalServerState,
+    MeshView,
+    NodeStatus,
+    RouteTable,
+)
+from meshllm.status import format_status, split_text
 
 A = BackendUrl("127.0.0.1", 8080)
 B = BackendUrl("10.0.0.2", 8000)
@@ -226,3 +233,27 @@ def test_a_down_backend_leaves_its_model_cold() -> None:
     table = build_route_table(me, LocalServerState(), servers, catalog=("x",))
     (route,) = table.models
     assert route.name == "x" and route.targets == ()
+
+
+def test_ctl_status_shows_each_backend_and_the_peers_backend_models() -> None:
+    peer = PeerAnnouncement(
+        node_id="fedcba9876543210", generation=1, http_port=9400, backend_models=("x", "y")
+    )
+    status = NodeStatus(
+        node_id="0123456789abcdef",
+        role="idle",
+        home="/h",
+        http="127.0.0.1:9337",
+        server=LocalServerState(),
+        routes=RouteTable(),
+        peers=(peer,),
+        backends=(
+            BackendStatus("http://10.0.0.2:8000", "10.0.0.2", 8000, up=True, models=("x",)),
+            BackendStatus("http://10.0.0.3:8000", "10.0.0.3", 8000, reason="refused\x1b[2J"),
+        ),
+    )
+    lines = format_status(status).splitlines()
+    assert any(line.split() == ["http://10.0.0.2:8000", "up", "x"] for line in lines)
+    down = next(line for line in lines if line.startswith("http://10.0.0.3:8000"))
+    assert "down: refused?[2J" in down  # what a backend says is made printable
+    assert any("x (backend), y (backend)" in line for line in lines)
