@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 
 from meshllm.http import backends as core
-from meshllm.http.upstream import Pool, UpstreamError, get_status
+from meshllm.http.upstream import Pool, UpstreamError, UpstreamRefused, get_status
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 
@@ -39,12 +39,14 @@ class Backends(Actor):
     async def _poll(self, index: int, backend: core.BackendUrl) -> None:
         health: int | None = None
         reason = ""
+        refused = False
         try:
             health = await get_status(
                 backend.host, backend.port, "/health", timeout=core.PROBE_TIMEOUT_S
             )
         except (OSError, TimeoutError) as exc:  # UpstreamError is an OSError
             reason = f"/health: {exc or type(exc).__name__}"
+            refused = isinstance(exc, UpstreamRefused)
         listed = None
         if health is not None:
             try:
@@ -53,7 +55,7 @@ class Backends(Actor):
                 reason = f"/v1/models: {exc or type(exc).__name__}"
         if health is not None and not reason and not core.probe_ok(health, listed):
             reason = f"/health answered {health}"
-        self.set.observed(index, core.probe_ok(health, listed), listed, reason)
+        self.set.observed(index, core.probe_ok(health, listed), listed, reason, refused)
 
     def _log_changes(self, old: m.BackendsState | None, new: m.BackendsState) -> None:
         before = {b.url: b for b in old.backends} if old else {}

@@ -79,8 +79,12 @@ def check_backends(opts: UpOptions) -> tuple[str, ...]:
     for name in opts.models:
         if problem := check_model_name(name):
             raise UpError(f"--model {problem} (with --backend-url, --model names a model)")
-    if opts.split:
-        raise UpError("--split needs this node's own llama-server; drop it with --backend-url")
+    if opts.split or opts.llama_args:
+        flag = "--split" if opts.split else "--llama-arg"
+        raise UpError(
+            f"{flag} is for this node's own llama-server, which a node with --backend-url "
+            "does not run; drop it"
+        )
     return tuple(dict.fromkeys(opts.models))
 
 

@@ -176,6 +176,14 @@ def test_an_up_backend_goes_down_after_failed_polls_in_a_row_and_comes_back() ->
     assert backends.state().backends[0].up
 
 
+def test_a_refused_connection_takes_a_backend_down_at_once() -> None:
+    backends = BackendSet((A,))
+    backends.observed(0, True, ("m",))
+    backends.observed(0, False, None, "connection refused", refused=True)
+    (status,) = backends.state().backends
+    assert not status.up and status.reason == "connection refused"
+
+
 def test_healthy_models_and_pick() -> None:
     state = BackendsState(
         (

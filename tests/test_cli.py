@@ -386,7 +386,8 @@ def test_up_rejects_bad_backend_urls(
     [
         (("--client", "--join", TOKEN), "a lite client (--client) serves no model"),
         (("--model", "org/model"), "cannot name a model in the mesh"),
-        (("--split",), "--split needs this node's own llama-server"),
+        (("--split",), "--split is for this node's own llama-server"),
+        (("--llama-arg=-c",), "--llama-arg is for this node's own llama-server"),
     ],
 )
 def test_up_with_backends_refuses_what_cannot_go_with_them(

@@ -28,8 +28,9 @@ POLL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
 """How long one poll of a backend may take before it counts as failed."""
 DOWN_AFTER = 2
-"""Failed polls in a row that take an up backend out of the mesh (one is a hiccup);
-a down backend comes back at its first good poll."""
+"""Failed polls in a row that take an up backend out of the mesh (one slow answer is a
+hiccup; a refused connection is not: nothing listens, it is down at once). A down
+backend comes back at its first good poll."""
 MODELS_BODY_BYTES = 1024 * 1024
 """Largest `/v1/models` answer read from a backend."""
 
@@ -192,9 +193,15 @@ class BackendSet:
         self.health = [_Health() for _ in self.backends]
 
     def observed(
-        self, index: int, ok: bool, listed: tuple[str, ...] | None, reason: str = ""
+        self,
+        index: int,
+        ok: bool,
+        listed: tuple[str, ...] | None,
+        reason: str = "",
+        refused: bool = False,
     ) -> None:
-        """One poll of backend `index`: whether it answered, what `/v1/models` listed."""
+        """One poll of backend `index`: whether it answered, what `/v1/models` listed,
+        and whether its connection was refused (nothing listens there)."""
         h = self.health[index]
         if listed is not None:
             h.listed = listed
@@ -203,7 +210,7 @@ class BackendSet:
             return
         h.failures += 1
         h.reason = reason or "not answering"
-        if h.failures >= self.down_after:
+        if refused or h.failures >= self.down_after:
             h.up = False
 
     def state(self) -> BackendsState:
