@@ -28,6 +28,7 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshllm import __version__
+from meshllm.http.backends import healthy_models
 from meshllm.mesh import gossip, wire
 from meshllm.mesh.identity import load_or_create_key, node_id_of
 from meshllm.mesh.membership import boot_generation
@@ -57,7 +58,7 @@ def node_key(resources: dict[str, Any], node_id: str) -> ec.EllipticCurvePrivate
 
 class Gossiper(Actor):
     name = "gossiper"
-    subscriptions = {"server_supervisor": ["local"]}
+    subscriptions = {"server_supervisor": ["local"], "backends": ["backends"]}
 
     async def on_start(self) -> None:
         cfg = self.config
@@ -315,6 +316,8 @@ class Gossiper(Actor):
                 changes["model_sha256"] = {**me.model_sha256, msg.model: msg.sha256}
                 changes["model_sizes"] = {**me.model_sizes, msg.model: msg.size}
             await self._run(self.core.update_self(**changes))
+        elif isinstance(msg, m.BackendsState):
+            await self._run(self.core.update_self(backend_models=healthy_models(msg)))
 
     async def on_tell(self, msg: m.Message) -> None:
         now = time.monotonic()

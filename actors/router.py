@@ -10,11 +10,16 @@ from meshllm.runtime.actor import Actor
 
 class Router(Actor):
     name = "router"
-    subscriptions = {"server_supervisor": ["local"], "gossiper": ["mesh"]}
+    subscriptions = {
+        "server_supervisor": ["local"],
+        "gossiper": ["mesh"],
+        "backends": ["backends"],
+    }
 
     async def on_start(self) -> None:
         self.local = m.LocalServerState()
         self.mesh = m.MeshView(self.config.node_id)
+        self.backends = m.BackendsState()
         self.table: m.RouteTable | None = None
         await self._recompute()
 
@@ -23,11 +28,14 @@ class Router(Actor):
             self.local = msg
         elif isinstance(msg, m.MeshView):
             self.mesh = msg
+        elif isinstance(msg, m.BackendsState):
+            self.backends = msg
         await self._recompute()
 
     async def _recompute(self) -> None:
         # The mesh catalog counts this node's own disk too (a cold model may be ours).
         own = {spec.name for spec in (*self.config.models, *self.config.available)}
+        own |= set(self.config.backend_models)
         catalog = own | mesh_catalog(self.mesh.peers)
         remote = [
             Serving(
@@ -40,6 +48,7 @@ class Router(Actor):
             for peer in self.mesh.peers
             if peer.serving and peer.server_state == "ready" and peer.role == "host"
         ]
+        remote += backend_servers(self.config.node_id, self.mesh, self.backends)
         table = build_route_table(
             self.config.node_id, self.local, remote, catalog, failure_notes(self.mesh, self.local)
         )
@@ -47,6 +56,24 @@ class Router(Actor):
             self.table = table
             self.log.info("routes: %s", _summary(table))
             await self.bus.publish("routes", table)
+
+
+def backend_servers(node_id: str, mesh: m.MeshView, backends: m.BackendsState) -> list[Serving]:
+    """Targets of external backends: each up backend of this node, once per model it
+    serves, and every model a peer announces for its backends (reached through the
+    tunnel, which hands it to one of them there)."""
+    local = [
+        Serving(model, node_id, b.port, local=True, host=b.host, backend=True)
+        for b in backends.backends
+        if b.up
+        for model in b.models
+    ]
+    remote = [
+        Serving(model, peer.node_id, peer.http_port, backend=True)
+        for peer in mesh.peers
+        for model in peer.backend_models
+    ]
+    return local + remote
 
 
 def failure_notes(mesh: m.MeshView, local: m.LocalServerState) -> dict[str, str]:

@@ -52,7 +52,11 @@ class Tunnel(Actor):
     """Glue: the QUIC endpoint, the Proxy's unix socket, mesh view and local state."""
 
     name = "tunnel"
-    subscriptions = {"gossiper": ["mesh"], "server_supervisor": ["local"]}
+    subscriptions = {
+        "gossiper": ["mesh"],
+        "server_supervisor": ["local"],
+        "backends": ["backends"],
+    }
 
     async def on_start(self) -> None:
         # Everything on_topic touches exists before the first await.
@@ -93,6 +97,8 @@ class Tunnel(Actor):
             self.view_changed = asyncio.Event()
         elif isinstance(msg, m.LocalServerState):
             self.server.local = msg
+        elif isinstance(msg, m.BackendsState):
+            self.server.backends = msg
 
     async def on_ask(self, msg: m.Message) -> m.Message:
         if isinstance(msg, m.UseRpcWorkers):

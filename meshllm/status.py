@@ -39,6 +39,12 @@ def format_status(s: NodeStatus) -> str:
         part = server.split
         doing = f"worker for {part.host}" if part.part == "worker" else part.note
         out[-1:] = [f"split: {printable(doing, 400)}", ""]
+    if s.backends:
+        backend_rows = [["BACKEND", "STATE", "MODELS"]]
+        for b in s.backends:
+            health = "up" if b.up else f"down: {b.reason}"
+            backend_rows.append([b.url, health, ", ".join(b.models) or "-"])
+        out += [table(backend_rows), ""]
     members = [*s.peers, *([s.me] if s.me else [])]
     if members:
         total = sum(p.vram_bytes for p in members)
@@ -56,8 +62,9 @@ def format_status(s: NodeStatus) -> str:
     peer_rows = [["PEER", "ROLE", "MODEL", "STATE", "API PORT", "ADDRESS"]]
     for p in s.peers:
         address = p.addresses[0] if p.addresses else "-"
+        model = p.serving or ", ".join(f"{name} (backend)" for name in p.backend_models)
         peer_rows.append(
-            [p.node_id, p.role, p.serving or "-", p.server_state, str(p.http_port), address]
+            [p.node_id, p.role, model or "-", p.server_state, str(p.http_port), address]
         )
     if len(peer_rows) > 1:
         out += [table(peer_rows), ""]
@@ -77,6 +84,9 @@ def split_text(route: ModelRoute) -> list[str]:
         if target.workers:
             parts = zip(members, target.shares, strict=False)
             out.append(" + ".join(f"{node} {share:.0%}" for node, share in parts))
+        elif target.backend:
+            where = f" {target.host}:{target.port}" if target.host else ""
+            out.append(f"{target.node_id} (backend{where})")
         else:
             out.append(target.node_id)
     return out or list(route.nodes)

@@ -292,6 +292,44 @@ class NodeProcess:
             self._log_file.close()
 
 
+class PlainLlamaServer:
+    """A llama-server of its own, outside any node (an external backend, `--backend-url`):
+    one thread, on 127.0.0.1; `start` waits for its /health, `stop` kills it. Started
+    again, it takes the same port."""
+
+    def __init__(self, binary: str, model: Path, log_path: Path, port: int = 0) -> None:
+        from meshllm.runtime.procutil import free_port
+
+        self.binary = binary
+        self.model = model
+        self.log_path = log_path
+        self.port = port or free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> PlainLlamaServer:
+        cmd = [self.binary, "-m", str(self.model), "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "-t", "1"]
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+        def healthy() -> bool:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise NodeExited(f"llama-server exited: {self.log_path.read_text()[-2000:]}")
+            return http(self.port, "GET", "/health", timeout=2)[0] == 200
+
+        wait_for(healthy, timeout, f"llama-server on :{self.port} to be healthy")
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        if self._proc is not None:
+            self._proc.wait(10)
+        self._proc = None
+
+
 def token_of(node: NodeProcess, timeout: float = 10) -> str:
     """The node's invite token: from its log (a first node prints it), else `meshllm ctl
     token` (any node)."""

@@ -68,6 +68,26 @@ def resolve_model(ref: str) -> ModelSpec:
     )
 
 
+def check_backends(opts: UpOptions) -> tuple[str, ...]:
+    """The `--model` names of a node with `--backend-url` (checked, not resolved)."""
+    from meshllm.http.backends import check_backend_urls, check_model_name
+
+    if problem := check_backend_urls(opts.backend_urls):
+        raise UpError(f"--backend-url {problem}")
+    if opts.client:
+        raise UpError("a lite client (--client) serves no model; drop --backend-url")
+    for name in opts.models:
+        if problem := check_model_name(name):
+            raise UpError(f"--model {problem} (with --backend-url, --model names a model)")
+    if opts.split or opts.llama_args:
+        flag = "--split" if opts.split else "--llama-arg"
+        raise UpError(
+            f"{flag} is for this node's own llama-server, which a node with --backend-url "
+            "does not run; drop it"
+        )
+    return tuple(dict.fromkeys(opts.models))
+
+
 def scan_available() -> tuple[ModelSpec, ...]:
     """GGUFs in the models directory that count as models (over 500 MB)."""
     from meshllm.models.files import scan_models
@@ -197,8 +217,10 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
     home.ensure()
     lock_fd = lock_home(home)
     try:
-        models = [resolve_model(ref) for ref in opts.models]
-        if not models and not opts.join and not opts.client:
+        backends = bool(opts.backend_urls)
+        backend_models = check_backends(opts) if backends else ()
+        models = [] if backends else [resolve_model(ref) for ref in opts.models]
+        if not models and not opts.join and not opts.client and not backends:
             models = [demo_model()]
         if opts.client and models:
             raise UpError("a lite client (--client) serves no model; drop --model")
@@ -215,9 +237,10 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
             bind_host, bind_port = split_address(opts.bind, allow_zero=True)
         except InvalidToken as exc:
             raise UpError(str(exc)) from None
-        llama_server = "" if opts.client else find_binary("llama-server", opts.llama_server)
-        rpc_server, rpc_missing = ("", "") if opts.client else rpc_server_binary(opts.rpc_server)
-        available = () if opts.client else scan_available()
+        runs_servers = not opts.client and not backends
+        llama_server = find_binary("llama-server", opts.llama_server) if runs_servers else ""
+        rpc_server, rpc_missing = rpc_server_binary(opts.rpc_server) if runs_servers else ("", "")
+        available = scan_available() if runs_servers else ()
         memory = detect_memory(opts.max_vram_gb)
         key = load_or_create_key(None if opts.client else home.key_path)
         secret = mesh_secret(home, tokens, opts.client)
@@ -239,7 +262,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         models=tuple(models),
         available=available,
         models_dir=str(models_dir()),
-        vram_bytes=0 if opts.client else memory.budget_bytes,
+        vram_bytes=memory.budget_bytes if runs_servers else 0,
         gpus=len(memory.gpus),
         http_host=opts.listen,
         http_port=sock.getsockname()[1],
@@ -250,6 +273,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         advertise_host=advertised,
         gossip_port=gossip_port,
         tunnel_port=tunnel_sock.getsockname()[1],
+        backend_models=backend_models,
     )
     resources: dict[str, dict[str, Any]] = {
         "proxy": {"socket": sock},
@@ -269,6 +293,8 @@ def run(opts: UpOptions) -> int:
     serving = (
         config.models[0].name
         if config.models
+        else f"the models of {', '.join(opts.backend_urls)}"
+        if opts.backend_urls
         else "nothing (lite client)"
         if opts.client
         else "what the mesh assigns"

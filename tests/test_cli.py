@@ -351,3 +351,50 @@ def test_ctl_token_out_refuses_a_file_others_can_read(tmp_path: Path) -> None:
     assert other.read_text() == "keep"
     result = invoke("ctl", "token", "--out", str(tmp_path / "no" / "dir"))
     assert result.exit_code == 1 and "cannot write" in result.output
+
+
+def test_up_forwards_backend_urls(captured_up: list[UpOptions]) -> None:
+    result = invoke(
+        "up", "--backend-url", "http://127.0.0.1:8080", "--backend-url", "http://10.0.0.2:8000/v1"
+    )
+    assert result.exit_code == 0, result.output
+    assert captured_up[0].backend_urls == ["http://127.0.0.1:8080", "http://10.0.0.2:8000/v1"]
+
+
+@pytest.mark.parametrize(
+    ("urls", "says"),
+    [
+        (["https://127.0.0.1:8443"], "https backends are not supported"),
+        (["127.0.0.1:8080"], "must start with http://"),
+        (["http://127.0.0.1"], "names no port"),
+        (["http://127.0.0.1:8080/api"], "only http://host:port"),
+        (["http://127.0.0.1:8080", "http://127.0.0.1:8080/"], "is given twice"),
+    ],
+)
+def test_up_rejects_bad_backend_urls(
+    captured_up: list[UpOptions], urls: list[str], says: str
+) -> None:
+    result = invoke("up", *(arg for url in urls for arg in ("--backend-url", url)))
+    assert result.exit_code == 2, result.output
+    assert "--backend-url" in result.output and says in result.output
+    assert "Traceback" not in result.output
+    assert captured_up == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (("--client", "--join", TOKEN), "a lite client (--client) serves no model"),
+        (("--model", "org/model"), "cannot name a model in the mesh"),
+        (("--split",), "--split is for this node's own llama-server"),
+        (("--llama-arg=-c",), "--llama-arg is for this node's own llama-server"),
+    ],
+)
+def test_up_with_backends_refuses_what_cannot_go_with_them(
+    tmp_path: Path, extra: tuple[str, ...], says: str
+) -> None:
+    result = invoke(
+        "up", "--home", str(tmp_path / "h"), "--backend-url", "http://127.0.0.1:8080", *extra
+    )
+    assert result.exit_code == 1, result.output
+    assert says in result.output and "Traceback" not in result.output

@@ -157,6 +157,7 @@ ANNOUNCEMENTS = st.builds(
     server_state=st.sampled_from(typing.get_args(ServerStateName)),
     available_models=st.lists(NAMES, max_size=4).map(tuple),
     requested_models=st.lists(NAMES, max_size=4).map(tuple),
+    backend_models=st.lists(NAMES, max_size=4).map(tuple),
     vram_bytes=st.integers(min_value=0, max_value=2**50),
     addresses=st.lists(PORTS.map(lambda p: f"10.0.0.1:{p}"), min_size=1, max_size=3).map(tuple),
     tunnel_port=PORTS,

@@ -204,6 +204,8 @@ GOOD = msgspec.to_builtins(ANN, builtin_types=(bytes,))
         ("serving", "x" * 201),
         ("available_models", ["m"] * (wire.MAX_MODELS + 1)),
         ("requested_models", ["a/b"]),
+        ("backend_models", ["m"] * (wire.MAX_MODELS + 1)),
+        ("backend_models", ["org/model"]),
         ("vram_bytes", -1),
         ("vram_bytes", 2**60),
         ("addresses", ["10.0.0.1:0"]),
@@ -299,6 +301,7 @@ def test_the_largest_valid_announcement_fits_one_frame() -> None:
         model_sizes=dict.fromkeys(names, 2**53 - 1),
         model_urls=dict.fromkeys(names, "https://" + "u" * 2040),
         model_sha256=dict.fromkeys(names, "f" * 64),
+        backend_models=names,
         public_key=b"k" * wire.PUBLIC_KEY_MAX,
         signature=b"s" * wire.SIGNATURE_MAX,
     )

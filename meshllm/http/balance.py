@@ -48,6 +48,9 @@ def target_id(target: str | RouteTarget) -> str:
     node, so that every node sends an affinity key to the same replica."""
     if isinstance(target, str):
         return target
+    if target.host:
+        # One node's several external backends of a model are several targets.
+        return f"{target.node_id}/{target.model}@{target.host}:{target.port}"
     return f"{target.node_id}/{target.model}"
 
 

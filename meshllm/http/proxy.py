@@ -413,7 +413,7 @@ class ProxyApp:
         self.balancer.retain(t for r in table.models for t in r.targets)
         self.flights.retain({target_id(t) for r in table.models for t in r.targets})
         self.pools.retain(
-            {("127.0.0.1", t.port) for r in table.models for t in r.targets if t.local}
+            {(t.host or "127.0.0.1", t.port) for r in table.models for t in r.targets if t.local}
         )
         created = int(time.time())
         self.models_body = _json.encode(
@@ -566,7 +566,7 @@ class ProxyApp:
 
     def _upstream(self, target: RouteTarget) -> Upstream | None:
         if target.local:
-            return self.pools.get("127.0.0.1", target.port)
+            return self.pools.get(target.host or "127.0.0.1", target.port)
         return self.remote(target) if self.remote is not None else None
 
     async def _forward_with_failover(
@@ -879,6 +879,8 @@ def _model_info(route: ModelRoute) -> dict[str, object]:
     ]
     if splits:
         info["split"] = splits
+    if backends := list(dict.fromkeys(t.node_id for t in route.targets if t.backend)):
+        info["backends"] = backends  # nodes where an external backend (--backend-url) serves it
     if route.note:
         info["note"] = route.note
     return info

@@ -24,6 +24,10 @@ class Serving:
     workers: tuple[str, ...] = ()
     """A split host's workers."""
     shares: tuple[float, ...] = ()
+    host: str = ""
+    """A local external backend's host (empty: 127.0.0.1)."""
+    backend: bool = False
+    """An external backend (`--backend-url`) serves the model there."""
 
 
 def build_route_table(
@@ -54,11 +58,13 @@ def build_route_table(
         by_model.setdefault(s.model, []).append(s)
     routes = []
     for model in sorted(by_model):
-        group = sorted(by_model[model], key=lambda s: (not s.local, s.node_id))
+        group = sorted(by_model[model], key=lambda s: (not s.local, s.node_id, s.host, s.port))
         targets = tuple(
-            RouteTarget(s.node_id, s.local, s.port, s.model, s.workers, s.shares) for s in group
+            RouteTarget(s.node_id, s.local, s.port, s.model, s.workers, s.shares, s.host, s.backend)
+            for s in group
         )
-        routes.append(ModelRoute(model, targets, tuple(s.node_id for s in group)))
+        nodes = tuple(dict.fromkeys(s.node_id for s in group))
+        routes.append(ModelRoute(model, targets, nodes))
     cold = sorted(set(catalog) - set(by_model))
     notes = notes or {}
     routes += [ModelRoute(name, note=notes.get(name, "")) for name in cold]

@@ -126,6 +126,9 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     """A split host's workers, nearest first."""
     split_shares: Annotated[tuple[Share, ...], msgspec.Meta(max_length=MAX_SPLIT_WORKERS + 1)] = ()
     """A split host's layer shares: its own, then each worker's."""
+    backend_models: Models = ()
+    """Models this node's up external backends serve (`--backend-url`): other nodes
+    route them here, through the tunnel."""
     public_key: Annotated[bytes, msgspec.Meta(max_length=PUBLIC_KEY_MAX)] = b""
     """The node's public key (DER SubjectPublicKeyInfo)."""
     signature: Annotated[bytes, msgspec.Meta(max_length=SIGNATURE_MAX)] = b""

@@ -67,6 +67,12 @@ def _not_negative(value: float | None) -> str | None:
     return None if value is None or value >= 0 else "must not be negative"
 
 
+def _backend_urls(values: list[str]) -> str | None:
+    from meshllm.http.backends import check_backend_urls  # it imports messages, which import us
+
+    return check_backend_urls(values)
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -94,6 +100,16 @@ class UpOptions:
         envvar="MESHLLM_TOKEN",
     )
     client: bool = option(False, "--client", "Lite client: serve no model, route to the mesh.")
+    backend_urls: list[str] = option(  # noqa: RUF009
+        [],
+        "--backend-url",
+        "OpenAI-compatible server this node does not run (another llama-server, vLLM, "
+        "Ollama) to join into the mesh, as http://HOST:PORT (repeat for several). The node "
+        "then runs no llama-server; its --model flags name the models the backends serve "
+        "(default: every model their /v1/models lists).",
+        metavar="URL",
+        check=_backend_urls,
+    )
     home: str | None = option(
         None,
         "--home",
@@ -305,6 +321,9 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     gossip_port: int = 0
     tunnel_port: int = 0
     console_host: str = "127.0.0.1"
+    backend_models: tuple[str, ...] = ()
+    """The `--model` names of a node with `--backend-url`: what its backends serve
+    (nothing is resolved on disk for them; `models` is empty)."""
 
     @property
     def tunnel_http_path(self) -> str:

@@ -75,6 +75,10 @@ class RouteTarget(msgspec.Struct, frozen=True):
     """A split host's workers (none: the model is served there alone)."""
     shares: tuple[float, ...] = ()
     """A split host's layer shares: its own, then each worker's."""
+    host: str = ""
+    """A local external backend's host (`--backend-url`); empty: 127.0.0.1."""
+    backend: bool = False
+    """An external backend serves the model there (meshllm.http.backends)."""
 
 
 class ModelRoute(msgspec.Struct, frozen=True):
@@ -91,6 +95,25 @@ class RouteTable(msgspec.Struct, tag=True, frozen=True):
     """Where each model's requests go (published by Router, used by Proxy)."""
 
     models: tuple[ModelRoute, ...] = ()
+
+
+class BackendStatus(msgspec.Struct, frozen=True):
+    """One external backend of this node (`--backend-url`)."""
+
+    url: str
+    host: str
+    port: int
+    up: bool = False
+    models: tuple[str, ...] = ()
+    """The models it serves (meshllm.http.backends.served_models)."""
+    reason: str = ""
+    """Why it is down."""
+
+
+class BackendsState(msgspec.Struct, tag=True, frozen=True):
+    """This node's external backends (published by the Backends actor on `backends`)."""
+
+    backends: tuple[BackendStatus, ...] = ()
 
 
 class MeshView(msgspec.Struct, tag=True, frozen=True):
@@ -198,6 +221,8 @@ class NodeStatus(msgspec.Struct, tag=True, frozen=True):
     peers: tuple[PeerAnnouncement, ...] = ()
     token: str = ""
     me: PeerAnnouncement | None = None
+    backends: tuple[BackendStatus, ...] = ()
+    """This node's external backends (`--backend-url`)."""
 
 
 class CtlDone(msgspec.Struct, tag=True, frozen=True):
@@ -213,6 +238,7 @@ Message = (
     | ActorError
     | LocalServerState
     | RouteTable
+    | BackendsState
     | MeshView
     | SuspectPeer
     | ProbePeer

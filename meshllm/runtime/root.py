@@ -35,12 +35,18 @@ class ActorSpec:
 
 
 def _serves(config: NodeConfig) -> bool:
-    return not config.options.client
+    """Runs llama-server (or an RPC server): not a lite client, no external backends."""
+    return not config.options.client and not config.options.backend_urls
+
+
+def _has_backends(config: NodeConfig) -> bool:
+    return bool(config.options.backend_urls)
 
 
 ACTORS: list[ActorSpec] = [
     ActorSpec("server_supervisor", "actors.server_supervisor:ServerSupervisor", _serves),
     ActorSpec("elector", "actors.elector:Elector", _serves),
+    ActorSpec("backends", "actors.backends:Backends", _has_backends),
     ActorSpec("gossiper", "actors.gossiper:Gossiper"),
     ActorSpec("health_prober", "actors.health_prober:HealthProber"),
     ActorSpec("router", "actors.router:Router"),
@@ -49,7 +55,12 @@ ACTORS: list[ActorSpec] = [
     ActorSpec("proxy", "actors.proxy:Proxy"),
 ]
 
-FOLLOWED = {"server_supervisor": ["local"], "router": ["routes"], "gossiper": ["mesh"]}
+FOLLOWED = {
+    "server_supervisor": ["local"],
+    "router": ["routes"],
+    "gossiper": ["mesh"],
+    "backends": ["backends"],
+}
 """What the root follows, for `meshllm ctl status`."""
 
 STOP_GRACE_S = 8.0
@@ -78,6 +89,7 @@ class Node:
         self.server = m.LocalServerState()
         self.routes = m.RouteTable()
         self.mesh = m.MeshView(config.node_id)
+        self.backends = m.BackendsState()
         self.token = token
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -155,6 +167,8 @@ class Node:
             self.routes = msg
         elif isinstance(msg, m.MeshView):
             self.mesh = msg
+        elif isinstance(msg, m.BackendsState):
+            self.backends = msg
 
     def status(self) -> m.NodeStatus:
         actors = tuple(
@@ -177,6 +191,7 @@ class Node:
             peers=self.mesh.peers,
             token=self.token,
             me=self.mesh.me,
+            backends=self.backends.backends,
         )
 
     def request_stop(self, reason: str) -> None:

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 
+from meshllm.http.backends import pick
 from meshllm.http.errors import error_response
 from meshllm.http.upstream import HOP_BY_HOP, Pool, Response, UpstreamError
 from meshllm.mesh import wire
@@ -121,6 +123,11 @@ class TunnelServer:
         """Streams answered with an error because they broke a rule or a cap."""
         self.pool: Pool | None = None
         """Kept-alive connections to the llama-server on `self.pool.port`."""
+        self.backends = m.BackendsState()
+        """This node's external backends (`--backend-url`): they serve what it announces."""
+        self.backend_pools: dict[str, Pool] = {}
+        """Kept-alive connections to each backend (a fixed few, by URL)."""
+        self.turns = itertools.count()
 
     def _pool(self, port: int) -> Pool:
         pool = self.pool
@@ -128,6 +135,13 @@ class TunnelServer:
             if pool is not None:
                 pool.close()
             pool = self.pool = Pool(LOOPBACK, port, max_idle=POOL_MAX_IDLE)
+        return pool
+
+    def _backend_pool(self, backend: m.BackendStatus) -> Pool:
+        pool = self.backend_pools.get(backend.url)
+        if pool is None:
+            pool = Pool(backend.host, backend.port, max_idle=POOL_MAX_IDLE)
+            self.backend_pools[backend.url] = pool
         return pool
 
     async def handle_stream(
@@ -193,7 +207,8 @@ class TunnelServer:
             request = decode_request(payload, self.max_body_bytes)
             # Refused before its body is read: a wrong model is answered at once.
             port, why = serving_port(self.local, opening.model)
-            if not port:
+            backend = None if port else pick(self.backends, opening.model, next(self.turns))
+            if not port and backend is None:
                 _answer(reader, writer, error_response(503, why, "model_not_served", True))
                 return
             if not self.quota.reserve(link.peer_id, request.body_length):
@@ -203,7 +218,8 @@ class TunnelServer:
                 return
             reserved = request.body_length
             body = await self._body(reader, request.body_length)
-            await self._forward(self._pool(port), request, body, reader, writer)
+            pool = self._pool(port) if backend is None else self._backend_pool(backend)
+            await self._forward(pool, request, body, reader, writer)
         except (wire.WireError, asyncio.IncompleteReadError, ConnectionResetError) as exc:
             if not isinstance(opening, wire.TunnelOpen):
                 self._drop(link, reader, writer, repr(exc))
@@ -322,9 +338,11 @@ class TunnelServer:
             release_stream(reader, writer, abort=not completed)
 
     def close(self) -> None:
-        """Close the kept-alive llama-server connections."""
+        """Close the kept-alive llama-server (and backend) connections."""
         if self.pool is not None:
             self.pool.close()
+        for pool in self.backend_pools.values():
+            pool.close()
 
 
 async def _relay(resp: Response, writer: asyncio.StreamWriter) -> bytes:
