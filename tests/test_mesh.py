@@ -30,7 +30,7 @@ import pytest
 
 from meshllm.mesh.token import InviteToken, decode_token, encode_token, mesh_id_of, new_secret
 from meshllm.runtime.procutil import kill_tree
-from meshllm.testing import NodeProcess, http, mesh_models, token_of, wait_for
+from meshllm.testing import NodeProcess, http, mesh_models, served_count, token_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -409,12 +409,6 @@ def test_a_replica_killed_under_load_costs_no_request(mesh: Mesh) -> None:
     load(first=100)
     assert statuses == [200] * 40, statuses
     assert served_count(c) > before  # used again once it came back
-
-
-def served_count(node: NodeProcess) -> int:
-    """Requests the node's llama-server has completed (its log's timing lines)."""
-    log = node.home / "logs" / "llama-server.log"
-    return log.read_text(errors="replace").count("total time =") if log.exists() else 0
 
 
 def test_drop_of_the_only_server_makes_the_model_cold_everywhere(mesh: Mesh) -> None:
