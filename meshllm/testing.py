@@ -176,6 +176,18 @@ class NodeProcess:
             wait_for(self._started, timeout, f"{self.home} to open its API")
         return self
 
+    def restart(self, timeout: float = 30) -> NodeProcess:
+        """Stop the node and start it again with the same home and arguments (so the same
+        key and token). The old log is kept aside, so the new API port line is the only
+        one in `log_path`."""
+        self.stop()
+        kept = len(list(self.home.glob(f"{self.log_path.stem}.*{self.log_path.suffix}")))
+        self.log_path.rename(self.log_path.with_suffix(f".{kept + 1}{self.log_path.suffix}"))
+        self._proc = None
+        self.port = 0
+        self.killed = False
+        return self.start(timeout=timeout)
+
     def _started(self) -> int:
         self.check_alive()
         return self.port_from_log()

@@ -54,25 +54,17 @@ DECLARED_DEAD = "peer {} is not answering: declaring it dead"
 class Mesh:
     root: Path
     env: dict[str, str]
-    args: dict[str, tuple[str, ...]] = field(default_factory=dict)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)
-    restarts: int = 0
 
     def start(self, name: str, *args: str) -> NodeProcess:
-        self.args[name] = args
         node = NodeProcess(self.root / name, *args, env=self.env)
         self.nodes[name] = node
         return node.start()
 
     def restart(self, name: str) -> NodeProcess:
         """Start `name` again with the same home and arguments (so the same key and token)."""
-        old = self.nodes[name]
-        old.stop()
-        # A fresh log, so the new API port line is the only one.
-        self.restarts += 1
-        old.log_path.rename(old.log_path.with_suffix(f".{self.restarts}.log"))
-        return self.start(name, *self.args[name])
+        return self.nodes[name].restart()
 
     def port(self, name: str) -> int:
         return self.nodes[name].port
