@@ -1,18 +1,19 @@
 """Section `affinity`: prompt-cache affinity against plain least-outstanding (issue 11, item 2).
 
 Real nodes on loopback: hosts A and B serve the demo model (llama-server with
-its default 4 slots, each keeping the prompt cache of the last request it
-served); two lite clients joined to A are the entry nodes, one with affinity
-(the default) and one with `--no-affinity`. The same workload goes through each,
-alternating between them (ABBA over rounds, each round with fresh system
-prompts, so neither mode finds the other's prompts cached):
+its defaults: 4 slots, each keeping the KV cache of its last prompt, and an
+8 GiB host-memory prompt cache, `--cache-ram`); two lite clients joined to A are
+the entry nodes, one with affinity (the default) and one with `--no-affinity`.
+The same workload goes through each, the modes alternating (ABBA over rounds,
+each round with fresh system prompts, so neither finds the other's cached):
 
-- conversations, a few at once, each with a long system prompt of its own
-  (about `system_chars` tokens: the demo model's tokenizer spends about one
-  token per character) and several turns; each turn is a streamed chat that
-  resends the whole conversation (the assistant's earlier turns as a fixed
-  short text), so from the second turn on everything but the newest messages
-  is in the prompt cache of the replica that served the turn before.
+- 8 conversations, each with a long system prompt of its own (`system_chars`
+  characters, about 0.9 demo-model tokens each: ~1,800 tokens in the full run,
+  ~550 in the quick one) and several turns; their turns interleave in a
+  shuffled order, 4 in flight at a time (as many users' would). Each turn is a
+  streamed chat that resends the whole conversation (the assistant's earlier
+  turns as a fixed short text), so everything but the newest messages is cached
+  on a replica that served the conversation before.
 
 Per mode: time to first token (p50/p90, every turn and follow-up turns only),
 the prompt tokens llama-server actually evaluated and those it took from its
@@ -99,7 +100,7 @@ class Plan:
     """Rounds per mode; the modes alternate ABBA over them."""
 
 
-FULL = Plan(conversations=8, at_once=4, turns=6, system_chars=600, max_tokens=16, rounds=2)
+FULL = Plan(conversations=8, at_once=4, turns=6, system_chars=2000, max_tokens=16, rounds=2)
 QUICK = Plan(conversations=8, at_once=4, turns=3, system_chars=600, max_tokens=16, rounds=1)
 
 

@@ -22,6 +22,7 @@ deadlines (timings are the benchmark's job).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -202,9 +203,9 @@ def failovers(entry: NodeProcess, since: int) -> list[str]:
 
 
 def check_avoided(entry: NodeProcess, since: int) -> None:
-    """The dead replica was avoided at once: after its first failure it cools down, so
-    only the requests already on their way to it (one per client at most) and a
-    probe when each cooldown ends (1, 2, 4... s) tried it, not half the load."""
+    """The dead (or hung) replica was avoided at once: after its first failure it cools
+    down, so only the requests already on their way to it (one per client at most) and
+    one when each cooldown ends (1, 2, 4... s) tried it, not half the load."""
     tried = failovers(entry, since)
     print(f"{len(tried)} requests failed over to the other replica")
     assert len(tried) <= 2 * CLIENTS, tried
@@ -354,9 +355,7 @@ def test_serving_node_killed_under_streaming_load(replicas: Replicas) -> None:
 
 
 @pytest.mark.xfail(strict=False, reason="needs --stall-timeout (the entry node's stall watchdog)")
-def test_hung_llama_server_is_detected_and_avoided(
-    replicas: Replicas, tmp_path: Path, demo_model: Path
-) -> None:
+def test_hung_llama_server_is_detected_and_avoided(replicas: Replicas, tmp_path: Path) -> None:
     """B's llama-server stops answering (SIGSTOP) under load; an entry node with
     `--stall-timeout 2` finds it hung (no byte for 2 s, no /health answer), retries
     requests that sent nothing yet on A, ends streams under way with an error event,
@@ -390,6 +389,7 @@ def test_hung_llama_server_is_detected_and_avoided(
         load = Load(watchdog.port, CLIENTS, "hang")
         try:
             wait_for(lambda: served_count(b) > before, 60, "B to answer some of the load")
+            log_at = len(watchdog.log())
             hung_at = time.monotonic()
             os.kill(victim, signal.SIGSTOP)
             # Detection takes the stall timeout plus the /health probe; after that, a
@@ -399,14 +399,14 @@ def test_hung_llama_server_is_detected_and_avoided(
                 60,
                 "the load to go on without B",
             )
-            served_when_hung = served_count(b)
         finally:
             outcomes = load.stop()
         cut = check_cut_streams(outcomes, hung_at)
         print(f"\n{len(outcomes)} streams, {len(cut)} cut by the hang: {[c.error for c in cut]}")
-        assert served_count(b) == served_when_hung  # nothing more reached the hung server
+        check_avoided(watchdog, log_at)
     finally:
-        os.kill(victim, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # its supervisor may have replaced it
+            os.kill(victim, signal.SIGCONT)
         watchdog.stop()
 
 
