@@ -38,6 +38,7 @@ import pytest
 
 from meshllm.testing import (
     NodeProcess,
+    http,
     mesh_models,
     open_fds,
     process_names,
@@ -202,13 +203,14 @@ def failovers(entry: NodeProcess, since: int) -> list[str]:
     ]
 
 
-def check_avoided(entry: NodeProcess, since: int) -> None:
+def check_avoided(entry: NodeProcess, since: int) -> list[str]:
     """The dead (or hung) replica was avoided at once: after its first failure it cools
     down, so only the requests already on their way to it (one per client at most) and
     one when each cooldown ends (1, 2, 4... s) tried it, not half the load."""
     tried = failovers(entry, since)
     print(f"{len(tried)} requests failed over to the other replica")
     assert len(tried) <= 2 * CLIENTS, tried
+    return tried
 
 
 # -- the replicas ----------------------------------------------------------------------
@@ -273,6 +275,12 @@ def server_pid(node: NodeProcess) -> int:
     return node.wait_serving().server_pid
 
 
+def busy(node: NodeProcess) -> bool:
+    """Whether the node's llama-server is working on a request now (its `/slots`)."""
+    status, _, body = http(node.server_port, "GET", "/slots", timeout=5)
+    return status == 200 and any(slot.get("is_processing") for slot in json.loads(body))
+
+
 def wait_used_again(reps: Replicas, name: str) -> None:
     """Streams through the entry node until `name`'s llama-server answers some again."""
     node = reps.nodes[name]
@@ -302,7 +310,7 @@ def test_llama_server_killed_under_streaming_load(replicas: Replicas) -> None:
     before = served_count(b)
     load = Load(replicas.entry.port, CLIENTS, "kill-server")
     try:
-        wait_for(lambda: served_count(b) > before, 60, "B to answer some of the load")
+        wait_for(lambda: served_count(b) > before and busy(b), 60, "B to be busy with the load")
         log_at = len(replicas.entry.log())
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
@@ -319,7 +327,8 @@ def test_llama_server_killed_under_streaming_load(replicas: Replicas) -> None:
         outcomes = load.stop()
     cut = check_cut_streams(outcomes, killed_at)
     print(f"\n{len(outcomes)} streams, {len(cut)} cut by the kill: {[c.error for c in cut]}")
-    check_avoided(replicas.entry, log_at)
+    tried = check_avoided(replicas.entry, log_at)
+    assert cut or tried, "the kill hit no request under way: nothing was tested"
     wait_for(replicas.routed_to_both, 30, "the entry node to route to A and B again", 0.2)
     wait_used_again(replicas, "B")
 
@@ -328,11 +337,11 @@ def test_serving_node_killed_under_streaming_load(replicas: Replicas) -> None:
     """kill -9 of B's whole process group while 6 clients stream, then B restarted with
     the same home: the same guarantees as for its llama-server alone."""
     replicas.restore()
-    b = replicas.nodes["B"]
+    b = replicas.nodes["B"].wait_serving()
     before = served_count(b)
     load = Load(replicas.entry.port, CLIENTS, "kill-node")
     try:
-        wait_for(lambda: served_count(b) > before, 60, "B to answer some of the load")
+        wait_for(lambda: served_count(b) > before and busy(b), 60, "B to be busy with the load")
         log_at = len(replicas.entry.log())
         killed_at = time.monotonic()
         b.kill_tree()
@@ -350,7 +359,8 @@ def test_serving_node_killed_under_streaming_load(replicas: Replicas) -> None:
         outcomes = load.stop()
     cut = check_cut_streams(outcomes, killed_at)
     print(f"\n{len(outcomes)} streams, {len(cut)} cut by the kill: {[c.error for c in cut]}")
-    check_avoided(replicas.entry, log_at)
+    tried = check_avoided(replicas.entry, log_at)
+    assert cut or tried, "the kill hit no request under way: nothing was tested"
     wait_used_again(replicas, "B")
 
 
