@@ -49,6 +49,8 @@ class Reply:
     t_last_token: float = 0.0
     tokens: int = 0
     events: int = 0
+    last_data: bytes = b""
+    """SSE only: the last `data: {...}` event (llama-server's usage and timings)."""
 
 
 def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
@@ -166,6 +168,8 @@ class Connection(ResponseReader, asyncio.Protocol):
             event = bytes(events[:end])
             del events[: end + 2]
             self.reply.events += 1
+            if event.startswith(b"data: {"):
+                self.reply.last_data = event
             if CONTENT_MARK in event:
                 if self.reply.tokens == 0:
                     self.reply.t_first_token = now

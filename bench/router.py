@@ -26,7 +26,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -50,7 +49,7 @@ from bench.mesh import (
     wait_until,
 )
 from bench.proxy import CHAT, new_loop, summary
-from meshllm.testing import group_rss_kib
+from meshllm.testing import group_pids, group_rss_kib, open_fds, process_names, served_count
 from meshllm.up import demo_model
 
 TARGET_RATIO = 1.6
@@ -88,63 +87,6 @@ def body(model: str, prompt: str, max_tokens: int, stream: bool = False) -> byte
     return json.dumps(b, separators=(",", ":")).encode()
 
 
-def served(node: MeshNode) -> int:
-    """How many requests the node's llama-server finished (its log's timing lines)."""
-    try:
-        return (
-            (node.home / "logs" / "llama-server.log")
-            .read_text(errors="replace")
-            .count("total time =")
-        )
-    except OSError:
-        return 0
-
-
-def group_pids(node: MeshNode) -> list[int]:
-    """The node's processes: its process group and every descendant (llama-server too)."""
-    parent: dict[int, int] = {}
-    group: set[int] = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            pid = int(stat.parent.name)
-            parent[pid] = int(fields[1])
-            if int(fields[2]) == node.proc.pid:
-                group.add(pid)
-        except (OSError, IndexError, ValueError):
-            continue
-
-    def descends(pid: int) -> bool:
-        while pid > 1:
-            if pid == node.proc.pid:
-                return True
-            pid = parent.get(pid, 0)
-        return False
-
-    return sorted(group | {pid for pid in parent if descends(pid)})
-
-
-def open_fds(node: MeshNode) -> int:
-    total = 0
-    for pid in group_pids(node):
-        try:
-            total += len(list(Path(f"/proc/{pid}/fd").iterdir()))
-        except OSError:
-            continue
-    return total
-
-
-def process_names(nodes: list[MeshNode]) -> dict[str, int]:
-    names: Counter[str] = Counter()
-    for node in nodes:
-        for pid in group_pids(node):
-            try:
-                names[Path(f"/proc/{pid}/comm").read_text().strip()] += 1
-            except OSError:
-                continue
-    return dict(names)
-
-
 def snapshot(entry: MeshNode, nodes: list[MeshNode]) -> dict[str, Any]:
     return {
         "entry_rss_kib": group_rss_kib(entry),
@@ -161,7 +103,7 @@ async def replicas_run(
     port: int, model: str, plan: Plan, hosts: list[MeshNode], tag: str
 ) -> dict[str, Any]:
     """Concurrency-`plan.concurrency` distinct-prompt chats for `plan.replica_s` seconds."""
-    before = [served(h) for h in hosts]
+    before = [served_count(h) for h in hosts]
     counter = iter(range(10**9))
     ok, errors = 0, Counter[str]()
     latencies: list[float] = []
@@ -188,7 +130,7 @@ async def replicas_run(
     await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
     elapsed = time.monotonic() - t0
     await asyncio.sleep(0.5)  # let the logs catch up
-    took = [served(h) - b for h, b in zip(hosts, before, strict=True)]
+    took = [served_count(h) - b for h, b in zip(hosts, before, strict=True)]
     total = sum(took) or 1
     return {
         "replicas": len(hosts),

@@ -7,6 +7,7 @@ plus one line here.
 from __future__ import annotations
 
 from bench import (
+    affinity,
     convergence,
     gossip_traffic,
     probes,
@@ -31,5 +32,6 @@ SECTIONS: dict[str, Section] = {
         gossip_traffic.SECTION,
         versions.SECTION,
         router.SECTION,
+        affinity.SECTION,
     )
 }

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import IO, Any
@@ -175,6 +175,18 @@ class NodeProcess:
         if wait:
             wait_for(self._started, timeout, f"{self.home} to open its API")
         return self
+
+    def restart(self, timeout: float = 30) -> NodeProcess:
+        """Stop the node and start it again with the same home and arguments (so the same
+        key and token). The old log is kept aside, so the new API port line is the only
+        one in `log_path`."""
+        self.stop()
+        kept = len(list(self.home.glob(f"{self.log_path.stem}.*{self.log_path.suffix}")))
+        self.log_path.rename(self.log_path.with_suffix(f".{kept + 1}{self.log_path.suffix}"))
+        self._proc = None
+        self.port = 0
+        self.killed = False
+        return self.start(timeout=timeout)
 
     def _started(self) -> int:
         self.check_alive()
@@ -397,6 +409,66 @@ def group_rss_kib(node: NodeProcess) -> int:
         rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
         total += int(rss.group(1)) if rss else 0
     return total
+
+
+def served_count(node: NodeProcess) -> int:
+    """Requests the node's llama-server has completed (its log's "total time =" lines)."""
+    try:
+        return (
+            (node.home / "logs" / "llama-server.log")
+            .read_text(errors="replace")
+            .count("total time =")
+        )
+    except OSError:
+        return 0
+
+
+def group_pids(node: NodeProcess) -> list[int]:
+    """The node's processes: its process group and every descendant (llama-server too)."""
+    parent: dict[int, int] = {}
+    group: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            pid = int(stat.parent.name)
+            parent[pid] = int(fields[1])
+            if int(fields[2]) == node.proc.pid:
+                group.add(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == node.proc.pid:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    return sorted(group | {pid for pid in parent if descends(pid)})
+
+
+def open_fds(node: NodeProcess) -> int:
+    """Open file descriptors of all the node's processes (`group_pids`)."""
+    total = 0
+    for pid in group_pids(node):
+        try:
+            total += len(list(Path(f"/proc/{pid}/fd").iterdir()))
+        except OSError:
+            continue
+    return total
+
+
+def process_names(nodes: Iterable[NodeProcess]) -> dict[str, int]:
+    """How many processes of each name (`/proc/PID/comm`) the nodes run."""
+    names: dict[str, int] = {}
+    for node in nodes:
+        for pid in group_pids(node):
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            names[name] = names.get(name, 0) + 1
+    return names
 
 
 @contextlib.asynccontextmanager

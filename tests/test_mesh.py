@@ -30,7 +30,7 @@ import pytest
 
 from meshllm.mesh.token import InviteToken, decode_token, encode_token, mesh_id_of, new_secret
 from meshllm.runtime.procutil import kill_tree
-from meshllm.testing import NodeProcess, http, mesh_models, token_of, wait_for
+from meshllm.testing import NodeProcess, http, mesh_models, served_count, token_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,25 +54,17 @@ DECLARED_DEAD = "peer {} is not answering: declaring it dead"
 class Mesh:
     root: Path
     env: dict[str, str]
-    args: dict[str, tuple[str, ...]] = field(default_factory=dict)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)
-    restarts: int = 0
 
     def start(self, name: str, *args: str) -> NodeProcess:
-        self.args[name] = args
         node = NodeProcess(self.root / name, *args, env=self.env)
         self.nodes[name] = node
         return node.start()
 
     def restart(self, name: str) -> NodeProcess:
         """Start `name` again with the same home and arguments (so the same key and token)."""
-        old = self.nodes[name]
-        old.stop()
-        # A fresh log, so the new API port line is the only one.
-        self.restarts += 1
-        old.log_path.rename(old.log_path.with_suffix(f".{self.restarts}.log"))
-        return self.start(name, *self.args[name])
+        return self.nodes[name].restart()
 
     def port(self, name: str) -> int:
         return self.nodes[name].port
@@ -409,12 +401,6 @@ def test_a_replica_killed_under_load_costs_no_request(mesh: Mesh) -> None:
     load(first=100)
     assert statuses == [200] * 40, statuses
     assert served_count(c) > before  # used again once it came back
-
-
-def served_count(node: NodeProcess) -> int:
-    """Requests the node's llama-server has completed (its log's timing lines)."""
-    log = node.home / "logs" / "llama-server.log"
-    return log.read_text(errors="replace").count("total time =") if log.exists() else 0
 
 
 def test_drop_of_the_only_server_makes_the_model_cold_everywhere(mesh: Mesh) -> None:
