@@ -281,16 +281,18 @@ def busy(node: NodeProcess) -> bool:
     return status == 200 and any(slot.get("is_processing") for slot in json.loads(body))
 
 
-def wait_used_again(reps: Replicas, name: str) -> None:
-    """Streams through the entry node until `name`'s llama-server answers some again."""
+def wait_used_again(reps: Replicas, name: str, entry: NodeProcess | None = None) -> None:
+    """Streams through the entry node (or `entry`) until `name`'s llama-server answers
+    some again."""
     node = reps.nodes[name]
+    port = (entry or reps.entry).port
     before = served_count(node)
     rounds = iter(range(10**6))
 
     def used() -> bool:
         n = next(rounds)
         for i in range(CLIENTS):
-            out = stream_chat(reps.entry.port, f"again {name} round {n} request {i}", 4)
+            out = stream_chat(port, f"again {name} round {n} request {i}", 4)
             assert out.ok, out
         return served_count(node) > before
 
@@ -364,12 +366,12 @@ def test_serving_node_killed_under_streaming_load(replicas: Replicas) -> None:
     wait_used_again(replicas, "B")
 
 
-@pytest.mark.xfail(strict=False, reason="needs --stall-timeout (the entry node's stall watchdog)")
 def test_hung_llama_server_is_detected_and_avoided(replicas: Replicas, tmp_path: Path) -> None:
     """B's llama-server stops answering (SIGSTOP) under load; an entry node with
     `--stall-timeout 2` finds it hung (no byte for 2 s, no /health answer), retries
     requests that sent nothing yet on A, ends streams under way with an error event,
-    and sends later requests to A only."""
+    and sends later requests to A only; once B's server continues (SIGCONT), B is used
+    again."""
     replicas.restore()
     token = token_of(replicas.nodes["A"])
     watchdog = NodeProcess(
@@ -398,7 +400,7 @@ def test_hung_llama_server_is_detected_and_avoided(replicas: Replicas, tmp_path:
         before = served_count(b)
         load = Load(watchdog.port, CLIENTS, "hang")
         try:
-            wait_for(lambda: served_count(b) > before, 60, "B to answer some of the load")
+            wait_for(lambda: served_count(b) > before and busy(b), 60, "B to be busy with the load")
             log_at = len(watchdog.log())
             hung_at = time.monotonic()
             os.kill(victim, signal.SIGSTOP)
@@ -413,7 +415,11 @@ def test_hung_llama_server_is_detected_and_avoided(replicas: Replicas, tmp_path:
             outcomes = load.stop()
         cut = check_cut_streams(outcomes, hung_at)
         print(f"\n{len(outcomes)} streams, {len(cut)} cut by the hang: {[c.error for c in cut]}")
-        check_avoided(watchdog, log_at)
+        tried = check_avoided(watchdog, log_at)
+        assert cut or tried, "the hang hit no request under way: nothing was tested"
+        assert "does not answer: avoided until it does" in watchdog.log()[log_at:]
+        os.kill(victim, signal.SIGCONT)
+        wait_used_again(replicas, "B", watchdog)
     finally:
         with contextlib.suppress(ProcessLookupError):  # its supervisor may have replaced it
             os.kill(victim, signal.SIGCONT)

@@ -620,6 +620,7 @@ class ProxyApp:
                     if not flight.hung or task.uncancel() > 0:
                         raise
                     failure = f"{upstream.where} stopped answering"
+                    log.warning("upstream %s failed: it stopped answering", upstream.where)
                     continue
                 except BaseException:
                     self.balancer.finished(target, ok=False)
@@ -638,6 +639,7 @@ class ProxyApp:
                 except asyncio.CancelledError:
                     if not flight.hung or task.uncancel() > 0:
                         raise
+                    log.warning("%s stopped answering mid-response", upstream.where)
                     await cut_response(resp, send, f"{upstream.where} stopped answering")
                 finally:
                     self.balancer.finished(target, ok=ok)
