@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from meshllm.http.proxy import ProxyApp
 from meshllm.http.upstream import Pool
 from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
 from tests.test_proxy_app import (
@@ -22,10 +21,10 @@ from tests.test_proxy_app import (
     run,
     serving,
 )
-from tests.test_upstream import FakeServer, Request, response
+from tests.test_upstream import FakeServer, Request, Responder, response
 
 
-def echo_path() -> object:
+def echo_path() -> Responder:
     """Answers each request with its own request line, so a desync shows."""
 
     async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
@@ -43,14 +42,14 @@ def echo_path() -> object:
 )
 def test_a_percent_encoded_crlf_in_a_slots_path_cannot_smuggle_a_request() -> None:
     async def main() -> None:
-        async with FakeServer(echo_path()) as srv:  # type: ignore[arg-type]
+        async with FakeServer(echo_path()) as srv:
             app = app_for(srv.port)
             async with serving(app) as port:
                 smuggle = (
                     b"/slots/0%20HTTP/1.1%0d%0ahost:%20x%0d%0acontent-length:%200"
                     b"%0d%0a%0d%0aGET%20/smuggled"
                 )
-                status, _, body = await http_exchange(
+                await http_exchange(
                     port,
                     b"POST " + smuggle + b"?action=erase HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                     b"Content-Type: application/json\r\nContent-Length: 0\r\n\r\n",
@@ -79,7 +78,7 @@ def test_a_percent_encoded_crlf_in_a_slots_path_cannot_smuggle_a_request() -> No
 )
 def test_a_query_with_many_fields_is_a_clear_400() -> None:
     async def main() -> None:
-        async with FakeServer(echo_path()) as srv:  # type: ignore[arg-type]
+        async with FakeServer(echo_path()) as srv:
             app = app_for(srv.port)
             query = "&".join(f"f{i}=1" for i in range(40)) + "&model=demo"
             c = call(app, f"/props?{query}", b"", method="GET")
@@ -112,7 +111,7 @@ class Capture:
 )
 def test_client_credentials_do_not_go_to_another_members_node() -> None:
     async def main() -> None:
-        async with FakeServer(echo_path()) as member:  # type: ignore[arg-type]
+        async with FakeServer(echo_path()) as member:
             capture = Capture(member.port)
             app = new_app(remote=capture)
             target = RouteTarget("hostile", False, 0, "demo")
@@ -135,9 +134,6 @@ def test_client_credentials_do_not_go_to_another_members_node() -> None:
             assert "authorization" not in seen and "x-api-key" not in seen
 
     run(main())
-
-
-_ = ProxyApp
 
 
 @pytest.mark.xfail(
@@ -173,3 +169,50 @@ def test_a_member_repeating_a_backend_model_gets_one_target() -> None:
     print(len(route.targets), "targets;", firsts.count("2222222222222222/x"), "of 100 first")
     assert len(route.targets) == 2
     assert len(attempts) == 2  # a failover reaches the honest replica
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the smuggled request's answer comes later on the pooled connection, and the "
+    "next client's request on it reads that answer as its own (response desync)",
+)
+def test_a_smuggled_slow_request_cannot_answer_the_next_client() -> None:
+    async def respond(req: Request, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        if "smuggled" not in req.path:
+            w.write(response(json.dumps({"saw": f"{req.method} {req.path}"}).encode()))
+            await w.drain()
+            return True
+        # A slow smuggled request (a long generation): its answer goes out once the
+        # connection carries the next request, as a server answering in order does.
+        try:
+            await r.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False  # the proxy never reused the connection
+        w.write(response(b'{"choices": [{"message": {"content": "attacker text"}}]}'))
+        await w.drain()
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            app = app_for(srv.port)
+            async with serving(app) as port:
+                smuggle = (
+                    b"/slots/0%20HTTP/1.1%0d%0ahost:%20x%0d%0acontent-length:%200"
+                    b"%0d%0a%0d%0aPOST%20/smuggled"
+                )
+                await http_exchange(
+                    port,
+                    b"POST " + smuggle + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 0\r\n\r\n",
+                )
+                victim = json.dumps(CHAT_BODY).encode()
+                _, _, answer = await http_exchange(
+                    port,
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(victim), victim),
+                )
+                print("victim got:", answer)
+                assert b"attacker text" not in answer
+
+    run(main())
