@@ -433,3 +433,41 @@ def test_hostile_bodies_give_no_key_or_a_bounded_one_never_an_error() -> None:
     first = affinity_key(b'{"messages": ' + many + b',{"role":"user","content":"a"}]}')
     second = affinity_key(b'{"messages": ' + many + b',{"role":"user","content":"b"}]}')
     assert first is not None and first == second
+
+
+# --- stalls -------------------------------------------------------------------------
+
+
+def test_a_target_is_stalled_only_with_requests_in_flight_and_no_byte() -> None:
+    b = Balancer()
+    a, c = remote("a"), remote("c")
+    b.retain([a, c])
+    assert b.stalled(100.0, 10) == []
+    b.started(a, 100.0)
+    b.started(c, 100.0)
+    assert b.stalled(109.0, 10) == []
+    b.progressed(c, 105.0)  # a byte from c
+    assert b.stalled(111.0, 10) == [target_id(a)]
+    b.finished(a)
+    assert b.stalled(200.0, 10) == [target_id(c)]  # a has nothing in flight any more
+    b.started(a, 300.0)  # its clock starts with its next request, not at its last byte
+    assert target_id(a) not in b.stalled(305.0, 10)
+
+
+def test_a_hung_target_stays_out_until_it_is_revived() -> None:
+    b = Balancer()
+    a, c = remote("a"), remote("c")
+    b.retain([a, c])
+    b.started(a, 0.0)
+    b.hung(a, 20.0)
+    assert b.hung_ids() == [target_id(a)]
+    assert b.stalled(100.0, 10) == []  # hung: probed by the caller, not stalled again
+    assert b.order([a, c], 1000.0) == [c]  # long after any cooldown: still out
+    b.revived(a, 1001.0)
+    assert b.hung_ids() == []
+    assert set(b.order([a, c], 1001.0)) == {a, c}
+    # a target that left the route table is not remembered as hung
+    b.retain([c])
+    b.finished(a)
+    b.hung(a, 1002.0)
+    assert b.hung_ids() == [] and target_id(a) not in b.states

@@ -49,6 +49,9 @@ def test_every_kind_of_endpoint_is_told_apart() -> None:
     assert kind_of("POST", "/props") is Kind.LOCAL
     assert kind_of("POST", "/slots/3") is Kind.LOCAL
     for unknown in [
+        ("POST", "/slots/0 x"),
+        ("POST", "/slots/0/../props"),
+        ("POST", "/slots/\u0661"),  # a digit, but not an ASCII one
         ("POST", "/slots/"),
         ("GET", "/tokenize"),
         ("DELETE", "/slots"),

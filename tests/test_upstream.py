@@ -466,6 +466,20 @@ def test_connection_refused_is_an_upstream_error() -> None:
 
 
 @pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/a\r\nx: y"), ("POST", "/a b"), ("POST", "a"), ("GET /a HTTP/1.1\r\n", "/")],
+)
+def test_a_request_line_that_would_add_a_line_is_refused(method: str, path: str) -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            with pytest.raises(UpstreamError, match="unsafe request line"):
+                await Pool("127.0.0.1", srv.port).request(method, path, b"{}")
+            assert srv.requests == []
+
+    run(main())
+
+
+@pytest.mark.parametrize(
     "sent",
     [
         response(b"0123456789" * 10)[:-90],  # Content-Length 100, 10 bytes sent

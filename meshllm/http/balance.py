@@ -168,7 +168,10 @@ class Balancer:
 
     def hung(self, target: str | RouteTarget, now: float) -> None:
         """A stalled target did not answer its probe: it cools down as a failed one does,
-        and stays out (`hung_ids`, probed again by the caller) until `revived`."""
+        and stays out (`hung_ids`, probed again by the caller) until `revived`. A target
+        that left the route table meanwhile is not remembered."""
+        if self.current is not None and target_id(target) not in self.current:
+            return
         state = self._state(target)
         state.hung = True
         if state.cool_until <= now:

@@ -73,11 +73,19 @@ def kind_of(method: str, path: str) -> Kind | None:
     if method == "POST":
         if path in MODEL_PATHS:
             return Kind.MODEL
-        if path in LOCAL_PATHS or (path.startswith(LOCAL_PREFIX) and len(path) > len(LOCAL_PREFIX)):
+        if path in LOCAL_PATHS or _slot_path(path):
             return Kind.LOCAL
     elif method == "GET" and path in READ_PATHS:
         return Kind.READ
     return None
+
+
+def _slot_path(path: str) -> bool:
+    """`/slots/ID`, ID a slot number (llama-server's `/slots/:id_slot`)."""
+    slot = path[len(LOCAL_PREFIX) :]
+    return (
+        path.startswith(LOCAL_PREFIX) and 0 < len(slot) <= 6 and slot.isascii() and slot.isdigit()
+    )
 
 
 def tunnelled(method: str, path: str) -> bool:
@@ -121,6 +129,15 @@ DROPPED_REQUEST_HEADERS = frozenset(
 """Request headers that stay at the node: hop-by-hop ones (the upstream client sets its
 own), and what a browser says about the page behind a request (the node judged it
 already, and llama-server's own origin rules would judge it a second time)."""
+
+
+CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+"""A client's keys: they go to this node's own servers only, never to another member's
+node (a member is trusted with the mesh, not with its users' keys)."""
+
+
+def without_credentials(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in headers if k not in CREDENTIALS]
 
 
 def request_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

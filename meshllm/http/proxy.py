@@ -54,6 +54,7 @@ from meshllm.http.endpoints import (
     kind_of,
     query_model,
     request_headers,
+    without_credentials,
 )
 from meshllm.http.errors import RETRY_AFTER_S, error_body
 from meshllm.http.origin import (
@@ -103,6 +104,10 @@ class _Request(NamedTuple):
     body: bytes
     headers: list[tuple[bytes, bytes]]
 
+    def remote_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers for another node: the client's keys stay here."""
+        return without_credentials(self.headers)
+
 
 async def decode_peek(body: bytes, send: Send) -> _Peek | None:
     """The fields the Proxy reads of a JSON body; None once a 400 went out."""
@@ -116,6 +121,16 @@ async def decode_peek(body: bytes, send: Send) -> _Peek | None:
         # msgspec gives up on JSON nested thousands deep (even in a field it skips).
         await send_error(send, 400, "request body is nested too deeply", "invalid_json")
     return None
+
+
+def upstream_target(scope: Scope) -> str:
+    """The request target to send upstream: the path as the client wrote it (still
+    percent-encoded, so that nothing it encodes, a CR or LF included, becomes part of
+    the request line), and its query."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    query = scope["query_string"]
+    target = raw + b"?" + query if query else raw
+    return target.decode("latin-1")
 
 
 class _Flight:
@@ -481,7 +496,11 @@ class ProxyApp:
                 return
             model = peek.model
         else:
-            model = query_model(scope["query_string"])
+            try:
+                model = query_model(scope["query_string"])
+            except ValueError as exc:
+                await send_error(send, 400, f"invalid query string: {exc}", "invalid_query")
+                return
             if model is None and kind is Kind.LOCAL:
                 model = self.routes.local_model()  # this node's own server, by default
         route, why = self.routes.candidates(model)
@@ -491,9 +510,7 @@ class ProxyApp:
             else:
                 await send_error(send, 503, why, "model_not_ready", retry_after=True)
             return
-        query = scope["query_string"]
-        path = scope["path"] if not query else f"{scope['path']}?{query.decode('latin-1')}"
-        request = _Request(scope["method"], path, body, headers)
+        request = _Request(scope["method"], upstream_target(scope), body, headers)
         if kind is Kind.MODEL:
             assert peek is not None
             key = affinity_key(peek) if self.affinity and len(route.targets) > 1 else None
@@ -599,9 +616,10 @@ class ProxyApp:
             last = attempt == len(order) - 1
             flight = self.flights.start(target, task, time.monotonic())
             try:
+                headers = request.headers if target.local else request.remote_headers()
                 try:
                     resp = await upstream.request(
-                        request.method, request.path, request.body, request.headers
+                        request.method, request.path, request.body, headers
                     )
                 except UpstreamError as exc:
                     # Refused: nothing listens, the server is down, so it cools down. Closed

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from meshllm.http.balance import target_id
 from meshllm.runtime.messages import LocalServerState, ModelRoute, RouteTable, RouteTarget
 
 
@@ -59,10 +60,15 @@ def build_route_table(
     routes = []
     for model in sorted(by_model):
         group = sorted(by_model[model], key=lambda s: (not s.local, s.node_id, s.host, s.port))
-        targets = tuple(
-            RouteTarget(s.node_id, s.local, s.port, s.model, s.workers, s.shares, s.host, s.backend)
-            for s in group
-        )
+        # One target per id: a peer that announces a model twice (as its server's and
+        # its backends', or a name repeated) gets no bigger share for it.
+        unique: dict[str, RouteTarget] = {}
+        for s in group:
+            target = RouteTarget(
+                s.node_id, s.local, s.port, s.model, s.workers, s.shares, s.host, s.backend
+            )
+            unique.setdefault(target_id(target), target)
+        targets = tuple(unique.values())
         nodes = tuple(dict.fromkeys(s.node_id for s in group))
         routes.append(ModelRoute(model, targets, nodes))
     cold = sorted(set(catalog) - set(by_model))

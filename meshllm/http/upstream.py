@@ -17,6 +17,7 @@ reads an HTTP/1.1 response all the same.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Protocol, cast
 
@@ -40,6 +41,11 @@ PAUSE_BYTES = 1024 * 1024
 """Stop reading from the upstream while this much body waits for the consumer. With
 the chunk a parser holds (`h1.CHUNK_HOLD_BYTES`) and one socket read, it bounds
 what one response can occupy here however fast the upstream and slow the client."""
+
+
+_REQUEST_TARGET = re.compile(r"/[\x21-\x7e]*")
+"""A request target in origin form: printable ASCII, no space or control character."""
+_METHOD = re.compile(r"[A-Z]+")
 
 
 class UpstreamError(ConnectionError):
@@ -298,6 +304,11 @@ class Pool:
         body: bytes = b"",
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> Response:
+        if not _REQUEST_TARGET.fullmatch(path) or not _METHOD.fullmatch(method):
+            # Whatever a caller passes, it cannot add a line to the request head.
+            raise UpstreamError(
+                f"refused to send an unsafe request line: {method[:20]!r} {path[:200]!r}"
+            )
         head = [f"{method} {path} HTTP/1.1\r\n".encode(), b"host: ", self.host_header, b"\r\n"]
         for key, value in headers or ():
             head += [key, b": ", value, b"\r\n"]
