@@ -43,6 +43,7 @@ from meshllm.runtime.procutil import (
     free_port,
     listening_addresses,
     listens_on_loopback,
+    redact,
     stop_process,
 )
 from meshllm.runtime.rpc import LOOPBACK, rpc_server_command, split_args
@@ -311,7 +312,7 @@ class ServerSupervisor(Actor):
         self, cmd: list[str], env: dict[str, str] | None = None
     ) -> asyncio.subprocess.Process:
         self.output.clear()
-        self.log.info("starting %s", " ".join(cmd))
+        self.log.info("starting %s", " ".join(redact(cmd)))
         self.proc = await asyncio.create_subprocess_exec(
             *cmd,
             stdin=asyncio.subprocess.DEVNULL,

@@ -37,6 +37,10 @@ from meshllm.runtime.root import Node, cleanup_run_dir
 log = logging.getLogger("meshllm.up")
 
 
+MODEL_FLAGS = ("-m", "--model", "-hf", "-hfr", "--hf-repo", "-mu", "--model-url")
+"""llama-server flags that choose the model: the node's own (`--model`)."""
+
+
 class UpError(RuntimeError):
     """A problem the user can fix; its message says how."""
 
@@ -224,11 +228,16 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
             models = [demo_model()]
         if opts.client and models:
             raise UpError("a lite client (--client) serves no model; drop --model")
-        reserved = [a for a in opts.llama_args if a.split("=", 1)[0] in ("--host", "--port")]
-        if reserved:
+        flags = [a.split("=", 1)[0] for a in opts.llama_args]
+        if reserved := [f for f in flags if f in ("--host", "--port")]:
             raise UpError(
                 f"--llama-arg {reserved[0]} is not allowed: llama-server is bound to "
                 "127.0.0.1 on a port meshllm picks (peers reach it only through the tunnel)"
+            )
+        if reserved := [f for f in flags if f in MODEL_FLAGS]:
+            raise UpError(
+                f"--llama-arg {reserved[0]} is not allowed: the node tells llama-server which "
+                "model to load (name it with --model, which the mesh announces)"
             )
         if opts.client and not opts.join:
             raise UpError("a lite client needs a mesh to join: pass --join TOKEN")

@@ -233,14 +233,39 @@ def test_models_demo_name_and_seed(tmp_path: Path) -> None:
     assert Path(result.output.strip()) == tmp_path / "cache" / "models" / "other.gguf"
 
 
-@pytest.mark.parametrize("arg", ["--llama-arg=--host", "--llama-arg=--port=80"])
-def test_up_refuses_llama_args_that_would_expose_llama_server(
-    tmp_path: Path, arg: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("arg", "why"),
+    [
+        ("--llama-arg=--host", "bound to 127.0.0.1"),
+        ("--llama-arg=--port=80", "bound to 127.0.0.1"),
+        ("--llama-arg=-m", "which model to load"),
+        ("--llama-arg=--model=x.gguf", "which model to load"),
+        ("--llama-arg=--hf-repo", "which model to load"),
+    ],
+)
+def test_up_refuses_llama_args_the_node_owns(
+    tmp_path: Path, arg: str, why: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MESHLLM_CACHE", str(tmp_path / "cache"))
     result = CliRunner().invoke(main, ["up", "--home", str(tmp_path / "home"), arg])
     assert result.exit_code != 0
-    assert "not allowed" in result.output
+    assert "not allowed" in result.output and why in result.output
+
+
+def test_secrets_in_a_logged_command_are_hidden() -> None:
+    from meshllm.runtime.procutil import redact
+
+    cmd = ["llama-server", "--api-key", "sk-1", "-t", "1", "--api-key=sk-2", "--hf-token", "h"]
+    assert redact(cmd) == [
+        "llama-server",
+        "--api-key",
+        "***",
+        "-t",
+        "1",
+        "--api-key=***",
+        "--hf-token",
+        "***",
+    ]
 
 
 def test_advertised_host_prefers_the_flag_then_the_bind_address() -> None:

@@ -145,6 +145,9 @@ def test_what_changes_a_server_goes_only_to_this_nodes_own() -> None:
             c = await complete(call(app, "/slots/0?action=erase&model=mb", b"{}"))
             assert (c.status, c.body) == (200, b"erased")
             assert own.requests[0].path == "/slots/0?action=erase&model=mb"
+            # the body's model counts as the query's does
+            c = await complete(call(app, "/slots/0?action=erase", {"model": "ma"}))
+            assert c.status == 403 and c.json()["error"]["code"] == "not_local"
             # naming no model: this node's own server (not the first model's)
             c = await complete(call(app, "/lora-adapters", b"[]"))
             assert (c.status, c.body) == (200, b"erased")
@@ -283,7 +286,7 @@ def test_one_replica_hung_and_no_other_is_503_with_retry_after() -> None:
             app = new_app(stall_s=0.1, probe_timeout_s=0.1)
             app.set_table(replicas(hung.port))
             first = await complete(call(app, body=CHAT_BODY))
-            assert_openai_error(first, 502, "upstream_error")
+            assert_openai_error(first, 503, "model_not_ready")  # after the stall and probe
             again = await complete(call(app, body=CHAT_BODY))
             assert_openai_error(again, 503, "model_not_ready")
             assert int(again.response_headers[b"retry-after"]) >= 1

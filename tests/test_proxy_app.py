@@ -459,11 +459,12 @@ def test_no_model_ready_is_503_with_retry_after(strict: bool) -> None:
     run(main())
 
 
-def test_upstream_refused_is_502() -> None:
+def test_upstream_refused_is_503_with_retry_after() -> None:
     async def main() -> None:
         c = await complete(call(app_for(closed_port()), CHAT, CHAT_BODY))
-        error = assert_openai_error(c, 502, "upstream_error")
+        error = assert_openai_error(c, 503, "model_not_ready")  # down, not this request's fault
         assert "cannot connect" in error["message"]
+        assert int(c.response_headers[b"retry-after"]) >= 1
 
     run(main())
 
@@ -791,7 +792,7 @@ def test_allowed_origin_also_gets_cors_headers_on_errors() -> None:
         app = app_for(closed_port(), cors_origins=["https://app.example.com"])
         browser = [(b"origin", APP_ORIGIN)]
         c = await complete(call(app, CHAT, {"model": "demo"}, headers=browser))
-        assert_openai_error(c, 502, "upstream_error")
+        assert_openai_error(c, 503, "model_not_ready")
         assert acao(c) == [APP_ORIGIN]
 
     run(main())
@@ -1057,7 +1058,8 @@ def test_with_every_replica_down_the_answer_is_503_with_retry_after() -> None:
         app = new_app()
         app.set_table(replicas(closed_port(), closed_port()))
         first = await complete(call(app, body=CHAT_BODY))
-        assert_openai_error(first, 502, "upstream_error")  # both tried, both refused
+        assert_openai_error(first, 503, "model_not_ready")  # both tried, both refused
+        assert "every server of 'demo' is down" in first.json()["error"]["message"]
         again = await complete(call(app, body=CHAT_BODY))
         assert_openai_error(again, 503, "model_not_ready")  # cooling: not tried again
         assert int(again.response_headers[b"retry-after"]) >= 1

@@ -133,6 +133,14 @@ def upstream_target(scope: Scope) -> str:
     return target.decode("latin-1")
 
 
+def body_model(body: bytes) -> str | None:
+    """The `model` a JSON object body names, if any (anything else: None, no error)."""
+    try:
+        return _peek.decode(body).model
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
 class _Flight:
     """One attempt of a request on one target, as the stall watch sees it."""
 
@@ -502,7 +510,8 @@ class ProxyApp:
                 await send_error(send, 400, f"invalid query string: {exc}", "invalid_query")
                 return
             if model is None and kind is Kind.LOCAL:
-                model = self.routes.local_model()  # this node's own server, by default
+                # The body's `model` if it names one, else this node's own server.
+                model = body_model(body) or self.routes.local_model()
         route, why = self.routes.candidates(model)
         if route is None:
             if self.routes.unknown(model):
@@ -518,9 +527,11 @@ class ProxyApp:
         elif kind is Kind.LOCAL:
             local = tuple(t for t in route.targets if t.local)
             if not local:
+                where = ", ".join(f"{t.node_id} (API port {t.port})" for t in route.targets[:4])
                 why = (
                     f"{scope['method']} {scope['path'][:200]} changes a llama-server for all "
-                    f"its users: send it to the node that runs {route.name!r}"
+                    f"its users, so it goes only to this node's own: send it to a node that "
+                    f"runs {route.name!r}: {where}"
                 )
                 await send_error(send, 403, why, "not_local")
                 return
@@ -609,6 +620,8 @@ class ProxyApp:
         task = asyncio.current_task()
         assert task is not None
         failure = ""
+        down = True
+        """Every target tried was down (refused, or hung): 503, not this request's 502."""
         for attempt, target in enumerate(order):
             upstream = self._upstream(target)
             if upstream is None:
@@ -630,6 +643,7 @@ class ProxyApp:
                         self.balancer.failed(target, time.monotonic())
                     else:
                         self.balancer.finished(target, ok=False)
+                        down = False
                     log.warning("upstream %s failed: %s", upstream.where, exc)
                     failure = f"upstream failed: {exc}"
                     continue
@@ -666,8 +680,12 @@ class ProxyApp:
                 self.flights.end(flight)
         if not failure:
             await send_error(send, 503, "remote models need the tunnel", "no_tunnel")
-            return
-        await send_error(send, 502, failure, "upstream_error")
+        elif down:
+            retry = self.balancer.retry_after(targets, time.monotonic())
+            why = f"every server of {route.name!r} is down ({failure}); retry in {retry} s"
+            await send_error(send, 503, why, "model_not_ready", retry)
+        else:
+            await send_error(send, 502, failure, "upstream_error")
 
     # -- hung servers ----------------------------------------------------------
 

@@ -167,3 +167,23 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "-hft"})
+"""llama-server flags whose value is a secret: never written to a log."""
+
+
+def redact(cmd: list[str]) -> list[str]:
+    """`cmd` as it may be logged: the values of `SECRET_FLAGS` replaced with `***`."""
+    out: list[str] = []
+    hide = False
+    for arg in cmd:
+        flag, eq, _ = arg.partition("=")
+        if hide:
+            out.append("***")
+        elif eq and flag in SECRET_FLAGS:
+            out.append(f"{flag}=***")
+        else:
+            out.append(arg)
+        hide = not hide and not eq and arg in SECRET_FLAGS
+    return out

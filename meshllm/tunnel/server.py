@@ -33,7 +33,7 @@ import time
 
 from meshllm.http.backends import pick
 from meshllm.http.errors import error_response
-from meshllm.http.upstream import HOP_BY_HOP, Pool, Response, UpstreamError
+from meshllm.http.upstream import HOP_BY_HOP, Pool, Response, UpstreamError, UpstreamRefused
 from meshllm.mesh import wire
 from meshllm.mesh.quic import Link, drained, release_stream, stop_waiter, write_last
 from meshllm.runtime import messages as m
@@ -317,8 +317,12 @@ class TunnelServer:
             try:
                 headers = upstream_headers(request)
                 resp = await pool.request(request.method, request.path, body, headers)
+            except UpstreamRefused as exc:
+                # Nothing listens: the server is down (restarting); another may answer.
+                msg = f"the server of {request.model!r} on this node is down: {exc}"
+                last = error_response(503, msg, "model_not_ready", retry_after=True)
             except UpstreamError as exc:
-                msg = f"cannot reach the llama-server for {request.model!r}: {exc}"
+                msg = f"cannot reach the server of {request.model!r}: {exc}"
                 last = error_response(502, msg, "upstream_error")
             else:
                 last = await _relay(resp, writer)
