@@ -305,7 +305,18 @@ def wait_used_again(reps: Replicas, name: str, entry: NodeProcess | None = None)
 def test_llama_server_killed_under_streaming_load(replicas: Replicas) -> None:
     """kill -9 of B's llama-server while 6 clients stream: nothing but streams already
     under way fails; those end with an error event; B is used again once its
-    supervisor restarted its server."""
+    supervisor restarted its server. (A kill that happens to hit no request of the
+    load, which a busy machine can make happen, is checked and done again.)"""
+    hit = False
+    for _ in range(3):
+        hit = kill_llama_server_under_load(replicas)
+        if hit:
+            break
+    assert hit, "three kills hit no request under way: nothing was tested"
+
+
+def kill_llama_server_under_load(replicas: Replicas) -> bool:
+    """One kill of B's llama-server under load, checked; whether it hit a request."""
     replicas.restore()
     b = replicas.nodes["B"]
     victim = server_pid(b)
@@ -330,9 +341,9 @@ def test_llama_server_killed_under_streaming_load(replicas: Replicas) -> None:
     cut = check_cut_streams(outcomes, killed_at)
     print(f"\n{len(outcomes)} streams, {len(cut)} cut by the kill: {[c.error for c in cut]}")
     tried = check_avoided(replicas.entry, log_at)
-    assert cut or tried, "the kill hit no request under way: nothing was tested"
     wait_for(replicas.routed_to_both, 30, "the entry node to route to A and B again", 0.2)
     wait_used_again(replicas, "B")
+    return bool(cut or tried)
 
 
 def test_serving_node_killed_under_streaming_load(replicas: Replicas) -> None:
