@@ -39,15 +39,14 @@ from bench.common import Context, RunRecord, Section, machine_note, publish, rat
 from bench.httpclient import Endpoint, HTTPError
 from bench.mesh import (
     LOOPBACK_BIND,
-    MeshError,
     MeshNode,
     StatusClient,
+    run_on_mesh,
     start_node,
-    stop_all,
     wait_api,
     wait_until,
 )
-from bench.proxy import CHAT, new_loop, summary
+from bench.proxy import CHAT, summary
 from bench.router import START_TIMEOUT_S, routed_targets, start_host
 from meshllm.testing import served_count
 from meshllm.up import demo_model
@@ -277,14 +276,7 @@ async def measure(ctx: Context, plan: Plan, nodes: list[MeshNode]) -> dict[str, 
 def run(ctx: Context) -> str:
     plan = QUICK if ctx.quick else FULL
     record = RunRecord("affinity", ctx.quick)
-    nodes: list[MeshNode] = []
-    try:
-        with asyncio.Runner(loop_factory=new_loop) as runner:
-            figures = runner.run(measure(ctx, plan, nodes))
-    except MeshError as exc:
-        raise SystemExit(f"affinity: {exc}") from None
-    finally:
-        stop_all(nodes)
+    figures = run_on_mesh("affinity", lambda nodes: measure(ctx, plan, nodes))
     aff, plain = figures["affinity"], figures["no-affinity"]
     result: dict[str, Any] = {
         **record.header(),

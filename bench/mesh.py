@@ -15,19 +15,21 @@ import itertools
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
 
 from bench.common import REPO
+from bench.proxy import new_loop
 from meshllm.runtime import messages
 from meshllm.runtime.bus import ASK, REPLY
 from meshllm.testing import NodeError, NodeProcess
 
 LOOPBACK_BIND = ("--bind", "127.0.0.1:0")
+T = TypeVar("T")
 
 MeshError = NodeError
 """What the mesh sections catch: a node exited, or a wait ran out."""
@@ -122,6 +124,19 @@ async def http_get_status(port: int, path: str, timeout: float = 2.0) -> int:
 def kill_tree(node: MeshNode) -> list[int]:
     """kill -9 as a machine losing power (`NodeProcess.kill_tree`); returns the pids."""
     return node.kill_tree()
+
+
+def run_on_mesh(section: str, measure: Callable[[list[MeshNode]], Coroutine[Any, Any, T]]) -> T:
+    """Run a mesh section's `measure(nodes)` on a fresh uvloop; the nodes it adds to the
+    list are always stopped, and a node failing ends the section with its message."""
+    nodes: list[MeshNode] = []
+    try:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            return runner.run(measure(nodes))
+    except MeshError as exc:
+        raise SystemExit(f"{section}: {exc}") from None
+    finally:
+        stop_all(nodes)
 
 
 def stop_all(nodes: Iterable[MeshNode], grace_s: float = 15.0) -> None:

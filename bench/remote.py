@@ -29,7 +29,6 @@ Writes `remote.json` and `remote.png` under the results directory.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import itertools
@@ -55,15 +54,14 @@ from bench.common import (
 from bench.httpclient import Endpoint, HTTPError
 from bench.mesh import (
     LOOPBACK_BIND,
-    MeshError,
     MeshNode,
     StatusClient,
+    run_on_mesh,
     start_node,
-    stop_all,
     wait_api,
     wait_until,
 )
-from bench.proxy import CHAT, chat_body, new_loop, py_spy, summary
+from bench.proxy import CHAT, chat_body, py_spy, summary
 
 PATHS = ("direct", "local", "remote")
 ORDERS = list(itertools.permutations(PATHS))
@@ -304,14 +302,7 @@ async def measure(ctx: Context, plan: Plan, nodes: list[MeshNode]) -> dict[str, 
 def run(ctx: Context) -> str:
     plan = QUICK if ctx.quick else FULL
     record = RunRecord("remote", ctx.quick)
-    nodes: list[MeshNode] = []
-    try:
-        with asyncio.Runner(loop_factory=new_loop) as runner:
-            figures = runner.run(measure(ctx, plan, nodes))
-    except MeshError as exc:
-        raise SystemExit(f"remote: {exc}") from None
-    finally:
-        stop_all(nodes)
+    figures = run_on_mesh("remote", lambda nodes: measure(ctx, plan, nodes))
     result: dict[str, Any] = {
         **record.header(),
         "paths": {

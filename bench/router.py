@@ -40,15 +40,14 @@ from bench.common import (
 from bench.httpclient import Endpoint, HTTPError
 from bench.mesh import (
     LOOPBACK_BIND,
-    MeshError,
     MeshNode,
     StatusClient,
+    run_on_mesh,
     start_node,
-    stop_all,
     wait_api,
     wait_until,
 )
-from bench.proxy import CHAT, new_loop, summary
+from bench.proxy import CHAT, summary
 from meshllm.testing import group_pids, group_rss_kib, open_fds, process_names, served_count
 from meshllm.up import demo_model
 
@@ -260,14 +259,7 @@ async def measure(ctx: Context, plan: Plan, nodes: list[MeshNode]) -> dict[str, 
 def run(ctx: Context) -> str:
     plan = QUICK if ctx.quick else FULL
     record = RunRecord("router", ctx.quick)
-    nodes: list[MeshNode] = []
-    try:
-        with asyncio.Runner(loop_factory=new_loop) as runner:
-            figures = runner.run(measure(ctx, plan, nodes))
-    except MeshError as exc:
-        raise SystemExit(f"router: {exc}") from None
-    finally:
-        stop_all(nodes)
+    figures = run_on_mesh("router", lambda nodes: measure(ctx, plan, nodes))
     result: dict[str, Any] = {
         **record.header(),
         "llama_server_settings": ctx.llama_settings(),
