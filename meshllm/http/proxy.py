@@ -848,8 +848,16 @@ async def wait_disconnect(receive: Receive) -> None:
 
 async def _http_error(request: Request, exc: Exception) -> HTTPResponse:
     assert isinstance(exc, HTTPException)
+    detail = exc.detail
+    if exc.status_code in (404, 405):
+        what = f"{request.method} {request.url.path[:200]}"
+        detail = (
+            f"{what}: no such endpoint (the node passes on llama-server's endpoints)"
+            if exc.status_code == 404
+            else f"{what}: not allowed on this endpoint"
+        )
     return HTTPResponse(
-        error_body(exc.status_code, exc.detail),
+        error_body(exc.status_code, detail),
         exc.status_code,
         headers=exc.headers,
         media_type="application/json",
