@@ -251,3 +251,32 @@ def download_cmd(name: str, models_dir: Path | None, timeout: float, retries: in
     except (ModelNotFound, DownloadError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(path)
+
+
+@main.command()
+@click.option(
+    "--timeout",
+    default=3.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1, max=300),
+    metavar="S",
+    help="Seconds to listen for advertisements.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print what was heard as JSON.")
+def discover(timeout: float, as_json: bool) -> None:
+    """List the meshes nearby that advertise themselves (`meshllm up --discover`) over
+    mDNS: mesh id, nodes, addresses, models. Joining one still needs its invite token
+    (`meshllm up --join TOKEN`, from a member's `meshllm ctl token`)."""
+    import json
+
+    from meshllm.mesh.discovery import format_nearby, nearby_json
+    from meshllm.mesh.mdns import MdnsError, browse
+
+    try:
+        nearby = browse(timeout)
+    except (MdnsError, OSError) as exc:
+        raise click.ClickException(f"cannot listen for mDNS: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(nearby_json(nearby), indent=2))
+    else:
+        click.echo(format_nearby(nearby))

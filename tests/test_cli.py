@@ -63,6 +63,7 @@ def test_command_tree_is_complete() -> None:
         "ctl stop",
         "models",
         "models demo",
+        "discover",
     }
 
 

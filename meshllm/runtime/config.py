@@ -203,6 +203,13 @@ class UpOptions:
     advertise: str | None = option(
         None, "--advertise", "Host other nodes dial (default: from --bind).", metavar="HOST"
     )
+    discover: bool = option(
+        False,
+        "--discover",
+        "Advertise this mesh on the local network over mDNS (service _meshllm._udp): its "
+        "mesh id, this node's id, mesh address and models; never the secret or the token. "
+        "`meshllm discover` lists the meshes nearby; joining one still needs its token.",
+    )
     max_vram_gb: float | None = option(
         None,
         "--max-vram",

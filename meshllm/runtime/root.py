@@ -52,6 +52,7 @@ ACTORS: list[ActorSpec] = [
     ActorSpec("router", "actors.router:Router"),
     ActorSpec("tunnel", "actors.tunnel:Tunnel"),
     ActorSpec("console", "actors.console:Console", lambda c: c.options.console_port > 0),
+    ActorSpec("discovery", "actors.discovery:Discovery", lambda c: c.options.discover),
     ActorSpec("proxy", "actors.proxy:Proxy"),
 ]
 
