@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
 import msgspec
 
 from meshllm import __version__
 from meshllm.mesh.discovery import Advert
-from meshllm.mesh.mdns import Advertiser, MdnsError
+from meshllm.mesh.mdns import ENV_INTERFACES, Advertiser, MdnsError
 from meshllm.mesh.token import mesh_id_of
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
@@ -68,6 +69,12 @@ class Discovery(Actor):
             self.advert.mesh_id,
             ", ".join(self.advert.addresses),
         )
+        if self.config.advertise_host.startswith("127.") and not os.environ.get(ENV_INTERFACES):
+            self.log.warning(
+                "the advertised address %s is loopback: other machines cannot dial it "
+                "(start with --bind 0.0.0.0:PORT or --advertise HOST)",
+                self.config.advertise_host,
+            )
 
     async def on_topic(self, topic: str, msg: m.Message) -> None:
         if not isinstance(msg, m.MeshView):

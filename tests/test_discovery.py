@@ -213,3 +213,17 @@ def test_anything_heard_is_taken_or_refused_cleanly(props: dict[bytes, bytes | N
         nearby.heard("x", candidate)
         text = format_nearby(nearby)
         assert all(c.isprintable() for c in text.replace("\n", ""))
+
+
+def test_the_models_advertised_follow_the_mesh_view() -> None:
+    from actors.discovery import advertised_models
+    from meshllm.mesh.wire import PeerAnnouncement
+    from meshllm.runtime.messages import MeshView
+
+    me = PeerAnnouncement(node_id="1" * 16, generation=1, requested_models=("b", "a"))
+    peers = (
+        PeerAnnouncement(node_id="2" * 16, generation=1, serving="c"),
+        PeerAnnouncement(node_id="3" * 16, generation=1, backend_models=("d", "a")),
+    )
+    assert advertised_models(MeshView("1" * 16, peers, me)) == ("a", "b", "c", "d")
+    assert advertised_models(MeshView("1" * 16)) == ()

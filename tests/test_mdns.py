@@ -152,7 +152,9 @@ def test_advertised_nodes_are_heard_updated_and_withdrawn(sentinel: Sentinel) ->
             assert all(a.addresses == ("127.0.0.1:40000",) for a in mesh.nodes)
 
             await two.update(make_advert("b" * 16, models=("m2",)))
-            nearby = await asyncio.to_thread(mdns.browse, WAIT_S, has("b" * 16, "m2"))
+            nearby = await asyncio.to_thread(
+                mdns.browse, WAIT_S, lambda n: has("a" * 16)(n) and has("b" * 16, "m2")(n)
+            )
             assert nearby.meshes()[0].models == ("m1", "m2")
         finally:
             await asyncio.gather(one.close(), two.close())
@@ -170,3 +172,50 @@ def test_advertised_nodes_are_heard_updated_and_withdrawn(sentinel: Sentinel) ->
         sentinel.heard = [(i, src) for i, src in sentinel.heard if src != canary]
     beyond = [(i, src) for i, src in sentinel.heard if i != lo_index() and src in sentinel.local]
     assert beyond == [], f"mDNS packets from this machine on other interfaces: {beyond[:5]}"
+
+
+def test_garbage_from_a_hostile_host_is_counted_and_ignored(sentinel: Sentinel) -> None:
+    """Services of our type with every field wrong, next to a good one: `browse` keeps the
+    good one and counts the rest, and what it prints is plain text."""
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    from meshllm.mesh.discovery import SERVICE_TYPE, format_nearby
+
+    garbage = [
+        {"v": "1", "mesh": "\x1b[2J", "node": "x", "a0": "nowhere"},
+        {"v": "1", "mesh": "0" * 12, "node": "0" * 16, "a0": "127.0.0.1:1", "m0": "a/\x9b"},
+        {"v": "7", "junk": "y" * 200},
+        {b"\xff\xfe": b"\x00" * 100},
+    ]
+
+    async def scenario() -> Nearby:
+        good = mdns.Advertiser(make_advert("c" * 16))
+        hostile = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=mdns.IPVersion.V4Only)
+        try:
+            infos = [
+                AsyncServiceInfo(
+                    SERVICE_TYPE,
+                    f"evil-{i}.{SERVICE_TYPE}",
+                    addresses=[socket.inet_aton("127.0.0.1")],
+                    port=1,
+                    properties=props,  # type: ignore[arg-type]
+                    server=f"evil-{i}.local.",
+                )
+                for i, props in enumerate(garbage)
+            ]
+            announced = await asyncio.gather(*map(hostile.async_register_service, infos))
+            await asyncio.gather(good.start(), *announced)
+
+            def done(nearby: Nearby) -> bool:
+                return nearby.refused >= len(garbage) and len(nearby.adverts) >= 1
+
+            return await asyncio.to_thread(mdns.browse, WAIT_S, done)
+        finally:
+            await asyncio.gather(good.close(), hostile.async_close())
+
+    nearby = asyncio.run(scenario())
+    assert [a.node_id for a in nearby.adverts.values()] == ["c" * 16]
+    assert nearby.refused == len(garbage)
+    text = format_nearby(nearby)
+    assert f"ignored {len(garbage)} advertisement(s)" in text
+    assert all(c.isprintable() for c in text.replace("\n", ""))
