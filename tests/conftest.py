@@ -12,6 +12,9 @@ from meshllm.runtime.binaries import BinaryNotFound, find_binary
 from meshllm.runtime.paths import cache_dir
 from meshllm.testing import NodeProcess
 
+# mDNS (LAN discovery) stays on loopback in every test and every node a test starts.
+os.environ.setdefault("MESHLLM_MDNS_INTERFACES", "127.0.0.1")
+
 FUZZ_EXAMPLES_ENV = "MESHLLM_FUZZ_EXAMPLES"
 """Cases per property in tests/test_fuzz.py. By default 2,000 where the `CI` variable is
 set (as CI services set it) and 200 elsewhere, which keeps the file under ~40 s on two
