@@ -72,6 +72,27 @@ def resolve_model(ref: str) -> ModelSpec:
     )
 
 
+def seed_model(ref: str) -> ModelSpec:
+    """A `--model` after the first: it only seeds the mesh catalog (docs/design.md,
+    "Placement"), so a name this node cannot resolve is still requested, with a warning:
+    a node that holds it (on disk, or by a source of its own) may serve it. Only a value
+    that cannot name a model at all (an unsafe URL, a path) is refused."""
+    from meshllm.http.backends import check_model_name
+    from meshllm.models.files import model_name
+
+    try:
+        return resolve_model(ref)
+    except UpError as exc:
+        name = model_name(ref.strip())
+        if "://" in ref or check_model_name(name) is not None:
+            raise
+        cause = exc
+    log.warning(
+        "--model %s is seeded by name only (%s): a node that has it will serve it", name, cause
+    )
+    return ModelSpec(name=name)
+
+
 def check_backends(opts: UpOptions) -> tuple[str, ...]:
     """The `--model` names of a node with `--backend-url` (checked, not resolved)."""
     from meshllm.http.backends import check_backend_urls, check_model_name
@@ -223,7 +244,9 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
     try:
         backends = bool(opts.backend_urls)
         backend_models = check_backends(opts) if backends else ()
-        models = [] if backends else [resolve_model(ref) for ref in opts.models]
+        # Only the model this node serves itself must resolve here; the rest seed.
+        refs = [] if backends else opts.models
+        models = [resolve_model(ref) if i == 0 else seed_model(ref) for i, ref in enumerate(refs)]
         if not models and not opts.join and not opts.client and not backends:
             models = [demo_model()]
         if opts.client and models:

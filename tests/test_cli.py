@@ -197,6 +197,29 @@ def test_up_missing_model_errors_clearly(tmp_path: Path) -> None:
     assert "not found" in result.output and "nope.gguf" in result.output
 
 
+def test_a_seeded_model_may_be_a_name_this_node_cannot_resolve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MESHLLM_MODELS_DIR", str(tmp_path / "models"))
+    with caplog.at_level("WARNING", "meshllm.up"):
+        spec = meshllm.up.seed_model("nowhere-model.gguf")
+    assert spec == m.ModelSpec(name="nowhere-model")  # requested by name: no path, no source
+    assert "seeded by name only" in caplog.text and "nowhere-model" in caplog.text
+    found = tmp_path / "models" / "here.gguf"
+    found.parent.mkdir()
+    found.write_bytes(b"GGUF")
+    assert meshllm.up.seed_model("here").path == str(found)  # resolved when it can be
+
+
+@pytest.mark.parametrize("ref", ["/no/such/dir/x.gguf", "sub/x.gguf", ".hidden", "https://h/x.txt"])
+def test_a_seeded_model_that_cannot_name_a_model_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ref: str
+) -> None:
+    monkeypatch.setenv("MESHLLM_MODELS_DIR", str(tmp_path / "models"))
+    with pytest.raises(meshllm.up.UpError):
+        meshllm.up.seed_model(ref)
+
+
 @pytest.mark.parametrize(
     "args", [("ctl", "status"), ("ctl", "stop"), ("ctl", "drop", "m"), ("ctl", "status", "--json")]
 )

@@ -86,7 +86,9 @@ class UpOptions:
         "--model",
         "GGUF path, file name in the models directory, catalog name, Hugging Face "
         "owner/repo/file.gguf or URL (downloaded when not on disk). Repeat to seed the mesh "
-        "catalog: the first is served here. Default (no --join): the built-in demo model.",
+        "catalog: the first is served here; a later one this node cannot resolve is seeded by "
+        "name (a node that has it on disk takes it). Default (no --join): the built-in demo "
+        "model.",
         metavar="MODEL",
     )
     join: list[str] = option(  # noqa: RUF009
