@@ -8,6 +8,7 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 import socket
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import uvloop
 
+from meshllm.http.auth import ApiKey
+from meshllm.http.proxy import is_loopback_address
 from meshllm.mesh.identity import load_or_create_key, node_id_of
 from meshllm.mesh.quic import key_to_pem
 from meshllm.mesh.token import (
@@ -91,6 +94,44 @@ def seed_model(ref: str) -> ModelSpec:
         "--model %s is seeded by name only (%s): a node that has it will serve it", name, cause
     )
     return ModelSpec(name=name)
+
+
+CONSOLE_KEY_NAME = "console"
+
+
+def api_keys(opts: UpOptions) -> tuple[tuple[ApiKey, ...], str]:
+    """The keys the OpenAI API requires (`--api-key`), and the console's own key (empty
+    when there is no console or no key). Refuses an endpoint open beyond loopback."""
+    from meshllm.http.auth import KeySpecError, digest_of, load_keys
+
+    try:
+        keys = load_keys(opts.api_keys, opts.key_rpm)
+    except KeySpecError as exc:
+        raise UpError(str(exc)) from None
+    if not keys:
+        if opts.key_rpm:
+            raise UpError("--key-rpm limits the requests of each --api-key: give a key too")
+        if not opts.insecure and not is_loopback_address(opts.listen):
+            raise UpError(
+                f"--listen {opts.listen} opens the OpenAI API beyond this machine: require a "
+                "key with --api-key KEY (or --api-key @FILE), or pass --insecure to let "
+                "anyone who reaches the port use the mesh"
+            )
+        return (), ""
+    if any(key.name == CONSOLE_KEY_NAME for key in keys):
+        raise UpError(f"--api-key: the name {CONSOLE_KEY_NAME!r} is the console's; pick another")
+    flags = [a.split("=", 1)[0] for a in opts.llama_args]
+    if given := [f for f in flags if f in ("--api-key", "--api-key-file")]:
+        raise UpError(
+            f"--llama-arg {given[0]} cannot go with --api-key: the node checks the keys itself "
+            "and passes none on to llama-server; drop one of them"
+        )
+    if not opts.console_port:
+        return keys, ""
+    # The console (loopback only) calls the API for its page with a key of its own,
+    # made here and never written anywhere.
+    console_key = secrets.token_urlsafe(32)
+    return (*keys, ApiKey(CONSOLE_KEY_NAME, digest_of(console_key))), console_key
 
 
 def check_backends(opts: UpOptions) -> tuple[str, ...]:
@@ -262,6 +303,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
                 f"--llama-arg {reserved[0]} is not allowed: the node tells llama-server which "
                 "model to load (name it with --model, which the mesh announces)"
             )
+        keys, console_key = api_keys(opts)
         if opts.client and not opts.join:
             raise UpError("a lite client needs a mesh to join: pass --join TOKEN")
         try:
@@ -290,7 +332,8 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         run_dir=str(home.run_dir),
         node_id=node_id_of(key),
         # The tokens themselves (not @FILE): the Gossiper dials their addresses.
-        options=dataclasses.replace(opts, join=[encode_token(t) for t in tokens]),
+        # The keys as digests (`api_keys`), never as given: every actor gets the options.
+        options=dataclasses.replace(opts, join=[encode_token(t) for t in tokens], api_keys=[]),
         models=tuple(models),
         available=available,
         models_dir=str(models_dir()),
@@ -306,6 +349,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         gossip_port=gossip_port,
         tunnel_port=tunnel_sock.getsockname()[1],
         backend_models=backend_models,
+        api_keys=keys,
     )
     resources: dict[str, dict[str, Any]] = {
         "proxy": {"socket": sock},
@@ -313,6 +357,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         # announcements with it (a process takes bytes, not key objects).
         "gossiper": {"socket": gossip_sock, "key": key_to_pem(key)},
         "tunnel": {"socket": tunnel_sock, "key": key_to_pem(key)},
+        "console": {"api_key": console_key},
     }
     return config, resources, token, lock_fd
 
@@ -339,6 +384,11 @@ def run(opts: UpOptions) -> int:
         config.http_port,
     )
     log.info("mesh endpoint on %s:%s", config.advertise_host, config.gossip_port)
+    if config.api_keys:
+        names = [k.name for k in config.api_keys]
+        log.info("the OpenAI API requires a key: %s", ", ".join(names))
+    elif not is_loopback_address(config.http_host):
+        log.warning("--insecure: anyone who reaches port %s can use the mesh", config.http_port)
     if not opts.join:
         # The first node of a mesh prints its invitation; `meshllm ctl token` repeats it.
         print(
