@@ -105,12 +105,13 @@ def api_keys(opts: UpOptions) -> tuple[tuple[ApiKey, ...], str]:
     from meshllm.http.auth import KeySpecError, digest_of, load_keys
 
     try:
-        keys = load_keys(opts.api_keys, opts.key_rpm)
+        keys = load_keys(opts.api_keys, opts.key_rpm, opts.key_tpm)
     except KeySpecError as exc:
         raise UpError(str(exc)) from None
     if not keys:
-        if opts.key_rpm:
-            raise UpError("--key-rpm limits the requests of each --api-key: give a key too")
+        if opts.key_rpm or opts.key_tpm:
+            flag = "--key-rpm" if opts.key_rpm else "--key-tpm"
+            raise UpError(f"{flag} limits each --api-key: give a key too")
         if not opts.insecure and not is_loopback_address(opts.listen):
             raise UpError(
                 f"--listen {opts.listen} opens the OpenAI API beyond this machine: require a "

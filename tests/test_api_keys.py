@@ -21,19 +21,22 @@ pytestmark = pytest.mark.integration
 SERVING = ("--bind", "127.0.0.1:0", "--llama-arg=-t", "--llama-arg=1")
 A_KEY = "sk-alice-0123456789"
 LIMITED_KEY = "sk-limited-0123456789"
+TOKENS_KEY = "sk-tokens-0123456789"
 B_KEY = "sk-bnode-0123456789"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
-def post(node: NodeProcess, model: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+def post(
+    node: NodeProcess, model: str, headers: dict[str, str], stream: bool = False
+) -> tuple[int, dict[str, Any]]:
     status, resp_headers, body = http(
         node.port,
         "POST",
         "/v1/chat/completions",
-        {**CHAT, "model": model},
+        {**CHAT, "model": model, "stream": stream},
         headers={"content-type": "application/json", **headers},
     )
-    return status, {"body": json.loads(body), "headers": resp_headers}
+    return status, {"body": body if stream else json.loads(body), "headers": resp_headers}
 
 
 def wait_health(node: NodeProcess, *models: str, timeout: float = 60) -> None:
@@ -58,10 +61,11 @@ def test_a_node_with_keys(
 ) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"# the team\nalice:{A_KEY}\nlimited:{LIMITED_KEY}:rpm=1\n")
+    keys.write_text(keys.read_text() + f"tokens:{TOKENS_KEY}:tpm=30\n")
     env = {"MESHLLM_MODELS_DIR": str(tmp_path / "no-models")}
     a = start_node("--model", str(demo_model), "--api-key", f"@{keys}", *SERVING, env=env)
     wait_health(a, demo_model.stem)
-    assert "requires a key: alice, limited" in a.log()
+    assert "requires a key: alice, limited, tokens" in a.log()
 
     status, got = post(a, demo_model.stem, {})
     assert status == 401 and got["body"]["error"]["code"] == "missing_api_key"
@@ -77,6 +81,15 @@ def test_a_node_with_keys(
     status, got = post(a, demo_model.stem, {"x-api-key": LIMITED_KEY})
     assert status == 429 and got["body"]["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(got["headers"]["retry-after"]) <= 60
+
+    # 30 tokens a minute: an answer (~22 tokens, from its usage) and a stream (from
+    # llama-server's timings) spend more than that, so the third request waits.
+    tokens = {"authorization": f"Bearer {TOKENS_KEY}"}
+    assert post(a, demo_model.stem, tokens)[0] == 200
+    status, got = post(a, demo_model.stem, tokens, stream=True)
+    assert status == 200 and b'"timings"' in got["body"]
+    status, got = post(a, demo_model.stem, tokens)
+    assert status == 429 and "30 tokens per minute" in got["body"]["error"]["message"]
 
     # B requires its own key; A's request for B's model is authorised at A.
     b = start_node(
@@ -94,5 +107,5 @@ def test_a_node_with_keys(
         logs = node.log() + "".join(
             p.read_text(errors="replace") for p in (node.home / "logs").glob("*.log")
         )
-        for key in (A_KEY, LIMITED_KEY, B_KEY):
+        for key in (A_KEY, LIMITED_KEY, TOKENS_KEY, B_KEY):
             assert key not in logs

@@ -17,6 +17,7 @@ from meshllm.http.auth import (
     Limited,
     TokenBucket,
     Unauthorized,
+    UsageScanner,
     load_keys,
     parse_key,
     presented_key,
@@ -45,6 +46,10 @@ def test_name_key_and_limits() -> None:
     assert parse_key(f"alice:{KEY}:rpm=60", "here").rpm == 60
     assert parse_key(f"alice:{KEY}", "here", rpm=5).rpm == 5  # --key-rpm
     assert parse_key(f"alice:{KEY}:rpm=0", "here", rpm=5).rpm == 0  # its own wins
+    both = parse_key(f"alice:{KEY}:rpm=6,tpm=1000", "here", tpm=7)
+    assert (both.rpm, both.tpm) == (6, 1000)
+    assert parse_key(f"alice:{KEY}:rpm=6:tpm=9", "here").tpm == 9
+    assert parse_key(f"alice:{KEY}", "here", tpm=7).tpm == 7  # --key-tpm
 
 
 @pytest.mark.parametrize(
@@ -54,7 +59,7 @@ def test_name_key_and_limits() -> None:
         "sk with space",
         "sk-\x01control",
         "al ice:" + KEY,  # a name with a space
-        f"alice:{KEY}:tpm=5",
+        f"alice:{KEY}:xpm=5",
         f"alice:{KEY}:rpm=-1",
         f"alice:{KEY}:secret-part",  # a key with ':' is read as NAME:KEY:...
         "x" * 600,
@@ -173,3 +178,55 @@ def test_a_key_over_its_rpm_is_limited_with_a_retry_time_and_others_are_not() ->
     assert ring.check(bearer(KEY), 30.2) == Allowed("alice")
     # A wrong key spends no budget: it is refused before any bucket.
     assert isinstance(ring.check(bearer("sk-wrong-0000000"), 30.3), Unauthorized)
+
+
+# -- tokens per minute ------------------------------------------------------------------
+
+STREAM_END = (
+    b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"object":'
+    b'"chat.completion.chunk","timings":{"cache_n":17,"prompt_n":1,"prompt_ms":0.4,'
+    b'"predicted_n":3,"predicted_ms":0.4}}\n\ndata: [DONE]\n\n'
+)
+ANSWER = (
+    b'{"choices":[{"message":{"content":"say \\"total_tokens\\":999"}}],"usage":'
+    b'{"completion_tokens":3,"prompt_tokens":18,"total_tokens":21},"timings":{"cache_n":0,'
+    b'"prompt_n":18,"predicted_n":3}}'
+)
+
+
+@pytest.mark.parametrize("split_at", [None, 5, 40, 100])
+def test_usage_of_an_answer_and_of_a_stream(split_at: int | None) -> None:
+    for body, tokens in ((ANSWER, 21), (STREAM_END, 17 + 1 + 3)):
+        scanner = UsageScanner()
+        parts = [body] if split_at is None else [body[:split_at], body[split_at:]]
+        for part in [b"data: " + b"x" * 10_000 + b"\n\n", *parts]:
+            scanner.feed(part)
+        assert scanner.tokens() == tokens
+    assert UsageScanner().tokens() == 0
+    generated = UsageScanner()
+    generated.feed(b'{"content": "\\"total_tokens\\": 7"}')  # text cannot pose as usage
+    assert generated.tokens() == 0
+
+
+def test_a_key_over_its_tokens_per_minute_waits_until_the_bucket_refills() -> None:
+    ring = KeyRing(load_keys([f"alice:{KEY}:tpm=600", f"bob:{OTHER}"]))
+    assert ring.counts_tokens("alice") is False  # its bucket is made on first use
+    assert ring.check(bearer(KEY), 0.0) == Allowed("alice")
+    assert ring.counts_tokens("alice") and not ring.counts_tokens("bob")
+    ring.spent("alice", 300, 0.0)
+    assert ring.check(bearer(KEY), 0.0) == Allowed("alice")  # 300 left
+    ring.spent("alice", 900, 0.0)  # an answer may take it below zero: 600 in debt
+    limited = ring.check(bearer(KEY), 0.0)
+    assert isinstance(limited, Limited) and "600 tokens per minute" in limited.message
+    assert limited.retry_after_s == 61  # 601 tokens at 10 a second
+    assert isinstance(ring.check(bearer(KEY), 60.0), Limited)
+    assert ring.check(bearer(KEY), 60.1) == Allowed("alice")
+    ring.spent("bob", 10**9, 0.0)  # no limit: nothing counted
+    assert ring.check(bearer(OTHER), 0.0) == Allowed("bob")
+
+
+def test_token_bucket_spend_and_wait() -> None:
+    bucket = TokenBucket(60, 60.0, now=0.0)
+    bucket.spend(0.0, 100)
+    assert bucket.wait_s(0.0) == pytest.approx(41.0)
+    assert bucket.wait_s(41.0) == 0

@@ -482,7 +482,7 @@ def test_up_keeps_only_the_keys_digests(tmp_path: Path) -> None:
     [
         ({"listen": "0.0.0.0"}, "--listen 0.0.0.0 opens the OpenAI API beyond this machine"),
         ({"listen": "192.0.2.7"}, "or pass --insecure"),
-        ({"key_rpm": 5}, "--key-rpm limits the requests of each --api-key"),
+        ({"key_rpm": 5}, "--key-rpm limits each --api-key"),
         ({"api_keys": ["tiny"]}, "--api-key #1: a key is 8 to 512"),
         ({"api_keys": [f"console:{KEY}"]}, "the console's"),
         ({"api_keys": [KEY], "llama_args": ["--api-key", "x"]}, "cannot go with --api-key"),

@@ -27,7 +27,8 @@ from tests.test_upstream import FakeServer, ok
 
 KEY = "sk-alice-0123456789"
 OTHER = "sk-bob-9876543210"
-KEYS = load_keys([f"alice:{KEY}", f"bob:{OTHER}:rpm=1"])
+CAROL = "sk-carol-5555555555"
+KEYS = load_keys([f"alice:{KEY}", f"bob:{OTHER}:rpm=1", f"carol:{CAROL}:tpm=30"])
 ORIGIN = b"https://app.example.com"
 
 
@@ -115,6 +116,26 @@ def test_a_key_over_its_rpm_gets_429_with_retry_after() -> None:
                 assert (
                     await complete(call(app, CHAT, CHAT_BODY, headers=bearer(KEY)))
                 ).status == 200
+
+    run(main())
+
+
+def test_a_key_over_its_tokens_per_minute_gets_429_once_its_answers_used_them() -> None:
+    answer = b'{"choices":[],"usage":{"prompt_tokens":18,"completion_tokens":3,"total_tokens":21}}'
+
+    async def main() -> None:
+        async with FakeServer(ok(answer)) as srv:
+            app = app_for(srv.port, api_keys=KEYS)
+            for _ in range(2):  # 30 a minute: 21 used, 9 left; then 12 in debt
+                c = await complete(call(app, CHAT, CHAT_BODY, headers=bearer(CAROL)))
+                assert (c.status, c.body) == (200, answer)
+            c = await complete(call(app, CHAT, CHAT_BODY, headers=bearer(CAROL)))
+            assert (
+                "30 tokens per minute"
+                in assert_openai_error(c, 429, "rate_limit_exceeded")["message"]
+            )
+            assert c.response_headers[b"retry-after"] == b"26"  # 13 tokens at 0.5 a second
+            assert len(srv.requests) == 2
 
     run(main())
 

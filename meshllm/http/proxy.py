@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
-from meshllm.http.auth import OPEN_PATHS, Allowed, ApiKey, KeyRing, Limited
+from meshllm.http.auth import OPEN_PATHS, Allowed, ApiKey, KeyRing, Limited, UsageScanner
 from meshllm.http.balance import (
     FAILOVER_STATUSES,
     MAX_IN_FLIGHT,
@@ -263,6 +263,20 @@ async def browser_request(scope: Scope, send: Send, policy: Policy) -> Send | No
     return send_cors
 
 
+def _counting_tokens(send: Send, keys: KeyRing, name: str) -> Send:
+    """`send`, spending the tokens its answer used from key `name`'s budget as it ends."""
+    scanner = UsageScanner()
+
+    async def counting(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            scanner.feed(message.get("body", b""))
+            if not message.get("more_body", False):
+                keys.spent(name, scanner.tokens(), time.monotonic())
+        await send(message)
+
+    return counting
+
+
 class _Raw:
     """Marks a handler as a plain ASGI app (Starlette would wrap a bare function)."""
 
@@ -422,8 +436,11 @@ class ProxyApp:
             send = answer
         # After the browser checks: a CORS preflight carries no key, and a 401 to an
         # allowed origin gets its CORS headers (so the page can read it).
-        if self.keys and scope["path"] not in OPEN_PATHS and not await self.authorise(scope, send):
-            return
+        if self.keys and scope["path"] not in OPEN_PATHS:
+            answer = await self.authorise(scope, send)
+            if answer is None:
+                return
+            send = answer
         # The forwarded endpoints skip Starlette's middleware and router (about 10% of
         # the proxy's CPU per request); every other request goes through Starlette.
         if kind_of(scope["method"], scope["path"]) is not None:
@@ -431,20 +448,24 @@ class ProxyApp:
             return
         await self.app(scope, receive, send)  # type: ignore[arg-type]
 
-    async def authorise(self, scope: Scope, send: Send) -> bool:
-        """Whether the request's key lets it on (`--api-key`); when not, it was answered
-        401 or 429. The key's name goes into the scope (`meshllm.api_key`)."""
+    async def authorise(self, scope: Scope, send: Send) -> Send | None:
+        """The `send` to answer a request whose key lets it on (`--api-key`), or None
+        once it was answered 401 or 429. The key's name goes into the scope
+        (`meshllm.api_key`); a key with a tokens-per-minute limit gets a `send` that
+        counts the tokens of the answer."""
         verdict = self.keys.check(scope["headers"], time.monotonic())
         if isinstance(verdict, Allowed):
             scope["meshllm.api_key"] = verdict.name
-            return True
+            if not self.keys.counts_tokens(verdict.name):
+                return send
+            return _counting_tokens(send, self.keys, verdict.name)
         if isinstance(verdict, Limited):
             await send_error(
                 send, 429, verdict.message, "rate_limit_exceeded", verdict.retry_after_s
             )
         else:
             await send_error(send, 401, verdict.message, verdict.code)
-        return False
+        return None
 
     def trusted_host(self, headers: list[tuple[bytes, bytes]]) -> bool:
         """Bound beyond loopback: a browser's request names this machine in `Host`, or

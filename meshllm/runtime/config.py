@@ -131,7 +131,8 @@ class UpOptions:
         "--api-key",
         "Key the OpenAI API requires, as 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
         "(401 without; /health stays open). Repeat for several; NAME:KEY names one, "
-        "NAME:KEY:rpm=N limits it to N requests per minute (429 with Retry-After past it). "
+        "NAME:KEY:rpm=N,tpm=M limits it to N requests and M tokens per minute (429 with "
+        "Retry-After past them). "
         "@FILE reads keys from FILE, one a line, which keeps them out of the process list "
         "(e.g. --api-key @~/.meshllm-keys); MESHLLM_API_KEYS holds keys or @FILE too, "
         "separated by spaces.",
@@ -142,6 +143,14 @@ class UpOptions:
         0,
         "--key-rpm",
         "Requests per minute each --api-key allows unless it sets its own rpm=N; 0: no limit.",
+        metavar="N",
+        check=_not_negative,
+    )
+    key_tpm: int = option(
+        0,
+        "--key-tpm",
+        "Tokens (prompt and completion) per minute each --api-key allows unless it sets its "
+        "own tpm=N; 0: no limit. An answer's tokens are counted once it has gone out.",
         metavar="N",
         check=_not_negative,
     )
