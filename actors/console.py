@@ -59,6 +59,7 @@ class Console(Actor):
             cfg.options.max_body_bytes,
             loopback_only=_is_loopback(cfg.console_host),
             cors_origins=cfg.options.cors_origins,
+            api_key=self.resources.get("api_key", ""),
         )
         self._update()
         self.server: ActorServer | None = None

@@ -35,6 +35,7 @@ class Proxy(Actor):
             queue_wait_s=self.config.options.queue_wait_s,
             affinity=not self.config.options.no_affinity,
             stall_s=self.config.options.stall_s,
+            api_keys=self.config.api_keys,
         )
         sock: socket.socket = self.resources["socket"]
         self.server = actor_server(

@@ -86,6 +86,7 @@ def up(**given: Any) -> None:
     values: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
     # Read (when --join was not given): llama-server and the actors need not inherit it.
     os.environ.pop(TOKEN_ENV, None)
+    os.environ.pop("MESHLLM_API_KEYS", None)  # likewise (read: --api-key)
     opts = UpOptions(**values)
     try:
         sys.exit(run(opts))

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 import socket
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import uvloop
 
+from meshllm.http.auth import ApiKey
+from meshllm.http.proxy import is_loopback_address
 from meshllm.mesh.identity import load_or_create_key, node_id_of
 from meshllm.mesh.quic import key_to_pem
 from meshllm.mesh.token import (
@@ -70,6 +73,66 @@ def resolve_model(ref: str) -> ModelSpec:
         sha256=found.sha256 or "",
         target=str(found.path),
     )
+
+
+def seed_model(ref: str) -> ModelSpec:
+    """A `--model` after the first: it only seeds the mesh catalog (docs/design.md,
+    "Placement"), so a name this node cannot resolve is still requested, with a warning:
+    a node that holds it (on disk, or by a source of its own) may serve it. Only a value
+    that cannot name a model at all (an unsafe URL, a path) is refused."""
+    from meshllm.http.backends import check_model_name
+    from meshllm.models.files import model_name
+
+    try:
+        return resolve_model(ref)
+    except UpError as exc:
+        name = model_name(ref.strip())
+        if "://" in ref or check_model_name(name) is not None:
+            raise
+        cause = exc
+    log.warning(
+        "--model %s is seeded by name only (%s): a node that has it will serve it", name, cause
+    )
+    return ModelSpec(name=name)
+
+
+CONSOLE_KEY_NAME = "console"
+
+
+def api_keys(opts: UpOptions) -> tuple[tuple[ApiKey, ...], str]:
+    """The keys the OpenAI API requires (`--api-key`), and the console's own key (empty
+    when there is no console or no key). Refuses an endpoint open beyond loopback."""
+    from meshllm.http.auth import KeySpecError, digest_of, load_keys
+
+    try:
+        keys = load_keys(opts.api_keys, opts.key_rpm, opts.key_tpm)
+    except KeySpecError as exc:
+        raise UpError(str(exc)) from None
+    if not keys:
+        if opts.key_rpm or opts.key_tpm:
+            flag = "--key-rpm" if opts.key_rpm else "--key-tpm"
+            raise UpError(f"{flag} limits each --api-key: give a key too")
+        if not opts.insecure and not is_loopback_address(opts.listen):
+            raise UpError(
+                f"--listen {opts.listen} opens the OpenAI API beyond this machine: require a "
+                "key with --api-key KEY (or --api-key @FILE), or pass --insecure to let "
+                "anyone who reaches the port use the mesh"
+            )
+        return (), ""
+    if any(key.name == CONSOLE_KEY_NAME for key in keys):
+        raise UpError(f"--api-key: the name {CONSOLE_KEY_NAME!r} is the console's; pick another")
+    flags = [a.split("=", 1)[0] for a in opts.llama_args]
+    if given := [f for f in flags if f in ("--api-key", "--api-key-file")]:
+        raise UpError(
+            f"--llama-arg {given[0]} cannot go with --api-key: the node checks the keys itself "
+            "and passes none on to llama-server; drop one of them"
+        )
+    if not opts.console_port:
+        return keys, ""
+    # The console (loopback only) calls the API for its page with a key of its own,
+    # made here and never written anywhere.
+    console_key = secrets.token_urlsafe(32)
+    return (*keys, ApiKey(CONSOLE_KEY_NAME, digest_of(console_key))), console_key
 
 
 def check_backends(opts: UpOptions) -> tuple[str, ...]:
@@ -223,7 +286,9 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
     try:
         backends = bool(opts.backend_urls)
         backend_models = check_backends(opts) if backends else ()
-        models = [] if backends else [resolve_model(ref) for ref in opts.models]
+        # Only the model this node serves itself must resolve here; the rest seed.
+        refs = [] if backends else opts.models
+        models = [resolve_model(ref) if i == 0 else seed_model(ref) for i, ref in enumerate(refs)]
         if not models and not opts.join and not opts.client and not backends:
             models = [demo_model()]
         if opts.client and models:
@@ -239,6 +304,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
                 f"--llama-arg {reserved[0]} is not allowed: the node tells llama-server which "
                 "model to load (name it with --model, which the mesh announces)"
             )
+        keys, console_key = api_keys(opts)
         if opts.client and not opts.join:
             raise UpError("a lite client needs a mesh to join: pass --join TOKEN")
         try:
@@ -267,7 +333,8 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         run_dir=str(home.run_dir),
         node_id=node_id_of(key),
         # The tokens themselves (not @FILE): the Gossiper dials their addresses.
-        options=dataclasses.replace(opts, join=[encode_token(t) for t in tokens]),
+        # The keys as digests (`api_keys`), never as given: every actor gets the options.
+        options=dataclasses.replace(opts, join=[encode_token(t) for t in tokens], api_keys=[]),
         models=tuple(models),
         available=available,
         models_dir=str(models_dir()),
@@ -283,6 +350,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         gossip_port=gossip_port,
         tunnel_port=tunnel_sock.getsockname()[1],
         backend_models=backend_models,
+        api_keys=keys,
     )
     resources: dict[str, dict[str, Any]] = {
         "proxy": {"socket": sock},
@@ -290,6 +358,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         # announcements with it (a process takes bytes, not key objects).
         "gossiper": {"socket": gossip_sock, "key": key_to_pem(key)},
         "tunnel": {"socket": tunnel_sock, "key": key_to_pem(key)},
+        "console": {"api_key": console_key},
     }
     return config, resources, token, lock_fd
 
@@ -316,6 +385,11 @@ def run(opts: UpOptions) -> int:
         config.http_port,
     )
     log.info("mesh endpoint on %s:%s", config.advertise_host, config.gossip_port)
+    if config.api_keys:
+        names = [k.name for k in config.api_keys]
+        log.info("the OpenAI API requires a key: %s", ", ".join(names))
+    elif not is_loopback_address(config.http_host):
+        log.warning("--insecure: anyone who reaches port %s can use the mesh", config.http_port)
     if not opts.join:
         # The first node of a mesh prints its invitation; `meshllm ctl token` repeats it.
         print(

@@ -182,6 +182,27 @@ def test_rule1_on_disk_then_capacity_to_the_least_served(
     wait_listing(s, {A: {ids["s"], ids["x"]}, B: {ids["j1"], ids["j2"]}})
 
 
+def test_a_model_seeded_by_name_only_is_taken_by_a_node_that_has_it(
+    start_node: StartNode, models: Models, tmp_path: Path
+) -> None:
+    """`--model A --model C` where C is nowhere the seed can find it: the seed still starts,
+    warns, and requests C; a node with C on its disk takes it by rule 1."""
+    c = "meshllm-demo-c"
+    s = seed(start_node, models, models_dir(tmp_path, "seed"), "--model", c)
+    assert f"--model {c} is seeded by name only" in s.log()
+    assert_cold(s, c)
+    assert me(s)["requested_models"] == [A, c]
+    held = tmp_path / "held"
+    held.mkdir()
+    shutil.copy(models.b, held / f"{c}.gguf")
+    j = start_node(
+        "--join", token_of(s), *SERVING, name="j", env=models_dir(tmp_path, "j", held / f"{c}.gguf")
+    )
+    wait_listing(s, {A: {node_id(s)}, c: {node_id(j)}})
+    assert decisions(j)[-1] == (c, "unserved-on-disk")
+    assert chat(s.port, c, max_tokens=4)["choices"][0]["finish_reason"] == "length"
+
+
 # -- rule 2: a download from the seed's URL --------------------------------------------
 
 

@@ -16,6 +16,7 @@ import meshllm.cli
 import meshllm.runtime.logs
 import meshllm.up
 from meshllm.cli import main
+from meshllm.http.auth import digest_of
 from meshllm.mesh.token import InviteToken, decode_token, encode_token, new_secret, token_text
 from meshllm.models.demo import DEMO_MODEL_NAME
 from meshllm.runtime import messages as m
@@ -196,6 +197,29 @@ def test_up_missing_model_errors_clearly(tmp_path: Path) -> None:
     result = invoke("up", "--model", str(tmp_path / "nope.gguf"), "--home", str(tmp_path / "h"))
     assert result.exit_code == 1, result.output
     assert "not found" in result.output and "nope.gguf" in result.output
+
+
+def test_a_seeded_model_may_be_a_name_this_node_cannot_resolve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MESHLLM_MODELS_DIR", str(tmp_path / "models"))
+    with caplog.at_level("WARNING", "meshllm.up"):
+        spec = meshllm.up.seed_model("nowhere-model.gguf")
+    assert spec == m.ModelSpec(name="nowhere-model")  # requested by name: no path, no source
+    assert "seeded by name only" in caplog.text and "nowhere-model" in caplog.text
+    found = tmp_path / "models" / "here.gguf"
+    found.parent.mkdir()
+    found.write_bytes(b"GGUF")
+    assert meshllm.up.seed_model("here").path == str(found)  # resolved when it can be
+
+
+@pytest.mark.parametrize("ref", ["/no/such/dir/x.gguf", "sub/x.gguf", ".hidden", "https://h/x.txt"])
+def test_a_seeded_model_that_cannot_name_a_model_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ref: str
+) -> None:
+    monkeypatch.setenv("MESHLLM_MODELS_DIR", str(tmp_path / "models"))
+    with pytest.raises(meshllm.up.UpError):
+        meshllm.up.seed_model(ref)
 
 
 @pytest.mark.parametrize(
@@ -424,3 +448,73 @@ def test_up_with_backends_refuses_what_cannot_go_with_them(
     )
     assert result.exit_code == 1, result.output
     assert says in result.output and "Traceback" not in result.output
+
+
+# -- --api-key ------------------------------------------------------------------------
+
+KEY = "sk-alice-0123456789"
+
+
+def test_api_keys_come_from_flags_files_and_the_environment(
+    captured_up: list[UpOptions], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert invoke("up", "--api-key", KEY, "--api-key", "@f", "--key-rpm", "60").exit_code == 0
+    assert captured_up[-1].api_keys == [KEY, "@f"] and captured_up[-1].key_rpm == 60
+    monkeypatch.setenv("MESHLLM_API_KEYS", f"alice:{KEY} @{tmp_path / 'keys'}")
+    assert invoke("up").exit_code == 0
+    assert captured_up[-1].api_keys == [f"alice:{KEY}", f"@{tmp_path / 'keys'}"]
+    assert "MESHLLM_API_KEYS" not in os.environ  # read, and not inherited by llama-server
+
+
+def test_up_keeps_only_the_keys_digests(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"bob:{KEY}-b:rpm=5\n")
+    opts = UpOptions(api_keys=[f"alice:{KEY}", f"@{path}"], key_rpm=60, console_port=3131)
+    keys, console_key = meshllm.up.api_keys(opts)
+    assert [(k.name, k.rpm) for k in keys] == [("alice", 60), ("bob", 5), ("console", 0)]
+    assert len(console_key) >= 32 and keys[-1].digest == digest_of(console_key)
+    assert KEY not in repr(keys)
+    keys, console_key = meshllm.up.api_keys(dataclasses.replace(opts, console_port=0))
+    assert [k.name for k in keys] == ["alice", "bob"] and console_key == ""
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        ({"listen": "0.0.0.0"}, "--listen 0.0.0.0 opens the OpenAI API beyond this machine"),
+        ({"listen": "192.0.2.7"}, "or pass --insecure"),
+        ({"key_rpm": 5}, "--key-rpm limits each --api-key"),
+        ({"api_keys": ["tiny"]}, "--api-key #1: a key is 8 to 512"),
+        ({"api_keys": [f"console:{KEY}"]}, "the console's"),
+        ({"api_keys": [KEY], "llama_args": ["--api-key", "x"]}, "cannot go with --api-key"),
+        ({"api_keys": [KEY], "llama_args": ["--api-key-file=f"]}, "cannot go with --api-key"),
+    ],
+)
+def test_up_refuses_keys_given_wrongly_and_an_open_endpoint(
+    given: dict[str, object], why: str
+) -> None:
+    with pytest.raises(meshllm.up.UpError, match=why) as info:
+        meshllm.up.api_keys(UpOptions(**given))  # type: ignore[arg-type]
+    assert "tiny" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"listen": "0.0.0.0", "insecure": True},
+        {"listen": "0.0.0.0", "api_keys": [KEY]},
+        {"listen": "127.0.0.2"},
+        {"listen": "::1"},
+        {"api_keys": [KEY], "llama_args": ["-c", "4096"]},
+    ],
+)
+def test_up_accepts(given: dict[str, object]) -> None:
+    meshllm.up.api_keys(UpOptions(**given))  # type: ignore[arg-type]
+
+
+def test_up_beyond_loopback_without_a_key_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    result = invoke("up", "--listen", "0.0.0.0", "--home", str(tmp_path / "h"))
+    assert result.exit_code == 1, result.output
+    assert "--insecure" in result.output and "Traceback" not in result.output

@@ -79,8 +79,12 @@ class ConsoleApp:
         max_body_bytes: int = 16 * 1024 * 1024,
         loopback_only: bool = True,
         cors_origins: tuple[str, ...] | list[str] = (),
+        api_key: str = "",
     ) -> None:
         self.assets = load_assets()
+        self.api_key = api_key
+        """The console's own key to the API (`meshllm up --api-key` with `--console`):
+        sent for the page when it sends none itself (empty: the API needs no key)."""
         self.cors = Policy(cors_origins)
         self.upstream = Pool(api_host, api_port)
         self.max_body_bytes = max_body_bytes
@@ -201,6 +205,9 @@ class ConsoleApp:
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode("latin-1")
         headers = [(k, v) for k, v in scope["headers"] if k in FORWARDED_HEADERS]
+        if self.api_key and not any(k == b"authorization" for k, _ in headers):
+            # The console is loopback only and the node owner's: its page needs no key.
+            headers.append((b"authorization", f"Bearer {self.api_key}".encode()))
         # A browser that goes away (the page's Stop button, a closed tab) closes the
         # upstream connection, which makes the Proxy stop the generation too.
         await forward_until_disconnect(

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
+from meshllm.http.auth import OPEN_PATHS, Allowed, ApiKey, KeyRing, Limited, UsageScanner
 from meshllm.http.balance import (
     FAILOVER_STATUSES,
     MAX_IN_FLIGHT,
@@ -262,6 +263,20 @@ async def browser_request(scope: Scope, send: Send, policy: Policy) -> Send | No
     return send_cors
 
 
+def _counting_tokens(send: Send, keys: KeyRing, name: str) -> Send:
+    """`send`, spending the tokens its answer used from key `name`'s budget as it ends."""
+    scanner = UsageScanner()
+
+    async def counting(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            scanner.feed(message.get("body", b""))
+            if not message.get("more_body", False):
+                keys.spent(name, scanner.tokens(), time.monotonic())
+        await send(message)
+
+    return counting
+
+
 class _Raw:
     """Marks a handler as a plain ASGI app (Starlette would wrap a bare function)."""
 
@@ -346,6 +361,7 @@ class ProxyApp:
         affinity: bool = True,
         stall_s: float = STALL_S,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
+        api_keys: Sequence[ApiKey] = (),
     ) -> None:
         self.max_body_bytes = max_body_bytes
         self.loopback_only = loopback_only
@@ -354,6 +370,9 @@ class ProxyApp:
         endpoint: see `trusted_host`."""
         self.cors = Policy(cors_origins)
         self.strict_models = strict_models
+        self.keys = KeyRing(api_keys)
+        """`--api-key`: when any is given, every request but `OPEN_PATHS` needs one, and
+        no credential of the client's goes on to a server (the node checked it)."""
         self.remote = remote
         self.pools = PoolMap()
         self.routes = Routes(RouteTable(), strict_models)
@@ -415,12 +434,38 @@ class ProxyApp:
             if answer is None:
                 return
             send = answer
+        # After the browser checks: a CORS preflight carries no key, and a 401 to an
+        # allowed origin gets its CORS headers (so the page can read it).
+        if self.keys and scope["path"] not in OPEN_PATHS:
+            answer = await self.authorise(scope, send)
+            if answer is None:
+                return
+            send = answer
         # The forwarded endpoints skip Starlette's middleware and router (about 10% of
         # the proxy's CPU per request); every other request goes through Starlette.
         if kind_of(scope["method"], scope["path"]) is not None:
             await self.forward(scope, receive, send)
             return
         await self.app(scope, receive, send)  # type: ignore[arg-type]
+
+    async def authorise(self, scope: Scope, send: Send) -> Send | None:
+        """The `send` to answer a request whose key lets it on (`--api-key`), or None
+        once it was answered 401 or 429. The key's name goes into the scope
+        (`meshllm.api_key`); a key with a tokens-per-minute limit gets a `send` that
+        counts the tokens of the answer."""
+        verdict = self.keys.check(scope["headers"], time.monotonic())
+        if isinstance(verdict, Allowed):
+            scope["meshllm.api_key"] = verdict.name
+            if not self.keys.counts_tokens(verdict.name):
+                return send
+            return _counting_tokens(send, self.keys, verdict.name)
+        if isinstance(verdict, Limited):
+            await send_error(
+                send, 429, verdict.message, "rate_limit_exceeded", verdict.retry_after_s
+            )
+        else:
+            await send_error(send, 401, verdict.message, verdict.code)
+        return None
 
     def trusted_host(self, headers: list[tuple[bytes, bytes]]) -> bool:
         """Bound beyond loopback: a browser's request names this machine in `Host`, or
@@ -487,6 +532,9 @@ class ProxyApp:
             )
             return
         headers = request_headers(scope["headers"])
+        if self.keys:
+            # The node's key was for the node: llama-server never sees it.
+            headers = without_credentials(headers)
         if (
             len(headers) > MAX_HEADERS
             or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES

@@ -396,7 +396,8 @@ class ResolvedModel:
 _LOCAL_SOURCES = ("path", "models_dir")
 
 
-def _model_name(file_name: str) -> str:
+def model_name(file_name: str) -> str:
+    """The name clients use for a GGUF file: its name without `.gguf`."""
     return file_name[: -len(".gguf")] if file_name.lower().endswith(".gguf") else file_name
 
 
@@ -432,7 +433,7 @@ def resolve_model(
     if as_path.is_file():
         resolved = as_path.resolve()
         return ResolvedModel(
-            name=_model_name(resolved.name),
+            name=model_name(resolved.name),
             path=resolved,
             source="path",
             entry=find_entry(resolved.name),
@@ -447,7 +448,7 @@ def resolve_model(
         for candidate in candidates:
             if candidate.is_file():
                 return ResolvedModel(
-                    name=_model_name(candidate.name),
+                    name=model_name(candidate.name),
                     path=candidate,
                     source="models_dir",
                     entry=find_entry(candidate.name),
@@ -494,7 +495,7 @@ def _hf_model(repo: str, file: str, directory: Path, *, source: str, url: str) -
         raise ModelNotFound(f"{file!r} is not a file name that is safe in the models directory")
     entry = next((e for e in CATALOG if e.repo == repo and e.file == file), None)
     return ResolvedModel(
-        name=_model_name(file_name),
+        name=model_name(file_name),
         path=directory / file_name,
         source=source,
         url=url,
@@ -541,7 +542,7 @@ def _from_url(ref: str, directory: Path) -> ResolvedModel:
             repo_id, file, directory, source="huggingface", url=hf_url(repo_id, file, revision)
         )
     return ResolvedModel(
-        name=_model_name(file_name),
+        name=model_name(file_name),
         path=directory / file_name,
         source="url",
         url=urlunsplit(split._replace(fragment="")),

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from meshllm.http.auth import ApiKey
 from meshllm.http.balance import MAX_IN_FLIGHT, MAX_QUEUED, QUEUE_WAIT_S, STALL_S
 from meshllm.http.origin import check_origins
 from meshllm.mesh import health
@@ -86,7 +87,9 @@ class UpOptions:
         "--model",
         "GGUF path, file name in the models directory, catalog name, Hugging Face "
         "owner/repo/file.gguf or URL (downloaded when not on disk). Repeat to seed the mesh "
-        "catalog: the first is served here. Default (no --join): the built-in demo model.",
+        "catalog: the first is served here; a later one this node cannot resolve is seeded by "
+        "name (a node that has it on disk takes it). Default (no --join): the built-in demo "
+        "model.",
         metavar="MODEL",
     )
     join: list[str] = option(  # noqa: RUF009
@@ -118,7 +121,45 @@ class UpOptions:
         shown_default=str(DEFAULT_HOME),
     )
     port: int = option(9337, "--port", "Port of the OpenAI API.", check=_port)
-    listen: str = option("127.0.0.1", "--listen", "Address the OpenAI API binds to.")
+    listen: str = option(
+        "127.0.0.1",
+        "--listen",
+        "Address the OpenAI API binds to. Beyond loopback it needs --api-key (or --insecure).",
+    )
+    api_keys: list[str] = option(  # noqa: RUF009
+        [],
+        "--api-key",
+        "Key the OpenAI API requires, as 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
+        "(401 without; /health stays open). Repeat for several; NAME:KEY names one, "
+        "NAME:KEY:rpm=N,tpm=M limits it to N requests and M tokens per minute (429 with "
+        "Retry-After past them). "
+        "@FILE reads keys from FILE, one a line, which keeps them out of the process list "
+        "(e.g. --api-key @~/.meshllm-keys); MESHLLM_API_KEYS holds keys or @FILE too, "
+        "separated by spaces.",
+        metavar="KEY|@FILE",
+        envvar="MESHLLM_API_KEYS",
+    )
+    key_rpm: int = option(
+        0,
+        "--key-rpm",
+        "Requests per minute each --api-key allows unless it sets its own rpm=N; 0: no limit.",
+        metavar="N",
+        check=_not_negative,
+    )
+    key_tpm: int = option(
+        0,
+        "--key-tpm",
+        "Tokens (prompt and completion) per minute each --api-key allows unless it sets its "
+        "own tpm=N; 0: no limit. An answer's tokens are counted once it has gone out.",
+        metavar="N",
+        check=_not_negative,
+    )
+    insecure: bool = option(
+        False,
+        "--insecure",
+        "Let the OpenAI API listen beyond loopback (--listen) without any --api-key: anyone "
+        "who reaches the port can use the mesh.",
+    )
     console_port: int = option(
         0,
         "--console",
@@ -328,6 +369,9 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     gossip_port: int = 0
     tunnel_port: int = 0
     console_host: str = "127.0.0.1"
+    api_keys: tuple[ApiKey, ...] = ()
+    """The keys the OpenAI API requires (`--api-key`, digests only; the console's own
+    among them when both are on); empty: none."""
     backend_models: tuple[str, ...] = ()
     """The `--model` names of a node with `--backend-url`: what its backends serve
     (nothing is resolved on disk for them; `models` is empty)."""
