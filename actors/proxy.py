@@ -21,7 +21,12 @@ from meshllm.tunnel.hop import remote_via_tunnel
 
 class Proxy(Actor):
     name = "proxy"
-    subscriptions = {"router": ["routes"]}
+    subscriptions = {
+        "router": ["routes"],
+        # only for `/metrics`: peers alive, the local llama-server's restarts and state
+        "gossiper": ["mesh"],
+        "server_supervisor": ["local"],
+    }
 
     async def on_start(self) -> None:
         self.app = ProxyApp(
@@ -58,6 +63,10 @@ class Proxy(Actor):
     async def on_topic(self, topic: str, msg: m.Message) -> None:
         if isinstance(msg, m.RouteTable) and msg != self.app.routes.table:
             self.app.set_table(msg)
+        elif isinstance(msg, m.MeshView):
+            self.app.metrics.node.mesh = msg
+        elif isinstance(msg, m.LocalServerState):
+            self.app.metrics.node.local = msg
 
     async def on_stop(self) -> None:
         self.server.should_exit = True
