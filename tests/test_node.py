@@ -361,6 +361,37 @@ def test_models_and_health(shared: Shared) -> None:
     assert json.loads(data) == {"status": "ok", "models": [MODEL]}
 
 
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The node's `GET /metrics`, parsed: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, data = http(port, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain"), data[:300]
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(data.decode())
+        for s in family.samples
+    }
+
+
+def test_metrics_count_requests_and_tokens(shared: Shared) -> None:
+    def counted(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> list[float]:
+        model = frozenset({("model", MODEL)})
+        return [
+            samples.get(("meshllm_completion_tokens_total", model), 0.0),
+            samples.get(("meshllm_request_duration_seconds_count", model), 0.0),
+        ]
+
+    before = counted(scrape(shared.port))
+    assert post_json(shared.port, "/v1/chat/completions", chat_body())[0] == 200
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    stream_summary(sse_events(shared.port, "/v1/chat/completions", body), "delta")
+    after = scrape(shared.port)
+    assert [b - a for a, b in zip(before, counted(after), strict=True)] == [96, 2]
+    assert after[("meshllm_in_flight", frozenset({("model", MODEL)}))] == 0
+    assert after[("meshllm_server_state", frozenset({("model", MODEL), ("state", "ready")}))] == 1
+
+
 def test_openai_sdk(shared: Shared) -> None:
     import openai
     from openai.types.chat import ChatCompletionMessageParam
@@ -668,6 +699,8 @@ def test_kill_llama_server_recovers(node: NodeProcess) -> None:
 
     new = wait_for(recovered, 30, "a new llama-server to be ready")
     assert new["restarts"] >= 1
+    restarts = ("meshllm_server_restarts_total", frozenset())
+    wait_for(lambda: scrape(node.port).get(restarts, 0) >= 1, 10, "the restart in /metrics")
     wait_for(lambda: http(node.port, "GET", "/health", timeout=5)[0] == 200, 10, "health")
     assert_serves(node.port)
     assert not alive(old["pid"])
