@@ -70,6 +70,10 @@ def test_usage_of_a_json_body_and_of_a_stream() -> None:
     assert usage_of(stream, whole=False) == (11, 7)
     assert usage_of(b'data: {"choices":[]}\n\ndata: [DONE]\n\n', whole=False) is None
     assert usage_of(b'event: message_delta\ndata: {"usage":{"output_tokens":9}}\n\n') == (0, 9)
+    # No usage asked for: llama-server's timings in the stream's last event.
+    timings = b'data: {"choices":[],"timings":{"prompt_n":5,"predicted_n":6}}\n\n'
+    assert usage_of(timings + b"data: [DONE]\n\n", whole=False) == (5, 6)
+    assert usage_of(stream.replace(b"data: [DONE]", timings), whole=False) == (11, 7)
     # A body cut at its front is not read as JSON, only as events.
     assert usage_of(b'{"id":"x",' + USAGE + b"}", whole=False) is None
 

@@ -8,9 +8,9 @@ llama-server's restarts) arrives as the bus messages the Proxy subscribes to
 (`NodeMetrics`). Label values are route names and node ids, never a client's
 text: an unknown model is not counted under its own name.
 
-Tokens come from llama-server's `usage` (`usage_of`): a JSON body's, or a
-stream's last data event that carries one, read from at most `TAIL_BYTES` of
-the body's end once the response is over.
+Tokens come from llama-server's `usage` (`usage_of`), else its `timings`: a JSON
+body's, or a stream's last data event that carries one, read from at most
+`TAIL_BYTES` of the body's end once the response is over.
 """
 
 from __future__ import annotations
@@ -155,8 +155,17 @@ class _Usage(msgspec.Struct):
     output_tokens: int = 0
 
 
+class _Timings(msgspec.Struct):
+    """llama-server's own counts, in a stream's last event even when the client did not
+    ask for `usage` (`stream_options.include_usage`)."""
+
+    prompt_n: int = 0
+    predicted_n: int = 0
+
+
 class _WithUsage(msgspec.Struct):
     usage: _Usage | None = None
+    timings: _Timings | None = None
 
 
 _usage = msgspec.json.Decoder(_WithUsage)
@@ -190,17 +199,22 @@ class BodyTail:
 
 
 def usage_of(data: bytes, whole: bool = True) -> tuple[int, int] | None:
-    """The (prompt, completion) tokens of a response body's `usage`: a JSON object's
-    (when `whole`: the body is complete), else the last data event of a stream that
-    carries one (among its last `USAGE_EVENTS` that mention it). None: none found."""
+    """The (prompt, completion) tokens of a response body's `usage` (else llama-server's
+    `timings`): a JSON object's (when `whole`: the body is complete), else the last
+    data event of a stream that carries one (among its last `USAGE_EVENTS` that
+    mention it). None: none found."""
     if whole and data[:1] == b"{":
         try:
-            return _tokens(_usage.decode(data).usage)
+            return _tokens(_usage.decode(data))
         except (msgspec.DecodeError, RecursionError):
             return None
+    return _event_tokens(data, b'"usage"') or _event_tokens(data, b'"timings"')
+
+
+def _event_tokens(data: bytes, key: bytes) -> tuple[int, int] | None:
     end = len(data)
     for _ in range(USAGE_EVENTS):
-        at = data.rfind(b'"usage"', 0, end)
+        at = data.rfind(key, 0, end)
         if at < 0:
             return None
         start = data.rfind(b"data:", 0, at)
@@ -217,15 +231,16 @@ def usage_of(data: bytes, whole: bool = True) -> tuple[int, int] | None:
     return None
 
 
-def _tokens(usage: _Usage | _WithUsage | None) -> tuple[int, int] | None:
-    if isinstance(usage, _WithUsage):
-        usage = usage.usage
-    if usage is None:
-        return None
-    return (
-        usage.prompt_tokens or usage.input_tokens,
-        usage.completion_tokens or usage.output_tokens,
-    )
+def _tokens(body: _WithUsage) -> tuple[int, int] | None:
+    usage, timings = body.usage, body.timings
+    if usage is not None:
+        return (
+            usage.prompt_tokens or usage.input_tokens,
+            usage.completion_tokens or usage.output_tokens,
+        )
+    if timings is not None:
+        return timings.prompt_n, timings.predicted_n
+    return None
 
 
 class MetricsCollector(Collector):
