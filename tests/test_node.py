@@ -385,7 +385,8 @@ def test_metrics_count_requests_and_tokens(shared: Shared) -> None:
     before = counted(scrape(shared.port))
     assert post_json(shared.port, "/v1/chat/completions", chat_body())[0] == 200
     # streamed: with usage asked for, and without (llama-server's timings then)
-    for extra in ({"stream_options": {"include_usage": True}}, {}):
+    usage: dict[str, Any] = {"stream_options": {"include_usage": True}}
+    for extra in (usage, {}):
         body = chat_body(stream=True, **extra)
         stream_summary(sse_events(shared.port, "/v1/chat/completions", body), "delta")
 
@@ -707,7 +708,10 @@ def test_kill_llama_server_recovers(node: NodeProcess) -> None:
 
     new = wait_for(recovered, 30, "a new llama-server to be ready")
     assert new["restarts"] >= 1
-    restarts = ("meshllm_server_restarts_total", frozenset())
+    restarts: tuple[str, frozenset[tuple[str, str]]] = (
+        "meshllm_server_restarts_total",
+        frozenset(),
+    )
     wait_for(lambda: scrape(node.port).get(restarts, 0) >= 1, 10, "the restart in /metrics")
     wait_for(lambda: http(node.port, "GET", "/health", timeout=5)[0] == 200, 10, "health")
     assert_serves(node.port)
