@@ -23,8 +23,10 @@ class Proxy(Actor):
     name = "proxy"
     subscriptions = {
         "router": ["routes"],
-        # only for `/metrics`: peers alive, the local llama-server's restarts and state
+        # only for `/metrics`: peers alive and their round trips, the local
+        # llama-server's restarts and state
         "gossiper": ["mesh"],
+        "health_prober": ["rtt"],
         "server_supervisor": ["local"],
     }
 
@@ -67,6 +69,8 @@ class Proxy(Actor):
             self.app.metrics.node.mesh = msg
         elif isinstance(msg, m.LocalServerState):
             self.app.metrics.node.local = msg
+        elif isinstance(msg, m.PeerRtts):
+            self.app.metrics.node.rtts = msg
 
     async def on_stop(self) -> None:
         self.server.should_exit = True

@@ -17,7 +17,14 @@ from meshllm.http.metrics import (
     RequestMetrics,
     usage_of,
 )
-from meshllm.runtime.messages import LocalServerState, MeshView, ModelRoute, RouteTable, RouteTarget
+from meshllm.runtime.messages import (
+    LocalServerState,
+    MeshView,
+    ModelRoute,
+    PeerRtts,
+    RouteTable,
+    RouteTarget,
+)
 from tests.test_proxy_app import (
     CHAT,
     CHAT_BODY,
@@ -112,6 +119,7 @@ def test_scrape_shows_the_bookkeeping() -> None:
     r.retried("m")
     metrics.node.mesh = MeshView("me")
     metrics.node.local = LocalServerState(model="m", state="ready", restarts=3)
+    metrics.node.rtts = PeerRtts({"peer1": 2.5})
     s = parse(metrics.render().decode())
     assert value(s, "meshllm_requests_total", model="m", node="n1", status="200", key="") == 2
     assert value(s, "meshllm_requests_total", model="m", node="", status="429", key="") == 1
@@ -127,6 +135,7 @@ def test_scrape_shows_the_bookkeeping() -> None:
     assert value(s, "meshllm_queued", model="m") == 1
     assert value(s, "meshllm_peers_alive") == 0
     assert value(s, "meshllm_server_restarts_total") == 3
+    assert value(s, "meshllm_peer_rtt_seconds", peer="peer1") == 0.0025
     assert value(s, "meshllm_server_state", model="m", state="ready") == 1
 
 

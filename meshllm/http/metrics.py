@@ -31,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from meshllm.runtime.messages import LocalServerState, MeshView
+from meshllm.runtime.messages import LocalServerState, MeshView, PeerRtts
 
 __all__ = ["CONTENT_TYPE_LATEST"]
 
@@ -145,6 +145,7 @@ class NodeMetrics:
     def __init__(self) -> None:
         self.mesh: MeshView | None = None
         self.local: LocalServerState | None = None
+        self.rtts: PeerRtts | None = None
 
 
 class _Usage(msgspec.Struct):
@@ -329,6 +330,15 @@ class MetricsCollector(Collector):
             )
             peers.add_metric([], len(mesh.peers))
             yield peers
+        if self.node.rtts is not None:
+            rtt = GaugeMetricFamily(
+                "meshllm_peer_rtt_seconds",
+                "Round-trip time of the health probes to each peer (smoothed)",
+                labels=["peer"],
+            )
+            for peer, ms in self.node.rtts.rtt_ms.items():
+                rtt.add_metric([peer], ms / 1000)
+            yield rtt
         if local is not None:
             restarts = CounterMetricFamily(
                 "meshllm_server_restarts",
