@@ -21,7 +21,14 @@ from meshllm.tunnel.hop import remote_via_tunnel
 
 class Proxy(Actor):
     name = "proxy"
-    subscriptions = {"router": ["routes"]}
+    subscriptions = {
+        "router": ["routes"],
+        # only for `/metrics`: peers alive and their round trips, the local
+        # llama-server's restarts and state
+        "gossiper": ["mesh"],
+        "health_prober": ["rtt"],
+        "server_supervisor": ["local"],
+    }
 
     async def on_start(self) -> None:
         self.app = ProxyApp(
@@ -59,6 +66,12 @@ class Proxy(Actor):
     async def on_topic(self, topic: str, msg: m.Message) -> None:
         if isinstance(msg, m.RouteTable) and msg != self.app.routes.table:
             self.app.set_table(msg)
+        elif isinstance(msg, m.MeshView):
+            self.app.metrics.node.mesh = msg
+        elif isinstance(msg, m.LocalServerState):
+            self.app.metrics.node.local = msg
+        elif isinstance(msg, m.PeerRtts):
+            self.app.metrics.node.rtts = msg
 
     async def on_stop(self) -> None:
         self.server.should_exit = True

@@ -80,6 +80,24 @@ def http(
         conn.close()
 
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+"""A Prometheus scrape: (sample name, labels) -> value."""
+
+
+def scrape_metrics(port: int) -> Samples:
+    """A node's `GET /metrics` (`meshllm.http.metrics`), parsed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, data = http(port, "GET", "/metrics")
+    if status != 200 or not headers.get("content-type", "").startswith("text/plain"):
+        raise NodeError(f"/metrics answered {status}: {data[:300]!r}")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(data.decode())
+        for s in family.samples
+    }
+
+
 def chat(port: int, model: str, content: str = "hello", max_tokens: int = 16, **extra: Any) -> Any:
     """A deterministic (temperature 0) chat completion that must answer 200."""
     status, _, body = http(

@@ -519,6 +519,34 @@ def test_v1_is_passed_through_streaming() -> None:
     run(main())
 
 
+def test_api_metrics_is_the_nodes_metrics() -> None:
+    """`/api/metrics` (the page's live charts) is the node's `GET /metrics`, and only that."""
+
+    async def main() -> None:
+        seen: list[bytes] = []
+
+        async def api(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append(await reader.readuntil(b"\r\n\r\n"))
+            body = b'meshllm_requests_total{model="m"} 1.0\n'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(api, "127.0.0.1", 0)
+        app = ConsoleApp("127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            call = Exchange(app, "GET", "/api/metrics?model=x")
+            status, _ = await call.start()
+            assert status == 200
+            assert await call.rest() == b'meshllm_requests_total{model="m"} 1.0\n'
+            assert seen[0].startswith(b"GET /metrics HTTP/1.1\r\n")  # no query passed on
+        finally:
+            app.close_upstream()
+            server.close()
+
+    run(main())
+
+
 # -- the page, in Chromium, against a real two-node mesh -----------------------------
 
 
@@ -678,6 +706,11 @@ def test_console_in_a_browser(
         page.fill("#prompt", "How is the mesh?")
         page.press("#prompt", "Enter")
         expect(page.locator(".msg.assistant").last).to_have_attribute("data-state", "done")
+        # Traffic: a row with its two live charts for each model the chats went to
+        # (the page reads the node's /metrics every 2 s).
+        for model in (first_name, second_name):
+            row = page.locator(f'#traffic .traffic-row[data-model="{model}"]')
+            expect(row.locator("svg.spark")).to_have_count(2)
         if SCREENSHOT:
             page.screenshot(path=SCREENSHOT)
 

@@ -30,7 +30,15 @@ import pytest
 
 from meshllm.mesh.token import InviteToken, decode_token, encode_token, mesh_id_of, new_secret
 from meshllm.runtime.procutil import kill_tree
-from meshllm.testing import NodeProcess, http, mesh_models, served_count, token_of, wait_for
+from meshllm.testing import (
+    NodeProcess,
+    http,
+    mesh_models,
+    scrape_metrics,
+    served_count,
+    token_of,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -269,6 +277,14 @@ def test_membership_is_transitive(mesh: Mesh) -> None:
         return status
 
     status = wait_for(everyone_knows_everyone, 10, "every node to list every other as a peer")
+
+    # /metrics counts the same peers (its Proxy hears the gossiper's view too).
+    def metrics_agree() -> bool:
+        alive = ("meshllm_peers_alive", frozenset[tuple[str, str]]())
+        counts = [scrape_metrics(mesh.port(name)).get(alive) for name in mesh.nodes]
+        return counts == [len(everyone) - 1] * len(mesh.nodes)
+
+    wait_for(metrics_agree, 10, "every node's /metrics to count its peers")
     roles = {p["node_id"]: p["role"] for p in status["A"]["peers"]}
     assert roles[client_id] == "client" and roles[mesh.ids["C"]] == "host"
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from meshllm.runtime.procutil import descendants as children_of
-from meshllm.testing import NodeProcess, alive, http, wait_for
+from meshllm.testing import NodeProcess, Samples, alive, http, scrape_metrics, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -361,6 +361,33 @@ def test_models_and_health(shared: Shared) -> None:
     assert json.loads(data) == {"status": "ok", "models": [MODEL]}
 
 
+def test_metrics_count_requests_and_tokens(shared: Shared) -> None:
+    def counted(samples: Samples) -> list[float]:
+        model = frozenset({("model", MODEL)})
+        return [
+            samples.get(("meshllm_completion_tokens_total", model), 0.0),
+            samples.get(("meshllm_request_duration_seconds_count", model), 0.0),
+        ]
+
+    before = counted(scrape_metrics(shared.port))
+    assert post_json(shared.port, "/v1/chat/completions", chat_body())[0] == 200
+    # streamed: with usage asked for, and without (llama-server's timings then)
+    usage: dict[str, Any] = {"stream_options": {"include_usage": True}}
+    for extra in (usage, {}):
+        body = chat_body(stream=True, **extra)
+        stream_summary(sse_events(shared.port, "/v1/chat/completions", body), "delta")
+
+    # A stream's client may see its last event before the node has the upstream's end.
+    def all_three() -> Samples | None:
+        samples = scrape_metrics(shared.port)
+        return samples if counted(samples)[1] - before[1] >= 3 else None
+
+    after = wait_for(all_three, 10, "the three requests in /metrics")
+    assert [b - a for a, b in zip(before, counted(after), strict=True)] == [3 * 48, 3]
+    assert after[("meshllm_in_flight", frozenset({("model", MODEL)}))] == 0
+    assert after[("meshllm_server_state", frozenset({("model", MODEL), ("state", "ready")}))] == 1
+
+
 def test_openai_sdk(shared: Shared) -> None:
     import openai
     from openai.types.chat import ChatCompletionMessageParam
@@ -668,6 +695,11 @@ def test_kill_llama_server_recovers(node: NodeProcess) -> None:
 
     new = wait_for(recovered, 30, "a new llama-server to be ready")
     assert new["restarts"] >= 1
+    restarts: tuple[str, frozenset[tuple[str, str]]] = (
+        "meshllm_server_restarts_total",
+        frozenset(),
+    )
+    wait_for(lambda: scrape_metrics(node.port).get(restarts, 0) >= 1, 10, "the restart in /metrics")
     wait_for(lambda: http(node.port, "GET", "/health", timeout=5)[0] == 200, 10, "health")
     assert_serves(node.port)
     assert not alive(old["pid"])

@@ -210,3 +210,25 @@ def test_the_console_calls_a_keyed_api_with_its_own_key() -> None:
                     bare.close_upstream()
 
     run(main())
+
+
+def test_requests_are_counted_by_the_name_of_their_key() -> None:
+    from tests.test_metrics import parse
+
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, api_keys=KEYS)
+            for _ in range(2):
+                assert (
+                    await complete(call(app, CHAT, CHAT_BODY, headers=bearer(KEY)))
+                ).status == 200
+            scrape = await complete(call(app, "/metrics", method="GET", headers=bearer(KEY)))
+            samples = parse(scrape.body.decode())
+            counted = {
+                dict(labels)["key"]: value
+                for (name, labels), value in samples.items()
+                if name == "meshllm_requests_total"
+            }
+            assert counted == {"alice": 2.0}  # the name, never the key itself
+
+    run(main())

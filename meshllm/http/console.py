@@ -3,7 +3,8 @@
 Serves the page and its assets (shipped in `meshllm/console/`, no build step),
 the mesh status as JSON (`/api/status`), the same status as a live stream of
 server-sent events (`/api/events`), and a same-origin pass-through of the
-node's own OpenAI API (`/v1/*`), so the page's chat needs no CORS.
+node's own OpenAI API (`/v1/*`) and metrics (`/api/metrics`), so the page's
+chat and its live charts need no CORS.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class ConsoleApp:
         routes += [
             Route("/api/status", _Raw(self.status), methods=["GET"]),
             Route("/api/events", _Raw(self.events), methods=["GET"]),
+            Route("/api/metrics", _Raw(self.metrics), methods=["GET"]),
             Route("/v1/{path:path}", _Raw(self.forward), methods=["GET", "POST"]),
         ]
         self.app = Starlette(routes=routes, middleware=middleware)
@@ -216,6 +218,20 @@ class ConsoleApp:
             path,
             body,
             headers,
+            receive,
+            send,
+            "the node's API",
+            "api_unreachable",
+        )
+
+    async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The node's `GET /metrics`, same origin (the page's live charts read it)."""
+        await forward_until_disconnect(
+            self.upstream,
+            "GET",
+            "/metrics",
+            b"",
+            [],
             receive,
             send,
             "the node's API",

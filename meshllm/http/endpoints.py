@@ -7,13 +7,16 @@ table. Three kinds:
 - `MODEL`: a POST whose JSON body may name a `model`: routed by it (to the
   first model's servers when it names none), admitted, balanced and failed over.
 - `READ`: a GET with no body (`/props`, `/slots`, `/metrics`...), routed by the
-  query's `?model=` like llama-server's own router, else to the first model.
+  query's `?model=` like llama-server's own router, else to the first model
+  (`/metrics` without a model: the node's own, see below).
 - `LOCAL`: a POST that changes a llama-server for everyone who uses it (LoRA
   scales, slot save/restore/erase, props): only to this node's own server, never
   through the tunnel, so no member can change another member's server.
 
 The node answers `/health`, `/v1/health`, `/models` and `/v1/models` itself: the
 first two for the node (ready once one model is), the others with the mesh's models.
+It answers `GET /metrics` itself too (its own, `meshllm.http.metrics`); with
+`?model=NAME` that is a read like the others: the metrics of a llama-server of NAME.
 llama-server's resumable streams (`/v1/stream`), its router-mode `/models/*` and
 `/cors-proxy` are not passed: each belongs to one server process, not to a mesh.
 """
@@ -61,6 +64,8 @@ MODEL_PATHS = frozenset(
 """POSTs with a JSON body, routed by its `model` (llama-server's own list)."""
 READ_PATHS = frozenset({"/props", "/slots", "/metrics", "/lora-adapters"})
 """GETs, routed by `?model=`."""
+METRICS_PATH = "/metrics"
+"""A read with `?model=NAME`; without it the node answers with its own metrics."""
 LOCAL_PATHS = frozenset({"/props", "/lora-adapters"})
 LOCAL_PREFIX = "/slots/"
 """POST /slots/ID?action=save|restore|erase."""

@@ -48,6 +48,7 @@ from meshllm.http.balance import (
 )
 from meshllm.http.endpoints import (
     LOCAL_PATHS,
+    METRICS_PATH,
     MODEL_PATHS,
     NODE_PATHS,
     READ_PATHS,
@@ -58,6 +59,7 @@ from meshllm.http.endpoints import (
     without_credentials,
 )
 from meshllm.http.errors import RETRY_AFTER_S, error_body
+from meshllm.http.metrics import CONTENT_TYPE_LATEST, BodyTail, Metrics
 from meshllm.http.origin import (
     LOCAL_NAMES,
     Policy,
@@ -104,6 +106,8 @@ class _Request(NamedTuple):
     path: str
     body: bytes
     headers: list[tuple[bytes, bytes]]
+    key_name: str = ""
+    """The API key it came with (`--api-key`), by name: the `key` label of its metrics."""
 
     def remote_headers(self) -> list[tuple[bytes, bytes]]:
         """The headers for another node: the client's keys stay here."""
@@ -143,9 +147,10 @@ def body_model(body: bytes) -> str | None:
 
 
 class _Flight:
-    """One attempt of a request on one target, as the stall watch sees it."""
+    """One attempt of a request on one target, as the stall watch sees it (and, for a
+    measured request, when its first body byte went out and the body's end)."""
 
-    __slots__ = ("balancer", "hung", "task", "tid")
+    __slots__ = ("balancer", "first", "hung", "tail", "task", "tid")
 
     def __init__(self, balancer: Balancer, tid: str, task: asyncio.Task[Any]) -> None:
         self.balancer = balancer
@@ -153,9 +158,16 @@ class _Flight:
         self.task = task
         self.hung = False
         """The target was found hung, and the task cancelled for that."""
+        self.first = 0.0
+        self.tail: BodyTail | None = None
 
-    def progress(self) -> None:
-        self.balancer.progressed(self.tid, time.monotonic())
+    def progress(self, chunk: bytes) -> None:
+        now = time.monotonic()
+        self.balancer.progressed(self.tid, now)
+        if not self.first:
+            self.first = now
+        if self.tail is not None:
+            self.tail.add(chunk)
 
 
 class Flights:
@@ -388,6 +400,7 @@ class ProxyApp:
         self.waiters: dict[int, asyncio.Future[None]] = {}
         """Queued requests' tickets -> what `_release` resolves when they are admitted."""
         self.models_body = b'{"object":"list","data":[]}'
+        self.metrics = Metrics(self._admission_gauges)
         self.app = Starlette(
             routes=[
                 *(
@@ -502,6 +515,17 @@ class ProxyApp:
 
     # -- small endpoints (plain ASGI, see the module docstring) ---------------
 
+    async def metrics_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`GET /metrics`: the node's metrics (`meshllm.http.metrics`)."""
+        headers = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self.metrics.render()})
+
+    def _admission_gauges(self) -> list[tuple[str, int, int]]:
+        """(model, in flight, queued) of each routed model and each one admitted."""
+        names = dict.fromkeys([*(r.name for r in self.routes.table.models), *self.admission.gates])
+        return [(n, self.admission.in_flight(n), self.admission.queued(n)) for n in names]
+
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
         ready = [r.name for r in self.routes.table.models if r.targets]
         status = 200 if ready else 503
@@ -560,6 +584,10 @@ class ProxyApp:
             if model is None and kind is Kind.LOCAL:
                 # The body's `model` if it names one, else this node's own server.
                 model = body_model(body) or self.routes.local_model()
+            elif model is None and scope["path"] == METRICS_PATH:
+                # The node's own; a model's llama-server's with `?model=NAME`.
+                await self.metrics_endpoint(scope, receive, send)
+                return
         route, why = self.routes.candidates(model)
         if route is None:
             if self.routes.unknown(model):
@@ -567,7 +595,9 @@ class ProxyApp:
             else:
                 await send_error(send, 503, why, "model_not_ready", retry_after=True)
             return
-        request = _Request(scope["method"], upstream_target(scope), body, headers)
+        request = _Request(
+            scope["method"], upstream_target(scope), body, headers, scope.get("meshllm.api_key", "")
+        )
         if kind is Kind.MODEL:
             assert peek is not None
             key = affinity_key(peek) if self.affinity and len(route.targets) > 1 else None
@@ -592,19 +622,22 @@ class ProxyApp:
         self, route: ModelRoute, request: _Request, key: bytes | None, send: Send
     ) -> None:
         """Wait for admission, then try the route's targets in the balancer's order."""
-        decision = self.admission.request(route.name, time.monotonic())
+        arrived = time.monotonic()
+        decision = self.admission.request(route.name, arrived)
         if isinstance(decision, Refused):
+            self.metrics.requests.refused(route.name, 429, request.key_name)
             await send_error(
                 send, 429, decision.reason, "too_many_requests", decision.retry_after_s
             )
             return
         if isinstance(decision, Queued) and not await self._wait_admitted(route.name, decision):
+            self.metrics.requests.refused(route.name, 429, request.key_name)
             wait = self.admission.wait_s
             why = f"no slot for {route.name!r} within {wait:g} s"
             await send_error(send, 429, why, "too_many_requests", max(1, round(wait)))
             return
         try:
-            await self._forward_with_failover(route, request, key, send)
+            await self._forward_with_failover(route, request, key, send, arrived=arrived)
         finally:
             self._release(route.name)
 
@@ -652,16 +685,21 @@ class ProxyApp:
         key: bytes | None,
         send: Send,
         targets: tuple[RouteTarget, ...] | None = None,
+        arrived: float | None = None,
     ) -> None:
         """Try the route's targets (or `targets`) in the balancer's order (`key`: the
         request's affinity key) until one answers; never again once a byte went to the
-        client. A target found hung while it works on the request counts as failed."""
+        client. A target found hung while it works on the request counts as failed.
+        A model request (`arrived`: when) is counted in the metrics when it ends."""
         now = time.monotonic()
+        stats = self.metrics.requests
         targets = route.targets if targets is None else targets
         order = self.balancer.order(targets, now, key)
         if not order:
             retry = self.balancer.retry_after(targets, now)
             why = f"every server of {route.name!r} failed just now; retry in {retry} s"
+            if arrived is not None:
+                stats.refused(route.name, 503, request.key_name)
             await send_error(send, 503, why, "model_not_ready", retry)
             return
         self._watch_stalls()
@@ -670,11 +708,15 @@ class ProxyApp:
         failure = ""
         down = True
         """Every target tried was down (refused, or hung): 503, not this request's 502."""
+        tried = 0
         for attempt, target in enumerate(order):
             upstream = self._upstream(target)
             if upstream is None:
                 continue  # a remote target, and no tunnel
             last = attempt == len(order) - 1
+            if tried:
+                stats.retried(route.name)
+            tried += 1
             flight = self.flights.start(target, task, time.monotonic())
             try:
                 headers = request.headers if target.local else request.remote_headers()
@@ -694,11 +736,13 @@ class ProxyApp:
                         down = False
                     log.warning("upstream %s failed: %s", upstream.where, exc)
                     failure = f"upstream failed: {exc}"
+                    stats.failed_attempt(route.name, target.node_id)
                     continue
                 except asyncio.CancelledError:
                     self.balancer.finished(target, ok=False)
                     if not flight.hung or task.uncancel() > 0:
                         raise
+                    stats.failed_attempt(route.name, target.node_id)
                     failure = f"{upstream.where} stopped answering"
                     log.warning("upstream %s failed: it stopped answering", upstream.where)
                     continue
@@ -711,8 +755,11 @@ class ProxyApp:
                     self.balancer.failed(target, time.monotonic())
                     log.info("%s answered %d; trying another server", upstream.where, resp.status)
                     resp.release()  # unread: the connection is closed, not reused
+                    stats.failed_attempt(route.name, target.node_id)
                     continue
                 ok = False
+                if arrived is not None and resp.status == 200:
+                    flight.tail = BodyTail()
                 try:
                     await relay_response(resp, send, flight.progress)
                     ok = resp.status not in FAILOVER_STATUSES  # a last failing answer: no reset
@@ -723,17 +770,41 @@ class ProxyApp:
                     await cut_response(resp, send, f"{upstream.where} stopped answering")
                 finally:
                     self.balancer.finished(target, ok=ok)
+                    if arrived is not None:
+                        self._count(
+                            route.name, target.node_id, resp.status, arrived, flight, request
+                        )
                 return
             finally:
                 self.flights.end(flight)
         if not failure:
+            status = 503
             await send_error(send, 503, "remote models need the tunnel", "no_tunnel")
         elif down:
+            status = 503
             retry = self.balancer.retry_after(targets, time.monotonic())
             why = f"every server of {route.name!r} is down ({failure}); retry in {retry} s"
             await send_error(send, 503, why, "model_not_ready", retry)
         else:
+            status = 502
             await send_error(send, 502, failure, "upstream_error")
+        if arrived is not None:
+            stats.refused(route.name, status, request.key_name)
+
+    def _count(
+        self, model: str, node: str, status: int, arrived: float, flight: _Flight, request: _Request
+    ) -> None:
+        """A model request answered by `node` ended (or was cut off): into the metrics."""
+        now = time.monotonic()
+        self.metrics.requests.answered(
+            model,
+            node,
+            status,
+            request.key_name,
+            now - arrived,
+            flight.first - arrived if flight.first else None,
+            flight.tail.usage() if flight.tail is not None else None,
+        )
 
     # -- hung servers ----------------------------------------------------------
 
@@ -850,16 +921,18 @@ async def _relay(
 
 
 async def relay_response(
-    resp: Response, send: Send, progress: Callable[[], None] | None = None
+    resp: Response, send: Send, progress: Callable[[bytes], None] | None = None
 ) -> None:
     """Pass an upstream response to the ASGI client chunk by chunk (`progress` is called
-    for each). A body that has arrived whole by the time the head is read goes out in
-    one message."""
+    with each as it goes out). A body that has arrived whole by the time the head is
+    read goes out in one message."""
     if resp.complete():
         headers = resp.forward_headers()
         body = await resp.body()
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        if progress is not None:
+            progress(body)
         return
     await send(
         {"type": "http.response.start", "status": resp.status, "headers": resp.forward_headers()}
@@ -867,7 +940,7 @@ async def relay_response(
     try:
         async for chunk in resp.iter_body():
             if progress is not None:
-                progress()
+                progress(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except UpstreamError as exc:
         log.warning("upstream broke mid-response: %s", exc)

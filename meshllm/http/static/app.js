@@ -397,5 +397,99 @@ function setUpChat() {
   $("model-picker").addEventListener("change", (event) => choose(event.target.value));
 }
 
+// -- traffic: per-model request rate and tokens/s from the node's /metrics ---------
+
+const METRICS_EVERY_MS = 2000;
+const HISTORY = 60; // points: 2 minutes
+const traffic = { last: null, at: 0, series: new Map() };
+
+// Per model: summed requests and completion tokens of a Prometheus text scrape.
+function parseMetrics(text) {
+  const totals = new Map();
+  const line = /^meshllm_(requests|completion_tokens)_total\{([^}]*)\} ([0-9.eE+-]+)$/;
+  for (const row of text.split("\n")) {
+    const match = line.exec(row);
+    if (!match) continue;
+    const model = /(?:^|,)model="((?:[^"\\]|\\.)*)"/.exec(match[2]);
+    if (!model) continue;
+    const name = model[1].replace(/\\(.)/g, (_, c) => (c === "n" ? "\n" : c));
+    const entry = totals.get(name) || { requests: 0, tokens: 0 };
+    entry[match[1] === "requests" ? "requests" : "tokens"] += Number(match[3]);
+    totals.set(name, entry);
+  }
+  return totals;
+}
+
+function sparkline(points, label) {
+  const width = 160;
+  const height = 28;
+  const top = Math.max(...points, 1e-9);
+  const step = width / (HISTORY - 1);
+  const start = width - step * (points.length - 1);
+  const coords = points
+    .map((v, i) => `${(start + i * step).toFixed(1)},${(height - 2 - (v / top) * (height - 4)).toFixed(1)}`)
+    .join(" ");
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", label);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", coords);
+  svg.append(line);
+  return svg;
+}
+
+function renderTraffic() {
+  const list = $("traffic");
+  if (!traffic.series.size) return;
+  list.replaceChildren();
+  for (const [model, s] of [...traffic.series].sort()) {
+    const rate = s.requests[s.requests.length - 1] || 0;
+    const tps = s.tokens[s.tokens.length - 1] || 0;
+    list.append(
+      el(
+        "li",
+        { class: "traffic-row", "data-model": model },
+        el("span", { class: "name", title: model }, model),
+        el("span", { class: "figure" }, `${rate.toFixed(2)} req/s`),
+        sparkline(s.requests, `${model}: requests per second`),
+        el("span", { class: "figure" }, `${tps.toFixed(1)} tok/s`),
+        sparkline(s.tokens, `${model}: completion tokens per second`),
+      ),
+    );
+  }
+}
+
+async function pollMetrics() {
+  try {
+    const resp = await fetch("/api/metrics", { cache: "no-store" });
+    if (resp.ok) {
+      const now = performance.now();
+      const totals = parseMetrics(await resp.text());
+      if (traffic.last) {
+        const seconds = Math.max((now - traffic.at) / 1000, 1e-3);
+        for (const [model, t] of totals) {
+          const before = traffic.last.get(model) || { requests: 0, tokens: 0 };
+          const s = traffic.series.get(model) || { requests: [], tokens: [] };
+          // A counter that went down: the Proxy restarted, and counts from zero.
+          s.requests.push(Math.max(0, t.requests - before.requests) / seconds);
+          s.tokens.push(Math.max(0, t.tokens - before.tokens) / seconds);
+          if (s.requests.length > HISTORY) s.requests.shift();
+          if (s.tokens.length > HISTORY) s.tokens.shift();
+          traffic.series.set(model, s);
+        }
+        renderTraffic();
+      }
+      traffic.last = totals;
+      traffic.at = now;
+    }
+  } catch {
+    // the node is restarting: the next poll tries again
+  }
+  setTimeout(pollMetrics, METRICS_EVERY_MS);
+}
+
 setUpChat();
 connect();
+pollMetrics();
