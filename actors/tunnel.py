@@ -23,16 +23,26 @@ import gc
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from meshllm.mesh.quic import MeshEndpoint, key_from_pem
+from meshllm.mesh import wire
+from meshllm.mesh.owner import OwnerGate
+from meshllm.mesh.quic import MeshEndpoint, key_from_pem, release_stream, write_last
+from meshllm.mesh.token import mesh_id_of
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
+from meshllm.runtime.logs import Throttle
 from meshllm.runtime.paths import publish_json
+from meshllm.runtime.root import drop_refusal
 from meshllm.tunnel.client import TunnelClient
 from meshllm.tunnel.rpc import RpcForwarder
 from meshllm.tunnel.server import TunnelServer, guard_control
 
+OWNER_ANSWER_S = 10.0
+"""How long an owner command may take to reach its target and be answered."""
+OWNER_ANSWER_BYTES = 4096
 RPC_TRAFFIC_S = 0.5
 """How often the RPC byte counters are written while a split is hosted here."""
 
@@ -72,6 +82,11 @@ class Tunnel(Actor):
             stream_handler=self.server.handle_stream,
         )
         self.client = TunnelClient(self.endpoint, suspect=self._suspect, max_body_bytes=max_body)
+        self.gate = OwnerGate(
+            self.config.owner_public, self.config.node_id, mesh_id_of(self.config.mesh_secret)
+        )
+        self.owner_warnings = Throttle()
+        self.server.on_owner_order = self._owner_order
         self.view = m.MeshView(self.config.node_id)
         self.view_changed = asyncio.Event()
         self.forwarders: list[RpcForwarder] = []
@@ -103,6 +118,8 @@ class Tunnel(Actor):
     async def on_ask(self, msg: m.Message) -> m.Message:
         if isinstance(msg, m.UseRpcWorkers):
             return await self._use_workers(msg.workers)
+        if isinstance(msg, m.SendOwnerOrder):
+            return await self._send_owner_order(msg.order)
         return await super().on_ask(msg)
 
     async def _use_workers(self, workers: tuple[str, ...]) -> m.RpcPorts:
@@ -130,6 +147,63 @@ class Tunnel(Actor):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.view_changed.wait(), left)
         return await self.client.open_stream(worker)
+
+    async def _send_owner_order(self, order: wire.OwnerOrder) -> m.Message:
+        """Carry a signed owner command to its target; the target's answer."""
+        target = order.command.target
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(OWNER_ANSWER_S):
+                reader, writer = await self.client.open_stream(target)
+                write_last(writer, wire.encode_frame(order))
+                answer = await wire.read_frame(reader, OWNER_ANSWER_BYTES)
+        except TimeoutError:
+            return m.ActorError(f"node {target} did not answer in {OWNER_ANSWER_S:.0f}s")
+        except asyncio.IncompleteReadError:
+            return m.ActorError(
+                f"node {target} closed the stream without answering "
+                "(a meshllm version without owner control?)"
+            )
+        except (ConnectionError, wire.WireError) as exc:
+            return m.ActorError(f"cannot reach node {target}: {exc}")
+        finally:
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    release_stream(reader, writer)
+        if not isinstance(answer, wire.OwnerAnswer):
+            return m.ActorError(f"node {target} answered with a {type(answer).__name__}")
+        if not answer.done:
+            return m.ActorError(f"node {target} refused: {answer.message}")
+        return m.CtlDone(answer.message)
+
+    async def _owner_order(
+        self, peer: str, order: wire.OwnerOrder
+    ) -> tuple[wire.OwnerAnswer, Callable[[], Awaitable[Any]] | None]:
+        """A peer's owner command: checked by the gate, refusals logged (throttled: a
+        member chooses how often), the action done by the root once answered."""
+        verdict = self.gate.check(order, time.time())
+        if not verdict.accepted:
+            skipped = self.owner_warnings.allow(peer, time.monotonic())
+            if skipped is not None:
+                more = f" ({skipped} more not logged)" if skipped else ""
+                self.log.warning(
+                    "refused an owner command from node %s: %s%s", peer, verdict.reason, more
+                )
+            return wire.OwnerAnswer(False, verdict.reason), None
+        cmd = order.command
+        me = self.config.node_id
+        action: m.Message
+        if cmd.action == "drop":
+            model = cmd.model or ""
+            if why := drop_refusal(self.config.options.client, self.server.local, model):
+                return wire.OwnerAnswer(False, why), None
+            action = m.DropModel(model)
+            text = f"node {me}: dropping {model}: llama-server stops and the node exits"
+        else:
+            action = m.Shutdown(f"the mesh owner's `meshllm ctl --node {me} stop` (via {peer})")
+            text = f"node {me} is stopping"
+        self.log.warning("the mesh owner (via node %s) asked this node to %s", peer, cmd.action)
+        return wire.OwnerAnswer(True, text), functools.partial(self.bus.ask, "control", action)
 
     def _rpc_totals(self) -> tuple[int, int]:
         sent = self.rpc_sent + sum(f.relayed.to_worker for f in self.forwarders)

@@ -94,16 +94,77 @@ def up(**given: Any) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+REMOTE_COMMANDS = ("drop", "stop")
+"""The `meshllm ctl` commands that `--node ID` sends to another node."""
+
+
 @main.group()
-def ctl() -> None:
-    """Talk to a running node through its control socket."""
+@click.option(
+    "--node",
+    metavar="ID",
+    default=None,
+    help="Send `drop` or `stop` to the mesh node ID (see `meshllm ctl status`) instead of "
+    "this one, signed with the mesh owner key that this node's home holds "
+    "(`meshllm ctl owner`), e.g. `meshllm ctl --node 3f2a9c01d4e5b6a7 stop`.",
+)
+@click.pass_context
+def ctl(ctx: click.Context, node: str | None) -> None:
+    """Talk to a running node through its control socket (only its user can: the socket
+    is in the node's home, mode 0700). With --node, act on another node of the mesh as
+    the mesh owner."""
+    if node is not None:
+        import re
+
+        if not re.fullmatch(r"[0-9a-f]{16}", node):
+            raise click.BadParameter(
+                "a node id is 16 lowercase hex digits", ctx, param_hint="--node"
+            )
+        if ctx.invoked_subcommand not in REMOTE_COMMANDS:
+            raise click.UsageError("--node goes with `drop` and `stop` only", ctx)
+    ctx.obj = node
+
+
+def _owner_order(home: str, node: str, action: str, model: str | None = None) -> str:
+    """Sign `action` for `node` with the owner key in `home`; send it through the node
+    running there; the target's answer (`ClickException` when refused)."""
+    import time
+
+    from meshllm.mesh.owner import (
+        OwnerKeyError,
+        check_holds_owner,
+        load_owner_key,
+        new_command,
+        sign_command,
+    )
+    from meshllm.mesh.token import decode_token
+    from meshllm.runtime.root import OWNER_ORDER_TIMEOUT_S
+
+    try:
+        key = load_owner_key(home_from(home))
+        reply = _ask(home, m.GetToken())
+        assert isinstance(reply, m.CtlDone)
+        token = decode_token(reply.message)
+        check_holds_owner(key, token.owner)
+    except OwnerKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    order = sign_command(key, new_command(token.mesh_id, node, action, model, time.time()))
+    reply = _ask(home, m.SendOwnerOrder(order), timeout=OWNER_ORDER_TIMEOUT_S + 5)
+    return reply.message if isinstance(reply, m.CtlDone) else str(reply)
 
 
 def _ask(home: str, msg: m.Message, timeout: float = 5.0) -> m.Message:
     from meshllm.runtime.bus import AskTimeout, ask_address
 
     node_home = home_from(home)
-    if not (node_home.run_dir / "control.ipc").exists():
+    try:
+        running = (node_home.run_dir / "control.ipc").exists()
+    except PermissionError:
+        # The home is owner-only (0700): only the node's user controls it.
+        raise click.ClickException(
+            f"permission denied: the node with home {node_home.root} belongs to another "
+            "user, and only that user can control it"
+        ) from None
+    if not running:
         raise click.ClickException(f"no meshllm node is running with home {node_home.root}")
     try:
         reply = asyncio.run(ask_address(node_home.control_address, msg, timeout))
@@ -136,8 +197,13 @@ def status(home: str, as_json: bool) -> None:
 @ctl.command()
 @HOME_OPTION
 @click.argument("model")
-def drop(home: str, model: str) -> None:
-    """Stop serving MODEL: kill llama-server and exit this node (others are unaffected)."""
+@click.pass_obj
+def drop(node: str | None, home: str, model: str) -> None:
+    """Stop serving MODEL: kill llama-server and exit this node (others are unaffected).
+    With `meshllm ctl --node ID drop MODEL`: node ID does so, as the mesh owner asks."""
+    if node is not None:
+        click.echo(_owner_order(home, node, "drop", model))
+        return
     reply = _ask(home, m.DropModel(model))
     click.echo(reply.message if isinstance(reply, m.CtlDone) else reply)
 
@@ -170,10 +236,66 @@ def token(home: str, out: str | None) -> None:
 
 @ctl.command()
 @HOME_OPTION
-def stop(home: str) -> None:
-    """Stop the node (llama-server included)."""
+@click.pass_obj
+def stop(node: str | None, home: str) -> None:
+    """Stop the node (llama-server included). With `meshllm ctl --node ID stop`: stop
+    node ID, as the mesh owner."""
+    if node is not None:
+        click.echo(_owner_order(home, node, "stop"))
+        return
     _ask(home, m.Shutdown("meshllm ctl stop"))
     click.echo("stopping")
+
+
+@ctl.group()
+def owner() -> None:
+    """The mesh owner key: made by the node that started the mesh, it signs
+    `meshllm ctl --node ID drop|stop`. Move it to act from another machine."""
+
+
+@owner.command("export")
+@HOME_OPTION
+@click.option(
+    "--out",
+    metavar="FILE",
+    help="Write the key to FILE (mode 0600) instead of printing it, e.g. --out owner.pem; "
+    "install it elsewhere with `meshllm ctl owner import owner.pem`.",
+)
+def owner_export(home: str, out: str | None) -> None:
+    """Print the mesh owner key held in this node's home (PEM). Whoever holds it can stop
+    any node of the mesh: keep it as secret as the node's own files."""
+    from meshllm.mesh.owner import OwnerKeyError, export_owner_key
+    from meshllm.mesh.token import InvalidToken, write_token_file
+
+    try:
+        pem = export_owner_key(home_from(home))
+    except OwnerKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    if out is None:
+        click.echo(pem)
+        return
+    try:
+        write_token_file(out, pem)
+    except InvalidToken as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
+    click.echo(f"owner key written to {out} (mode 0600)", err=True)
+
+
+@owner.command("import")
+@HOME_OPTION
+@click.argument("file", metavar="FILE")
+def owner_import(home: str, file: str) -> None:
+    """Install the mesh owner key from FILE (from `meshllm ctl owner export --out FILE`)
+    in this node's home (mode 0600), so that `meshllm ctl --node ID ...` works from here.
+    Refused when it is not the owner key of the mesh this home belongs to."""
+    from meshllm.mesh.owner import OwnerKeyError, import_owner_key
+
+    try:
+        click.echo(import_owner_key(home_from(home), file))
+    except OwnerKeyError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.group()

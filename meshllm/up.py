@@ -11,7 +11,6 @@ import os
 import secrets
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -19,6 +18,7 @@ import uvloop
 from meshllm.http.auth import ApiKey
 from meshllm.http.proxy import is_loopback_address
 from meshllm.mesh.identity import load_or_create_key, node_id_of
+from meshllm.mesh.owner import OwnerKeyError, settle_owner
 from meshllm.mesh.quic import key_to_pem
 from meshllm.mesh.token import (
     InvalidToken,
@@ -34,7 +34,7 @@ from meshllm.placement.memory import detect_memory
 from meshllm.runtime import logs
 from meshllm.runtime.binaries import find_binary, rpc_server_binary
 from meshllm.runtime.config import ModelSpec, NodeConfig, UpOptions
-from meshllm.runtime.paths import NodeHome, cache_dir, home_from, models_dir
+from meshllm.runtime.paths import NodeHome, cache_dir, home_from, models_dir, write_private
 from meshllm.runtime.root import Node, cleanup_run_dir
 
 log = logging.getLogger("meshllm.up")
@@ -230,14 +230,6 @@ def mesh_secret(home: NodeHome, tokens: list[InviteToken], client: bool) -> byte
     return secret
 
 
-def write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def bind_udp(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -318,7 +310,18 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         available = scan_available() if runs_servers else ()
         memory = detect_memory(opts.max_vram_gb)
         key = load_or_create_key(None if opts.client else home.key_path)
+        held = home.secret_path.read_bytes() if home.secret_path.exists() else None
         secret = mesh_secret(home, tokens, opts.client)
+        try:
+            owner = settle_owner(
+                home,
+                {t.owner for t in tokens if t.owner},
+                same_mesh=held == secret,
+                fresh=not tokens and held is None,
+                client=opts.client,
+            )
+        except OwnerKeyError as exc:
+            raise UpError(str(exc)) from None
         sock = bind_http(opts.listen, opts.port)
         gossip_sock = bind_udp(bind_host, bind_port)
         tunnel_sock = bind_udp(bind_host, 0)
@@ -327,7 +330,8 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         raise
     advertised = advertise_host(bind_host, opts.advertise)
     gossip_port = gossip_sock.getsockname()[1]
-    token = encode_token(InviteToken(secret, (f"{advertised}:{gossip_port}",), mesh_id_of(secret)))
+    address = f"{advertised}:{gossip_port}"
+    token = encode_token(InviteToken(secret, (address,), mesh_id_of(secret), owner))
     config = NodeConfig(
         home=str(home.root),
         run_dir=str(home.run_dir),
@@ -346,6 +350,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         rpc_server=rpc_server,
         rpc_server_missing=rpc_missing,
         mesh_secret=secret,
+        owner_public=owner,
         advertise_host=advertised,
         gossip_port=gossip_port,
         tunnel_port=tunnel_sock.getsockname()[1],

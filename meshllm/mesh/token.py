@@ -30,6 +30,9 @@ class InviteToken(msgspec.Struct, frozen=True):
     addresses: tuple[str, ...]
     """`host:port` of the inviting node's gossip endpoint."""
     mesh_id: str = ""
+    owner: bytes = b""
+    """The mesh owner's public key (DER P-256), which signs `meshllm ctl --node ID ...`;
+    empty in tokens of meshes made before owner keys (they still decode)."""
 
 
 def new_secret() -> bytes:
@@ -48,7 +51,7 @@ def encode_token(token: InviteToken) -> str:
 
 
 MAX_TOKEN_CHARS = 64 * 1024
-"""Longer text is no token: a real one is about 80 characters plus 30 per address."""
+"""Longer text is no token: a real one is about 200 characters plus 30 per address."""
 
 
 def decode_token(text: str) -> InviteToken:
@@ -79,6 +82,13 @@ def decode_token(text: str) -> InviteToken:
         raise InvalidToken("the invite token names no address to dial")
     for address in token.addresses:
         split_address(address)
+    if token.owner:
+        from meshllm.mesh.identity import BadKey, load_public
+
+        try:
+            load_public(token.owner)
+        except BadKey:
+            raise InvalidToken("the invite token's owner key is damaged") from None
     return token
 
 

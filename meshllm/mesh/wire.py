@@ -247,6 +247,48 @@ class RpcOpen(msgspec.Struct, tag=True, frozen=True):
     follow, both ways, for the worker's RPC server (meshllm.tunnel.rpc)."""
 
 
+# -- owner control (meshllm.mesh.owner) -------------------------------------------
+
+OWNER_NONCE_BYTES = 16
+MeshId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{12}$")]
+"""`meshllm.mesh.token.mesh_id_of` the mesh secret."""
+
+
+class OwnerCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """What the mesh owner tells one node to do (`meshllm ctl --node ID stop|drop MODEL`)."""
+
+    mesh_id: MeshId
+    target: NodeId
+    """The only node that acts on it."""
+    action: Literal["stop", "drop"]
+    model: ModelName | None = None
+    """The model to drop (`drop` only)."""
+    issued_ms: Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
+    """The signer's wall clock, in ms since the epoch: old commands are refused."""
+    nonce: Annotated[bytes, msgspec.Meta(min_length=OWNER_NONCE_BYTES, max_length=32)]
+    """Random: a command is acted on once (`meshllm.mesh.owner.OwnerGate`)."""
+
+
+class OwnerOrder(msgspec.Struct, tag=True, frozen=True):
+    """First frame of a tunnel stream: a command signed with the mesh owner key.
+
+    The target answers with one `OwnerAnswer` frame and ends the stream."""
+
+    command: OwnerCommand
+    signature: Annotated[bytes, msgspec.Meta(max_length=SIGNATURE_MAX)] = b""
+    """The owner key's signature of `owner_signed_bytes(command)`."""
+
+
+class OwnerAnswer(msgspec.Struct, tag=True, frozen=True):
+    done: bool
+    message: Reason = ""
+
+
+def owner_signed_bytes(command: OwnerCommand) -> bytes:
+    """What the owner signs: a label (never a valid announcement or leave) and the command."""
+    return _encoder.encode(("meshllm-owner-command", command))
+
+
 WireMessage = (
     Hello
     | Challenge
@@ -262,6 +304,8 @@ WireMessage = (
     | ProbeRequest
     | TunnelOpen
     | RpcOpen
+    | OwnerOrder
+    | OwnerAnswer
 )
 
 

@@ -364,6 +364,9 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Why there is no RPC server binary (said when this node is asked to be a worker)."""
     mesh_secret: bytes = b""
     """Admits peers (from the invite token, or made by the first node)."""
+    owner_public: bytes = b""
+    """The mesh owner's public key (DER; `meshllm.mesh.owner`): what signs the owner
+    commands this node takes. Empty: the mesh has none, no command is taken."""
     advertise_host: str = "127.0.0.1"
     """Host other nodes dial to reach this one."""
     gossip_port: int = 0

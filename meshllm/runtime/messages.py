@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.mesh.wire import OwnerOrder, PeerAnnouncement
 from meshllm.placement.split import SplitRole
 from meshllm.runtime.config import ModelSpec
 
@@ -199,6 +199,14 @@ class DropModel(msgspec.Struct, tag=True, frozen=True):
     model: str
 
 
+class SendOwnerOrder(msgspec.Struct, tag=True, frozen=True):
+    """`meshllm ctl --node ID stop|drop MODEL` -> root -> Tunnel (ask): carry this signed
+    order to its target node; the reply is the target's answer (`CtlDone` when it acts,
+    `ActorError` when it refuses or cannot be reached)."""
+
+    order: OwnerOrder
+
+
 class GetStatus(msgspec.Struct, tag=True, frozen=True):
     """`meshllm ctl status`."""
 
@@ -251,6 +259,7 @@ Message = (
     | UseRpcWorkers
     | RpcPorts
     | DropModel
+    | SendOwnerOrder
     | GetStatus
     | NodeStatus
     | CtlDone

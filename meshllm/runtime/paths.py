@@ -31,6 +31,15 @@ def publish_json(path: Path, data: object) -> None:
         tmp.replace(path)
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all, readable by this user only (0600)."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def models_dir() -> Path:
     """The models directory: `MESHLLM_MODELS_DIR`, else `~/.models`."""
     return Path(os.environ.get("MESHLLM_MODELS_DIR") or DEFAULT_MODELS_DIR).expanduser()
@@ -59,6 +68,18 @@ class NodeHome:
     def secret_path(self) -> Path:
         """The secret of the mesh this node belongs to (owner-only)."""
         return self.root / "mesh.secret"
+
+    @property
+    def owner_key_path(self) -> Path:
+        """The mesh owner key (owner-only): made by the node that started the mesh,
+        moved with `meshllm ctl owner export/import`; signs `ctl --node ID ...`."""
+        return self.root / "owner.key"
+
+    @property
+    def owner_public_path(self) -> Path:
+        """The mesh owner's public key (DER), from the invite token: what this node
+        checks owner commands against."""
+        return self.root / "owner.pub"
 
     @property
     def lock_path(self) -> Path:

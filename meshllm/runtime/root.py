@@ -68,6 +68,19 @@ STOP_GRACE_S = 8.0
 KILL_GRACE_S = 2.0
 
 
+OWNER_ORDER_TIMEOUT_S = 15.0
+"""How long `meshllm ctl --node ID ...` waits for the target's answer, the dial included."""
+
+
+def drop_refusal(client: bool, server: m.LocalServerState, model: str) -> str:
+    """Why this node cannot drop `model` (`ctl drop`, local or the owner's); "" if it can."""
+    if client or not server.model:
+        return "this node serves no model"
+    if model != server.model:
+        return f"this node serves {server.model!r}, not {model!r}; nothing was dropped"
+    return ""
+
+
 @dataclass
 class RunningActor:
     spec: ActorSpec
@@ -146,15 +159,14 @@ class Node:
                 self.request_stop(reason or "meshllm ctl stop")
                 return m.CtlDone("stopping")
             case m.DropModel(model=model):
-                if self.config.options.client or not self.server.model:
-                    return m.ActorError("this node serves no model")
-                if model != self.server.model:
-                    return m.ActorError(
-                        f"this node serves {self.server.model!r}, not {model!r}; "
-                        "nothing was dropped"
-                    )
+                if why := drop_refusal(self.config.options.client, self.server, model):
+                    return m.ActorError(why)
                 self.request_stop(f"dropped {model}")
                 return m.CtlDone(f"dropping {model}: llama-server stops and this node exits")
+            case m.SendOwnerOrder():
+                if "tunnel" not in self.actors:
+                    return m.ActorError("this node has no tunnel to carry the command")
+                return await self.bus.ask("tunnel", msg, OWNER_ORDER_TIMEOUT_S)
         return m.ActorError(f"unknown control command {type(msg).__name__}")
 
     async def _on_tell(self, msg: m.Message) -> None:

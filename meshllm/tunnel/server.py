@@ -30,6 +30,8 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from meshllm.http.backends import pick
 from meshllm.http.errors import error_response
@@ -81,6 +83,13 @@ POOL_MAX_IDLE = 4
 """Idle kept-alive llama-server connections (each pins one of its HTTP threads)."""
 
 
+OWNER_ACK_S = 2.0
+"""How long the answer to an owner command may take to reach the peer before it is acted on."""
+OwnerHandler = Callable[
+    [str, wire.OwnerOrder], Awaitable[tuple[wire.OwnerAnswer, Callable[[], Awaitable[Any]] | None]]
+]
+
+
 class RequestTimeout(Exception):
     """The peer did not send its request in time (answered with a 408)."""
 
@@ -128,6 +137,9 @@ class TunnelServer:
         self.backend_pools: dict[str, Pool] = {}
         """Kept-alive connections to each backend (a fixed few, by URL)."""
         self.turns = itertools.count()
+        self.on_owner_order: OwnerHandler | None = None
+        """Decides on an owner command from a peer: the answer, and what to do once it
+        is delivered (the Tunnel actor's, with `meshllm.mesh.owner.OwnerGate`)."""
 
     def _pool(self, port: int) -> Pool:
         pool = self.pool
@@ -179,8 +191,8 @@ class TunnelServer:
             try:
                 async with asyncio.timeout(self.head_timeout_s):
                     opening = await wire.read_frame(reader, OPEN_FRAME_BYTES)
-                    if isinstance(opening, wire.RpcOpen):
-                        pass  # a long-lived byte stream: relayed below, out of this deadline
+                    if isinstance(opening, (wire.RpcOpen, wire.OwnerOrder)):
+                        pass  # served below, out of this deadline
                     elif not isinstance(opening, wire.TunnelOpen):
                         self._drop(
                             link, reader, writer, f"first frame was {type(opening).__name__}"
@@ -196,6 +208,9 @@ class TunnelServer:
                 raise RequestTimeout(
                     f"the request head did not arrive within {self.head_timeout_s:g}s"
                 ) from None
+            if isinstance(opening, wire.OwnerOrder):
+                await self._owner_order(link, opening, reader, writer)
+                return
             if isinstance(opening, wire.RpcOpen):
                 port, why = rpc_port(self.local, link.peer_id)
                 if not port:
@@ -233,6 +248,31 @@ class TunnelServer:
             self._refuse(link, reader, writer, 408, str(exc), "request_timeout")
         finally:
             self.quota.free(link.peer_id, reserved)
+
+    async def _owner_order(
+        self,
+        link: Link,
+        order: wire.OwnerOrder,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """A signed owner command (`meshllm.mesh.owner`): decided by `on_owner_order`,
+        answered, and acted on once the answer has reached the peer (or after
+        `OWNER_ACK_S`): a stop must not close the link before the answer is out."""
+        if self.on_owner_order is None:
+            self._drop(link, reader, writer, "an owner command, and this node takes none")
+            return
+        answer, act = await self.on_owner_order(link.peer_id, order)
+        try:
+            write_last(writer, wire.encode_frame(answer))
+            async with asyncio.timeout(OWNER_ACK_S):
+                await drained(writer, 0)
+        except (TimeoutError, ConnectionError, RuntimeError, ValueError) as exc:
+            log.debug("the answer to an owner command from %s: %r", link.peer_id, exc)
+        finally:
+            release_stream(reader, writer)
+        if act is not None:
+            await act()
 
     async def _body(self, reader: asyncio.StreamReader, length: int) -> bytes:
         """The request body, then the stream's end: one request per stream.
