@@ -126,7 +126,8 @@ def test_the_command_survives_the_wire() -> None:
     signed = order("drop", "m")
     frame = wire.encode_frame(signed)
     decoded = wire.decode_payload(frame[wire.HEADER :])
-    assert decoded == signed and gate().check(decoded, NOW).accepted  # type: ignore[arg-type]
+    assert isinstance(decoded, wire.OwnerOrder) and decoded == signed
+    assert gate().check(decoded, NOW).accepted
 
 
 def test_a_bad_command_does_not_decode() -> None:
