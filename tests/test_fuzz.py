@@ -184,6 +184,20 @@ MESSAGES: st.SearchStrategy[wire.WireMessage] = st.one_of(
     st.builds(wire.ProbeRequest, NODE_IDS, MSGPACK_INTS),
     st.builds(wire.TunnelOpen, NAMES),
     st.just(wire.RpcOpen()),
+    st.builds(
+        wire.OwnerOrder,
+        st.builds(
+            wire.OwnerCommand,
+            mesh_id=st.text(alphabet="0123456789abcdef", min_size=12, max_size=12),
+            target=NODE_IDS,
+            action=st.sampled_from(["stop", "drop"]),
+            model=st.none() | NAMES,
+            issued_ms=st.integers(min_value=0, max_value=2**53 - 1),
+            nonce=st.binary(min_size=16, max_size=32),
+        ),
+        st.binary(max_size=wire.SIGNATURE_MAX),
+    ),
+    st.builds(wire.OwnerAnswer, st.booleans(), st.sampled_from(["", "refused", "stopping"])),
 )
 
 

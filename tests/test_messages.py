@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from meshllm.mesh.wire import OwnerCommand, OwnerOrder
 from meshllm.runtime import messages as m
 
 ROUTES = m.RouteTable(
@@ -46,6 +47,18 @@ SAMPLES: dict[type[Any], m.Message] = {
         actors=(m.ActorStatus("proxy", 10, True, 0), m.ActorStatus("router", 11, False, 2)),
     ),
     m.CtlDone: m.CtlDone("dropped a"),
+    m.SendOwnerOrder: m.SendOwnerOrder(
+        OwnerOrder(
+            OwnerCommand(
+                mesh_id="0123456789ab",
+                target="0123456789abcdef",
+                action="stop",
+                issued_ms=1_800_000_000_000,
+                nonce=b"\x01" * 16,
+            ),
+            b"\x30" * 70,
+        )
+    ),
 }
 
 
@@ -54,7 +67,7 @@ def _value(t: msgspec.inspect.Type) -> Any:
     i = msgspec.inspect
     if isinstance(t, i.StrType):
         # The first sample that meets the type's constraints (wire ids, addresses, URLs).
-        samples = ("x", "0123456789abcdef", "0" * 64, "h:1", "http://x")
+        samples = ("x", "0123456789abcdef", "0123456789ab", "0" * 64, "h:1", "http://x")
         return next(s for s in samples if t.pattern is None or re.search(t.pattern, s))
     if isinstance(t, i.BoolType):
         return True
@@ -63,7 +76,7 @@ def _value(t: msgspec.inspect.Type) -> Any:
     if isinstance(t, i.FloatType):
         return 0.5 if t.le is not None else 1.5
     if isinstance(t, i.BytesType):
-        return b"\x00\xff"
+        return b"\x00\xff" * max(1, (t.min_length or 0))
     if isinstance(t, i.LiteralType):
         return t.values[-1]
     if isinstance(t, i.UnionType):

@@ -44,6 +44,18 @@ EVERY_MESSAGE: list[wire.WireMessage] = [
     wire.ProbeRequest("00000000000000ff", 99),
     wire.TunnelOpen("meshllm-demo"),
     wire.RpcOpen(),
+    wire.OwnerOrder(
+        wire.OwnerCommand(
+            mesh_id="0123456789ab",
+            target="00000000000000ff",
+            action="drop",
+            model="meshllm-demo",
+            issued_ms=1_800_000_000_000,
+            nonce=b"\x05" * 16,
+        ),
+        b"\x30" * 70,
+    ),
+    wire.OwnerAnswer(False, "the command is not signed by the mesh owner key"),
 ]
 
 
