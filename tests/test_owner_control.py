@@ -1,14 +1,15 @@
 """Owner control with real nodes (issue 12, item 4).
 
-On 127.0.0.1: A starts the mesh (the demo model; it makes the owner key), B and
-C are lite clients that join with A's token. A hostile member (a `MeshEndpoint`
-in this process with the secret and a key of its own) sends B owner commands
-over B's tunnel: one signed with its own key, one really signed by the owner
-but too old, and one the owner signed (a drop of a model B does not serve)
-twice: the second is a replay. C, without the owner key, cannot stop B; with
-the key imported from A (`ctl owner export/import`), its command reaches B.
-Then A's `meshllm ctl --node B stop` stops B. Another local user cannot use
-A's control socket at all.
+On 127.0.0.1: A starts the mesh (the demo model; it makes the owner key), B
+serves the demo model too and C is a lite client, both joined with A's token.
+A hostile member (a `MeshEndpoint` in this process with the secret and a key
+of its own) sends B owner commands over B's tunnel: one signed with its own
+key, one really signed by the owner but too old, and one the owner signed (a
+drop of a model B does not serve) twice: the second is a replay. C, without
+the owner key, cannot stop B; with the key imported from A (`ctl owner
+export/import`), its command reaches B. Then A's `meshllm ctl --node B drop
+meshllm-demo` makes B exit, and A's `meshllm ctl --node C stop` stops C.
+Another local user cannot use A's control socket at all.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ from meshllm.mesh.owner import load_owner_key, new_command, sign_command
 from meshllm.mesh.quic import Link, MeshEndpoint, release_stream
 from meshllm.mesh.token import decode_token
 from meshllm.runtime.paths import home_from
-from meshllm.testing import NodeProcess, quic_ports, token_of, wait_for
+from meshllm.testing import NodeProcess, alive, quic_ports, token_of, wait_for
 
 pytestmark = pytest.mark.integration
 
 LOOPBACK = ("--bind", "127.0.0.1:0")
 ONE_THREAD = ("--llama-arg=-t", "--llama-arg=1")
 ANSWER_S = 10.0
+DEMO = "meshllm-demo"
 
 
 @pytest.fixture
@@ -87,7 +89,7 @@ def test_owner_stops_another_node_and_no_one_else_can(base: Path) -> None:
     try:
         a.start()
         token = token_of(a)
-        b = NodeProcess(base / "b", "--client", "--join", token, *LOOPBACK)
+        b = NodeProcess(base / "b", "--model", DEMO, "--join", token, *LOOPBACK, *ONE_THREAD)
         c = NodeProcess(base / "c", "--client", "--join", token, *LOOPBACK)
         nodes += [b, c]
         b.start()
@@ -122,7 +124,8 @@ def test_owner_stops_another_node_and_no_one_else_can(base: Path) -> None:
         )
         assert answers[0] == "False the command is not signed by the mesh owner key"
         assert answers[1].startswith("False") and "too old" in answers[1]
-        assert answers[2] == "False this node serves no model"  # past the gate: acted on
+        not_served = f"this node serves {DEMO!r}, not 'nothing-here'; nothing was dropped"
+        assert answers[2] == f"False {not_served}"  # past the gate: acted on
         assert answers[3] == "False the command was already acted on (a replay)"
         assert "refused an owner command from node" in b.log()
         b.check_alive()
@@ -137,19 +140,25 @@ def test_owner_stops_another_node_and_no_one_else_can(base: Path) -> None:
         assert c.ctl("owner", "import", str(pem)).returncode == 0
         out = c.ctl("--node", b_id, "drop", "nothing-here")
         assert out.returncode == 1, out
-        assert f"node {b_id} refused: this node serves no model" in out.stderr
+        assert f"node {b_id} refused: {not_served}" in out.stderr
         b.check_alive()
 
-        # The owner, from A: B stops.
-        out = a.ctl("--node", b_id, "stop")
-        assert out.returncode == 0 and f"node {b_id} is stopping" in out.stdout, out
+        # The owner, from A: B drops its model (and exits, as with its own `ctl drop`).
+        b.wait_serving()
+        out = a.ctl("--node", b_id, "drop", DEMO)
+        assert out.returncode == 0 and f"node {b_id}: dropping {DEMO}" in out.stdout, out
         assert b.wait_exit(30) == 0
         assert "the mesh owner (via node" in b.log()
+        assert not b.server_pid or not alive(b.server_pid)
+        # ... and C stops.
+        c_id = c.status()["node_id"]
+        out = a.ctl("--node", c_id, "stop")
+        assert out.returncode == 0 and f"node {c_id} is stopping" in out.stdout, out
+        assert c.wait_exit(30) == 0
         a.check_alive()
-        c.check_alive()
         # Gone: a command to it now says so.
         out = a.ctl("--node", b_id, "stop")
-        assert out.returncode == 1 and f"node {b_id}" in out.stderr
+        assert out.returncode == 1 and f"node {b_id}" in out.stderr, out.stderr
     finally:
         for node in nodes:
             node.stop()
