@@ -133,6 +133,9 @@ def test_owner_stops_another_node_and_no_one_else_can(base: Path) -> None:
         # C holds no owner key: refused before anything is sent.
         out = c.ctl("--node", b_id, "stop")
         assert out.returncode == 1 and "holds no mesh owner key" in out.stderr, out.stderr
+        # Its own id: not sent (nor acted on).
+        out = a.ctl("--node", a.status()["node_id"], "stop")
+        assert out.returncode == 1 and "this node's own id" in out.stderr, out.stderr
         # With the key moved from A to C, C's command reaches B (and B answers it).
         pem = base / "owner.pem"
         assert a.ctl("owner", "export", "--out", str(pem)).returncode == 0

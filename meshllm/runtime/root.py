@@ -163,7 +163,11 @@ class Node:
                     return m.ActorError(why)
                 self.request_stop(f"dropped {model}")
                 return m.CtlDone(f"dropping {model}: llama-server stops and this node exits")
-            case m.SendOwnerOrder():
+            case m.SendOwnerOrder(order=order):
+                if order.command.target == self.config.node_id:
+                    return m.ActorError(
+                        "that is this node's own id: leave out --node to act on this node"
+                    )
                 if "tunnel" not in self.actors:
                     return m.ActorError("this node has no tunnel to carry the command")
                 return await self.bus.ask("tunnel", msg, OWNER_ORDER_TIMEOUT_S)
