@@ -9,7 +9,6 @@ started again, it is served again.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,8 +47,9 @@ def backend(llama_server: str, demo_model: Path, tmp_path: Path) -> Iterator[Pla
 
 
 def refused_for_now(node: NodeProcess) -> bool:
-    """One request for NAME to `node`: an error at once (502 while the mesh has not yet
-    seen the backend die, then 503); True once it is 503 with Retry-After."""
+    """One request for NAME to `node`: an error at once (502 through the tunnel while the
+    mesh has not yet seen the backend die, else 503); True once it is 503 with
+    Retry-After."""
     status, headers, body = http(node.port, "POST", "/v1/chat/completions", REQUEST, timeout=10)
     assert status in (502, 503), (status, body)
     return status == 503 and int(headers.get("retry-after", "0")) >= 1
@@ -80,8 +80,13 @@ def test_a_backend_is_routed_through_the_tunnel_and_follows_its_health(
 
     backend.stop()
     for node in (b, a):
-        wait_for(functools.partial(refused_for_now, node), 30, f"503 for {NAME} on :{node.port}")
-        assert NAME not in node.warm_models()
+        # At once 503 with Retry-After (the servers refuse); and within a poll or two the
+        # backend is down everywhere: no target any more.
+        wait_for(
+            lambda node=node: refused_for_now(node) and NAME not in node.warm_models(),
+            30,
+            f"503 for {NAME} and {NAME} cold on :{node.port}",
+        )
     (state,) = a.status()["backends"]
     assert not state["up"] and state["reason"]
 
