@@ -103,6 +103,8 @@ class Tunnel(Actor):
     async def on_ask(self, msg: m.Message) -> m.Message:
         if isinstance(msg, m.UseRpcWorkers):
             return await self._use_workers(msg.workers)
+        if isinstance(msg, m.CountInFlight):
+            return m.InFlight(self.server.local_in_flight)
         return await super().on_ask(msg)
 
     async def _use_workers(self, workers: tuple[str, ...]) -> m.RpcPorts:
