@@ -4,6 +4,8 @@ watcher decides with hysteresis from fake samples."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 import pytest
 
@@ -123,7 +125,7 @@ def test_status_and_console_show_paused() -> None:
 # -- the busy watcher ------------------------------------------------------------------------
 
 
-def feed(watcher: BusyWatcher, samples: list[tuple[float, float]]) -> list[tuple[float, str]]:
+def feed(watcher: BusyWatcher, samples: Sequence[tuple[float, float]]) -> list[tuple[float, str]]:
     """(time, use) samples in; the (time, action) of each decision out."""
     out = []
     for now, use in samples:
