@@ -127,7 +127,7 @@ def test_status_and_console_show_paused() -> None:
 
 def feed(watcher: BusyWatcher, samples: Sequence[tuple[float, float]]) -> list[tuple[float, str]]:
     """(time, use) samples in; the (time, action) of each decision out."""
-    out = []
+    out: list[tuple[float, str]] = []
     for now, use in samples:
         action = watcher.observe(use, now)
         if action is not None:
