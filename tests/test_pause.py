@@ -4,7 +4,9 @@ watcher decides with hysteresis from fake samples."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import msgspec
 import pytest
@@ -17,11 +19,14 @@ from meshllm.runtime import messages as m
 from meshllm.runtime.busy import (
     BusyWatcher,
     CpuSample,
+    GpuSampler,
     descendants,
+    gpu_others_percent,
     machine_ticks,
     others_percent,
     parent_of,
     process_ticks,
+    sample_cpu,
 )
 from meshllm.status import format_status, shown_state
 from tests.test_election import ann, on_disk, online, view
@@ -205,3 +210,61 @@ def test_others_use_leaves_out_this_nodes_processes() -> None:
     new = CpuSample(busy=1400, total=11000, own={1: 150, 2: 400, 3: 50})
     assert others_percent(before, new) == pytest.approx(20.0)
     assert others_percent(after, after) == 0.0
+
+
+def test_sample_cpu_reads_this_machine_and_finds_our_own_processes() -> None:
+    sample = sample_cpu(os.getpid())
+    assert 0 < sample.busy <= sample.total
+    assert os.getpid() in sample.own
+
+
+def test_gpu_use_of_other_processes() -> None:
+    assert gpu_others_percent([(1, 30), (1, 50), (2, 20), (9, 99)], own={9}) == 60.0
+    assert gpu_others_percent([(1, 90), (2, 80)], own=set()) == 100.0
+    assert gpu_others_percent([], own=set()) == 0.0
+
+
+@dataclass
+class FakeSample:
+    pid: int
+    timeStamp: int  # NVML's field names
+    smUtil: int
+
+
+class FakeNvml:
+    """pynvml's calls that GpuSampler makes, over two devices."""
+
+    def __init__(self, samples: dict[int, list[FakeSample]]) -> None:
+        self.samples = samples
+        self.asked: list[tuple[int, int]] = []
+
+    def nvmlInit(self) -> None:  # pynvml's names
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.samples)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetProcessUtilization(self, handle: int, since: int) -> list[FakeSample]:
+        self.asked.append((handle, since))
+        if not self.samples[handle]:
+            raise RuntimeError("Not Found")
+        return self.samples[handle]
+
+
+def test_gpu_sampler_takes_the_busiest_device_and_moves_its_window() -> None:
+    nvml = FakeNvml({0: [FakeSample(5, 100, 40), FakeSample(6, 120, 70)], 1: []})
+    gpu = GpuSampler(nvml)
+    assert gpu.others_percent(own={6}) == 40.0
+    assert gpu.others_percent(own=set()) == 100.0
+    assert nvml.asked == [(0, 0), (1, 0), (0, 120), (1, 0)]
+
+
+def test_no_gpu_no_sample() -> None:
+    class Broken(FakeNvml):
+        def nvmlInit(self) -> None:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    assert GpuSampler(Broken({})).others_percent(set()) is None

@@ -170,10 +170,13 @@ class GpuSampler:
     the busiest device's sum over processes that are not this node's is the sample.
     """
 
-    def __init__(self) -> None:
-        from meshllm.placement.memory import _import_pynvml
+    def __init__(self, nvml: Any = None) -> None:
+        """`nvml`: the pynvml module (a fake in tests); by default imported if present."""
+        if nvml is None:
+            from meshllm.placement.memory import _import_pynvml
 
-        self.nvml: Any = _import_pynvml()
+            nvml = _import_pynvml()
+        self.nvml: Any = nvml
         self.handles: list[Any] = []
         self.seen: dict[int, int] = {}
         if self.nvml is None:
@@ -200,6 +203,16 @@ class GpuSampler:
                 continue
             if samples:
                 self.seen[i] = max(s.timeStamp for s in samples)
-            use = float(sum(s.smUtil for s in samples if s.pid not in own))
+            use = gpu_others_percent([(s.pid, s.smUtil) for s in samples], own)
             busiest = use if busiest is None else max(busiest, use)
         return busiest
+
+
+def gpu_others_percent(samples: list[tuple[int, int]], own: set[int]) -> float:
+    """(pid, SM %) samples of one GPU since the last look: each other process's mean,
+    summed (a process may have several samples in the window), at most 100."""
+    by_pid: dict[int, list[int]] = {}
+    for pid, util in samples:
+        if pid not in own:
+            by_pid.setdefault(pid, []).append(util)
+    return min(100.0, sum(sum(u) / len(u) for u in by_pid.values()))

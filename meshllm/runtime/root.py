@@ -102,6 +102,8 @@ class Node:
             busy.BusyWatcher(percent) if percent and "server_supervisor" in self.actors else None
         )
         """`--pause-when-busy`: decides when to give the machine back."""
+        self.paused_by_hand = False
+        """`meshllm ctl pause` (not yet resumed): the watcher leaves the node paused."""
 
     # -- actors ----------------------------------------------------------------
 
@@ -170,9 +172,12 @@ class Node:
         A resume by hand also ends a pause of `--pause-when-busy` (which watches afresh)."""
         if "server_supervisor" not in self.actors:
             return m.ActorError("this node runs no llama-server: nothing to pause or resume")
-        if not msg.paused and self.busy is not None:
-            self.busy.reset()
-        return await self._tell_supervisor(msg)
+        reply = await self._tell_supervisor(msg)
+        if isinstance(reply, m.CtlDone):
+            self.paused_by_hand = msg.paused
+            if not msg.paused and self.busy is not None:
+                self.busy.reset()
+        return reply
 
     async def _tell_supervisor(self, msg: m.PauseServing) -> m.Message:
         try:
@@ -192,24 +197,26 @@ class Node:
         while not self.stopping:
             await asyncio.sleep(busy.SAMPLE_S)
             try:
-                after = busy.sample_cpu(root)
+                # Off the loop: a scan of /proc (and NVML) must not hold up `meshllm ctl`.
+                after = await asyncio.to_thread(busy.sample_cpu, root)
             except (OSError, ValueError) as exc:
                 log.warning("--pause-when-busy cannot read the CPU use (%s); not watching", exc)
                 return
             use = busy.others_percent(before, after)
             before = after
-            gpu_use = gpu.others_percent(set(after.own))
+            gpu_use = await asyncio.to_thread(gpu.others_percent, set(after.own))
             if gpu_use is not None:
                 use = max(use, gpu_use)
             action = watcher.observe(use, time.monotonic())
             if action is None:
                 continue
+            if self.paused_by_hand:
+                # `ctl pause` holds: only `ctl resume` ends it, and the watcher starts over.
+                watcher.reset()
+                continue
             why = f"other processes use {use:.0f}% (--pause-when-busy {watcher.percent:g})"
             log.info("%s: %s", "pausing" if action == "pause" else "resuming", why)
-            reply = await self._tell_supervisor(m.PauseServing(action == "pause", reason=why))
-            if isinstance(reply, m.CtlDone) and reply.message in ("already paused", "not paused"):
-                # Paused or resumed by hand meanwhile: that pause is not the watcher's.
-                watcher.reset()
+            await self._tell_supervisor(m.PauseServing(action == "pause", reason=why))
 
     async def _on_tell(self, msg: m.Message) -> None:
         if isinstance(msg, m.Shutdown):
