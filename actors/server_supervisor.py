@@ -232,8 +232,9 @@ class ServerSupervisor(Actor):
     async def _set(self, state: m.LocalServerState) -> None:
         if state.paused != self.paused:
             state = msgspec_replace(state, paused=self.paused)
+        pause_only = msgspec_replace(state, paused=self.state.paused) == self.state
         self.state = state
-        if state.state in ("ready", "failed"):
+        if state.state in ("ready", "failed") and not pause_only:
             self.log.info(
                 "%s %s%s",
                 state.model,
