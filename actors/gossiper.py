@@ -305,6 +305,7 @@ class Gossiper(Actor):
             changes: dict[str, Any] = {
                 "serving": msg.model or None,
                 "server_state": msg.state,
+                "paused": msg.paused,
                 # Only the planner's own words: a server's output can name local paths.
                 "server_reason": msg.split.note[:200] if msg.split is not None else "",
                 **announced_part(msg, self.config.options.client),

@@ -73,6 +73,12 @@ class Proxy(Actor):
         elif isinstance(msg, m.PeerRtts):
             self.app.metrics.node.rtts = msg
 
+    async def on_ask(self, msg: m.Message) -> m.Message:
+        if isinstance(msg, m.CountInFlight):
+            count, routed = self.app.local_in_flight(self.config.node_id, msg.model)
+            return m.InFlight(count, routed)
+        return await super().on_ask(msg)
+
     async def on_stop(self) -> None:
         self.server.should_exit = True
         with contextlib.suppress(Exception):

@@ -46,7 +46,10 @@ class Router(Actor):
                 shares=peer.split_shares,
             )
             for peer in self.mesh.peers
-            if peer.serving and peer.server_state == "ready" and peer.role == "host"
+            if peer.serving
+            and peer.server_state == "ready"
+            and peer.role == "host"
+            and not peer.paused
         ]
         remote += backend_servers(self.config.node_id, self.mesh, self.backends)
         table = build_route_table(

@@ -62,6 +62,8 @@ SAME_BUILD = (
     "(meshllm's setup builds llama-server and ggml-rpc-server together)"
 )
 OUTPUT_LINE_BYTES = 64 * 1024
+DRAIN_POLL_S = 0.1
+"""How often a pausing node asks the Proxy and the Tunnel what is still in flight."""
 DOWNLOAD_TRIES = 3
 """Downloads of one wanted model that fail for a reason that may pass (the server down,
 the connection dropping after the downloader's own retries) before the model is failed for
@@ -128,6 +130,11 @@ class ServerSupervisor(Actor):
         self.logs = Path(self.config.home) / "logs"
         self.log_path = self.logs / "llama-server.log"
         """Where llama-server's output goes (a worker's RPC server: `rpc-server.log`)."""
+        self.paused = False
+        """`meshllm ctl pause`: announced, so no router sends requests here."""
+        self.halted = False
+        """Paused and drained: the wanted server is not run until `ctl resume`."""
+        self.drain_task: asyncio.Task[None] | None = None
         self.loop_task = asyncio.create_task(self._reconcile_forever())
         await self._set(m.LocalServerState())
 
@@ -147,9 +154,87 @@ class ServerSupervisor(Actor):
                 await stop_process(self.proc)
             self.wake.set()
 
+    async def on_ask(self, msg: m.Message) -> m.Message:
+        if isinstance(msg, m.PauseServing):
+            return await self._pause(msg) if msg.paused else await self._resume(msg.reason)
+        return await super().on_ask(msg)
+
+    async def _pause(self, msg: m.PauseServing) -> m.Message:
+        """Stop being a target now; stop the server once its requests ended (or at the
+        drain deadline). Announced at once: every Router drops this node, every Elector
+        counts it out (its model goes to other nodes by the usual rules)."""
+        if self.paused:
+            return m.CtlDone("already paused")
+        self.paused = True
+        self.log.info("pausing (%s): finishing the requests in flight", msg.reason or "asked to")
+        await self._set(self.state)
+        self.drain_task = asyncio.create_task(self._drain_then_halt(msg.drain_s))
+        model = self.state.model
+        if not model:
+            return m.CtlDone("paused (this node served nothing)")
+        return m.CtlDone(
+            f"pausing: {model} takes no new requests; llama-server stops once the requests "
+            f"in flight ended (at most {msg.drain_s:g}s)"
+        )
+
+    async def _resume(self, reason: str) -> m.Message:
+        if not self.paused:
+            return m.CtlDone("not paused")
+        self.log.info("resuming (%s)", reason or "asked to")
+        if self.drain_task is not None:
+            self.drain_task.cancel()
+        if self.halted:
+            # A new object: the reconcile loop starts the wanted server afresh.
+            self.want = msgspec.structs.replace(self.want)
+        self.paused = self.halted = False
+        self.policy.reset()
+        self.wake.set()
+        await self._set(self.state)
+        return m.CtlDone("resumed: serving again")
+
+    async def _in_flight(self, model: str) -> int | None:
+        """Requests the local server of `model` still has (Proxy and Tunnel), or None
+        when one of them did not answer or the Proxy still routes new ones here."""
+        total = 0
+        for actor in ("proxy", "tunnel"):
+            try:
+                reply = await self.bus.ask(actor, m.CountInFlight(model), timeout=2.0)
+            except AskTimeout:
+                return None
+            if not isinstance(reply, m.InFlight) or reply.routed:
+                return None
+            total += reply.count
+        return total
+
+    async def _drain_then_halt(self, drain_s: float) -> None:
+        deadline = time.monotonic() + drain_s
+        left: int | None = 0
+        while self.state.model and self.state.state == "ready" and time.monotonic() < deadline:
+            left = await self._in_flight(self.state.model)
+            if left == 0:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        else:
+            if self.state.model and self.state.state == "ready":
+                self.log.warning(
+                    "paused: %s requests still in flight after %gs; stopping anyway",
+                    "some" if left is None else left,
+                    drain_s,
+                )
+        self.halted = True
+        self.want = msgspec.structs.replace(self.want)  # a new object: the loop moves on
+        self.download_cancel.set()
+        if self.proc is not None:
+            await stop_process(self.proc)
+        self.wake.set()
+        self.log.info("paused: llama-server stopped")
+
     async def _set(self, state: m.LocalServerState) -> None:
+        if state.paused != self.paused:
+            state = msgspec_replace(state, paused=self.paused)
+        pause_only = msgspec_replace(state, paused=self.state.paused) == self.state
         self.state = state
-        if state.state in ("ready", "failed"):
+        if state.state in ("ready", "failed") and not pause_only:
             self.log.info(
                 "%s %s%s",
                 state.model,
@@ -169,10 +254,10 @@ class ServerSupervisor(Actor):
         """Make the running server match the wanted one (circus's reconcile loop)."""
         while True:
             want = self.want
-            spec, part = want.spec, want.split
+            spec, part = (None, None) if self.halted else (want.spec, want.split)
             self.wake.clear()
             if spec is None:
-                if self.state != m.LocalServerState():
+                if self.state != m.LocalServerState(paused=self.paused):
                     await self._set(m.LocalServerState())
                 await self.wake.wait()
                 continue
@@ -420,6 +505,8 @@ class ServerSupervisor(Actor):
                 self.output.append(line.rstrip())
 
     async def on_stop(self) -> None:
+        if self.drain_task is not None:
+            self.drain_task.cancel()
         self.want = m.ServeModel()
         self.download_cancel.set()
         self.loop_task.cancel()

@@ -120,6 +120,8 @@ class Tunnel(Actor):
             return await self._use_workers(msg.workers)
         if isinstance(msg, m.SendOwnerOrder):
             return await self._send_owner_order(msg.order)
+        if isinstance(msg, m.CountInFlight):
+            return m.InFlight(self.server.local_in_flight)
         return await super().on_ask(msg)
 
     async def _use_workers(self, workers: tuple[str, ...]) -> m.RpcPorts:

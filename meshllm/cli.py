@@ -211,6 +211,36 @@ def drop(node: str | None, home: str, model: str) -> None:
 @ctl.command()
 @HOME_OPTION
 @click.option(
+    "--drain",
+    "drain_s",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds the requests in flight may take to end before llama-server stops anyway.",
+)
+def pause(home: str, drain_s: float) -> None:
+    """Give the machine back: stop serving and let other nodes take the model.
+
+    The node stops being a target at once (every router drops it, and elections
+    count it out, so the model goes to other nodes), lets its requests in flight
+    end, then stops llama-server. It stays in the mesh; `meshllm ctl resume` serves
+    again. Example: meshllm ctl pause --drain 30
+    """
+    reply = _ask(home, m.PauseServing(True, drain_s, "meshllm ctl pause"))
+    click.echo(reply.message if isinstance(reply, m.CtlDone) else reply)
+
+
+@ctl.command()
+@HOME_OPTION
+def resume(home: str) -> None:
+    """Serve again after `meshllm ctl pause`: start llama-server for the node's model."""
+    reply = _ask(home, m.PauseServing(False, reason="meshllm ctl resume"))
+    click.echo(reply.message if isinstance(reply, m.CtlDone) else reply)
+
+
+@ctl.command()
+@HOME_OPTION
+@click.option(
     "--out",
     metavar="FILE",
     help="Write the token to FILE (mode 0600) instead of printing it, e.g. "

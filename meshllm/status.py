@@ -21,12 +21,20 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def shown_state(state: str, paused: bool) -> str:
+    """A server's state as shown: `paused` (`meshllm ctl pause`), `paused (draining)`
+    while its last requests end."""
+    if not paused:
+        return state
+    return "paused (draining)" if state in ("ready", "loading") else "paused"
+
+
 def format_status(s: NodeStatus) -> str:
     server = s.server
     worker = server.split is not None and server.split.part == "worker"
     program = "rpc-server" if worker else "llama-server"
     llama = f"{program} :{server.port}" if server.port else "-"
-    state = "-" if s.role == "client" else server.state
+    state = "-" if s.role == "client" else shown_state(server.state, server.paused)
     rows = [
         ["NODE", "ROLE", "MODEL", "STATE", "API", "PORTS"],
         [s.node_id, s.role, server.model or "-", state, s.http, llama],
@@ -64,7 +72,14 @@ def format_status(s: NodeStatus) -> str:
         address = p.addresses[0] if p.addresses else "-"
         model = p.serving or ", ".join(f"{name} (backend)" for name in p.backend_models)
         peer_rows.append(
-            [p.node_id, p.role, model or "-", p.server_state, str(p.http_port), address]
+            [
+                p.node_id,
+                p.role,
+                model or "-",
+                shown_state(p.server_state, p.paused),
+                str(p.http_port),
+                address,
+            ]
         )
     if len(peer_rows) > 1:
         out += [table(peer_rows), ""]

@@ -285,6 +285,11 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
             models = [demo_model()]
         if opts.client and models:
             raise UpError("a lite client (--client) serves no model; drop --model")
+        if opts.pause_when_busy and (opts.client or backends):
+            raise UpError(
+                "--pause-when-busy pauses this node's llama-server, and a lite client or a "
+                "node with --backend-url runs none; drop --pause-when-busy"
+            )
         flags = [a.split("=", 1)[0] for a in opts.llama_args]
         if reserved := [f for f in flags if f in ("--host", "--port")]:
             raise UpError(

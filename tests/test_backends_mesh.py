@@ -9,6 +9,7 @@ started again, it is served again.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +56,10 @@ def refused_for_now(node: NodeProcess) -> bool:
     return status == 503 and int(headers.get("retry-after", "0")) >= 1
 
 
+def refused_and_cold(node: NodeProcess) -> bool:
+    return refused_for_now(node) and NAME not in node.warm_models()
+
+
 def test_a_backend_is_routed_through_the_tunnel_and_follows_its_health(
     backend: PlainLlamaServer, start_node: Callable[..., NodeProcess]
 ) -> None:
@@ -83,7 +88,7 @@ def test_a_backend_is_routed_through_the_tunnel_and_follows_its_health(
         # At once 503 with Retry-After (the servers refuse); and within a poll or two the
         # backend is down everywhere: no target any more.
         wait_for(
-            lambda node=node: refused_for_now(node) and NAME not in node.warm_models(),
+            functools.partial(refused_and_cold, node),
             30,
             f"503 for {NAME} and {NAME} cold on :{node.port}",
         )

@@ -310,10 +310,10 @@ def test_an_oversized_announcement_is_refused() -> None:
 
 
 def test_the_table_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("meshllm.mesh.membership.ANNOUNCEMENT_MAX_BYTES", 1000)
+    monkeypatch.setattr("meshllm.mesh.membership.ANNOUNCEMENT_MAX_BYTES", 1100)
     monkeypatch.setattr("meshllm.mesh.membership.TABLE_MAX_BYTES", 2500)
     m = mesh()
-    assert m.refusal(big("x", 1, 20)) == "it is over 1000 bytes"
+    assert m.refusal(big("x", 1, 20)) == "it is over 1100 bytes"
     assert not m.merge(big("x", 1, 20), now=0)
     assert m.merge(big("a", 1, 10), now=0) and m.merge(big("b", 1, 10), now=0)
     size = encoded_size(big("a", 1, 10))

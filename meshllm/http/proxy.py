@@ -489,6 +489,17 @@ class ProxyApp:
             return True
         return origin is not None and self.cors.allows(origin)
 
+    def local_in_flight(self, node_id: str, model: str) -> tuple[int, bool]:
+        """Requests in flight to this node's own llama-server of `model`, and whether the
+        route table still sends new ones there (a paused node waits for (0, False))."""
+        tid = target_id(RouteTarget(node_id, True, 0, model))
+        routed = any(
+            t.local and not t.backend and t.model == model
+            for r in self.routes.table.models
+            for t in r.targets
+        )
+        return self.balancer.in_flight(tid), routed
+
     def set_table(self, table: RouteTable) -> None:
         self.routes = Routes(table, self.strict_models)
         self.balancer.retain(t for r in table.models for t in r.targets)

@@ -43,11 +43,12 @@ def build_route_table(
 
     Targets are ordered local first, then by node id, so every node picks the
     same host for a model. A split group's workers and standbys are no targets:
-    only its host runs llama-server.
+    only its host runs llama-server. A paused local server (`meshllm ctl pause`) is no
+    target: it only finishes the requests it has.
     """
     servers: list[Serving] = list(remote)
     split = local.split
-    if local.model and local.state == "ready" and local.port:
+    if local.model and local.state == "ready" and local.port and not local.paused:
         if split is None:
             servers.append(Serving(local.model, node_id, local.port, local=True))
         elif split.part == "host":

@@ -43,6 +43,8 @@ class NodeCard(msgspec.Struct, frozen=True, kw_only=True):
     """A split host's workers."""
     shares: tuple[float, ...] = ()
     """A split host's layer shares: its own, then each worker's."""
+    paused: bool = False
+    """`meshllm ctl pause`: the node gave its machine back (serves no one until resumed)."""
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,6 +121,7 @@ def own_card(
         split_host=part["split_host"] or "",
         workers=part["split_workers"],
         shares=part["split_shares"],
+        paused=local.paused,
     )
 
 
@@ -136,6 +139,7 @@ def peer_card(ann: PeerAnnouncement) -> NodeCard:
         split_host=ann.split_host or "",
         workers=ann.split_workers,
         shares=ann.split_shares,
+        paused=ann.paused,
     )
 
 
@@ -144,7 +148,7 @@ def build_mesh_status(me: NodeCard, mesh: MeshView, routes: RouteTable, api: str
     nodes = (me, *(peer_card(p) for p in sorted(mesh.peers, key=lambda p: p.node_id)))
     loading: dict[str, list[str]] = {}
     for node in nodes:
-        if node.model and node.state in ("loading", "stopped"):
+        if node.model and node.state in ("loading", "stopped") and not node.paused:
             loading.setdefault(node.model, []).append(node.node_id)
     models = [
         ModelCard(

@@ -129,6 +129,9 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     backend_models: Models = ()
     """Models this node's up external backends serve (`--backend-url`): other nodes
     route them here, through the tunnel."""
+    paused: bool = False
+    """`meshllm ctl pause`: no target for anyone, no server in any election (its
+    model goes to other nodes by the usual rules) until `meshllm ctl resume`."""
     public_key: Annotated[bytes, msgspec.Meta(max_length=PUBLIC_KEY_MAX)] = b""
     """The node's public key (DER SubjectPublicKeyInfo)."""
     signature: Annotated[bytes, msgspec.Meta(max_length=SIGNATURE_MAX)] = b""

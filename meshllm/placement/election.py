@@ -83,6 +83,11 @@ started with ``--model``) is expected to take the first of them. Then:
   round someone moves. `Elector.next_deadline` says when to call again
   without a mesh change.
 
+Paused nodes (`meshllm ctl pause`, `--pause-when-busy`). A node that announces
+`paused` is neither a server of its model nor a contender: its model is cold
+for the others (a waiting node takes it at once, a redundant server after the
+cold grace), and nobody expects it to claim anything until it resumes.
+
 Per-model election groups ("Per-model election groups"). Nodes serving the
 same model form a group; its host is the node with the most VRAM (announced
 `vram_bytes`), ties to the smallest node id. Groups are independent.
@@ -211,8 +216,14 @@ def fits(size_bytes: int | None, budget_bytes: int) -> bool:
 
 def _counts_as_server(ann: PeerAnnouncement) -> bool:
     """A node that serves its model: a host (a split group's workers and standbys are
-    part of their host's server, not servers of their own)."""
-    return bool(ann.serving) and ann.role in ("host", "idle") and ann.server_state != "failed"
+    part of their host's server, not servers of their own). A paused node (`meshllm ctl
+    pause`) serves nothing for the mesh, even while its last requests end."""
+    return (
+        bool(ann.serving)
+        and ann.role in ("host", "idle")
+        and ann.server_state != "failed"
+        and not ann.paused
+    )
 
 
 def servers_by_model(
@@ -389,7 +400,10 @@ def _play_round(view: NodeView, matured: Set[str] | None = None) -> _Round:
     if matured is not None:
         own = cold_only(own)
     first = _best(own, base)
-    others = [a for a in view.announcements if a.node_id != me and a.role != "client"]
+    # A paused node takes nothing: no contender, its claims none (it gives its model back).
+    others = [
+        a for a in view.announcements if a.node_id != me and a.role != "client" and not a.paused
+    ]
     waiting = sorted((a for a in others if not a.serving), key=lambda a: a.node_id)
     hosts = elect_hosts(view.announcements)
     movers = sorted((a for a in others if _may_move(a, hosts)), key=lambda a: a.node_id)

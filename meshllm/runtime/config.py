@@ -21,6 +21,7 @@ from meshllm.http.origin import check_origins
 from meshllm.mesh import health
 from meshllm.placement.election import COLD_GRACE_S
 from meshllm.placement.split import RTT_LIMIT_MS
+from meshllm.runtime import busy
 from meshllm.runtime.paths import DEFAULT_HOME
 
 
@@ -62,6 +63,10 @@ def _port(value: int) -> str | None:
 
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be positive"
+
+
+def _percent(value: float) -> str | None:
+    return None if 0 <= value <= 100 else "must be between 0 and 100"
 
 
 def _not_negative(value: float | None) -> str | None:
@@ -300,6 +305,16 @@ class UpOptions:
         "Seconds a model must have no server before a spare server of another model "
         "moves to it (a server that restarts within this time is not replaced).",
         check=_not_negative,
+    )
+    pause_when_busy: float = option(
+        0.0,
+        "--pause-when-busy",
+        f"Give the machine back when other processes use more than PERCENT of its CPU "
+        f"(or of a GPU, through NVML) for {busy.BUSY_FOR_S:g}s: pause as `meshllm ctl "
+        f"pause` does; resume after {busy.CALM_FOR_S:g}s under PERCENT-{busy.MARGIN:g}. "
+        "0: never.",
+        metavar="PERCENT",
+        check=_percent,
     )
     log_level: str = option(
         "info",

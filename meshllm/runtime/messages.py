@@ -60,6 +60,9 @@ class LocalServerState(msgspec.Struct, tag=True, frozen=True):
     """Digest of the model file when this node downloaded it (its own `--model URL`):
     announced, so other nodes can fetch the same file and check it."""
     size: int = 0
+    paused: bool = False
+    """`meshllm ctl pause` (or `--pause-when-busy`): this node is no target any more; its
+    server keeps running (`state` as before) until its requests in flight ended, then stops."""
 
 
 class RouteTarget(msgspec.Struct, frozen=True):
@@ -207,6 +210,30 @@ class SendOwnerOrder(msgspec.Struct, tag=True, frozen=True):
     order: OwnerOrder
 
 
+class PauseServing(msgspec.Struct, tag=True, frozen=True):
+    """`meshllm ctl pause` / `resume` (root -> ServerSupervisor): stop being a target, let
+    the requests in flight end (at most `drain_s`), stop llama-server; or serve again."""
+
+    paused: bool
+    drain_s: float = 60.0
+    reason: str = ""
+
+
+class CountInFlight(msgspec.Struct, tag=True, frozen=True):
+    """ServerSupervisor -> Proxy, Tunnel (ask): how many requests the local server of
+    `model` is answering for you now."""
+
+    model: str
+
+
+class InFlight(msgspec.Struct, tag=True, frozen=True):
+    """Reply to `CountInFlight`."""
+
+    count: int
+    routed: bool = False
+    """The Proxy's route table still sends new requests to the local server."""
+
+
 class GetStatus(msgspec.Struct, tag=True, frozen=True):
     """`meshllm ctl status`."""
 
@@ -260,6 +287,9 @@ Message = (
     | RpcPorts
     | DropModel
     | SendOwnerOrder
+    | PauseServing
+    | CountInFlight
+    | InFlight
     | GetStatus
     | NodeStatus
     | CtlDone

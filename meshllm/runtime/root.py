@@ -18,10 +18,11 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from meshllm.mesh.status import announced_part
+from meshllm.runtime import busy
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import actor_main
 from meshllm.runtime.backoff import Backoff
-from meshllm.runtime.bus import Bus
+from meshllm.runtime.bus import AskTimeout, Bus
 from meshllm.runtime.config import NodeConfig
 
 log = logging.getLogger("meshllm.node")
@@ -109,6 +110,13 @@ class Node:
         self.stopping = False
         self.done = asyncio.Event()
         self.exit_reason = ""
+        percent = config.options.pause_when_busy
+        self.busy = (
+            busy.BusyWatcher(percent) if percent and "server_supervisor" in self.actors else None
+        )
+        """`--pause-when-busy`: decides when to give the machine back."""
+        self.paused_by_hand = False
+        """`meshllm ctl pause` (not yet resumed): the watcher leaves the node paused."""
 
     # -- actors ----------------------------------------------------------------
 
@@ -171,7 +179,60 @@ class Node:
                 if "tunnel" not in self.actors:
                     return m.ActorError("this node has no tunnel to carry the command")
                 return await self.bus.ask("tunnel", msg, OWNER_ORDER_TIMEOUT_S)
+            case m.PauseServing():
+                return await self.pause(msg)
         return m.ActorError(f"unknown control command {type(msg).__name__}")
+
+    async def pause(self, msg: m.PauseServing) -> m.Message:
+        """`meshllm ctl pause` / `resume`: the ServerSupervisor drains and stops its server.
+        A resume by hand also ends a pause of `--pause-when-busy` (which watches afresh)."""
+        if "server_supervisor" not in self.actors:
+            return m.ActorError("this node runs no llama-server: nothing to pause or resume")
+        reply = await self._tell_supervisor(msg)
+        if isinstance(reply, m.CtlDone):
+            self.paused_by_hand = msg.paused
+            if not msg.paused and self.busy is not None:
+                self.busy.reset()
+        return reply
+
+    async def _tell_supervisor(self, msg: m.PauseServing) -> m.Message:
+        try:
+            return await self.bus.ask("server_supervisor", msg, timeout=5.0)
+        except AskTimeout as exc:
+            return m.ActorError(f"the server supervisor did not answer: {exc}")
+
+    async def _watch_busy(self, watcher: busy.BusyWatcher) -> None:
+        """`--pause-when-busy`: sample other processes' use, act on the watcher's word."""
+        gpu = busy.GpuSampler()
+        root = os.getpid()
+        try:
+            before = busy.sample_cpu(root)
+        except (OSError, ValueError) as exc:
+            log.warning("--pause-when-busy cannot read the CPU use (%s); not watching", exc)
+            return
+        while not self.stopping:
+            await asyncio.sleep(busy.SAMPLE_S)
+            try:
+                # Off the loop: a scan of /proc (and NVML) must not hold up `meshllm ctl`.
+                after = await asyncio.to_thread(busy.sample_cpu, root)
+            except (OSError, ValueError) as exc:
+                log.warning("--pause-when-busy cannot read the CPU use (%s); not watching", exc)
+                return
+            use = busy.others_percent(before, after)
+            before = after
+            gpu_use = await asyncio.to_thread(gpu.others_percent, set(after.own))
+            if gpu_use is not None:
+                use = max(use, gpu_use)
+            action = watcher.observe(use, time.monotonic())
+            if action is None:
+                continue
+            if self.paused_by_hand:
+                # `ctl pause` holds: only `ctl resume` ends it, and the watcher starts over.
+                watcher.reset()
+                continue
+            why = f"other processes use {use:.0f}% (--pause-when-busy {watcher.percent:g})"
+            log.info("%s: %s", "pausing" if action == "pause" else "resuming", why)
+            await self._tell_supervisor(m.PauseServing(action == "pause", reason=why))
 
     async def _on_tell(self, msg: m.Message) -> None:
         if isinstance(msg, m.Shutdown):
@@ -248,6 +309,10 @@ class Node:
             self.bus.subscribe(publisher, topics, self._on_topic)
         for actor in self.actors.values():
             self._start(actor)
+        if self.busy is not None:
+            task = loop.create_task(self._watch_busy(self.busy))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         await self.done.wait()
         self.bus.close()
         return self.exit_reason

@@ -140,6 +140,9 @@ class TunnelServer:
         self.on_owner_order: OwnerHandler | None = None
         """Decides on an owner command from a peer: the answer, and what to do once it
         is delivered (the Tunnel actor's, with `meshllm.mesh.owner.OwnerGate`)."""
+        self.local_in_flight = 0
+        """Requests the local llama-server is answering through this tunnel now (a paused
+        node stops its server once they ended: `meshllm ctl pause`)."""
 
     def _pool(self, port: int) -> Pool:
         pool = self.pool
@@ -233,8 +236,14 @@ class TunnelServer:
                 return
             reserved = request.body_length
             body = await self._body(reader, request.body_length)
-            pool = self._pool(port) if backend is None else self._backend_pool(backend)
-            await self._forward(pool, request, body, reader, writer)
+            if backend is not None:
+                await self._forward(self._backend_pool(backend), request, body, reader, writer)
+                return
+            self.local_in_flight += 1
+            try:
+                await self._forward(self._pool(port), request, body, reader, writer)
+            finally:
+                self.local_in_flight -= 1
         except (wire.WireError, asyncio.IncompleteReadError, ConnectionResetError) as exc:
             if not isinstance(opening, wire.TunnelOpen):
                 self._drop(link, reader, writer, repr(exc))

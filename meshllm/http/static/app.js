@@ -202,15 +202,15 @@ function renderNodes(nodes) {
     ...nodes.map((n) => {
       // A standby holds the model's name but serves none of it.
       const serving = n.model && n.model === ui.selected && n.role !== "standby";
-      const stateText = n.model ? n.state : n.role === "client" ? "no server" : "waiting";
-      const stateClass = n.model ? (STATES.has(n.state) ? n.state : "other") : "none";
+      const stateText = n.paused ? "paused" : n.model ? n.state : n.role === "client" ? "no server" : "waiting";
+      const stateClass = n.paused ? "other" : n.model ? (STATES.has(n.state) ? n.state : "other") : "none";
       const box = el(
         "article",
         {
           className: "node",
           "data-node-id": n.node_id,
           "data-role": n.role,
-          "data-state": n.state,
+          "data-state": n.paused ? "paused" : n.state,
           "data-highlight": serving ? "true" : "false",
         },
         el(
