@@ -474,6 +474,19 @@ def test_warnings_about_peers_are_rate_limited_per_kind() -> None:
     assert throttle.allow("forged", 20.0) == 0
 
 
+def test_a_throttle_keyed_by_peer_stays_bounded_whatever_ids_a_member_makes() -> None:
+    from meshllm.runtime.logs import MAX_KINDS, OTHER_KINDS
+
+    throttle = Throttle(interval=10.0)
+    said = [throttle.allow(f"peer-{i}", 0.0) for i in range(10_000)]
+    assert len(throttle.next_at) <= MAX_KINDS + 1
+    # the first MAX_KINDS peers get a line each, the rest share one
+    assert said.count(0) == MAX_KINDS + 1 and OTHER_KINDS in throttle.next_at
+    # once their intervals ended, the kinds are forgotten and new peers are heard again
+    assert throttle.allow("newcomer", 10.0) == 0
+    assert len(throttle.next_at) <= 2
+
+
 # -- an attacker's review (issue 9): what one hostile member can make a node do --------
 
 

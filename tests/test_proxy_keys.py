@@ -3,6 +3,8 @@ what goes on to the servers, and the console in front of a node with keys."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from meshllm.http.auth import ApiKey, digest_of, load_keys
@@ -190,8 +192,12 @@ def test_the_console_calls_a_keyed_api_with_its_own_key() -> None:
         async with FakeServer(ok()) as srv:
             api = app_for(srv.port, api_keys=keys)
             async with serving(api) as port:
-                page = ConsoleApp("127.0.0.1", port, api_key=console_key)
+                mine = lambda _peer, _local: os.getuid()  # noqa: E731 (the page is ours)
+                page = ConsoleApp("127.0.0.1", port, api_key=console_key, peer_uid=mine)
                 bare = ConsoleApp("127.0.0.1", port)
+                theirs = ConsoleApp(
+                    "127.0.0.1", port, api_key=console_key, peer_uid=lambda _p, _l: 65534
+                )
                 try:
                     chat = Exchange(page, "POST", CHAT, b'{"model": "demo"}')
                     assert (await chat.start())[0] == 200
@@ -201,13 +207,21 @@ def test_the_console_calls_a_keyed_api_with_its_own_key() -> None:
                     refused = Exchange(bare, "POST", CHAT, b'{"model": "demo"}')
                     assert (await refused.start())[0] == 401
                     await refused.rest()
+                    # Another local user's page gets no key from the console.
+                    other = Exchange(theirs, "POST", CHAT, b'{"model": "demo"}')
+                    assert (await other.start())[0] == 401
+                    await other.rest()
+                    # The live charts read the keyed /metrics with the console's key.
+                    charts = Exchange(page, "GET", "/api/metrics")
+                    assert (await charts.start())[0] == 200
+                    await charts.rest()
                     # A key the page sends itself is used instead (and is checked).
                     own = Exchange(page, "POST", CHAT, b"{}", headers=bearer("sk-wrong-000000000"))
                     assert (await own.start())[0] == 401
                     await own.rest()
                 finally:
-                    page.close_upstream()
-                    bare.close_upstream()
+                    for console in (page, bare, theirs):
+                        console.close_upstream()
 
     run(main())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
@@ -33,6 +34,7 @@ from meshllm.http.proxy import (
 )
 from meshllm.http.upstream import Pool
 from meshllm.mesh.status import MeshStatus
+from meshllm.runtime.procutil import loopback_peer_uid
 
 log = logging.getLogger("meshllm.console")
 
@@ -81,11 +83,14 @@ class ConsoleApp:
         loopback_only: bool = True,
         cors_origins: tuple[str, ...] | list[str] = (),
         api_key: str = "",
+        peer_uid: Callable[[int, int], int | None] = loopback_peer_uid,
     ) -> None:
         self.assets = load_assets()
         self.api_key = api_key
         """The console's own key to the API (`meshllm up --api-key` with `--console`):
-        sent for the page when it sends none itself (empty: the API needs no key)."""
+        sent for the page when it sends none itself (empty: the API needs no key), and
+        only to a page of this node's own user (`key_headers`)."""
+        self.peer_uid = peer_uid
         self.cors = Policy(cors_origins)
         self.upstream = Pool(api_host, api_port)
         self.max_body_bytes = max_body_bytes
@@ -207,9 +212,8 @@ class ConsoleApp:
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode("latin-1")
         headers = [(k, v) for k, v in scope["headers"] if k in FORWARDED_HEADERS]
-        if self.api_key and not any(k == b"authorization" for k, _ in headers):
-            # The console is loopback only and the node owner's: its page needs no key.
-            headers.append((b"authorization", f"Bearer {self.api_key}".encode()))
+        if not any(k == b"authorization" for k, _ in headers):
+            headers += self.key_headers(scope)
         # A browser that goes away (the page's Stop button, a closed tab) closes the
         # upstream connection, which makes the Proxy stop the generation too.
         await forward_until_disconnect(
@@ -224,6 +228,17 @@ class ConsoleApp:
             "api_unreachable",
         )
 
+    def key_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """The console's key, for a connection from this node's own user only: another
+        user of the machine reaches the loopback console too, and must not get a keyed
+        API through it (a connection whose owner /proc cannot tell gets no key)."""
+        if not self.api_key:
+            return []
+        client, server = scope.get("client"), scope.get("server")
+        if not client or not server or self.peer_uid(client[1], server[1]) != os.getuid():
+            return []
+        return [(b"authorization", f"Bearer {self.api_key}".encode())]
+
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The node's `GET /metrics`, same origin (the page's live charts read it)."""
         await forward_until_disconnect(
@@ -231,7 +246,7 @@ class ConsoleApp:
             "GET",
             "/metrics",
             b"",
-            [],
+            self.key_headers(scope),
             receive,
             send,
             "the node's API",
