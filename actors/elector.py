@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 from meshllm.mesh.wire import PeerAnnouncement
 from meshllm.models.catalog import CATALOG, SourceRefused, find_entry, proposed_source
 from meshllm.placement import election, split
+from meshllm.placement.demand import demand_of, mesh_demand
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 from meshllm.runtime.config import ModelSpec, NodeConfig
@@ -119,8 +121,12 @@ def model_infos(specs: dict[str, ModelSpec]) -> dict[str, election.ModelInfo]:
 
 
 def election_core(config: NodeConfig) -> election.Elector:
-    """The election core with this node's timings (`--cold-grace`)."""
-    return election.Elector(cold_grace_s=config.options.cold_grace_s)
+    """The election core with this node's timings (`--cold-grace`, `--idle-unload`,
+    `--hot-rpm`)."""
+    opts = config.options
+    return election.Elector(
+        cold_grace_s=opts.cold_grace_s, idle_unload_s=opts.idle_unload_s, hot_rpm=opts.hot_rpm
+    )
 
 
 class Elector(Actor):
@@ -139,6 +145,10 @@ class Elector(Actor):
         self.explicit = cfg.models[0].name if cfg.models else None
         self.wanted: ModelSpec | None = None
         self.wanted_split: split.SplitRole | None = None
+        self.wanted_extras: tuple[ModelSpec, ...] = ()
+        """`--models-dir`: the other models served here (`election.shelf`)."""
+        self.extras_failed: set[str] = set()
+        self.shelf_due: float | None = None
         self.split_plan: split.Plan | None = None
         """The plan this node made as its split group's host (kept while it works)."""
         self.split_host: str | None = None
@@ -168,6 +178,13 @@ class Elector(Actor):
             previous, self.local = self.local, msg
             if msg.state == "ready":
                 self.served_here.add(msg.model)
+            for extra in msg.extras:
+                if extra.state == "ready":
+                    self.served_here.add(extra.model)
+                elif extra.state == "failed" and extra.model not in self.served_here:
+                    if extra.model not in self.extras_failed:
+                        self.log.warning("%s failed here (%s)", extra.model, extra.reason)
+                    self.extras_failed.add(extra.model)
             changed = (previous.model, previous.state) != (msg.model, msg.state)
             if (
                 changed
@@ -193,14 +210,16 @@ class Elector(Actor):
             announcements.append(self.mesh.me)
         specs, refused = model_sources((*cfg.available, *cfg.models), announcements, cfg.models_dir)
         self._report_refused(refused)
+        now = time.monotonic()
         view = election.NodeView(
             node_id=cfg.node_id,
             budget_bytes=cfg.vram_bytes,
             models=model_infos(specs),
             announcements=announcements,
             explicit=self.explicit,
+            demand=mesh_demand(announcements, time.time(), now),
         )
-        decision = self.core.update(view, time.monotonic())
+        decision = self.core.update(view, now)
         self.wake.set()
         if decision is not None:
             self.reason = f"{decision.reason}{': ' + decision.detail if decision.detail else ''}"
@@ -208,11 +227,36 @@ class Elector(Actor):
         model = self.core.decision.model if self.core.decision else None
         spec = specs.get(model) if model else None
         part = self._split_part(spec, announcements)
-        if (spec, part) != (self.wanted, self.wanted_split):
+        extras = self._extras(view, model, specs, now)
+        if (spec, part, extras) != (self.wanted, self.wanted_split, self.wanted_extras):
             if part is not None and part != self.wanted_split:
                 self.log.info("split group of %s: %s", spec.name if spec else "-", describe(part))
-            self.wanted, self.wanted_split = spec, part
-            await self.bus.publish("wanted", m.ServeModel(spec, self.reason, part))
+            if extras != self.wanted_extras:
+                names = ", ".join(x.name for x in extras) or "none"
+                self.log.info("--models-dir: also serving %s", names)
+            self.wanted, self.wanted_split, self.wanted_extras = spec, part, extras
+            await self.bus.publish("wanted", m.ServeModel(spec, self.reason, part, extras))
+
+    def _extras(
+        self,
+        view: election.NodeView,
+        model: str | None,
+        specs: dict[str, ModelSpec],
+        now: float,
+    ) -> tuple[ModelSpec, ...]:
+        """`--models-dir`: the models this node serves besides `model` (`election.shelf`)."""
+        self.shelf_due = None
+        if self.config.options.models_dir is None or self.config.vram_bytes <= 0:
+            return ()
+        ttl = self.config.options.idle_unload_s
+        view = replace(view, excluded=view.excluded | self.core.failed | self.extras_failed)
+        running = [x.name for x in self.wanted_extras]
+        names = election.shelf(view, model, running, now, ttl)
+        if ttl > 0:
+            # A running model turning idle may make room for one asked for: look again then.
+            turns = [demand_of(view.demand, name).last + ttl for name in running]
+            self.shelf_due = min((t for t in turns if t > now), default=None)
+        return tuple(specs[name] for name in names if name in specs)
 
     def _split_part(
         self, spec: ModelSpec | None, announcements: list[PeerAnnouncement]
@@ -290,7 +334,7 @@ class Elector(Actor):
     async def _timer(self) -> None:
         """Re-run the decision at the core's own deadlines (claims that expire, cold grace)."""
         while True:
-            deadlines = [self.core.next_deadline(), self.hold.due()]
+            deadlines = [self.core.next_deadline(), self.hold.due(), self.shelf_due]
             deadline = min((d for d in deadlines if d is not None), default=None)
             delay = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
             self.wake.clear()

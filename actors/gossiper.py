@@ -58,7 +58,11 @@ def node_key(resources: dict[str, Any], node_id: str) -> ec.EllipticCurvePrivate
 
 class Gossiper(Actor):
     name = "gossiper"
-    subscriptions = {"server_supervisor": ["local"], "backends": ["backends"]}
+    subscriptions = {
+        "server_supervisor": ["local"],
+        "backends": ["backends"],
+        "proxy": ["demand"],
+    }
 
     async def on_start(self) -> None:
         cfg = self.config
@@ -306,6 +310,7 @@ class Gossiper(Actor):
                 "serving": msg.model or None,
                 "server_state": msg.state,
                 "paused": msg.paused,
+                "also_serving": tuple(x.model for x in msg.ready_extras()),
                 # Only the planner's own words: a server's output can name local paths.
                 "server_reason": msg.split.note[:200] if msg.split is not None else "",
                 **announced_part(msg, self.config.options.client),
@@ -319,6 +324,8 @@ class Gossiper(Actor):
             await self._run(self.core.update_self(**changes))
         elif isinstance(msg, m.BackendsState):
             await self._run(self.core.update_self(backend_models=healthy_models(msg)))
+        elif isinstance(msg, m.DemandState):
+            await self._run(self.core.update_self(demand=msg.models))
 
     async def on_tell(self, msg: m.Message) -> None:
         now = time.monotonic()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import socket
+import time
 
 from meshllm.http.asgi import actor_server
 from meshllm.http.proxy import ProxyApp, is_loopback_address
@@ -29,6 +30,9 @@ class Proxy(Actor):
         "health_prober": ["rtt"],
         "server_supervisor": ["local"],
     }
+    DEMAND_TICK_S = 1.0
+    """How often the demand counts are looked at (`DemandMeter.changed` says when they
+    are worth announcing)."""
 
     async def on_start(self) -> None:
         self.app = ProxyApp(
@@ -43,7 +47,9 @@ class Proxy(Actor):
             affinity=not self.config.options.no_affinity,
             stall_s=self.config.options.stall_s,
             api_keys=self.config.api_keys,
+            load_wait_s=self.config.options.load_wait_s,
         )
+        self.demand_task = asyncio.create_task(self._publish_demand())
         sock: socket.socket = self.resources["socket"]
         self.server = actor_server(
             self.app,
@@ -79,7 +85,15 @@ class Proxy(Actor):
             return m.InFlight(count, routed)
         return await super().on_ask(msg)
 
+    async def _publish_demand(self) -> None:
+        while True:
+            await asyncio.sleep(self.DEMAND_TICK_S)
+            snap = self.app.demand.changed(time.time())
+            if snap is not None:
+                await self.bus.publish("demand", m.DemandState(snap))
+
     async def on_stop(self) -> None:
+        self.demand_task.cancel()
         self.server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.serving, 5)

@@ -51,6 +51,12 @@ class Router(Actor):
             and peer.role == "host"
             and not peer.paused
         ]
+        remote += [
+            Serving(model, peer.node_id, peer.http_port)
+            for peer in self.mesh.peers
+            if not peer.paused
+            for model in peer.also_serving
+        ]
         remote += backend_servers(self.config.node_id, self.mesh, self.backends)
         table = build_route_table(
             self.config.node_id, self.local, remote, catalog, failure_notes(self.mesh, self.local)

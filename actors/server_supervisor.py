@@ -135,10 +135,17 @@ class ServerSupervisor(Actor):
         self.halted = False
         """Paused and drained: the wanted server is not run until `ctl resume`."""
         self.drain_task: asyncio.Task[None] | None = None
+        self.extras: dict[str, asyncio.Task[None]] = {}
+        """`--models-dir`: model name -> the task that keeps its own llama-server running."""
+        self.extra_states: dict[str, m.ExtraServer] = {}
+        self.wanted_extras: tuple[ModelSpec, ...] = ()
         self.loop_task = asyncio.create_task(self._reconcile_forever())
         await self._set(m.LocalServerState())
 
     async def on_topic(self, topic: str, msg: m.Message) -> None:
+        if isinstance(msg, m.ServeModel):
+            self.wanted_extras = msg.extras
+            await self._run_extras(() if self.halted else msg.extras)
         if isinstance(msg, m.ServeModel) and (msg.spec, msg.split) != (
             self.want.spec,
             self.want.split,
@@ -187,6 +194,7 @@ class ServerSupervisor(Actor):
             # A new object: the reconcile loop starts the wanted server afresh.
             self.want = msgspec.structs.replace(self.want)
         self.paused = self.halted = False
+        await self._run_extras(self.wanted_extras)
         self.policy.reset()
         self.wake.set()
         await self._set(self.state)
@@ -209,19 +217,23 @@ class ServerSupervisor(Actor):
     async def _drain_then_halt(self, drain_s: float) -> None:
         deadline = time.monotonic() + drain_s
         left: int | None = 0
-        while self.state.model and self.state.state == "ready" and time.monotonic() < deadline:
-            left = await self._in_flight(self.state.model)
+        models = [self.state.model] if self.state.state == "ready" else []
+        models += [x.model for x in self.state.ready_extras()]
+        while models and time.monotonic() < deadline:
+            counts = [await self._in_flight(model) for model in models]
+            left = None if None in counts else sum(c or 0 for c in counts)
             if left == 0:
                 break
             await asyncio.sleep(DRAIN_POLL_S)
         else:
-            if self.state.model and self.state.state == "ready":
+            if models:
                 self.log.warning(
                     "paused: %s requests still in flight after %gs; stopping anyway",
                     "some" if left is None else left,
                     drain_s,
                 )
         self.halted = True
+        await self._run_extras(())
         self.want = msgspec.structs.replace(self.want)  # a new object: the loop moves on
         self.download_cancel.set()
         if self.proc is not None:
@@ -232,6 +244,9 @@ class ServerSupervisor(Actor):
     async def _set(self, state: m.LocalServerState) -> None:
         if state.paused != self.paused:
             state = msgspec_replace(state, paused=self.paused)
+        extras = tuple(self.extra_states[name] for name in sorted(self.extra_states))
+        if state.extras != extras:
+            state = msgspec_replace(state, extras=extras)
         pause_only = msgspec_replace(state, paused=self.state.paused) == self.state
         self.state = state
         if state.state in ("ready", "failed") and not pause_only:
@@ -288,6 +303,76 @@ class ServerSupervisor(Actor):
             self.log.warning("restarting %s in %.1fs", spec.name, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
+
+    # -- `--models-dir`: more llama-servers, each for one model on disk, alone ---------
+
+    async def _run_extras(self, wanted: tuple[ModelSpec, ...]) -> None:
+        """Start a keeper for each wanted extra model, stop the others' (and wait)."""
+        by_name = {spec.name: spec for spec in wanted if spec.path}
+        gone = [name for name in self.extras if name not in by_name]
+        stopping = [self.extras.pop(name) for name in gone]
+        for task in stopping:
+            task.cancel()
+        await asyncio.gather(*stopping, return_exceptions=True)
+        for name, spec in by_name.items():
+            if name not in self.extras:
+                self.extra_states[name] = m.ExtraServer(name)
+                self.extras[name] = asyncio.create_task(self._keep_extra(spec))
+        if gone:
+            for name in gone:
+                self.extra_states.pop(name, None)
+            self.log.info("stopped the llama-servers of %s", ", ".join(gone))
+            await self._set(self.state)
+
+    async def _keep_extra(self, spec: ModelSpec) -> None:
+        """Keep `spec`'s own llama-server running: restart it with backoff when it exits,
+        publishing each state (`LocalServerState.extras`)."""
+        policy = Backoff(base_s=0.2, max_s=15.0, window_s=60.0)
+        log_path = self.logs / f"llama-server-{spec.name}.log"
+        output: collections.deque[bytes] = collections.deque(maxlen=60)
+        while True:
+            port = free_port()
+            cmd = self._server_command(spec.path, spec.name, port)
+            self.log.info("starting %s", " ".join(redact(cmd)))
+            proc = await spawn(cmd)
+            state = m.ExtraServer(spec.name, "loading", port, proc.pid, restarts=policy.total)
+            await self._set_extra(state)
+            output.clear()
+            reader = asyncio.create_task(read_output(proc, log_path, output))
+            try:
+                timeout = self.config.options.load_timeout_s
+                if await await_health(proc, port, timeout, output):
+                    self.log.info("%s ready on port %s", spec.name, port)
+                    await self._set_extra(msgspec.structs.replace(state, state="ready"))
+                    policy.reset()
+                await proc.wait()
+                await asyncio.wait_for(reader, 2)
+            finally:
+                reader.cancel()
+                await stop_process(proc)
+            reason = failure_reason(output, proc.returncode)
+            failed = msgspec.structs.replace(state, state="failed", port=0, reason=reason)
+            await self._set_extra(failed)
+            delay = policy.failed(time.monotonic())
+            self.log.warning("%s failed (%s); restarting in %.1fs", spec.name, reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _set_extra(self, state: m.ExtraServer) -> None:
+        if state.model in self.extras:
+            self.extra_states[state.model] = state
+            await self._set(self.state)
+
+    def _server_command(self, path: str, name: str, port: int, *rpc: str) -> list[str]:
+        return [
+            self.config.llama_server,
+            "--model", path,
+            "--alias", name,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--no-webui",
+            *rpc,
+            *self.config.options.llama_args,
+        ]  # fmt: skip
 
     async def _download(self, spec: ModelSpec) -> str:
         """Fetch a model that is not on disk; '' (and state failed) when that fails.
@@ -363,17 +448,7 @@ class ServerSupervisor(Actor):
                 reply.ports, part.shares, host_gpus=self.config.gpus, layers=model_layers(path)
             )
         port = free_port()
-        cmd = [
-            self.config.llama_server,
-            "--model", path,
-            "--alias", spec.name,
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--no-webui",
-            *rpc,
-            *self.config.options.llama_args,
-        ]  # fmt: skip
-        proc = await self._spawn(cmd)
+        proc = await self._spawn(self._server_command(path, spec.name, port, *rpc))
         size, sha256 = self.digests.get(spec.name, (0, ""))
         base = m.LocalServerState(
             model=spec.name,
@@ -398,15 +473,7 @@ class ServerSupervisor(Actor):
     ) -> asyncio.subprocess.Process:
         self.output.clear()
         self.log.info("starting %s", " ".join(redact(cmd)))
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C is for the root; we stop it ourselves
-            preexec_fn=die_with_parent,
-            env=env,
-        )
+        self.proc = await spawn(cmd, env)
         return self.proc
 
     async def _watch(
@@ -421,7 +488,7 @@ class ServerSupervisor(Actor):
         says so, and failed (with the telling line of its output) when it exits."""
         assert self.proc is not None
         await self._set(msgspec_replace(base, state="loading"))
-        reader = asyncio.create_task(self._read_output(log_path))
+        reader = asyncio.create_task(read_output(self.proc, log_path, self.output))
         try:
             if await became_ready:
                 await self._set(msgspec_replace(base, state="ready"))
@@ -481,38 +548,68 @@ class ServerSupervisor(Actor):
 
     async def _await_health(self, port: int) -> bool:
         assert self.proc is not None
-        deadline = time.monotonic() + self.config.options.load_timeout_s
-        while self.proc.returncode is None and time.monotonic() < deadline:
-            try:
-                if await get_status(
-                    "127.0.0.1", port, "/health", timeout=2.0
-                ) == 200 and listens_on_loopback(self.proc.pid, port):
-                    return True
-            except (OSError, TimeoutError):
-                pass
-            await asyncio.sleep(HEALTH_POLL_S)
-        if self.proc.returncode is None:
-            self.output.append(b"error: llama-server did not become healthy in time")
-            await stop_process(self.proc)
-        return False
-
-    async def _read_output(self, path: Path) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with path.open("ab") as logfile:
-            while line := await _read_line(self.proc.stdout):
-                logfile.write(line)
-                logfile.flush()
-                self.output.append(line.rstrip())
+        return await await_health(self.proc, port, self.config.options.load_timeout_s, self.output)
 
     async def on_stop(self) -> None:
         if self.drain_task is not None:
             self.drain_task.cancel()
+        await self._run_extras(())
         self.want = m.ServeModel()
         self.download_cancel.set()
         self.loop_task.cancel()
         if self.proc is not None:
             await stop_process(self.proc)
         await self._set(m.LocalServerState())
+
+
+async def spawn(cmd: list[str], env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """A server process: its own session (Ctrl-C is for the root; we stop it ourselves),
+    dying with this actor, its output on one pipe."""
+    return await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+        env=env,
+    )
+
+
+async def await_health(
+    proc: asyncio.subprocess.Process,
+    port: int,
+    timeout_s: float,
+    output: collections.deque[bytes],
+) -> bool:
+    """Whether llama-server came to answer /health with 200 on 127.0.0.1:`port` from its
+    own socket within `timeout_s`; one that did not is stopped."""
+    deadline = time.monotonic() + timeout_s
+    while proc.returncode is None and time.monotonic() < deadline:
+        try:
+            if await get_status(
+                "127.0.0.1", port, "/health", timeout=2.0
+            ) == 200 and listens_on_loopback(proc.pid, port):
+                return True
+        except (OSError, TimeoutError):
+            pass
+        await asyncio.sleep(HEALTH_POLL_S)
+    if proc.returncode is None:
+        output.append(b"error: llama-server did not become healthy in time")
+        await stop_process(proc)
+    return False
+
+
+async def read_output(
+    proc: asyncio.subprocess.Process, path: Path, output: collections.deque[bytes]
+) -> None:
+    """Copy a server's output to its log file, keeping the last lines in `output`."""
+    assert proc.stdout is not None
+    with path.open("ab") as logfile:
+        while line := await _read_line(proc.stdout):
+            logfile.write(line)
+            logfile.flush()
+            output.append(line.rstrip())
 
 
 async def _read_line(stream: asyncio.StreamReader) -> bytes:

@@ -39,6 +39,9 @@ def format_status(s: NodeStatus) -> str:
         ["NODE", "ROLE", "MODEL", "STATE", "API", "PORTS"],
         [s.node_id, s.role, server.model or "-", state, s.http, llama],
     ]
+    for x in server.extras:  # `--models-dir`: its other llama-servers
+        port = f"llama-server :{x.port}" if x.port else "-"
+        rows.append(["", "", x.model, shown_state(x.state, server.paused), "", port])
     out = [table(rows), ""]
     if server.state == "failed" and server.reason:
         # On a line of its own: a reason can be long, and the table stays readable.
@@ -70,7 +73,9 @@ def format_status(s: NodeStatus) -> str:
     peer_rows = [["PEER", "ROLE", "MODEL", "STATE", "API PORT", "ADDRESS"]]
     for p in s.peers:
         address = p.addresses[0] if p.addresses else "-"
-        model = p.serving or ", ".join(f"{name} (backend)" for name in p.backend_models)
+        names = [*([p.serving] if p.serving else []), *p.also_serving]
+        names += [f"{name} (backend)" for name in p.backend_models]
+        model = ", ".join(names)
         peer_rows.append(
             [
                 p.node_id,

@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -30,6 +31,7 @@ from meshllm.mesh.token import (
     split_address,
     token_text,
 )
+from meshllm.models.files import default_min_bytes
 from meshllm.placement.memory import detect_memory
 from meshllm.runtime import logs
 from meshllm.runtime.binaries import find_binary, rpc_server_binary
@@ -155,6 +157,19 @@ def check_backends(opts: UpOptions) -> tuple[str, ...]:
     return tuple(dict.fromkeys(opts.models))
 
 
+def use_models_dir(opts: UpOptions) -> None:
+    """`--models-dir DIR`: this process and every actor it starts look models up, scan
+    and download them in DIR (as `$MESHLLM_MODELS_DIR` would say)."""
+    assert opts.models_dir is not None
+    path = Path(opts.models_dir).expanduser()
+    if opts.client or opts.backend_urls:
+        runs = "a lite client (--client)" if opts.client else "a node with --backend-url"
+        raise UpError(f"--models-dir serves the models in it, and {runs} runs no llama-server")
+    if not path.is_dir():
+        raise UpError(f"--models-dir {opts.models_dir}: no such directory")
+    os.environ["MESHLLM_MODELS_DIR"] = str(path.resolve())
+
+
 def scan_available() -> tuple[ModelSpec, ...]:
     """GGUFs in the models directory that count as models (over 500 MB)."""
     from meshllm.models.files import scan_models
@@ -276,13 +291,15 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
     home.ensure()
     lock_fd = lock_home(home)
     try:
+        if opts.models_dir is not None:
+            use_models_dir(opts)
         backends = bool(opts.backend_urls)
         backend_models = check_backends(opts) if backends else ()
         # Only the model this node serves itself must resolve here; the rest seed.
         refs = [] if backends else opts.models
         models = [resolve_model(ref) if i == 0 else seed_model(ref) for i, ref in enumerate(refs)]
         if not models and not opts.join and not opts.client and not backends:
-            models = [demo_model()]
+            models = [] if opts.models_dir is not None else [demo_model()]
         if opts.client and models:
             raise UpError("a lite client (--client) serves no model; drop --model")
         if opts.pause_when_busy and (opts.client or backends):
@@ -313,6 +330,12 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
         llama_server = find_binary("llama-server", opts.llama_server) if runs_servers else ""
         rpc_server, rpc_missing = rpc_server_binary(opts.rpc_server) if runs_servers else ("", "")
         available = scan_available() if runs_servers else ()
+        if opts.models_dir is not None and not available and not models and not opts.join:
+            raise UpError(
+                f"--models-dir {opts.models_dir}: no GGUF model of at least "
+                f"{default_min_bytes() / 1e6:g} MB there (smaller files count with "
+                "MESHLLM_MIN_MODEL_BYTES=0); add --model NAME to download one, or --join"
+            )
         memory = detect_memory(opts.max_vram_gb)
         key = load_or_create_key(None if opts.client else home.key_path)
         held = home.secret_path.read_bytes() if home.secret_path.exists() else None

@@ -373,6 +373,9 @@ MAX_QUEUED = 256
 QUEUE_WAIT_S = 30.0
 """How long a request waits for a slot before 429."""
 
+LOAD_WAIT_S = 60.0
+"""How long a request for a model no node serves waits for one to load it (`--load-wait`)."""
+
 
 @dataclass(frozen=True)
 class Admitted:

@@ -17,6 +17,7 @@ Retry-After. Once bytes were sent nothing is retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -33,6 +34,7 @@ from starlette.routing import Route
 from meshllm.http.auth import OPEN_PATHS, Allowed, ApiKey, KeyRing, Limited, UsageScanner
 from meshllm.http.balance import (
     FAILOVER_STATUSES,
+    LOAD_WAIT_S,
     MAX_IN_FLIGHT,
     MAX_QUEUED,
     PROBE_TIMEOUT_S,
@@ -74,6 +76,7 @@ from meshllm.http.origin import (
 )
 from meshllm.http.routing import Routes
 from meshllm.http.upstream import Pool, Response, Upstream, UpstreamError, UpstreamRefused
+from meshllm.placement.demand import DemandMeter
 from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
 from meshllm.tunnel.hop import MAX_HEADER_BYTES, MAX_HEADERS
 
@@ -374,8 +377,15 @@ class ProxyApp:
         stall_s: float = STALL_S,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
         api_keys: Sequence[ApiKey] = (),
+        load_wait_s: float = LOAD_WAIT_S,
     ) -> None:
         self.max_body_bytes = max_body_bytes
+        self.demand = DemandMeter()
+        """Requests per model of the mesh that entered here (announced: placement follows
+        demand, `meshllm.placement.demand`)."""
+        self.load_wait_s = load_wait_s
+        """How long a request for a model nobody serves waits for a node to load it."""
+        self.table_changed = asyncio.Event()
         self.loopback_only = loopback_only
         self.own_names = machine_names() if own_names is None else own_names
         """Host names (besides IP literals) a browser may use to reach a non-loopback
@@ -502,6 +512,8 @@ class ProxyApp:
 
     def set_table(self, table: RouteTable) -> None:
         self.routes = Routes(table, self.strict_models)
+        self.table_changed.set()
+        self.table_changed = asyncio.Event()
         self.balancer.retain(t for r in table.models for t in r.targets)
         self.flights.retain({target_id(t) for r in table.models for t in r.targets})
         self.pools.retain(
@@ -600,15 +612,58 @@ class ProxyApp:
                 await self.metrics_endpoint(scope, receive, send)
                 return
         route, why = self.routes.candidates(model)
-        if route is None:
-            if self.routes.unknown(model):
-                await send_error(send, 404, why, "model_not_found")
-            else:
-                await send_error(send, 503, why, "model_not_ready", retry_after=True)
-            return
         request = _Request(
             scope["method"], upstream_target(scope), body, headers, scope.get("meshllm.api_key", "")
         )
+        if model is not None and model in self.routes.by_name:
+            self.demand.seen(model, time.time())  # a model of the mesh, warm or cold
+        if route is not None:
+            await until_disconnect(receive, self._dispatch(scope, kind, route, request, peek, send))
+        elif self.routes.unknown(model):
+            await send_error(send, 404, why, "model_not_found")
+        elif model is None or model not in self.routes.by_name or self.load_wait_s <= 0:
+            await send_error(send, 503, why, "model_not_ready", retry_after=True)
+        else:
+            loaded = self._when_loaded(scope, kind, model, request, peek, send)
+            await until_disconnect(receive, loaded)
+
+    async def _when_loaded(
+        self,
+        scope: Scope,
+        kind: Kind,
+        model: str,
+        request: _Request,
+        peek: _Peek | None,
+        send: Send,
+    ) -> None:
+        """A request for a model of the mesh that no node serves: its demand is announced
+        and a node loads it (`meshllm.placement.election`, "Usage-aware placement"); the
+        request waits for that up to `load_wait_s`, then gets 503 with Retry-After."""
+        deadline = time.monotonic() + self.load_wait_s
+        while (route := self.routes.candidates(model)[0]) is None:
+            changed = self.table_changed
+            left = deadline - time.monotonic()
+            if model not in self.routes.by_name or left <= 0:
+                why = self.routes.choose(model)[1]
+                why += f" (waited {self.load_wait_s:g} s for a node to load it)"
+                await send_error(send, 503, why, "model_not_ready", retry_after=True)
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await changed.wait()
+        await self._dispatch(scope, kind, route, request, peek, send)
+
+    async def _dispatch(
+        self,
+        scope: Scope,
+        kind: Kind,
+        route: ModelRoute,
+        request: _Request,
+        peek: _Peek | None,
+        send: Send,
+    ) -> None:
+        """Forward a request whose route has targets: admission and failover for a model
+        request, this node's own server for a server-changing one, else any target."""
         if kind is Kind.MODEL:
             assert peek is not None
             key = affinity_key(peek) if self.affinity and len(route.targets) > 1 else None
@@ -627,7 +682,7 @@ class ProxyApp:
             work = self._forward_with_failover(route, request, None, send, local)
         else:
             work = self._forward_with_failover(route, request, None, send)
-        await until_disconnect(receive, work)
+        await work
 
     async def _admit_and_forward(
         self, route: ModelRoute, request: _Request, key: bytes | None, send: Send

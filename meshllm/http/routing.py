@@ -55,6 +55,8 @@ def build_route_table(
             servers.append(
                 Serving(local.model, node_id, local.port, True, split.workers, split.shares)
             )
+    if not local.paused:
+        servers += [Serving(x.model, node_id, x.port, local=True) for x in local.ready_extras()]
     by_model: dict[str, list[Serving]] = {}
     for s in servers:
         by_model.setdefault(s.model, []).append(s)

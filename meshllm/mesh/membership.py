@@ -265,6 +265,7 @@ def mesh_catalog(announcements: Iterable[PeerAnnouncement]) -> set[str]:
     for ann in announcements:
         names.update(ann.available_models)
         names.update(ann.requested_models)
+        names.update(ann.also_serving)
         if ann.serving:
             names.add(ann.serving)
     return names

@@ -83,6 +83,20 @@ SIGNATURE_MAX = 80
 
 Models = Annotated[tuple[ModelName, ...], msgspec.Meta(max_length=MAX_MODELS)]
 
+RPM_MAX = 1e9
+UNIX_MAX = 2**40
+"""Unix seconds bound (year 36812): far over any real clock, under every decoder's ints."""
+
+
+class Demand(msgspec.Struct, frozen=True, array_like=True):
+    """Requests for one model that entered the mesh at the announcing node
+    (`meshllm.placement.demand`): placement reads the mesh's demand from these."""
+
+    rpm: Annotated[float, msgspec.Meta(ge=0.0, le=RPM_MAX)] = 0.0
+    """Requests in the last minute."""
+    last: Annotated[int, msgspec.Meta(ge=0, lt=UNIX_MAX)] = 0
+    """Unix time (seconds) of the latest one; 0: none yet."""
+
 
 class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     """What a node tells the mesh about itself (docs/design.md, "Gossip and failure detection").
@@ -129,6 +143,11 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     backend_models: Models = ()
     """Models this node's up external backends serve (`--backend-url`): other nodes
     route them here, through the tunnel."""
+    also_serving: Models = ()
+    """Models this node serves besides `serving`, each with a llama-server of its own
+    (`--models-dir`), ready and alone (never split)."""
+    demand: Annotated[dict[ModelName, Demand], msgspec.Meta(max_length=MAX_MODELS)] = {}
+    """Requests per model that entered the mesh here (the mesh's models only)."""
     paused: bool = False
     """`meshllm ctl pause`: no target for anyone, no server in any election (its
     model goes to other nodes by the usual rules) until `meshllm ctl resume`."""

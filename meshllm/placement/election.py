@@ -88,6 +88,19 @@ Paused nodes (`meshllm ctl pause`, `--pause-when-busy`). A node that announces
 for the others (a waiting node takes it at once, a redundant server after the
 cold grace), and nobody expects it to claim anything until it resumes.
 
+Usage-aware placement (issue 12; `meshllm.placement.demand` says how demand is
+counted and gossiped). The mesh's demand per model is every entry node's requests in
+the last minute and the time of the latest. A model asked for in the last
+`idle_unload_s` (`--idle-unload`) that nobody serves is *wanted*; so is a model over
+`hot_rpm` requests per minute per server for `hot_hold_s`. An auto-assigned solo
+server whose model nobody asked for in `idle_unload_s` is *free*: each round gives each
+wanted model one free node (`demand_moves`; a waiting node takes a cold one by the
+priority instead). What a node moved to was just asked for, so it stays for at least
+`idle_unload_s`: a node switches at most once per idle period, and a model asked for
+is never left. Nodes started with `--model` never move. A `--models-dir` node also
+serves the other models on its disk that fit (`shelf`), unloading an idle one only for
+one that is asked for.
+
 Per-model election groups ("Per-model election groups"). Nodes serving the
 same model form a group; its host is the node with the most VRAM (announced
 `vram_bytes`), ties to the smallest node id. Groups are independent.
@@ -107,6 +120,7 @@ from enum import StrEnum
 
 from meshllm.mesh.membership import mesh_catalog
 from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.placement.demand import ModelDemand, demand_of
 
 MEMORY_OVERHEAD = 1.1
 """Memory a model needs per byte of its file (KV cache, compute buffers)."""
@@ -119,6 +133,16 @@ DEFER_TIMEOUT_S = 20.0
 
 DEFER_STAGGER_S = 5.0
 """Extra wait per earlier node queued on the same model."""
+
+IDLE_UNLOAD_S = 600.0
+"""A model nobody asked for in this long may be unloaded for one that is asked for
+(`--idle-unload`; 0: never)."""
+
+HOT_RPM = 60.0
+"""Requests per minute per server over which a model is hot (`--hot-rpm`)."""
+
+HOT_HOLD_S = 120.0
+"""How long a model must stay hot before an idle server moves to it."""
 
 
 class Reason(StrEnum):
@@ -134,6 +158,10 @@ class Reason(StrEnum):
     """Priority 3: adds capacity with a file that is here."""
     LEAST_SERVED = "least-served"
     """Priority 4: adds capacity; download first."""
+    DEMAND = "demand"
+    """Requested and served by nobody; this node's own model was idle."""
+    HOT = "hot"
+    """Over `hot_rpm` requests per server for `hot_hold_s`; this node's model was idle."""
     RESUMED = "resumed"
     """Kept what this node's announcement already served (the Elector restarted)."""
     WAITING = "waiting"
@@ -186,6 +214,9 @@ class NodeView:
     """`--model X` (the first one): serve X whatever the mesh does."""
     excluded: frozenset[str] = frozenset()
     """Models never to choose here (failed to load or download)."""
+    demand: Mapping[str, ModelDemand] = field(default_factory=dict)
+    """The mesh's requests per model (`meshllm.placement.demand.mesh_demand`), in the
+    clock `Elector.update` is given."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +245,13 @@ def fits(size_bytes: int | None, budget_bytes: int) -> bool:
     return size_bytes is None or need_bytes(size_bytes) <= budget_bytes
 
 
+def models_served(ann: PeerAnnouncement) -> tuple[str, ...]:
+    """Every model a node serves for the mesh: its own (`_counts_as_server`) and those
+    of its other llama-servers (`also_serving`, none while paused)."""
+    own = (ann.serving,) if ann.serving and _counts_as_server(ann) else ()
+    return own if ann.paused else (*own, *ann.also_serving)
+
+
 def _counts_as_server(ann: PeerAnnouncement) -> bool:
     """A node that serves its model: a host (a split group's workers and standbys are
     part of their host's server, not servers of their own). A paused node (`meshllm ctl
@@ -232,9 +270,8 @@ def servers_by_model(
     """Model -> the announcements of the nodes serving it (clients and failed servers left out)."""
     groups: dict[str, list[PeerAnnouncement]] = {}
     for ann in announcements:
-        if _counts_as_server(ann):
-            assert ann.serving is not None
-            groups.setdefault(ann.serving, []).append(ann)
+        for model in dict.fromkeys(models_served(ann)):
+            groups.setdefault(model, []).append(ann)
     return groups
 
 
@@ -243,9 +280,10 @@ def serving_counts(
 ) -> Counter[str]:
     """Model -> number of nodes serving it, leaving out node `exclude`."""
     return Counter(
-        ann.serving
+        model
         for ann in announcements
-        if ann.node_id != exclude and _counts_as_server(ann) and ann.serving
+        if ann.node_id != exclude
+        for model in dict.fromkeys(models_served(ann))
     )
 
 
@@ -274,16 +312,20 @@ def _tier(cand: _Candidate, counts: Mapping[str, int]) -> int:
 
 
 def _best(
-    candidates: Iterable[_Candidate], counts: Mapping[str, int]
+    candidates: Iterable[_Candidate],
+    counts: Mapping[str, int],
+    demand: Mapping[str, ModelDemand] | None = None,
 ) -> tuple[_Candidate, int] | None:
     """The auto-assignment priority (docs/design.md, "Placement").
 
-    Ties break as the module docstring says.
+    Ties break as the module docstring says; among equals, the model asked for most.
     """
+    demand = demand or {}
 
-    def key(c: _Candidate) -> tuple[int, int, int, str]:
+    def key(c: _Candidate) -> tuple[int, int, float, int, str]:
         size_key = -c.size_bytes if c.size_bytes is not None else 1
-        return (_tier(c, counts), counts.get(c.name, 0), size_key, c.name)
+        rpm = demand_of(demand, c.name).rpm
+        return (_tier(c, counts), counts.get(c.name, 0), -rpm, size_key, c.name)
 
     best = min(candidates, key=key, default=None)
     return None if best is None else (best, _tier(best, counts))
@@ -334,7 +376,8 @@ def _nothing(view: NodeView, catalog: set[str]) -> Decision:
 def choose(view: NodeView) -> Decision:
     """Auto-assignment for this node alone (no contention with other waiting nodes)."""
     catalog = catalog_of(view)
-    picked = _best(_own_candidates(view, catalog), serving_counts(view.announcements, view.node_id))
+    counts = serving_counts(view.announcements, view.node_id)
+    picked = _best(_own_candidates(view, catalog), counts, view.demand)
     return _nothing(view, catalog) if picked is None else _decision(*picked)
 
 
@@ -399,7 +442,7 @@ def _play_round(view: NodeView, matured: Set[str] | None = None) -> _Round:
     own = _own_candidates(view, catalog)
     if matured is not None:
         own = cold_only(own)
-    first = _best(own, base)
+    first = _best(own, base, view.demand)
     # A paused node takes nothing: no contender, its claims none (it gives its model back).
     others = [
         a for a in view.announcements if a.node_id != me and a.role != "client" and not a.paused
@@ -424,19 +467,157 @@ def _play_round(view: NodeView, matured: Set[str] | None = None) -> _Round:
         cands = _peer_candidates(peer, view, catalog)
         if moving:
             cands = cold_only(cands) if matured is not None else []
-        peer_first = _best(cands, base)
+        peer_first = _best(cands, base, view.demand)
         if first is not None and peer_first is not None and peer_first[0].name == first[0].name:
             queued += 1
-        pick = _best(cands, counts)
+        pick = _best(cands, counts, view.demand)
         if pick is None or (moving and pick[1] > 2):
             continue
         counts[pick[0].name] += 1
         claims.setdefault(pick[0].name, peer.node_id)
-    given = _best(own, counts)
+    given = _best(own, counts, view.demand)
     if matured is not None and given is not None and given[1] > 2:
         given = None
     claimer = claims.get(first[0].name) if first is not None else None
     return _Round(first, given, claimer, queued)
+
+
+# -- demand (usage-aware placement) ------------------------------------------------
+
+
+def recently_asked(view: NodeView, model: str, now: float, idle_unload_s: float) -> bool:
+    """Whether anyone asked for `model` in the last `idle_unload_s`."""
+    return demand_of(view.demand, model).idle_s(now) < idle_unload_s
+
+
+def _could_take(ann: PeerAnnouncement, model: str, view: NodeView) -> tuple[bool, bool]:
+    """(can take it, its file is there already): this node's own knowledge for itself,
+    our estimate for a peer (its disk and budget, our sizes and sources)."""
+    if ann.node_id == view.node_id:
+        info = view.models.get(model)
+        if model in view.excluded or info is None or not info.obtainable:
+            return False, False
+        return fits(info.size_bytes, view.budget_bytes), info.on_disk
+    info = view.models.get(model)
+    here = model in ann.available_models
+    if not here and (info is None or not info.downloadable):
+        return False, False
+    return fits(info.size_bytes if info is not None else None, ann.vram_bytes), here
+
+
+def demand_moves(
+    view: NodeView, now: float, idle_unload_s: float, hot: Set[str] = frozenset()
+) -> dict[str, tuple[str, Reason, bool]]:
+    """Which idle servers switch to a model that is asked for (module docstring,
+    "Usage-aware placement"): node id -> (model, reason, download needed).
+
+    Every node computes the same plan from the same view and acts on its own line.
+    Wanted, in order: the cold models asked for in the last `idle_unload_s` (most
+    requests per minute first), then the `hot` ones (most requests per server first).
+    Free: the auto-assigned solo servers whose model nobody asked for in
+    `idle_unload_s`. Each wanted model gets at most one free node per round: the one
+    with the file on disk, then the one idle longest, then the smallest id. A cold model
+    that a waiting node could take is left to it (it takes it by the priority).
+    """
+    if idle_unload_s <= 0:
+        return {}
+    served = servers_by_model(view.announcements)
+    nodes = [a for a in view.announcements if a.role != "client" and not a.paused]
+
+    def rpm(model: str) -> float:
+        return demand_of(view.demand, model).rpm
+
+    cold = sorted(
+        (
+            m
+            for m in catalog_of(view)
+            if m not in served and recently_asked(view, m, now, idle_unload_s)
+        ),
+        key=lambda m: (-rpm(m), m),
+    )
+    hot_models = sorted(
+        (m for m in hot if m in served), key=lambda m: (-rpm(m) / len(served[m]), m)
+    )
+    free = [
+        a
+        for a in nodes
+        if _counts_as_server(a)
+        and a.serving is not None
+        and not a.requested_models
+        and not a.split_group
+        and not recently_asked(view, a.serving, now, idle_unload_s)
+    ]
+    waiting = [a for a in nodes if not a.serving and a.vram_bytes > 0]
+    moves: dict[str, tuple[str, Reason, bool]] = {}
+    for model, reason in [
+        *((m, Reason.DEMAND) for m in cold),
+        *((m, Reason.HOT) for m in hot_models),
+    ]:
+        if reason is Reason.DEMAND and any(_could_take(a, model, view)[0] for a in waiting):
+            continue
+        options = []
+        for a in free:
+            if a.serving == model or model in a.also_serving:
+                continue
+            ok, here = _could_take(a, model, view)
+            if ok:
+                assert a.serving is not None
+                last = demand_of(view.demand, a.serving).last
+                options.append(((not here, last, a.node_id), a, here))
+        if not options:
+            continue
+        _, pick, here = min(options, key=lambda o: o[0])
+        moves[pick.node_id] = (model, reason, not here)
+        free.remove(pick)
+    return moves
+
+
+def shelf(
+    view: NodeView,
+    primary: str | None,
+    current: Iterable[str],
+    now: float,
+    idle_unload_s: float,
+) -> tuple[str, ...]:
+    """What a `--models-dir` node serves besides `primary`, each with its own
+    llama-server: the models on its disk that fit what `primary` leaves of the budget,
+    the most asked-for first, then the largest.
+
+    Without churn: what runs now stays before anything new, unless nobody asked for it
+    in `idle_unload_s` and a model that was asked for needs its memory (then it is
+    unloaded, the idle unload of "Usage-aware placement"); a model nobody asks for never
+    displaces one that runs.
+    """
+    left = view.budget_bytes
+    if primary is not None:
+        info = view.models.get(primary)
+        left -= need_bytes(info.size_bytes) if info is not None and info.size_bytes else 0
+    running = set(current)
+    cands = [
+        info
+        for name, info in view.models.items()
+        if info.on_disk and info.size_bytes and name != primary and name not in view.excluded
+    ]
+
+    def rank(info: ModelInfo) -> tuple[float, int, str]:
+        return (-demand_of(view.demand, info.name).rpm, -(info.size_bytes or 0), info.name)
+
+    def asked(info: ModelInfo) -> bool:
+        return idle_unload_s <= 0 or recently_asked(view, info.name, now, idle_unload_s)
+
+    def group(info: ModelInfo) -> int:
+        if info.name in running:
+            return 0 if asked(info) else 2
+        return 1 if idle_unload_s > 0 and asked(info) else 3
+
+    chosen = []
+    for info in sorted(cands, key=lambda i: (group(i), *rank(i))):
+        assert info.size_bytes is not None
+        need = need_bytes(info.size_bytes)
+        if need <= left:
+            chosen.append(info.name)
+            left -= need
+    return tuple(sorted(chosen))
 
 
 # -- the Elector core ---------------------------------------------------------------
@@ -456,8 +637,18 @@ class Elector:
         cold_grace_s: float = COLD_GRACE_S,
         defer_timeout_s: float = DEFER_TIMEOUT_S,
         defer_stagger_s: float = DEFER_STAGGER_S,
+        idle_unload_s: float = IDLE_UNLOAD_S,
+        hot_rpm: float = HOT_RPM,
+        hot_hold_s: float = HOT_HOLD_S,
     ) -> None:
         self.cold_grace_s = cold_grace_s
+        self.idle_unload_s = idle_unload_s
+        self.hot_rpm = hot_rpm
+        self.hot_hold_s = hot_hold_s
+        self._hot_since: dict[str, float] = {}
+        """Served models over `hot_rpm` per server -> since when (this node's view)."""
+        self._due: list[float] = []
+        """When the demand rules may decide otherwise without a mesh change."""
         self.defer_timeout_s = defer_timeout_s
         self.defer_stagger_s = defer_stagger_s
         self.decision: Decision | None = None
@@ -481,6 +672,7 @@ class Elector:
             times = [since + self.cold_grace_s for since in self._cold_since.values()]
         if self._deferral is not None:
             times.append(self._deferral[1] + self._deferral[2])
+        times += self._due
         future = [t for t in times if t > self._now]
         return min(future, default=None)
 
@@ -489,6 +681,7 @@ class Elector:
         self._now = now
         view = replace(view, excluded=view.excluded | self.failed)
         self._track_cold(view, now)
+        self._track_hot(view, now)
         self._redundant = False
         new = self._next(view, now)
         if new.model is not None:
@@ -511,7 +704,40 @@ class Elector:
         held = self._held(view)
         if held is None:
             return self._wait_or_take(view, now)
-        return self._move(view, now, held) or held
+        return self._move(view, now, held) or self._follow_demand(view, now, held) or held
+
+    def _track_hot(self, view: NodeView, now: float) -> None:
+        self._due = []
+        if self.idle_unload_s <= 0 or self.hot_rpm <= 0:
+            self._hot_since = {}
+            return
+        hot = {}
+        for model, group in servers_by_model(view.announcements).items():
+            if demand_of(view.demand, model).rpm / len(group) > self.hot_rpm:
+                hot[model] = self._hot_since.get(model, now)
+        self._hot_since = hot
+        self._due = [since + self.hot_hold_s for since in hot.values()]
+
+    def hot(self, now: float) -> set[str]:
+        """Models hot for `hot_hold_s` as this node saw them."""
+        return {m for m, since in self._hot_since.items() if now - since >= self.hot_hold_s}
+
+    def _follow_demand(self, view: NodeView, now: float, held: Decision) -> Decision | None:
+        """Leave an idle model for one that is asked for (`demand_moves`)."""
+        assert held.model is not None
+        own = next((a for a in view.announcements if a.node_id == view.node_id), None)
+        if self.idle_unload_s <= 0 or own is None or own.serving != held.model:
+            return None  # not announced yet: the others plan with what we announce
+        asked = demand_of(view.demand, held.model).last + self.idle_unload_s
+        if asked > now:
+            self._due.append(asked)  # our model turns idle then: look again
+        move = demand_moves(view, now, self.idle_unload_s, self.hot(now)).get(view.node_id)
+        if move is None:
+            return None
+        model, reason, download = move
+        idle = demand_of(view.demand, held.model).idle_s(now)
+        since = "never asked for" if math.isinf(idle) else f"idle {idle:.0f}s"
+        return Decision(model, reason, download, detail=f"moved from {held.model} ({since})")
 
     def _held(self, view: NodeView) -> Decision | None:
         """The current model if it stays: not failed here and still fitting."""
@@ -568,7 +794,7 @@ class Elector:
         group = [
             a
             for a in view.announcements
-            if a.node_id != view.node_id and _counts_as_server(a) and a.serving == held.model
+            if a.node_id != view.node_id and held.model in models_served(a)
         ]
         me = PeerAnnouncement(node_id=view.node_id, generation=0, vram_bytes=view.budget_bytes)
         matured = {m for m, t in self._cold_since.items() if now - t >= self.cold_grace_s}

@@ -16,10 +16,10 @@ from typing import Any
 import msgspec
 
 from meshllm.http.auth import ApiKey
-from meshllm.http.balance import MAX_IN_FLIGHT, MAX_QUEUED, QUEUE_WAIT_S, STALL_S
+from meshllm.http.balance import LOAD_WAIT_S, MAX_IN_FLIGHT, MAX_QUEUED, QUEUE_WAIT_S, STALL_S
 from meshllm.http.origin import check_origins
 from meshllm.mesh import health
-from meshllm.placement.election import COLD_GRACE_S
+from meshllm.placement.election import COLD_GRACE_S, HOT_HOLD_S, HOT_RPM, IDLE_UNLOAD_S
 from meshllm.placement.split import RTT_LIMIT_MS
 from meshllm.runtime import busy
 from meshllm.runtime.paths import DEFAULT_HOME
@@ -304,6 +304,41 @@ class UpOptions:
         "--cold-grace",
         "Seconds a model must have no server before a spare server of another model "
         "moves to it (a server that restarts within this time is not replaced).",
+        check=_not_negative,
+    )
+    models_dir: str | None = option(
+        None,
+        "--models-dir",
+        "Serve every model in DIR that fits this node's memory, each with its own "
+        "llama-server, the most requested first; the others are announced for other "
+        "nodes to take. DIR is also where models are looked up and downloaded "
+        "(default: $MESHLLM_MODELS_DIR, else ~/.models, serving one model).",
+        metavar="DIR",
+    )
+    idle_unload_s: float = option(
+        IDLE_UNLOAD_S,
+        "--idle-unload",
+        "Seconds after which a model nobody asked for may be unloaded when another model "
+        "is asked for and waits for capacity (this node then serves that one instead); "
+        "it is loaded again when asked for. Nodes started with --model keep their first "
+        "model. 0: never.",
+        metavar="S",
+        check=_not_negative,
+    )
+    hot_rpm: float = option(
+        HOT_RPM,
+        "--hot-rpm",
+        f"Requests per minute per server over which a model gains a replica (a server "
+        f"whose model is idle moves to it after {HOT_HOLD_S:g}s over). 0: never.",
+        metavar="N",
+        check=_not_negative,
+    )
+    load_wait_s: float = option(
+        LOAD_WAIT_S,
+        "--load-wait",
+        "Seconds a request for a model that no node serves waits for one to load it "
+        "before 503 with Retry-After.",
+        metavar="S",
         check=_not_negative,
     )
     pause_when_busy: float = option(

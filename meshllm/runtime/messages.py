@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-from meshllm.mesh.wire import OwnerOrder, PeerAnnouncement
+from meshllm.mesh.wire import Demand, OwnerOrder, PeerAnnouncement
 from meshllm.placement.split import SplitRole
 from meshllm.runtime.config import ModelSpec
 
@@ -41,6 +41,17 @@ class ActorError(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
+class ExtraServer(msgspec.Struct, frozen=True):
+    """One more llama-server of this node (`--models-dir`): a model served alone."""
+
+    model: str
+    state: ServerStateName = "loading"
+    port: int = 0
+    pid: int = 0
+    reason: str = ""
+    restarts: int = 0
+
+
 class LocalServerState(msgspec.Struct, tag=True, frozen=True):
     """What this node's llama-server is doing (published by ServerSupervisor)."""
 
@@ -63,6 +74,11 @@ class LocalServerState(msgspec.Struct, tag=True, frozen=True):
     paused: bool = False
     """`meshllm ctl pause` (or `--pause-when-busy`): this node is no target any more; its
     server keeps running (`state` as before) until its requests in flight ended, then stops."""
+    extras: tuple[ExtraServer, ...] = ()
+    """Its other llama-servers (`--models-dir`)."""
+
+    def ready_extras(self) -> tuple[ExtraServer, ...]:
+        return tuple(x for x in self.extras if x.state == "ready" and x.port)
 
 
 class RouteTarget(msgspec.Struct, frozen=True):
@@ -175,6 +191,8 @@ class ServeModel(msgspec.Struct, tag=True, frozen=True):
     reason: str = ""
     split: SplitRole | None = None
     """The node's part in the model's split group (meshllm.placement.split); None: alone."""
+    extras: tuple[ModelSpec, ...] = ()
+    """More models to serve, each alone with its own llama-server (`--models-dir`)."""
 
 
 class PeerRtts(msgspec.Struct, tag=True, frozen=True):
@@ -260,6 +278,12 @@ class NodeStatus(msgspec.Struct, tag=True, frozen=True):
     """This node's external backends (`--backend-url`)."""
 
 
+class DemandState(msgspec.Struct, tag=True, frozen=True):
+    """Requests per model that entered the mesh at this node (Proxy, topic `demand`)."""
+
+    models: dict[str, Demand] = {}
+
+
 class CtlDone(msgspec.Struct, tag=True, frozen=True):
     """Reply to a control command that has no other result."""
 
@@ -293,6 +317,7 @@ Message = (
     | GetStatus
     | NodeStatus
     | CtlDone
+    | DemandState
 )
 
 ENCODER = msgspec.msgpack.Encoder()

@@ -52,6 +52,9 @@ def peers_to_drop(
 
 def serving_port(state: LocalServerState, model: str) -> tuple[int, str]:
     """(llama-server port, "") if this node serves `model` and it is ready, else (0, why)."""
+    extra = next((x for x in state.ready_extras() if x.model == model), None)
+    if extra is not None:
+        return extra.port, ""
     if not state.model:
         return 0, f"this node serves no model (asked for {model!r})"
     if state.model != model:
