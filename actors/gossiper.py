@@ -32,7 +32,7 @@ from meshllm.http.backends import healthy_models
 from meshllm.mesh import gossip, wire
 from meshllm.mesh.identity import load_or_create_key, node_id_of
 from meshllm.mesh.membership import boot_generation
-from meshllm.mesh.quic import Link, MeshEndpoint, key_from_pem
+from meshllm.mesh.quic import Link, MeshEndpoint, Traffic, key_from_pem
 from meshllm.mesh.status import announced_part
 from meshllm.mesh.token import InvalidToken, decode_token, split_address
 from meshllm.runtime import messages as m
@@ -42,6 +42,9 @@ from meshllm.runtime.paths import publish_json
 
 TRAFFIC_FILE_S = 1.0
 """How often the endpoint's traffic counters are written to the run directory."""
+TRAFFIC_PUBLISH_S = 2.0
+"""How often the endpoint's traffic counters are published (topic `traffic`, for
+`/metrics`), when they changed."""
 PUBLISH_INTERVAL_S = 0.25
 """Least time between two mesh views (and `peers.json` writes): a peer that bumps its
 generation in a loop costs one publish per interval, not one per frame."""
@@ -54,6 +57,20 @@ def node_key(resources: dict[str, Any], node_id: str) -> ec.EllipticCurvePrivate
     if pem is not None and node_id_of(key) != node_id:
         raise ValueError(f"the node key is not node {node_id}'s")
     return key
+
+
+def traffic_message(traffic: Traffic) -> m.GossipTraffic:
+    """The endpoint's counters as published (copies: the endpoint keeps counting)."""
+    return m.GossipTraffic(
+        frames_sent=dict(traffic.frames_sent),
+        frames_received=dict(traffic.frames_received),
+        frame_bytes_sent=dict(traffic.frame_bytes_sent),
+        frame_bytes_received=dict(traffic.frame_bytes_received),
+        datagrams_sent=traffic.datagrams_sent,
+        datagrams_received=traffic.datagrams_received,
+        udp_bytes_sent=traffic.udp_bytes_sent,
+        udp_bytes_received=traffic.udp_bytes_received,
+    )
 
 
 class Gossiper(Actor):
@@ -110,6 +127,7 @@ class Gossiper(Actor):
         self.endpoint = MeshEndpoint(cfg.node_id, cfg.mesh_secret, key, self._on_link)
         await self.endpoint.listen(self.resources["socket"])
         self._spawn(self._write_traffic_forever())
+        self._spawn(self._publish_traffic_forever())
         await self._run(self.core.start(time.monotonic()))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -301,6 +319,16 @@ class Gossiper(Actor):
             data.update(asdict(self.endpoint.traffic))
             publish_json(self.traffic_file, data)
             await asyncio.sleep(TRAFFIC_FILE_S)
+
+    async def _publish_traffic_forever(self) -> None:
+        """The endpoint's counters on topic `traffic` (`/metrics`), when they changed."""
+        published = m.GossipTraffic()
+        while True:
+            await asyncio.sleep(TRAFFIC_PUBLISH_S)
+            traffic = traffic_message(self.endpoint.traffic)
+            if traffic != published:
+                published = traffic
+                await self.bus.publish("traffic", traffic)
 
     # -- local events ------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 Glue around `meshllm.mesh.health.FailureDetector`; probes travel through the Gossiper.
 It publishes the round trips its probes measure on topic `rtt` (split planning picks
 the nearest members): when a member gets its first one or leaves at once, otherwise
-at most every `RTT_PUBLISH_S` and only when one moved by more than a fifth.
+at most every `RTT_PUBLISH_S` and only when one moved by more than a fifth. What its
+probes did (sent, answered, timed out; peers declared dead) goes out on topic `probes`
+for `/metrics`, cumulative, at most every `PROBES_PUBLISH_S` and only when it changed.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import asdict
 
 from meshllm.mesh import health
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 
 RTT_PUBLISH_S = 2.0
+PROBES_PUBLISH_S = 2.0
 
 
 def rtts_moved(old: dict[str, float], new: dict[str, float]) -> bool:
@@ -36,6 +40,8 @@ class HealthProber(Actor):
         self.wake = asyncio.Event()
         self.published: dict[str, float] = {}
         self.published_at = 0.0
+        self.counts = m.ProbeCounts()
+        self.counts_at = 0.0
         self.task = asyncio.create_task(self._run())
 
     async def _publish_rtts(self) -> None:
@@ -47,9 +53,19 @@ class HealthProber(Actor):
             self.published, self.published_at = rtts, now
             await self.bus.publish("rtt", m.PeerRtts(rtts))
 
+    async def _publish_counts(self) -> None:
+        now = time.monotonic()
+        if now - self.counts_at < PROBES_PUBLISH_S:
+            return
+        counts = m.ProbeCounts(**asdict(self.detector.stats))
+        if counts != self.counts:
+            self.counts, self.counts_at = counts, now
+            await self.bus.publish("probes", counts)
+
     async def _run(self) -> None:
         while True:
             await self._act(self.detector.tick(time.monotonic()))
+            await self._publish_counts()
             delay = max(0.0, self.detector.next_deadline() - time.monotonic())
             self.wake.clear()
             with contextlib.suppress(TimeoutError):

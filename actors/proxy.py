@@ -14,6 +14,7 @@ import socket
 import time
 
 from meshllm.http.asgi import actor_server
+from meshllm.http.metrics import NodeMessage
 from meshllm.http.proxy import ProxyApp, is_loopback_address
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
@@ -24,10 +25,11 @@ class Proxy(Actor):
     name = "proxy"
     subscriptions = {
         "router": ["routes"],
-        # only for `/metrics`: peers alive and their round trips, the local
-        # llama-server's restarts and state
-        "gossiper": ["mesh"],
-        "health_prober": ["rtt"],
+        # only for `/metrics`: peers alive and the gossip endpoint's traffic, the
+        # probes and their round trips, the local llama-server's restarts, state and
+        # download
+        "gossiper": ["mesh", "traffic"],
+        "health_prober": ["rtt", "probes"],
         "server_supervisor": ["local"],
     }
     DEMAND_TICK_S = 1.0
@@ -72,12 +74,8 @@ class Proxy(Actor):
     async def on_topic(self, topic: str, msg: m.Message) -> None:
         if isinstance(msg, m.RouteTable) and msg != self.app.routes.table:
             self.app.set_table(msg)
-        elif isinstance(msg, m.MeshView):
-            self.app.metrics.node.mesh = msg
-        elif isinstance(msg, m.LocalServerState):
-            self.app.metrics.node.local = msg
-        elif isinstance(msg, m.PeerRtts):
-            self.app.metrics.node.rtts = msg
+        elif isinstance(msg, NodeMessage):
+            self.app.metrics.node.update(msg)
 
     async def on_ask(self, msg: m.Message) -> m.Message:
         if isinstance(msg, m.CountInFlight):

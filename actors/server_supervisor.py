@@ -394,7 +394,12 @@ class ServerSupervisor(Actor):
             if now - last[0] >= 0.5 or (total and done >= total):
                 last[0] = now
                 share = f"{100 * done // total}%" if total else f"{done} bytes"
-                state = msgspec_replace(base, reason=f"downloading {share}")
+                state = msgspec_replace(
+                    base,
+                    reason=f"downloading {share}",
+                    downloaded=done,
+                    download_total=total or 0,
+                )
                 asyncio.run_coroutine_threadsafe(self._set(state), loop)
 
         await self._set(base)

@@ -1,14 +1,23 @@
 """The node's `GET /metrics` (meshllm.http.metrics): the bookkeeping alone, then the
 Proxy counting requests in-process and answering a scrape (parsed with
-prometheus-client's own parser). A real node's is scraped in tests/test_node.py."""
+prometheus-client's own parser); what other actors count for it (probes, the gossip
+endpoint's traffic, a download's progress) and publish. A real node's requests are
+scraped in tests/test_node.py; two real nodes' probes and gossip traffic here."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from actors.gossiper import traffic_message
+from actors.server_supervisor import ServerSupervisor
 from meshllm.http.metrics import (
     LATENCY_BUCKETS,
     BodyTail,
@@ -17,14 +26,24 @@ from meshllm.http.metrics import (
     RequestMetrics,
     usage_of,
 )
+from meshllm.mesh import wire
+from meshllm.mesh.health import DeclareDead, FailureDetector, SendProbe, SendProbeRequest
+from meshllm.mesh.quic import Traffic
+from meshllm.models import download as download_mod
+from meshllm.models.download import DownloadError
+from meshllm.runtime import messages as m
+from meshllm.runtime.config import ModelSpec, NodeConfig
 from meshllm.runtime.messages import (
+    GossipTraffic,
     LocalServerState,
     MeshView,
     ModelRoute,
     PeerRtts,
+    ProbeCounts,
     RouteTable,
     RouteTarget,
 )
+from meshllm.testing import NodeProcess, scrape_metrics, token_of, wait_for
 from tests.test_proxy_app import (
     CHAT,
     CHAT_BODY,
@@ -233,3 +252,204 @@ def test_unknown_models_are_not_label_values() -> None:
         assert not any("x" * 100 in v for _, labels in s for _, v in labels)
 
     run(main())
+
+
+# -- what other actors count for it ----------------------------------------------------------
+
+
+def test_the_detector_counts_its_probes() -> None:
+    d = FailureDetector(0.5, 1.0, 2, rng=random.Random(0))
+    d.set_members({"a", "b", "c"})
+    (first,) = d.tick(0.0)
+    assert isinstance(first, SendProbe)
+    d.on_ack(first.nonce, 0.01)
+    d.on_ack(first.nonce, 0.02)  # a duplicate ack clears nothing: not counted again
+    (second,) = d.tick(0.5)
+    assert isinstance(second, SendProbe)
+    assert (d.stats.sent, d.stats.answered, d.stats.timed_out) == (2, 1, 0)
+    # No ack: the timeout makes the peer suspect and two helpers probe it for us...
+    helpers = [a for a in d.tick(1.5) if isinstance(a, SendProbeRequest)]
+    assert len(helpers) == 2
+    assert (d.stats.timed_out, d.stats.indirect_sent) == (1, 2)
+    # ...and with no ack through them either, it is declared dead.
+    assert DeclareDead(second.node_id) in d.tick(2.6)
+    assert d.stats.declared_dead == 1
+    assert d.stats.answered == 1
+
+
+def test_the_endpoint_counts_frames_and_bytes_by_kind() -> None:
+    t = Traffic()
+    t.frame_sent(wire.Probe(1), 12)
+    t.frame_sent(wire.Probe(2), 12)
+    t.frame_received(wire.ProbeAck(1), 10)
+    t.frame_received(wire.PeerGone("n", 1, "sig"), 40)
+    t.udp_bytes_sent, t.datagrams_sent = 300, 2
+    msg = traffic_message(t)
+    assert msg.frames_sent == {"probe": 2} and msg.frame_bytes_sent == {"probe": 24}
+    assert msg.frames_received == {"probe": 1, "gossip": 1}
+    assert msg.frame_bytes_received == {"probe": 10, "gossip": 40}
+    assert (msg.udp_bytes_sent, msg.datagrams_sent) == (300, 2)
+    # A copy: what was published does not move with the endpoint's counters.
+    t.frame_sent(wire.Probe(3), 12)
+    assert msg.frames_sent == {"probe": 2}
+    assert m.decode(m.encode(msg)) == msg
+
+
+def test_scrape_shows_probes_gossip_traffic_and_downloads() -> None:
+    metrics = Metrics(lambda: [], process=False)
+    # Nothing published yet: no families, not zeros that claim a count.
+    s = parse(metrics.render().decode())
+    assert not any(name.startswith(("meshllm_probes", "meshllm_gossip")) for name, _ in s)
+    node = metrics.node
+    node.update(ProbeCounts(sent=9, answered=7, timed_out=2, indirect_sent=4, declared_dead=1))
+    node.update(
+        GossipTraffic(
+            frames_sent={"gossip": 3, "probe": 9},
+            frames_received={"probe": 8},
+            frame_bytes_sent={"gossip": 900, "probe": 180},
+            frame_bytes_received={"probe": 160},
+            datagrams_sent=12,
+            datagrams_received=11,
+            udp_bytes_sent=2000,
+            udp_bytes_received=1900,
+        )
+    )
+    downloading = LocalServerState("m", state="downloading", downloaded=50, download_total=200)
+    node.update(downloading)
+    node.update(LocalServerState("u", state="downloading", downloaded=10))  # size unknown
+    s = parse(metrics.render().decode())
+    assert value(s, "meshllm_probes_sent_total") == 9
+    assert value(s, "meshllm_probes_answered_total") == 7
+    assert value(s, "meshllm_probes_timed_out_total") == 2
+    assert value(s, "meshllm_indirect_probes_sent_total") == 4
+    assert value(s, "meshllm_peers_declared_dead_total") == 1
+    assert value(s, "meshllm_gossip_frames_total", direction="sent", kind="gossip") == 3
+    assert value(s, "meshllm_gossip_frames_total", direction="received", kind="probe") == 8
+    assert value(s, "meshllm_gossip_frame_bytes_total", direction="sent", kind="gossip") == 900
+    assert value(s, "meshllm_gossip_frame_bytes_total", direction="received", kind="probe") == 160
+    assert value(s, "meshllm_gossip_datagrams_total", direction="received") == 11
+    assert value(s, "meshllm_gossip_udp_bytes_total", direction="sent") == 2000
+    assert value(s, "meshllm_download_bytes", model="m") == 50
+    assert value(s, "meshllm_download_size_bytes", model="m") == 200
+    assert value(s, "meshllm_download_bytes", model="u") == 10
+    assert ("meshllm_download_size_bytes", frozenset({("model", "u")})) not in s
+    # Done and loading: the last progress stays (a scrape may have missed the end).
+    node.update(LocalServerState("m", state="downloading", downloaded=200, download_total=200))
+    node.update(LocalServerState("m", state="loading"))
+    s = parse(metrics.render().decode())
+    assert value(s, "meshllm_download_bytes", model="m") == 200
+    assert value(s, "meshllm_server_state", model="m", state="loading") == 1
+
+
+def test_the_new_messages_cross_the_bus() -> None:
+    for msg in (
+        ProbeCounts(1, 2, 3, 4, 5),
+        GossipTraffic({"probe": 1}, {"gossip": 2}, {"probe": 12}, {"gossip": 40}, 1, 2, 3, 4),
+        LocalServerState("m", state="downloading", downloaded=5, download_total=9),
+    ):
+        assert m.decode(m.encode(msg)) == msg
+
+
+class _Published:
+    """Stands in for the supervisor's bus: keeps the states it publishes."""
+
+    def __init__(self) -> None:
+        self.states: list[LocalServerState] = []
+        self.changed = asyncio.Event()
+
+    async def publish(self, topic: str, msg: m.Message) -> None:
+        assert topic == "local" and isinstance(msg, LocalServerState)
+        self.states.append(msg)
+        self.changed.set()
+
+    async def until(self, predicate: Callable[[list[LocalServerState]], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not predicate(self.states):
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def test_the_supervisor_publishes_a_downloads_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The download's progress callback puts bytes done and total in the published state;
+    the download then fails for good, so no llama-server is started."""
+
+    def download(url: str, dest: Path, progress: Callable[[int, int | None], None], **_: object):
+        progress(40, 100)
+        progress(100, 100)  # the end is always reported, however soon after
+        raise DownloadError("the server said no", permanent=True)
+
+    monkeypatch.setattr(download_mod, "download_file", download)
+    config = NodeConfig(home=str(tmp_path), run_dir=str(tmp_path), node_id="n")
+    spec = ModelSpec("x", url="http://127.0.0.1:1/x.gguf", target=str(tmp_path / "x.gguf"))
+    metrics = Metrics(lambda: [], process=False)
+
+    async def scenario() -> None:
+        sup = ServerSupervisor(config)
+        sup.bus = published = _Published()  # type: ignore[assignment]
+        await sup.on_start()
+        try:
+            await sup.on_topic("wanted", m.ServeModel(spec, "test"))
+            await published.until(
+                lambda states: (
+                    any(s.state == "failed" for s in states)
+                    and any(s.downloaded == 100 for s in states)
+                )
+            )
+        finally:
+            await sup.on_stop()
+        progress = [
+            (s.downloaded, s.download_total) for s in published.states if s.state == "downloading"
+        ]
+        assert (40, 100) in progress and (100, 100) in progress
+        assert set(progress) <= {(0, 0), (40, 100), (100, 100)}
+        for state in published.states:
+            metrics.node.update(state)
+
+    asyncio.run(scenario())
+    s = parse(metrics.render().decode())
+    assert value(s, "meshllm_download_bytes", model="x") == 100
+    assert value(s, "meshllm_download_size_bytes", model="x") == 100
+
+
+# -- two real nodes ----------------------------------------------------------------------------
+
+LOOPBACK = ("--bind", "127.0.0.1:0")
+
+
+@pytest.mark.integration
+def test_two_real_nodes_show_their_probes_and_gossip_traffic(
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    """Two nodes that run no llama-server (A fronts an external backend that is down,
+    B is a lite client): each one's `/metrics` counts the probes it sent and had
+    answered, and the gossip and probe frames its endpoint carried."""
+    backend = f"http://127.0.0.1:{closed_port()}"
+    a = start_node("--backend-url", backend, "--model", "external", *LOOPBACK, name="a")
+    b = start_node("--client", "--join", token_of(a), *LOOPBACK, name="b")
+
+    def counted(node: NodeProcess) -> dict[str, float] | None:
+        s = scrape_metrics(node.port)
+        seen = {
+            "probes sent": value(s, "meshllm_probes_sent_total"),
+            "probes answered": value(s, "meshllm_probes_answered_total"),
+            "gossip bytes sent": value(
+                s, "meshllm_gossip_frame_bytes_total", direction="sent", kind="gossip"
+            ),
+            "gossip bytes received": value(
+                s, "meshllm_gossip_frame_bytes_total", direction="received", kind="gossip"
+            ),
+            "probe frames received": value(
+                s, "meshllm_gossip_frames_total", direction="received", kind="probe"
+            ),
+            "udp bytes sent": value(s, "meshllm_gossip_udp_bytes_total", direction="sent"),
+        }
+        return seen if all(seen.values()) else None
+
+    for node in (a, b):
+        seen = wait_for(partial(counted, node), 30, f"counts in {node.home}'s /metrics")
+        assert seen["probes answered"] <= seen["probes sent"]
+        s = scrape_metrics(node.port)
+        assert value(s, "meshllm_peers_alive") == 1
+        assert value(s, "meshllm_peers_declared_dead_total") == 0

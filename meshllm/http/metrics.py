@@ -3,9 +3,10 @@
 The Proxy counts on its hot path in plain dicts and lists (`RequestMetrics`: a
 dict update and a `bisect` per request, no lock, no label lookup), and
 prometheus-client turns them into metric families only when `/metrics` is
-scraped (`MetricsCollector`). What other actors know (peers alive, the local
-llama-server's restarts) arrives as the bus messages the Proxy subscribes to
-(`NodeMetrics`). Label values are route names and node ids, never a client's
+scraped (`MetricsCollector`). What other actors know (peers alive, probes, the
+gossip endpoint's traffic, the local llama-server's restarts and download) arrives as
+the bus messages the Proxy subscribes to (`NodeMetrics`), each published at most every
+few seconds, never per request. Label values are route names and node ids, never a client's
 text: an unknown model is not counted under its own name.
 
 Tokens come from llama-server's `usage` (`usage_of`), else its `timings`: a JSON
@@ -31,7 +32,13 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from meshllm.runtime.messages import LocalServerState, MeshView, PeerRtts
+from meshllm.runtime.messages import (
+    GossipTraffic,
+    LocalServerState,
+    MeshView,
+    PeerRtts,
+    ProbeCounts,
+)
 
 __all__ = ["CONTENT_TYPE_LATEST"]
 
@@ -139,6 +146,10 @@ class RequestMetrics:
         self.retries[model] = self.retries.get(model, 0) + 1
 
 
+NodeMessage = MeshView | LocalServerState | PeerRtts | ProbeCounts | GossipTraffic
+"""What other actors publish that `/metrics` shows."""
+
+
 class NodeMetrics:
     """What other actors published that `/metrics` shows (the last message of each)."""
 
@@ -146,6 +157,26 @@ class NodeMetrics:
         self.mesh: MeshView | None = None
         self.local: LocalServerState | None = None
         self.rtts: PeerRtts | None = None
+        self.probes: ProbeCounts | None = None
+        self.traffic: GossipTraffic | None = None
+        self.downloads: dict[str, tuple[int, int]] = {}
+        """Model -> (bytes done, total or 0) of its download's last progress: kept once
+        the download ended, so a scrape that missed the end still sees where it got."""
+
+    def update(self, msg: NodeMessage) -> None:
+        match msg:
+            case MeshView():
+                self.mesh = msg
+            case LocalServerState():
+                self.local = msg
+                if msg.state == "downloading" and (msg.downloaded or msg.download_total):
+                    self.downloads[msg.model] = (msg.downloaded, msg.download_total)
+            case PeerRtts():
+                self.rtts = msg
+            case ProbeCounts():
+                self.probes = msg
+            case GossipTraffic():
+                self.traffic = msg
 
 
 class _Usage(msgspec.Struct):
@@ -354,6 +385,100 @@ class MetricsCollector(Collector):
             )
             state.add_metric([local.model, local.state], 1)
             yield state
+        yield from self._probes()
+        yield from self._traffic()
+        yield from self._downloads()
+
+    def _probes(self) -> Iterator[Metric]:
+        probes = self.node.probes
+        if probes is None:
+            return
+        for name, doc, n in (
+            ("meshllm_probes_sent", "Direct health probes sent to peers", probes.sent),
+            (
+                "meshllm_probes_answered",
+                "Health probes acknowledged, directly or through a helper",
+                probes.answered,
+            ),
+            (
+                "meshllm_probes_timed_out",
+                "Direct health probes not acknowledged in time (the peer became suspect)",
+                probes.timed_out,
+            ),
+            (
+                "meshllm_indirect_probes_sent",
+                "Requests to another peer to probe a suspect for this node",
+                probes.indirect_sent,
+            ),
+            (
+                "meshllm_peers_declared_dead",
+                "Peers this node's failure detection declared dead",
+                probes.declared_dead,
+            ),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], n)
+            yield c
+
+    def _traffic(self) -> Iterator[Metric]:
+        t = self.node.traffic
+        if t is None:
+            return
+        frames = CounterMetricFamily(
+            "meshllm_gossip_frames",
+            "Frames on the gossip endpoint's links, by direction and kind (gossip, probe, other)",
+            labels=["direction", "kind"],
+        )
+        frame_bytes = CounterMetricFamily(
+            "meshllm_gossip_frame_bytes",
+            "Bytes of those frames (length header included, QUIC overhead not)",
+            labels=["direction", "kind"],
+        )
+        for family, sent, received in (
+            (frames, t.frames_sent, t.frames_received),
+            (frame_bytes, t.frame_bytes_sent, t.frame_bytes_received),
+        ):
+            for direction, counts in (("sent", sent), ("received", received)):
+                for kind, n in sorted(counts.items()):
+                    family.add_metric([direction, kind], n)
+            yield family
+        datagrams = CounterMetricFamily(
+            "meshllm_gossip_datagrams",
+            "UDP datagrams of the gossip endpoint, by direction",
+            labels=["direction"],
+        )
+        datagrams.add_metric(["sent"], t.datagrams_sent)
+        datagrams.add_metric(["received"], t.datagrams_received)
+        yield datagrams
+        udp = CounterMetricFamily(
+            "meshllm_gossip_udp_bytes",
+            "Bytes of those datagrams (QUIC headers, retransmissions and acks included; "
+            "IP and UDP headers not)",
+            labels=["direction"],
+        )
+        udp.add_metric(["sent"], t.udp_bytes_sent)
+        udp.add_metric(["received"], t.udp_bytes_received)
+        yield udp
+
+    def _downloads(self) -> Iterator[Metric]:
+        if not self.node.downloads:
+            return
+        done = GaugeMetricFamily(
+            "meshllm_download_bytes",
+            "Bytes of a model file this node downloaded so far (its download's last progress)",
+            labels=["model"],
+        )
+        size = GaugeMetricFamily(
+            "meshllm_download_size_bytes",
+            "Size of a model file this node downloads, when the server said it",
+            labels=["model"],
+        )
+        for model, (n, total) in self.node.downloads.items():
+            done.add_metric([model], n)
+            if total:
+                size.add_metric([model], total)
+        yield done
+        yield size
 
 
 class Metrics:

@@ -58,6 +58,21 @@ Action = SendProbe | SendProbeRequest | DeclareDead
 
 
 @dataclass
+class ProbeStats:
+    """What the detector did since it started (cumulative), for `/metrics`."""
+
+    sent: int = 0
+    """Direct probes."""
+    answered: int = 0
+    """Acks that cleared a pending probe, directly or through a helper."""
+    timed_out: int = 0
+    """Direct probes with no ack within the timeout (the peer became suspect)."""
+    indirect_sent: int = 0
+    """Requests to a helper to probe a suspect for us."""
+    declared_dead: int = 0
+
+
+@dataclass
 class _Pending:
     nonce: int
     deadline: float
@@ -80,6 +95,7 @@ class FailureDetector:
     rtt_ms: dict[str, float] = field(default_factory=dict)
     """Round trip to each member, in ms, from its direct acks (smoothed as TCP does,
     1/8 of each new sample): what split planning calls near."""
+    stats: ProbeStats = field(default_factory=ProbeStats)
 
     def set_members(self, members: set[str]) -> None:
         self.members = set(members)
@@ -91,6 +107,7 @@ class FailureDetector:
 
     def _probe(self, node_id: str, now: float) -> SendProbe:
         nonce = self.nonces()
+        self.stats.sent += 1
         self.pending[node_id] = _Pending(nonce, now + self.timeout, sent=now)
         return SendProbe(node_id, nonce)
 
@@ -106,6 +123,7 @@ class FailureDetector:
         for node_id, pending in self.pending.items():
             if pending.nonce == nonce:
                 del self.pending[node_id]
+                self.stats.answered += 1
                 if now is not None and not pending.indirect:
                     sample = max(0.0, now - pending.sent) * 1000.0
                     old = self.rtt_ms.get(node_id)
@@ -120,12 +138,15 @@ class FailureDetector:
                 continue
             if pending.indirect:
                 del self.pending[node_id]
+                self.stats.declared_dead += 1
                 actions.append(DeclareDead(node_id))
                 continue
+            self.stats.timed_out += 1
             pending.indirect = True
             pending.deadline = now + self.timeout
             helpers = sorted(self.members - {node_id} - set(self.pending))
             for via in self.rng.sample(helpers, min(self.indirect, len(helpers))):
+                self.stats.indirect_sent += 1
                 actions.append(SendProbeRequest(via, node_id, pending.nonce))
         if now >= self.next_probe_at:
             self.next_probe_at = now + self.interval

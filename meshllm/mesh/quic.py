@@ -195,14 +195,18 @@ class Traffic:
     udp_bytes_received: int = 0
     frame_bytes_sent: dict[str, int] = field(default_factory=dict)
     frame_bytes_received: dict[str, int] = field(default_factory=dict)
+    frames_sent: dict[str, int] = field(default_factory=dict)
+    frames_received: dict[str, int] = field(default_factory=dict)
 
     def frame_sent(self, msg: wire.WireMessage, size: int) -> None:
         kind = wire.traffic_kind(msg)
         self.frame_bytes_sent[kind] = self.frame_bytes_sent.get(kind, 0) + size
+        self.frames_sent[kind] = self.frames_sent.get(kind, 0) + 1
 
     def frame_received(self, msg: wire.WireMessage, size: int) -> None:
         kind = wire.traffic_kind(msg)
         self.frame_bytes_received[kind] = self.frame_bytes_received.get(kind, 0) + size
+        self.frames_received[kind] = self.frames_received.get(kind, 0) + 1
 
 
 class _CountingTransport:

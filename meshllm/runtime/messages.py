@@ -74,6 +74,10 @@ class LocalServerState(msgspec.Struct, tag=True, frozen=True):
     paused: bool = False
     """`meshllm ctl pause` (or `--pause-when-busy`): this node is no target any more; its
     server keeps running (`state` as before) until its requests in flight ended, then stops."""
+    downloaded: int = 0
+    """While `downloading`: bytes of the model file on disk so far."""
+    download_total: int = 0
+    """While `downloading`: the file's size, when known (0: unknown)."""
     extras: tuple[ExtraServer, ...] = ()
     """Its other llama-servers (`--models-dir`)."""
 
@@ -290,6 +294,32 @@ class CtlDone(msgspec.Struct, tag=True, frozen=True):
     message: str = ""
 
 
+class ProbeCounts(msgspec.Struct, tag=True, frozen=True):
+    """What the HealthProber's probes did since it started (cumulative; topic `probes`):
+    `meshllm.mesh.health.ProbeStats`."""
+
+    sent: int = 0
+    answered: int = 0
+    timed_out: int = 0
+    indirect_sent: int = 0
+    declared_dead: int = 0
+
+
+class GossipTraffic(msgspec.Struct, tag=True, frozen=True):
+    """What the Gossiper's QUIC endpoint carried since it started (cumulative; topic
+    `traffic`): `meshllm.mesh.quic.Traffic`. Frames and their bytes by kind (gossip,
+    probe, other); datagrams and their bytes as the UDP socket saw them."""
+
+    frames_sent: dict[str, int] = {}
+    frames_received: dict[str, int] = {}
+    frame_bytes_sent: dict[str, int] = {}
+    frame_bytes_received: dict[str, int] = {}
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+    udp_bytes_sent: int = 0
+    udp_bytes_received: int = 0
+
+
 Message = (
     Shutdown
     | GetLatest
@@ -318,6 +348,8 @@ Message = (
     | NodeStatus
     | CtlDone
     | DemandState
+    | ProbeCounts
+    | GossipTraffic
 )
 
 ENCODER = msgspec.msgpack.Encoder()
