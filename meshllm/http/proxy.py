@@ -136,7 +136,7 @@ def upstream_target(scope: Scope) -> str:
     percent-encoded, so that nothing it encodes, a CR or LF included, becomes part of
     the request line), and its query."""
     raw = scope.get("raw_path") or scope["path"].encode()
-    query = scope["query_string"]
+    query = scope.get("query_string", b"")
     target = raw + b"?" + query if query else raw
     return target.decode("latin-1")
 
