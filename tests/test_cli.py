@@ -518,3 +518,47 @@ def test_up_beyond_loopback_without_a_key_is_refused_before_anything_starts(
     result = invoke("up", "--listen", "0.0.0.0", "--home", str(tmp_path / "h"))
     assert result.exit_code == 1, result.output
     assert "--insecure" in result.output and "Traceback" not in result.output
+
+
+def test_up_demand_options(captured_up: list[UpOptions], tmp_path: Path) -> None:
+    args = ("--models-dir", str(tmp_path), "--idle-unload", "30", "--hot-rpm", "0")
+    assert invoke("up", *args, "--load-wait", "5").exit_code == 0
+    opts = captured_up[0]
+    assert (opts.models_dir, opts.idle_unload_s, opts.hot_rpm, opts.load_wait_s) == (
+        str(tmp_path),
+        30,
+        0,
+        5,
+    )
+    for flag in ("--idle-unload", "--hot-rpm", "--load-wait"):
+        result = invoke("up", flag, "-1")
+        assert result.exit_code == 2 and flag in result.output
+    assert len(captured_up) == 1
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        ({"models_dir": "/no/such/dir"}, "--models-dir /no/such/dir: no such directory"),
+        ({"models_dir": ".", "client": True}, "a lite client .* runs no llama-server"),
+        (
+            {"models_dir": ".", "backend_urls": ["http://127.0.0.1:1"]},
+            "--backend-url runs no llama-server",
+        ),
+    ],
+)
+def test_up_refuses_a_models_dir_it_cannot_serve(
+    given: dict[str, object], why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MESHLLM_MODELS_DIR", raising=False)
+    with pytest.raises(meshllm.up.UpError, match=why):
+        meshllm.up.use_models_dir(UpOptions(**given))  # type: ignore[arg-type]
+    assert "MESHLLM_MODELS_DIR" not in os.environ
+
+
+def test_a_models_dir_is_where_models_are_looked_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESHLLM_MODELS_DIR", "/elsewhere")
+    meshllm.up.use_models_dir(UpOptions(models_dir=str(tmp_path)))
+    assert os.environ["MESHLLM_MODELS_DIR"] == str(tmp_path.resolve())

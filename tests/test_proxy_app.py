@@ -443,7 +443,7 @@ def test_strict_models_answers_404_for_an_unknown_model() -> None:
 @pytest.mark.parametrize("strict", [False, True])
 def test_no_model_ready_is_503_with_retry_after(strict: bool) -> None:
     async def main() -> None:
-        app = new_app(strict_models=strict)
+        app = new_app(strict_models=strict, load_wait_s=0)
         cases: list[tuple[RouteTable, dict[str, Any]]] = [
             (RouteTable(), {"messages": []}),
             (RouteTable((ModelRoute("demo"),)), CHAT_BODY),  # known to the mesh, but cold
@@ -455,6 +455,36 @@ def test_no_model_ready_is_503_with_retry_after(strict: bool) -> None:
             c = await complete(call(app, CHAT, body))
             assert_openai_error(c, 503, "model_not_ready")
             assert c.response_headers[b"retry-after"] == str(RETRY_AFTER_S).encode()
+
+    run(main())
+
+
+def test_a_request_for_a_cold_model_waits_for_its_load() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = new_app(load_wait_s=30)
+            app.set_table(RouteTable((ModelRoute("demo"),)))  # known, cold
+            pending = asyncio.ensure_future(complete(call(app, CHAT, CHAT_BODY)))
+            await asyncio.sleep(0.05)
+            assert not pending.done()
+            assert set(app.demand.snapshot(time.time())) == {"demo"}  # asked for
+            app.set_table(local_table(srv.port))  # a node loaded it
+            c = await asyncio.wait_for(pending, 10)
+            assert c.status == 200
+
+    run(main())
+
+
+def test_a_cold_model_not_loaded_in_time_is_503_and_unknown_names_are_not_demand() -> None:
+    async def main() -> None:
+        app = new_app(load_wait_s=0.2)
+        app.set_table(RouteTable((ModelRoute("demo"),)))
+        c = await complete(call(app, CHAT, CHAT_BODY))
+        error = assert_openai_error(c, 503, "model_not_ready")
+        assert "waited 0.2 s for a node to load it" in error["message"]
+        assert c.response_headers[b"retry-after"] == str(RETRY_AFTER_S).encode()
+        await complete(call(app, CHAT, {**CHAT_BODY, "model": "no-such-model"}))
+        assert set(app.demand.snapshot(time.time())) == {"demo"}
 
     run(main())
 

@@ -443,7 +443,7 @@ def test_windows_and_streams_are_tiny_before_admission_and_raised_after() -> Non
             (incoming,) = await eventually(lambda: server.links, "the server's link")
             # A frame far over the admission window flows both ways on the control stream...
             big = wire.Sync(
-                tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(3000))
+                tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(2500))
             )
             assert len(wire.encode_frame(big)) > 100 * quic.ADMISSION_WINDOW_BYTES
             link.send(big)
@@ -578,7 +578,7 @@ def test_a_member_that_does_not_read_its_control_stream_is_disconnected(
     cap = 2 * quic.STREAM_WINDOW_BYTES
     monkeypatch.setattr(quic, "CONTROL_SEND_BUFFER_BYTES", cap)
     table = wire.Sync(
-        tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(3000))
+        tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(2500))
     )
     frame_bytes = len(wire.encode_frame(table))
 
@@ -615,7 +615,7 @@ def test_a_member_that_reads_takes_bursts_under_the_control_cap(
     cap = 2 * quic.STREAM_WINDOW_BYTES
     monkeypatch.setattr(quic, "CONTROL_SEND_BUFFER_BYTES", cap)
     table = wire.Sync(
-        tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(3000))
+        tuple(wire.PeerAnnouncement(node_id=f"{i:016x}", generation=1) for i in range(2500))
     )
     burst = cap // len(wire.encode_frame(table))
 
