@@ -130,6 +130,36 @@ def test_a_key_file_others_may_read_is_loaded_with_a_warning(tmp_path: Path) -> 
     assert KEY not in warning
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        ((), "short", "MESHLLM_API_KEYS #1: "),
+        (("--api-key", "short"), None, "--api-key #1: "),
+        (("--api-key", KEY), "short", None),  # a flag wins: the environment is not read
+    ],
+)
+def test_meshllm_up_names_where_a_bad_key_came_from(
+    args: tuple[str, ...], env: str | None, named: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    import meshllm.up
+    from meshllm.cli import main
+
+    def fake_run(opts: meshllm.up.UpOptions) -> int:
+        meshllm.up.api_keys(opts)
+        return 0
+
+    monkeypatch.setattr(meshllm.up, "run", fake_run)
+    monkeypatch.delenv("MESHLLM_API_KEYS", raising=False)
+    environ = {} if env is None else {"MESHLLM_API_KEYS": env}
+    result = CliRunner().invoke(main, ["up", *args], env=environ, catch_exceptions=False)
+    if named is None:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code != 0 and f"Error: {named}" in result.output, result.output
+
+
 # -- matching -------------------------------------------------------------------------
 
 

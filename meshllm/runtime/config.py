@@ -85,7 +85,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 @dataclasses.dataclass(frozen=True)
 class UpOptions:
     """What `meshllm up` was asked; every field is one option of the command, in the order
-    its help lists them."""
+    its help lists them (but `api_keys_from_env`, which says how one was given)."""
 
     models: list[str] = option(  # noqa: RUF009 (option() makes a dataclasses.field)
         [],
@@ -322,6 +322,8 @@ class UpOptions:
         "Logging level of the node and its actors.",
         choices=LOG_LEVELS,
     )
+    api_keys_from_env: bool = False
+    """Whether `api_keys` came from MESHLLM_API_KEYS, not --api-key: errors name it."""
 
     @property
     def max_body_bytes(self) -> int:
