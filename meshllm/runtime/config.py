@@ -155,7 +155,8 @@ class UpOptions:
         0,
         "--key-tpm",
         "Tokens (prompt and completion) per minute each --api-key allows unless it sets its "
-        "own tpm=N; 0: no limit. An answer's tokens are counted once it has gone out.",
+        "own tpm=N; 0: no limit. A request reserves its estimate as it starts; its answer's "
+        "usage is charged instead once it has gone out.",
         metavar="N",
         check=_not_negative,
     )
