@@ -211,6 +211,31 @@ def test_a_stream_its_client_leaves_before_the_end_still_costs_tokens() -> None:
     run(main())
 
 
+def test_a_client_that_leaves_before_any_answer_costs_its_reservation() -> None:
+    """The server may be working on its prompt: leaving early refunds nothing (carol's
+    request without `max_tokens` reserved her whole minute, 30)."""
+    got_request = asyncio.Event()
+
+    async def respond(req: object, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        got_request.set()
+        await wait_eof(r)  # answers nothing
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            app = app_for(srv.port, api_keys=KEYS)
+            c = call(app, CHAT, CHAT_BODY, headers=bearer(CAROL))
+            task = asyncio.ensure_future(c())
+            await asyncio.wait_for(got_request.wait(), WAIT_S)
+            c.disconnect.set()
+            await asyncio.wait_for(task, WAIT_S)
+            again = await complete(call(app, CHAT, CHAT_BODY, headers=bearer(CAROL)))
+            assert_openai_error(again, 429, "rate_limit_exceeded")
+            assert again.response_headers[b"retry-after"] == b"2"  # one token at 0.5 a second
+
+    run(main())
+
+
 class _FromAddress:
     """The app, as a client at another address reaches it."""
 

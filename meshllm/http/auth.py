@@ -18,8 +18,9 @@ prompt's bytes / 4). When its answer ends the reservation is settled with what
 the answer says it used (`UsageScanner` reads it from the answer's end: `usage`,
 else llama-server's `timings`): the difference is refunded or charged, so an
 answer may take the bucket below zero and no new request of that key goes on
-until it has refilled to one token. An answer that does not end (its client
-left, or it failed) costs its reservation, or the events it streamed if more.
+until it has refilled to one token. An answer its client leaves costs its
+reservation, or the events it streamed if more (the server may have done the
+work); one that fails without an end keeps its reservation.
 
 Wrong keys are limited by client address (`FailureLimit`): past a burst of them,
 that address gets 429 until its budget refills, whatever key it sends.

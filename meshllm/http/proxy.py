@@ -285,8 +285,9 @@ async def browser_request(scope: Scope, send: Send, policy: Policy) -> Send | No
 
 def _charging(send: Send, receive: Receive, charge: TokenCharge) -> tuple[Send, Receive]:
     """`send` and `receive` of a request whose key has a tokens-per-minute limit: the body
-    re-estimates its reservation once read, the answer settles it as it ends (`__call__`
-    settles what did not end)."""
+    re-estimates its reservation once read; the answer's end settles it, or the client's
+    leaving first does (`forward` watches for it). An answer that fails without an end
+    keeps its reservation."""
     chunks: list[bytes] = []
 
     async def charging_send(message: dict[str, Any]) -> None:
@@ -298,7 +299,9 @@ def _charging(send: Send, receive: Receive, charge: TokenCharge) -> tuple[Send, 
 
     async def charging_receive() -> dict[str, Any]:
         message = await receive()
-        if message["type"] == "http.request" and not charge.settled:
+        if message["type"] == "http.disconnect":
+            charge.settle(time.monotonic(), ended=False)  # nothing if the answer ended
+        elif message["type"] == "http.request" and not charge.settled:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 charge.reserve(estimate_tokens(b"".join(chunks)), time.monotonic())
@@ -468,29 +471,24 @@ class ProxyApp:
             send = answer
         # After the browser checks: a CORS preflight carries no key, and a 401 to an
         # allowed origin gets its CORS headers (so the page can read it).
-        charge = None
         if self.keys and scope["path"] not in OPEN_PATHS:
             allowed = await self.authorise(scope, send)
             if allowed is None:
                 return
-            if (charge := allowed.charge) is not None:
-                send, receive = _charging(send, receive, charge)
-        try:
-            # The forwarded endpoints skip Starlette's middleware and router (about 10% of
-            # the proxy's CPU per request); every other request goes through Starlette.
-            if kind_of(scope["method"], scope["path"]) is not None:
-                await self.forward(scope, receive, send)
-                return
-            await self.app(scope, receive, send)  # type: ignore[arg-type]
-        finally:
-            if charge is not None:  # its answer did not end: the client left, or it failed
-                charge.settle(time.monotonic(), ended=False)
+            if allowed.charge is not None:
+                send, receive = _charging(send, receive, allowed.charge)
+        # The forwarded endpoints skip Starlette's middleware and router (about 10% of
+        # the proxy's CPU per request); every other request goes through Starlette.
+        if kind_of(scope["method"], scope["path"]) is not None:
+            await self.forward(scope, receive, send)
+            return
+        await self.app(scope, receive, send)  # type: ignore[arg-type]
 
     async def authorise(self, scope: Scope, send: Send) -> Allowed | None:
         """Whether a request's key lets it on (`--api-key`): None once it was answered
         401 or 429. The key's name goes into the scope (`meshllm.api_key`); a key with a
-        tokens-per-minute limit comes with the request's reservation, for `__call__` to
-        settle. Wrong keys are limited by the client's address (`FailureLimit`)."""
+        tokens-per-minute limit comes with the request's reservation (`_charging`).
+        Wrong keys are limited by the client's address (`FailureLimit`)."""
         client = scope.get("client")
         verdict = self.keys.check(scope["headers"], time.monotonic(), client and client[0])
         if isinstance(verdict, Allowed):
