@@ -19,7 +19,7 @@ from meshllm.runtime.config import UpOptions, flag_of
 from meshllm.runtime.paths import home_from
 
 F = TypeVar("F", bound=Callable[..., Any])
-UP_FIELDS = {f.name: f for f in dataclasses.fields(UpOptions)}
+UP_FIELDS = {f.name: f for f in dataclasses.fields(UpOptions) if "flag" in f.metadata}
 _UP_TYPES = get_type_hints(UpOptions)
 
 
@@ -87,6 +87,8 @@ def up(**given: Any) -> None:
     # Read (when --join was not given): llama-server and the actors need not inherit it.
     os.environ.pop(TOKEN_ENV, None)
     os.environ.pop("MESHLLM_API_KEYS", None)  # likewise (read: --api-key)
+    source = click.get_current_context().get_parameter_source("api_keys")
+    values["api_keys_from_env"] = source is click.core.ParameterSource.ENVIRONMENT
     opts = UpOptions(**values)
     try:
         sys.exit(run(opts))

@@ -9,7 +9,9 @@ log file that holds the root's and every actor's output.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -18,9 +20,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from http.client import HTTPConnection
+from http.client import HTTPConnection, HTTPException, HTTPResponse
 from pathlib import Path
 from typing import IO, Any
 
@@ -550,3 +553,113 @@ async def websocket_attempt(
 
     await app({"type": "websocket", "path": path, "headers": headers}, receive, send)
     return sent, reached
+
+
+@dataclasses.dataclass
+class ChatStream:
+    """One streaming chat request through `port`, read to its end as a client would: in
+    the caller's thread (`read`) or in a thread of its own (`start`, then `join`). It
+    never raises: what went wrong is in `error`, so a load of many streams can count its
+    failures and a test waiting on one can say how it ended. It stops at `[DONE]` or at
+    an error event (a stream the Proxy cut), whichever comes first."""
+
+    port: int
+    body: dict[str, Any] | bytes = dataclasses.field(repr=False)
+    """The request; a dict is sent as JSON with `"stream": true`."""
+    timeout: float = 60.0
+    """Seconds without a byte after which the read gives up (a hang)."""
+    status: int = 0
+    content_type: str = ""
+    events: int = 0
+    """Data events before the end (`[DONE]` and an error event not counted)."""
+    tail: collections.deque[dict[str, Any]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=8), repr=False
+    )
+    """The last data events (for messages); a load of many streams keeps no more."""
+    text: str = dataclasses.field(default="", repr=False)
+    """The choices' `delta.content`, concatenated."""
+    usage: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    """The last `usage` seen (`stream_options.include_usage`)."""
+    done: bool = False
+    """`[DONE]` came."""
+    error: str = ""
+    """The message of an error event, a non-200 answer's body, or what broke the read."""
+    error_event: bool = False
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    ended: bool = False
+    """Whether the read is over (`ended_at` is when)."""
+    thread: threading.Thread | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.done and not self.error
+
+    def start(self) -> ChatStream:
+        """Read it in a daemon thread; returns at once."""
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a started stream to end; whether it has."""
+        assert self.thread is not None, "join() a stream that was start()ed"
+        self.thread.join(timeout)
+        return self.ended
+
+    def started(self, events: int = 3) -> bool:
+        """Whether `events` data events came (for `wait_for`); raises once the stream
+        ended without them, saying how."""
+        if self.events >= events:
+            return True
+        if self.ended:
+            raise AssertionError(f"the stream ended after {self.events} events: {self.error}")
+        return False
+
+    def read(self) -> ChatStream:
+        """Send the request and read the answer to its end (or error)."""
+        self.started_at = time.monotonic()
+        body = self.body
+        if isinstance(body, dict):
+            body = json.dumps({**body, "stream": True}).encode()
+        conn = HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        try:
+            conn.request("POST", "/v1/chat/completions", body)
+            resp = conn.getresponse()
+            self.status = resp.status
+            self.content_type = resp.getheader("content-type", "")
+            if resp.status != 200:
+                self.error = resp.read()[:300].decode(errors="replace")
+                return self
+            self._read_events(resp)
+        except (OSError, HTTPException, ValueError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, TimeoutError):  # socket.timeout too
+                self.error = f"no byte for {self.timeout:g} s (a hang): {exc}"
+        finally:
+            self.ended_at = time.monotonic()
+            self.ended = True
+            conn.close()
+        return self
+
+    def _read_events(self, resp: HTTPResponse) -> None:
+        while line := resp.readline():
+            if not line.startswith(b"data: "):
+                continue
+            payload = line.removeprefix(b"data: ").strip()
+            if payload == b"[DONE]":
+                self.done = True
+                return
+            event = json.loads(payload)
+            if "error" in event:
+                self.error_event = True
+                error = event["error"]
+                self.error = str(error.get("message", error) if isinstance(error, dict) else error)
+                return
+            self.events += 1
+            self.tail.append(event)
+            for choice in event.get("choices") or ():
+                self.text += (choice.get("delta") or {}).get("content") or ""
+            if event.get("usage"):
+                self.usage = event["usage"]
+        self.error = "the stream ended without [DONE] or an error event"

@@ -107,7 +107,8 @@ def api_keys(opts: UpOptions) -> tuple[tuple[ApiKey, ...], str]:
     from meshllm.http.auth import KeySpecError, digest_of, load_keys
 
     try:
-        keys = load_keys(opts.api_keys, opts.key_rpm, opts.key_tpm)
+        source = "MESHLLM_API_KEYS" if opts.api_keys_from_env else "--api-key"
+        keys = load_keys(opts.api_keys, opts.key_rpm, opts.key_tpm, source, log.warning)
     except KeySpecError as exc:
         raise UpError(str(exc)) from None
     if not keys:

@@ -106,6 +106,60 @@ def test_a_name_or_a_key_given_twice_is_refused() -> None:
     assert KEY not in str(info.value)
 
 
+def test_errors_name_where_the_keys_came_from(tmp_path: Path) -> None:
+    with pytest.raises(KeySpecError, match=r"^MESHLLM_API_KEYS #2: "):
+        load_keys([KEY, "short"], source="MESHLLM_API_KEYS")
+    with pytest.raises(KeySpecError, match=f"^MESHLLM_API_KEYS @{tmp_path / 'no'}: cannot"):
+        load_keys([f"@{tmp_path / 'no'}"], source="MESHLLM_API_KEYS")
+    with pytest.raises(KeySpecError, match=r"^--api-key #1: "):
+        load_keys(["short"])
+
+
+def test_a_key_file_others_may_read_is_loaded_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"alice:{KEY}\n")
+    warnings: list[str] = []
+    for mode, warned in ((0o600, False), (0o400, False), (0o640, True), (0o606, True)):
+        path.chmod(mode)
+        warnings.clear()
+        keys = load_keys([f"@{path}"], warn=warnings.append)
+        assert [k.name for k in keys] == ["alice"]
+        assert bool(warnings) is warned, (oct(mode), warnings)
+    (warning,) = warnings
+    assert f"--api-key @{path}" in warning and "0606" in warning and "chmod 600" in warning
+    assert KEY not in warning
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        ((), "short", "MESHLLM_API_KEYS #1: "),
+        (("--api-key", "short"), None, "--api-key #1: "),
+        (("--api-key", KEY), "short", None),  # a flag wins: the environment is not read
+    ],
+)
+def test_meshllm_up_names_where_a_bad_key_came_from(
+    args: tuple[str, ...], env: str | None, named: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    import meshllm.up
+    from meshllm.cli import main
+
+    def fake_run(opts: meshllm.up.UpOptions) -> int:
+        meshllm.up.api_keys(opts)
+        return 0
+
+    monkeypatch.setattr(meshllm.up, "run", fake_run)
+    monkeypatch.delenv("MESHLLM_API_KEYS", raising=False)
+    environ = {} if env is None else {"MESHLLM_API_KEYS": env}
+    result = CliRunner().invoke(main, ["up", *args], env=environ, catch_exceptions=False)
+    if named is None:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code != 0 and f"Error: {named}" in result.output, result.output
+
+
 # -- matching -------------------------------------------------------------------------
 
 
@@ -210,19 +264,121 @@ def test_usage_of_an_answer_and_of_a_stream(split_at: int | None) -> None:
 
 def test_a_key_over_its_tokens_per_minute_waits_until_the_bucket_refills() -> None:
     ring = KeyRing(load_keys([f"alice:{KEY}:tpm=600", f"bob:{OTHER}"]))
-    assert ring.counts_tokens("alice") is False  # its bucket is made on first use
-    assert ring.check(bearer(KEY), 0.0) == Allowed("alice")
-    assert ring.counts_tokens("alice") and not ring.counts_tokens("bob")
-    ring.spent("alice", 300, 0.0)
-    assert ring.check(bearer(KEY), 0.0) == Allowed("alice")  # 300 left
-    ring.spent("alice", 900, 0.0)  # an answer may take it below zero: 600 in debt
+    first = ring.check(bearer(KEY), 0.0)
+    assert isinstance(first, Allowed) and first.charge is not None
+    assert first.charge.reserved == auth.DEFAULT_ANSWER_TOKENS
+    first.charge.feed(ANSWER)
+    first.charge.settle(0.0, ended=True)  # 21 used: the rest of the reservation back
+    assert ring.token_buckets["alice"].tokens == 600 - 21
+    second = ring.check(bearer(KEY), 0.0)
+    assert isinstance(second, Allowed) and second.charge is not None
+    second.charge.feed(b'{"usage":{"total_tokens":1179}}')
+    second.charge.settle(0.0, ended=True)  # an answer may take it below zero: 600 in debt
     limited = ring.check(bearer(KEY), 0.0)
     assert isinstance(limited, Limited) and "600 tokens per minute" in limited.message
     assert limited.retry_after_s == 61  # 601 tokens at 10 a second
     assert isinstance(ring.check(bearer(KEY), 60.0), Limited)
-    assert ring.check(bearer(KEY), 60.1) == Allowed("alice")
-    ring.spent("bob", 10**9, 0.0)  # no limit: nothing counted
-    assert ring.check(bearer(OTHER), 0.0) == Allowed("bob")
+    assert isinstance(ring.check(bearer(KEY), 60.1), Allowed)
+    assert ring.check(bearer(OTHER), 0.0) == Allowed("bob")  # no limit: no charge
+
+
+def test_concurrent_requests_of_a_key_wait_for_each_others_reservations() -> None:
+    """What each request may cost is taken from the bucket when it is let on, so a full
+    bucket lets on only as many as it can pay for, not every request that comes at once."""
+    ring = KeyRing(load_keys([f"alice:{KEY}:tpm=1000"]))
+    charges = []
+    for _ in range(5):
+        verdict = ring.check(bearer(KEY), 0.0)
+        if isinstance(verdict, Allowed):
+            assert verdict.charge is not None
+            charges.append(verdict.charge)
+    assert len(charges) == 2  # 512 each: the second takes it below one
+    charges[0].reserve(100, 0.0)  # its body said max_tokens (refund the rest)
+    assert ring.token_buckets["alice"].tokens == 1000 - 100 - 512
+    assert isinstance(ring.check(bearer(KEY), 0.0), Allowed)  # 388 left: one more
+
+
+def test_a_reservation_is_at_most_a_minutes_worth_and_settled_once() -> None:
+    bucket = TokenBucket(30, 60.0, now=0.0)
+    charge = auth.TokenCharge(bucket, 10**9, 0.0)
+    assert charge.reserved == 30 and bucket.tokens == 0
+    charge.reserve(-5, 0.0)
+    assert charge.reserved == 0 and bucket.tokens == 30
+    charge.reserve(20, 0.0)
+    charge.feed(b'data: {"usage":{"total_tokens":7}}\n\n')
+    charge.settle(0.0, ended=True)
+    charge.settle(0.0, ended=False)  # only the first counts
+    charge.reserve(30, 0.0)  # nor is a settled charge re-reserved
+    assert bucket.tokens == 30 - 7
+
+
+@pytest.mark.parametrize(("reserved", "events", "cost"), [(20, 3, 20), (20, 45, 45), (0, 0, 0)])
+def test_an_answer_that_does_not_end_costs_its_reservation_or_what_it_streamed(
+    reserved: int, events: int, cost: int
+) -> None:
+    bucket = TokenBucket(60, 60.0, now=0.0)
+    charge = auth.TokenCharge(bucket, reserved, 0.0)
+    charge.feed(b'data: {"choices":[]}\n\n' * events)
+    charge.settle(0.0, ended=False)
+    assert bucket.tokens == 60 - cost
+
+
+def test_a_stream_without_usage_that_ends_costs_its_events() -> None:
+    bucket = TokenBucket(60, 60.0, now=0.0)
+    charge = auth.TokenCharge(bucket, 50, 0.0)
+    charge.feed(b'data: {"choices":[]}\n\n' * 4 + b"data: [DONE]\n\n")
+    charge.settle(0.0, ended=True)
+    assert bucket.tokens == 60 - 5
+    models = auth.TokenCharge(bucket, 50, 0.0)
+    models.feed(b'{"object":"list","data":[]}')  # neither usage nor events: free
+    models.settle(0.0, ended=True)
+    assert bucket.tokens == 60 - 5
+
+
+@pytest.mark.parametrize(
+    ("body", "answer"),
+    [
+        (b'{"max_tokens": 40}', 40),
+        (b'{"max_tokens": 40, "max_completion_tokens": 9}', 9),
+        (b'{"max_tokens": -1}', auth.DEFAULT_ANSWER_TOKENS),
+        (b'{"max_tokens": "lots"}', auth.DEFAULT_ANSWER_TOKENS),
+        (b'{"messages": [{"content": "hi"}]}', auth.DEFAULT_ANSWER_TOKENS),
+        (b"not json", auth.DEFAULT_ANSWER_TOKENS),
+        (b"[" * 100_000, auth.DEFAULT_ANSWER_TOKENS),
+        (b"", auth.DEFAULT_ANSWER_TOKENS),
+    ],
+)
+def test_a_requests_estimate_is_its_answer_limit_and_its_prompt(body: bytes, answer: int) -> None:
+    assert auth.estimate_tokens(body) == answer + len(body) // 4
+
+
+# -- wrong keys -------------------------------------------------------------------------
+
+
+def test_an_address_sending_wrong_keys_is_refused_for_a_while_whatever_it_sends() -> None:
+    ring = KeyRing(load_keys([f"alice:{KEY}"]), auth.FailureLimit(burst=3, per_minute=6))
+    for _ in range(3):
+        wrong = ring.check(bearer("sk-guess-00000000"), 0.0, "192.0.2.1")
+        assert isinstance(wrong, Unauthorized) and wrong.code == "invalid_api_key"
+    for key in ("sk-guess-00000000", KEY):  # the right key too: else it tells a good guess
+        limited = ring.check(bearer(key), 0.0, "192.0.2.1")
+        assert isinstance(limited, Limited) and limited.retry_after_s == 10
+        assert limited.name == "" and "wrong API keys" in limited.message
+    assert isinstance(ring.check([], 0.0, "192.0.2.1"), Unauthorized)  # no key, no guess
+    assert ring.check(bearer(KEY), 0.0, "192.0.2.2") == Allowed("alice")  # others are not
+    assert ring.check(bearer(KEY), 0.0) == Allowed("alice")  # nor an unknown address
+    assert ring.check(bearer(KEY), 10.0, "192.0.2.1") == Allowed("alice")  # refilled
+
+
+def test_the_wrong_key_limit_remembers_a_bounded_number_of_addresses() -> None:
+    limit = auth.FailureLimit(burst=1, per_minute=1, max_clients=3)
+    for n in range(10):
+        limit.failed(f"198.51.100.{n}", 0.0)
+    assert list(limit.buckets) == ["198.51.100.7", "198.51.100.8", "198.51.100.9"]
+    limit.failed("198.51.100.7", 0.0)  # heard from again: the newest
+    limit.failed("198.51.100.10", 0.0)
+    assert list(limit.buckets) == ["198.51.100.9", "198.51.100.7", "198.51.100.10"]
+    assert limit.wait_s("198.51.100.7", 0.0) > 0 and limit.wait_s("198.51.100.0", 0.0) == 0
 
 
 def test_token_bucket_spend_and_wait() -> None:

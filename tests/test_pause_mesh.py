@@ -10,11 +10,8 @@ then A's llama-server stops; `ctl resume`: A serves again.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ import pytest
 from meshllm.http.balance import _weight, affinity_key, target_id
 from meshllm.runtime.messages import RouteTarget
 from meshllm.testing import (
+    ChatStream,
     NodeProcess,
     alive,
     chat,
@@ -65,46 +63,6 @@ def body_preferring(node_id: str, other_id: str) -> bytes:
     raise AssertionError("no prompt prefers the wanted node")
 
 
-@dataclass
-class Stream:
-    """One streaming request, read in a thread."""
-
-    port: int
-    body: bytes
-    events: list[Any] = field(default_factory=list)
-    done: bool = False
-    ended_at: float | None = None
-    failure: BaseException | None = None
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        conn = HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            conn.request("POST", "/v1/chat/completions", self.body)
-            resp = conn.getresponse()
-            assert resp.status == 200, resp.read()
-            while line := resp.readline():
-                if line.startswith(b"data: "):
-                    payload = line.removeprefix(b"data: ").strip()
-                    if payload == b"[DONE]":
-                        self.done = True
-                    else:
-                        self.events.append(json.loads(payload))
-        except BaseException as exc:
-            self.failure = exc
-        finally:
-            self.ended_at = time.monotonic()
-            conn.close()
-
-    def started(self) -> bool:
-        if self.failure is not None:
-            raise self.failure
-        return len(self.events) >= 3
-
-
 def processing_slots(llama_port: int) -> int:
     status, _, data = http(llama_port, "GET", "/slots", timeout=5)
     assert status == 200, data
@@ -130,8 +88,8 @@ def test_pause_finishes_requests_in_flight_then_gives_the_model_back(
     wait_for(lambda: served_by(a, b, ids={a_id, b_id}), 60, "M served by A and B", interval=0.2)
     a_llama = a.status()["server"]
     body = body_preferring(a_id, b_id)
-    local = Stream(a.port, body)  # A's Proxy -> A's llama-server
-    tunnelled = Stream(b.port, body)  # B's Proxy -> tunnel -> A's llama-server
+    local = ChatStream(a.port, body).start()  # A's Proxy -> A's llama-server
+    tunnelled = ChatStream(b.port, body).start()  # B's Proxy -> tunnel -> A's llama-server
     wait_for(lambda: local.started() and tunnelled.started(), 60, "both streams to start")
     assert processing_slots(a_llama["port"]) == 2, "both streams should run on A"
 
@@ -140,7 +98,7 @@ def test_pause_finishes_requests_in_flight_then_gives_the_model_back(
     assert out.returncode == 0, out.stderr
     assert "pausing" in out.stdout, out.stdout
     # The requests in flight go on: A's llama-server still runs them.
-    assert local.ended_at is None and tunnelled.ended_at is None, "streams ended too soon"
+    assert not local.ended and not tunnelled.ended, "streams ended too soon"
     assert alive(a_llama["pid"])
     # A is no target anywhere any more: new requests go to B, from either endpoint.
     wait_for(lambda: served_by(a, b, ids={b_id}), 30, "A to leave M's servers everywhere")
@@ -154,10 +112,8 @@ def test_pause_finishes_requests_in_flight_then_gives_the_model_back(
     assert "paused" in status.stdout.splitlines()[1], status.stdout
     # Both streams end complete, and only then does A's llama-server stop.
     for stream in (local, tunnelled):
-        stream.thread.join(120)
-        assert stream.failure is None, stream.failure
-        assert stream.done, f"no [DONE]; last events: {stream.events[-2:]}"
-        assert not any("error" in e for e in stream.events), stream.events[-2:]
+        assert stream.join(120), "a stream did not end"
+        assert stream.ok, f"{stream}; last events: {list(stream.tail)[-2:]}"
     streams_done = max(s.ended_at or 0 for s in (local, tunnelled))
 
     def stopped() -> dict[str, Any] | None:

@@ -3,18 +3,22 @@ what goes on to the servers, and the console in front of a node with keys."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any, cast
 
 import pytest
 
-from meshllm.http.auth import ApiKey, digest_of, load_keys
+from meshllm.http.auth import FAILURE_BURST, ApiKey, digest_of, load_keys
 from meshllm.http.console import ConsoleApp
+from meshllm.http.proxy import ProxyApp
 from meshllm.http.upstream import Pool
 from meshllm.runtime.messages import ModelRoute, RouteTable, RouteTarget
 from tests.test_console import Exchange
 from tests.test_proxy_app import (
     CHAT,
     CHAT_BODY,
+    WAIT_S,
     Call,
     app_for,
     assert_openai_error,
@@ -25,7 +29,7 @@ from tests.test_proxy_app import (
     run,
     serving,
 )
-from tests.test_upstream import FakeServer, ok
+from tests.test_upstream import CHUNKED_HEAD, FakeServer, chunk, ok, wait_eof
 
 KEY = "sk-alice-0123456789"
 OTHER = "sk-bob-9876543210"
@@ -138,6 +142,130 @@ def test_a_key_over_its_tokens_per_minute_gets_429_once_its_answers_used_them() 
             )
             assert c.response_headers[b"retry-after"] == b"26"  # 13 tokens at 0.5 a second
             assert len(srv.requests) == 2
+
+    run(main())
+
+
+def test_concurrent_requests_cannot_overdraw_a_keys_tokens_per_minute() -> None:
+    """Each request reserves what it may cost as it is let on: carol's 30 tokens a
+    minute pay for one request without `max_tokens` at a time, not ten."""
+    answer = b'{"choices":[],"usage":{"prompt_tokens":18,"completion_tokens":3,"total_tokens":21}}'
+
+    async def main() -> None:
+        async with FakeServer(ok(answer)) as srv:
+            app = app_for(srv.port, api_keys=KEYS)  # carol: tpm=30
+            calls = [complete(call(app, CHAT, CHAT_BODY, headers=bearer(CAROL))) for _ in range(10)]
+            done = await asyncio.gather(*calls)
+            served = sum(c.status == 200 for c in done)
+            assert served <= 2, f"{served} requests of 21 tokens served on tpm=30"
+            assert all(c.status in (200, 429) for c in done)
+            # Settled with what was used: 21 of 30, so one more goes on.
+            c = await complete(call(app, CHAT, CHAT_BODY, headers=bearer(CAROL)))
+            assert c.status == 200, c.body
+
+    run(main())
+
+
+def test_a_small_max_tokens_reserves_less() -> None:
+    """Once the body is read its reservation is its own estimate: a request with a
+    small `max_tokens` and prompt leaves room for another at once."""
+    answer = b'{"choices":[],"usage":{"total_tokens":9}}'
+    body = {**CHAT_BODY, "max_tokens": 1}  # about 1 + 20 tokens: 9 of 30 left
+
+    async def main() -> None:
+        async with FakeServer(ok(answer)) as srv:
+            app = app_for(srv.port, api_keys=KEYS)
+            calls = [complete(call(app, CHAT, body, headers=bearer(CAROL))) for _ in range(4)]
+            done = await asyncio.gather(*calls)
+            assert [c.status for c in done].count(200) == 2, [c.status for c in done]
+
+    run(main())
+
+
+def test_a_stream_its_client_leaves_before_the_end_still_costs_tokens() -> None:
+    events = 40  # one token each; carol may use 30 a minute
+
+    async def respond(req: object, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(CHUNKED_HEAD + b"".join(chunk(b'data: {"choices":[]}\n\n') for _ in range(events)))
+        await w.drain()
+        await wait_eof(r)
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            app = app_for(srv.port, api_keys=KEYS)
+            c = call(app, CHAT, {**CHAT_BODY, "stream": True}, headers=bearer(CAROL))
+            task = asyncio.ensure_future(c())
+            assert (await c.next_message())["type"] == "http.response.start"
+            got = b""
+            while got.count(b"data: ") < events:
+                got += (await c.next_message())["body"]
+            c.disconnect.set()  # leave before the stream's end
+            await asyncio.wait_for(task, WAIT_S)
+            again = await complete(call(app, CHAT, CHAT_BODY, headers=bearer(CAROL)))
+            error = assert_openai_error(again, 429, "rate_limit_exceeded")
+            assert "30 tokens per minute" in error["message"]
+            # 40 streamed of 30: 10 in debt, then one token more at 0.5 a second.
+            assert again.response_headers[b"retry-after"] == b"22"
+
+    run(main())
+
+
+def test_a_client_that_leaves_before_any_answer_costs_its_reservation() -> None:
+    """The server may be working on its prompt: leaving early refunds nothing (carol's
+    request without `max_tokens` reserved her whole minute, 30)."""
+    got_request = asyncio.Event()
+
+    async def respond(req: object, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        got_request.set()
+        await wait_eof(r)  # answers nothing
+        return False
+
+    async def main() -> None:
+        async with FakeServer(respond) as srv:
+            app = app_for(srv.port, api_keys=KEYS)
+            c = call(app, CHAT, CHAT_BODY, headers=bearer(CAROL))
+            task = asyncio.ensure_future(c())
+            await asyncio.wait_for(got_request.wait(), WAIT_S)
+            c.disconnect.set()
+            await asyncio.wait_for(task, WAIT_S)
+            again = await complete(call(app, CHAT, CHAT_BODY, headers=bearer(CAROL)))
+            assert_openai_error(again, 429, "rate_limit_exceeded")
+            assert again.response_headers[b"retry-after"] == b"2"  # one token at 0.5 a second
+
+    run(main())
+
+
+class _FromAddress:
+    """The app, as a client at another address reaches it."""
+
+    def __init__(self, app: ProxyApp, host: str) -> None:
+        self.app, self.host = app, host
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.app({**scope, "client": (self.host, 50001)}, receive, send)
+
+
+def test_an_address_sending_wrong_keys_gets_429_after_a_burst() -> None:
+    async def main() -> None:
+        async with FakeServer(ok()) as srv:
+            app = app_for(srv.port, api_keys=KEYS)
+            for _ in range(FAILURE_BURST):
+                c = await complete(call(app, CHAT, CHAT_BODY, headers=bearer("sk-guess-0000000")))
+                assert_openai_error(c, 401, "invalid_api_key")
+            for key in ("sk-guess-0000000", KEY):
+                c = await complete(call(app, CHAT, CHAT_BODY, headers=bearer(key)))
+                assert (
+                    "wrong API keys"
+                    in assert_openai_error(c, 429, "rate_limit_exceeded")["message"]
+                )
+                assert c.response_headers[b"retry-after"] == b"3"  # 20 a minute
+            assert not srv.requests
+            # Another address is not held up by this one's guesses.
+            elsewhere = cast(ProxyApp, _FromAddress(app, "127.0.0.2"))
+            assert (
+                await complete(call(elsewhere, CHAT, CHAT_BODY, headers=bearer(KEY)))
+            ).status == 200
 
     run(main())
 

@@ -26,17 +26,16 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
 import pytest
 
 from meshllm.testing import (
+    ChatStream,
     NodeProcess,
     http,
     mesh_models,
@@ -70,67 +69,15 @@ connections to its llama-server that the load run opened and the pool keeps."""
 # -- streams ---------------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
-    """How one streaming request ended, as its client saw it."""
-
-    status: int
-    events: int = 0
-    """Data events before the end ([DONE] and the error event not counted)."""
-    done: bool = False
-    error: str = ""
-    """The message of an SSE error event, or what broke the read (a hang, a cut)."""
-    error_event: bool = False
-    started_at: float = 0.0
-    ended_at: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 200 and self.done and not self.error
-
-
-def stream_chat(port: int, prompt: str, max_tokens: int = STREAM_TOKENS) -> Outcome:
+def stream_chat(port: int, prompt: str, max_tokens: int = STREAM_TOKENS) -> ChatStream:
     """One streaming chat through `port`, read to its end (never raises)."""
-    started = time.monotonic()
-    conn = HTTPConnection("127.0.0.1", port, timeout=READ_TIMEOUT_S)
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": True,
     }
-    out = Outcome(status=0, started_at=started)
-    try:
-        conn.request("POST", "/v1/chat/completions", json.dumps(body).encode())
-        resp = conn.getresponse()
-        out.status = resp.status
-        if resp.status != 200:
-            out.error = resp.read()[:300].decode(errors="replace")
-            return out
-        while line := resp.readline():
-            if not line.startswith(b"data: "):
-                continue
-            payload = line.removeprefix(b"data: ").strip()
-            if payload == b"[DONE]":
-                out.done = True
-                break
-            event = json.loads(payload)
-            if "error" in event:
-                out.error_event = True
-                out.error = str(event["error"].get("message", event["error"]))
-                break
-            out.events += 1
-        if not out.done and not out.error:
-            out.error = "the stream ended without [DONE] or an error event"
-    except (OSError, HTTPException, ValueError) as exc:
-        out.error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, socket.timeout | TimeoutError):
-            out.error = f"no byte for {READ_TIMEOUT_S:g} s (a hang): {exc}"
-    finally:
-        out.ended_at = time.monotonic()
-        conn.close()
-    return out
+    return ChatStream(port, body, timeout=READ_TIMEOUT_S).read()
 
 
 @dataclass
@@ -142,7 +89,7 @@ class Load:
     clients: int
     tag: str
     max_tokens: int = STREAM_TOKENS
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[ChatStream] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.halt = threading.Event()
@@ -167,7 +114,7 @@ class Load:
         with self.lock:
             return sum(1 for o in self.outcomes if o.started_at >= t and o.ok)
 
-    def stop(self) -> list[Outcome]:
+    def stop(self) -> list[ChatStream]:
         """Stop the clients (each ends its request first; a read has its own deadline)."""
         self.halt.set()
         deadline = time.monotonic() + READ_TIMEOUT_S + 10
@@ -177,7 +124,7 @@ class Load:
         return self.outcomes
 
 
-def check_cut_streams(outcomes: list[Outcome], fault_at: float) -> list[Outcome]:
+def check_cut_streams(outcomes: list[ChatStream], fault_at: float) -> list[ChatStream]:
     """Every request succeeded, except streams that had started before the fault: those
     ended with an SSE error event within the deadline. Returns the cut ones."""
     assert outcomes, "no request was made"

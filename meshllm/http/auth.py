@@ -7,11 +7,23 @@ KEY` or `x-api-key: KEY`) and compares it with every known digest by
 `hmac.compare_digest`, so neither the comparison nor the number of keys tried
 depends on how much of a key was right. A key's requests per minute are bounded
 by a token bucket (`TokenBucket`); past it the request is `Limited`, with the
-seconds until one more is allowed (the Proxy's 429 and Retry-After). Its tokens
-per minute are a bucket too, which each answer's tokens are spent from once it
-has gone out (`UsageScanner` reads them from the answer's end: `usage`, else
-llama-server's `timings`), so an answer may take the bucket below zero; no new
-request of that key goes on until it has refilled to one token.
+seconds until one more is allowed (the Proxy's 429 and Retry-After).
+
+Its tokens per minute are a bucket too. A request goes on while that bucket holds
+one token, and at once reserves what it may cost (`TokenCharge`: at most one
+minute's worth), so concurrent requests of one key cannot all pass on a full
+bucket and overdraw it; once its body is read the reservation becomes its own
+estimate (`estimate_tokens`: `max_tokens`, else `DEFAULT_ANSWER_TOKENS`, plus the
+prompt's bytes / 4). When its answer ends the reservation is settled with what
+the answer says it used (`UsageScanner` reads it from the answer's end: `usage`,
+else llama-server's `timings`): the difference is refunded or charged, so an
+answer may take the bucket below zero and no new request of that key goes on
+until it has refilled to one token. An answer its client leaves costs its
+reservation, or the events it streamed if more (the server may have done the
+work); one that fails without an end keeps its reservation.
+
+Wrong keys are limited by client address (`FailureLimit`): past a burst of them,
+that address gets 429 until its budget refills, whatever key it sends.
 
 Nothing here logs, and no error message carries a key: messages name the key's
 place (`--api-key #2`, `FILE line 3`) or its name.
@@ -23,7 +35,9 @@ import hashlib
 import hmac
 import math
 import re
-from collections.abc import Iterable, Sequence
+import stat
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -93,38 +107,59 @@ def parse_key(text: str, where: str, rpm: int = 0, tpm: int = 0) -> ApiKey:
     return ApiKey(name or f"key-{digest.hex()[:8]}", digest, limits["rpm"], limits["tpm"])
 
 
-def load_keys(values: Iterable[str], rpm: int = 0, tpm: int = 0) -> tuple[ApiKey, ...]:
+def load_keys(
+    values: Iterable[str],
+    rpm: int = 0,
+    tpm: int = 0,
+    source: str = "--api-key",
+    warn: Callable[[str], None] | None = None,
+) -> tuple[ApiKey, ...]:
     """The keys of `--api-key` values: each a key, or `@FILE` with a key a line (blank
-    lines and lines starting with `#` skipped). Raises `KeySpecError`."""
+    lines and lines starting with `#` skipped). Raises `KeySpecError`.
+
+    `source` is where the values came from, for messages (`MESHLLM_API_KEYS #2`, not
+    a flag the user never gave). A key file that other users may read or write is
+    still loaded, but `warn` is told (as ssh does for a key, minus the refusal: a
+    node that will not start over a mode bit helps nobody who shares the machine)."""
     keys: list[ApiKey] = []
     for number, value in enumerate(values, 1):
         if value.startswith("@"):
             path = Path(value[1:]).expanduser()
             try:
                 lines = path.read_text().splitlines()
+                mode = path.stat().st_mode
             except (OSError, UnicodeDecodeError) as exc:
                 why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                raise KeySpecError(f"--api-key @{path}: cannot read it ({why})") from None
+                raise KeySpecError(f"{source} @{path}: cannot read it ({why})") from None
             found = [
                 parse_key(line, f"{path} line {n}", rpm, tpm)
                 for n, line in enumerate(lines, 1)
                 if line.strip() and not line.lstrip().startswith("#")
             ]
             if not found:
-                raise KeySpecError(f"--api-key @{path}: the file holds no key")
+                raise KeySpecError(f"{source} @{path}: the file holds no key")
+            if warn is not None and mode & OPEN_FILE_BITS:
+                warn(
+                    f"{source} @{path}: other users of this machine may read or change the "
+                    f"keys (mode {stat.S_IMODE(mode):04o}): chmod 600 {path}"
+                )
             keys += found
         else:
-            keys.append(parse_key(value, f"--api-key #{number}", rpm, tpm))
+            keys.append(parse_key(value, f"{source} #{number}", rpm, tpm))
     names: set[str] = set()
     digests: set[bytes] = set()
     for key in keys:
         if key.name in names:
-            raise KeySpecError(f"--api-key: two keys are named {key.name!r}")
+            raise KeySpecError(f"{source}: two keys are named {key.name!r}")
         if key.digest in digests:
-            raise KeySpecError(f"--api-key: key {key.name!r} is given twice")
+            raise KeySpecError(f"{source}: key {key.name!r} is given twice")
         names.add(key.name)
         digests.add(key.digest)
     return tuple(keys)
+
+
+OPEN_FILE_BITS = stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH
+"""A key file with any of these gets a warning (`load_keys`)."""
 
 
 def presented_key(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
@@ -205,9 +240,137 @@ class UsageScanner:
         return sum(int(values[-1]) for values in found if values)
 
 
+DEFAULT_ANSWER_TOKENS = 512
+"""What a request that sets no `max_tokens` is expected to generate (llama-server's own
+default is the rest of the context): enough that a few such requests of a small key
+cannot run at once."""
+_PROMPT_BYTES_PER_TOKEN = 4
+"""A prompt's bytes per token, roughly (English text; JSON around it makes it more)."""
+
+
+class _AnswerLimit(msgspec.Struct):
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+
+_answer_limit = msgspec.json.Decoder(_AnswerLimit)
+
+
+def estimate_tokens(body: bytes) -> int:
+    """What a request with this body may cost: its answer's limit (`max_completion_tokens`,
+    else `max_tokens`; `DEFAULT_ANSWER_TOKENS` without one, or when the body is not
+    JSON with integer limits) plus its prompt, as bytes / 4. Only a reservation:
+    `TokenCharge.settle` charges what the answer says it used."""
+    try:
+        limits = _answer_limit.decode(body)
+        answer = limits.max_completion_tokens or limits.max_tokens
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        answer = None
+    if answer is None or answer <= 0:
+        answer = DEFAULT_ANSWER_TOKENS
+    return answer + len(body) // _PROMPT_BYTES_PER_TOKEN
+
+
+class TokenCharge:
+    """One request's tokens against its key's tokens-per-minute bucket: reserved when it
+    is let on (before any other request of the key can be), re-estimated once its body
+    is known, settled once when its answer ends or is abandoned. A reservation is at
+    most the bucket's capacity (one minute's worth), so a request with a huge
+    `max_tokens` that its client leaves costs at most a minute."""
+
+    __slots__ = ("bucket", "events", "reserved", "scanner", "settled")
+
+    def __init__(self, bucket: TokenBucket, tokens: int, now: float) -> None:
+        self.bucket = bucket
+        self.reserved = 0
+        self.scanner = UsageScanner()
+        self.events = 0
+        """Server-sent events the answer has carried so far (about a token each)."""
+        self.settled = False
+        self.reserve(tokens, now)
+
+    def reserve(self, tokens: int, now: float) -> None:
+        """Make the reservation `tokens` (capped): the difference is spent or refunded."""
+        if self.settled:
+            return
+        tokens = max(0, min(tokens, int(self.bucket.capacity)))
+        self.bucket.spend(now, tokens - self.reserved)
+        self.reserved = tokens
+
+    def feed(self, chunk: bytes) -> None:
+        """A piece of the answer, as it goes out."""
+        self.scanner.feed(chunk)
+        self.events += chunk.count(b"data:")
+
+    def settle(self, now: float, *, ended: bool) -> None:
+        """Charge what the request used instead of its reservation (once; later calls do
+        nothing). `ended`: its answer went out to its end, whose usage or timings say
+        what it used (else its events; an answer with neither, such as a model list,
+        costs nothing). Otherwise (the client left, or it failed) it costs what it
+        reserved, or what it streamed if more: leaving early refunds nothing."""
+        if self.settled:
+            return
+        used = self.scanner.tokens()
+        if not ended:
+            used = used or max(self.reserved, self.events)
+        elif not used:
+            used = self.events
+        self.bucket.spend(now, used - self.reserved)
+        self.reserved = 0
+        self.settled = True
+
+
+FAILURE_BURST = 20
+"""Wrong keys one client address may send at once before `FailureLimit` refuses it."""
+FAILURES_PER_MINUTE = 20
+MAX_FAILING_CLIENTS = 4096
+"""Client addresses `FailureLimit` remembers; the one heard from least recently goes."""
+
+
+class FailureLimit:
+    """Wrong keys by client address: a token bucket each (`FAILURE_BURST`, refilled at
+    `FAILURES_PER_MINUTE`); an address whose bucket is empty is refused (429) whatever
+    key it sends, the right one included. Checking its keys anyway would make the 429
+    a 401 that still tells a right guess from a wrong one: nothing slowed. The cost:
+    clients that share an address with a guesser (one NAT, a reverse proxy on the same
+    machine) wait with it, for the few seconds until its next guess is allowed.
+    Memory stays bounded: at most `MAX_FAILING_CLIENTS` addresses (a guesser with many
+    addresses can make it forget some, each still limited to a burst at a time)."""
+
+    def __init__(
+        self,
+        burst: int = FAILURE_BURST,
+        per_minute: int = FAILURES_PER_MINUTE,
+        max_clients: int = MAX_FAILING_CLIENTS,
+    ) -> None:
+        self.burst = burst
+        self.per_s = per_minute / 60.0
+        self.max_clients = max_clients
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def wait_s(self, client: str, now: float) -> float:
+        """Seconds until `client` may try a key again (0: now)."""
+        bucket = self.buckets.get(client)
+        return 0.0 if bucket is None else bucket.wait_s(now)
+
+    def failed(self, client: str, now: float) -> None:
+        """`client` sent a wrong key."""
+        bucket = self.buckets.get(client)
+        if bucket is None:
+            bucket = self.buckets[client] = TokenBucket(self.burst, self.burst / self.per_s, now)
+            while len(self.buckets) > self.max_clients:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(client)
+        bucket.spend(now, 1)
+
+
 class Allowed(NamedTuple):
     name: str
     """The key's name."""
+    charge: TokenCharge | None = None
+    """Its tokens-per-minute reservation, for a key with such a limit: settled by the
+    caller when the answer ends (`TokenCharge.settle`)."""
 
 
 class Unauthorized(NamedTuple):
@@ -217,6 +380,7 @@ class Unauthorized(NamedTuple):
 
 class Limited(NamedTuple):
     name: str
+    """The key's name; empty when its client address sent too many wrong keys."""
     retry_after_s: int
     message: str
 
@@ -233,12 +397,13 @@ Verdict = Allowed | Unauthorized | Limited
 class KeyRing:
     """The keys the endpoint accepts and their request budgets."""
 
-    def __init__(self, keys: Sequence[ApiKey]) -> None:
+    def __init__(self, keys: Sequence[ApiKey], failures: FailureLimit | None = None) -> None:
         self.keys = tuple(keys)
         self.buckets: dict[str, TokenBucket] = {}
         """Requests per minute, by key name."""
         self.token_buckets: dict[str, TokenBucket] = {}
         """Tokens per minute, by key name."""
+        self.failures = FailureLimit() if failures is None else failures
 
     def __bool__(self) -> bool:
         return bool(self.keys)
@@ -252,9 +417,12 @@ class KeyRing:
                 found = key
         return found
 
-    def check(self, headers: Sequence[tuple[bytes, bytes]], now: float) -> Verdict:
-        """Whether a request with these headers may go on (one request of its key's
-        budget is spent when it may)."""
+    def check(
+        self, headers: Sequence[tuple[bytes, bytes]], now: float, client: str | None = None
+    ) -> Verdict:
+        """Whether a request with these headers, from address `client` (None: unknown),
+        may go on. When it may, one request of its key's budget is spent and, for a key
+        with a tokens-per-minute limit, `DEFAULT_ANSWER_TOKENS` reserved (`Allowed.charge`)."""
         presented = presented_key(headers)
         if presented is None:
             return Unauthorized(
@@ -262,8 +430,14 @@ class KeyRing:
                 "(or 'x-api-key: KEY')",
                 "missing_api_key",
             )
+        if client is not None and (wait := self.failures.wait_s(client, now)) > 0:
+            retry = max(1, math.ceil(wait))
+            why = f"too many wrong API keys from this address; retry in {retry} s"
+            return Limited("", retry, why)
         key = self.find(presented)
         if key is None:
+            if client is not None:
+                self.failures.failed(client, now)
             return Unauthorized("incorrect API key provided", "invalid_api_key")
         if key.tpm > 0 and (wait := self._token_bucket(key, now).wait_s(now)) > 0:
             return _limited(key, wait, f"{key.tpm} tokens")
@@ -273,17 +447,10 @@ class KeyRing:
                 bucket = self.buckets[key.name] = TokenBucket(key.rpm, 60.0, now)
             if (wait := bucket.take(now)) > 0:
                 return _limited(key, wait, f"{key.rpm} requests")
+        if key.tpm > 0:
+            bucket = self._token_bucket(key, now)
+            return Allowed(key.name, TokenCharge(bucket, DEFAULT_ANSWER_TOKENS, now))
         return Allowed(key.name)
-
-    def counts_tokens(self, name: str) -> bool:
-        """Whether the key's answers are to be scanned for the tokens they used."""
-        return name in self.token_buckets
-
-    def spent(self, name: str, tokens: int, now: float) -> None:
-        """An answer with key `name` used `tokens`."""
-        bucket = self.token_buckets.get(name)
-        if bucket is not None and tokens > 0:
-            bucket.spend(now, tokens)
 
     def _token_bucket(self, key: ApiKey, now: float) -> TokenBucket:
         bucket = self.token_buckets.get(key.name)

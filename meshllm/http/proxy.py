@@ -31,7 +31,15 @@ from starlette.requests import Request
 from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
-from meshllm.http.auth import OPEN_PATHS, Allowed, ApiKey, KeyRing, Limited, UsageScanner
+from meshllm.http.auth import (
+    OPEN_PATHS,
+    Allowed,
+    ApiKey,
+    KeyRing,
+    Limited,
+    TokenCharge,
+    estimate_tokens,
+)
 from meshllm.http.balance import (
     FAILOVER_STATUSES,
     LOAD_WAIT_S,
@@ -278,18 +286,32 @@ async def browser_request(scope: Scope, send: Send, policy: Policy) -> Send | No
     return send_cors
 
 
-def _counting_tokens(send: Send, keys: KeyRing, name: str) -> Send:
-    """`send`, spending the tokens its answer used from key `name`'s budget as it ends."""
-    scanner = UsageScanner()
+def _charging(send: Send, receive: Receive, charge: TokenCharge) -> tuple[Send, Receive]:
+    """`send` and `receive` of a request whose key has a tokens-per-minute limit: the body
+    re-estimates its reservation once read; the answer's end settles it, or the client's
+    leaving first does (`forward` watches for it). An answer that fails without an end
+    keeps its reservation."""
+    chunks: list[bytes] = []
 
-    async def counting(message: dict[str, Any]) -> None:
+    async def charging_send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body":
-            scanner.feed(message.get("body", b""))
+            charge.feed(message.get("body", b""))
             if not message.get("more_body", False):
-                keys.spent(name, scanner.tokens(), time.monotonic())
+                charge.settle(time.monotonic(), ended=True)
         await send(message)
 
-    return counting
+    async def charging_receive() -> dict[str, Any]:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            charge.settle(time.monotonic(), ended=False)  # nothing if the answer ended
+        elif message["type"] == "http.request" and not charge.settled:
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                charge.reserve(estimate_tokens(b"".join(chunks)), time.monotonic())
+                chunks.clear()
+        return message
+
+    return charging_send, charging_receive
 
 
 class _Raw:
@@ -460,10 +482,11 @@ class ProxyApp:
         # After the browser checks: a CORS preflight carries no key, and a 401 to an
         # allowed origin gets its CORS headers (so the page can read it).
         if self.keys and scope["path"] not in OPEN_PATHS:
-            answer = await self.authorise(scope, send)
-            if answer is None:
+            allowed = await self.authorise(scope, send)
+            if allowed is None:
                 return
-            send = answer
+            if allowed.charge is not None:
+                send, receive = _charging(send, receive, allowed.charge)
         # The forwarded endpoints skip Starlette's middleware and router (about 10% of
         # the proxy's CPU per request); every other request goes through Starlette.
         if kind_of(scope["method"], scope["path"]) is not None:
@@ -471,17 +494,16 @@ class ProxyApp:
             return
         await self.app(scope, receive, send)  # type: ignore[arg-type]
 
-    async def authorise(self, scope: Scope, send: Send) -> Send | None:
-        """The `send` to answer a request whose key lets it on (`--api-key`), or None
-        once it was answered 401 or 429. The key's name goes into the scope
-        (`meshllm.api_key`); a key with a tokens-per-minute limit gets a `send` that
-        counts the tokens of the answer."""
-        verdict = self.keys.check(scope["headers"], time.monotonic())
+    async def authorise(self, scope: Scope, send: Send) -> Allowed | None:
+        """Whether a request's key lets it on (`--api-key`): None once it was answered
+        401 or 429. The key's name goes into the scope (`meshllm.api_key`); a key with a
+        tokens-per-minute limit comes with the request's reservation (`_charging`).
+        Wrong keys are limited by the client's address (`FailureLimit`)."""
+        client = scope.get("client")
+        verdict = self.keys.check(scope["headers"], time.monotonic(), client and client[0])
         if isinstance(verdict, Allowed):
             scope["meshllm.api_key"] = verdict.name
-            if not self.keys.counts_tokens(verdict.name):
-                return send
-            return _counting_tokens(send, self.keys, verdict.name)
+            return verdict
         if isinstance(verdict, Limited):
             await send_error(
                 send, 429, verdict.message, "rate_limit_exceeded", verdict.retry_after_s

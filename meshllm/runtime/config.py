@@ -85,7 +85,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 @dataclasses.dataclass(frozen=True)
 class UpOptions:
     """What `meshllm up` was asked; every field is one option of the command, in the order
-    its help lists them."""
+    its help lists them (but `api_keys_from_env`, which says how one was given)."""
 
     models: list[str] = option(  # noqa: RUF009 (option() makes a dataclasses.field)
         [],
@@ -155,7 +155,8 @@ class UpOptions:
         0,
         "--key-tpm",
         "Tokens (prompt and completion) per minute each --api-key allows unless it sets its "
-        "own tpm=N; 0: no limit. An answer's tokens are counted once it has gone out.",
+        "own tpm=N; 0: no limit. A request reserves its estimate as it starts; its answer's "
+        "usage is charged instead once it has gone out.",
         metavar="N",
         check=_not_negative,
     )
@@ -357,6 +358,8 @@ class UpOptions:
         "Logging level of the node and its actors.",
         choices=LOG_LEVELS,
     )
+    api_keys_from_env: bool = False
+    """Whether `api_keys` came from MESHLLM_API_KEYS, not --api-key: errors name it."""
 
     @property
     def max_body_bytes(self) -> int:
