@@ -489,6 +489,29 @@ def test_a_cold_model_not_loaded_in_time_is_503_and_unknown_names_are_not_demand
     run(main())
 
 
+def test_requests_waiting_for_a_load_are_bounded_and_reads_do_not_wait() -> None:
+    async def main() -> None:
+        app = new_app(load_wait_s=30, max_queued=2)
+        app.set_table(RouteTable((ModelRoute("demo"),)))
+        parked = [asyncio.ensure_future(complete(call(app, CHAT, CHAT_BODY))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert app.loading == {"demo": 2}
+        third = await complete(call(app, CHAT, CHAT_BODY))
+        error = assert_openai_error(third, 503, "model_not_ready")
+        assert "2 requests already wait" in error["message"]
+        # A read of a cold model answers at once, and is no demand.
+        app.demand = type(app.demand)()
+        props = await complete(call(app, "/props?model=demo", b"", method="GET"))
+        assert_openai_error(props, 503, "model_not_ready")
+        assert app.demand.snapshot(time.time()) == {}
+        for task in parked:
+            task.cancel()
+        await asyncio.gather(*parked, return_exceptions=True)
+        assert not app.loading  # a client that left stops waiting
+
+    run(main())
+
+
 def test_upstream_refused_is_503_with_retry_after() -> None:
     async def main() -> None:
         c = await complete(call(app_for(closed_port()), CHAT, CHAT_BODY))

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -408,6 +409,8 @@ class ProxyApp:
         self.load_wait_s = load_wait_s
         """How long a request for a model nobody serves waits for a node to load it."""
         self.table_changed = asyncio.Event()
+        self.loading: Counter[str] = Counter()
+        """Requests waiting for a model to be loaded, by model (at most `--queue` each)."""
         self.loopback_only = loopback_only
         self.own_names = machine_names() if own_names is None else own_names
         """Host names (besides IP literals) a browser may use to reach a non-loopback
@@ -637,13 +640,20 @@ class ProxyApp:
         request = _Request(
             scope["method"], upstream_target(scope), body, headers, scope.get("meshllm.api_key", "")
         )
-        if model is not None and model in self.routes.by_name:
-            self.demand.seen(model, time.time())  # a model of the mesh, warm or cold
+        # Demand is what clients ask a model to do, not what reads it (a scraper's
+        # `/slots?model=X` keeps nothing loaded); only a model of the mesh counts.
+        mesh_model = model is not None and model in self.routes.by_name
+        if mesh_model and kind is Kind.MODEL:
+            assert model is not None
+            self.demand.seen(model, time.time())
         if route is not None:
             await until_disconnect(receive, self._dispatch(scope, kind, route, request, peek, send))
         elif self.routes.unknown(model):
             await send_error(send, 404, why, "model_not_found")
-        elif model is None or model not in self.routes.by_name or self.load_wait_s <= 0:
+        elif model is None or not mesh_model or kind is not Kind.MODEL or self.load_wait_s <= 0:
+            await send_error(send, 503, why, "model_not_ready", retry_after=True)
+        elif self.loading[model] >= self.admission.queue_limit:
+            why += f"; {self.loading[model]} requests already wait for a node to load it"
             await send_error(send, 503, why, "model_not_ready", retry_after=True)
         else:
             loaded = self._when_loaded(scope, kind, model, request, peek, send)
@@ -662,17 +672,24 @@ class ProxyApp:
         and a node loads it (`meshllm.placement.election`, "Usage-aware placement"); the
         request waits for that up to `load_wait_s`, then gets 503 with Retry-After."""
         deadline = time.monotonic() + self.load_wait_s
-        while (route := self.routes.candidates(model)[0]) is None:
-            changed = self.table_changed
-            left = deadline - time.monotonic()
-            if model not in self.routes.by_name or left <= 0:
-                why = self.routes.choose(model)[1]
-                why += f" (waited {self.load_wait_s:g} s for a node to load it)"
-                await send_error(send, 503, why, "model_not_ready", retry_after=True)
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await changed.wait()
+        self.loading[model] += 1
+        try:
+            while (route := self.routes.candidates(model)[0]) is None:
+                changed = self.table_changed
+                left = deadline - time.monotonic()
+                if model not in self.routes.by_name or left <= 0:
+                    why = self.routes.choose(model)[1]
+                    if left <= 0:
+                        why += f" (waited {self.load_wait_s:g} s for a node to load it)"
+                    await send_error(send, 503, why, "model_not_ready", retry_after=True)
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await changed.wait()
+        finally:
+            self.loading[model] -= 1
+            if not self.loading[model]:
+                del self.loading[model]
         await self._dispatch(scope, kind, route, request, peek, send)
 
     async def _dispatch(

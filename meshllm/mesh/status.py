@@ -45,6 +45,8 @@ class NodeCard(msgspec.Struct, frozen=True, kw_only=True):
     """A split host's layer shares: its own, then each worker's."""
     paused: bool = False
     """`meshllm ctl pause`: the node gave its machine back (serves no one until resumed)."""
+    also: tuple[str, ...] = ()
+    """The other models it serves, each with its own llama-server (`--models-dir`)."""
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,6 +124,7 @@ def own_card(
         workers=part["split_workers"],
         shares=part["split_shares"],
         paused=local.paused,
+        also=tuple(x.model for x in local.ready_extras()),
     )
 
 
@@ -140,6 +143,7 @@ def peer_card(ann: PeerAnnouncement) -> NodeCard:
         workers=ann.split_workers,
         shares=ann.split_shares,
         paused=ann.paused,
+        also=ann.also_serving,
     )
 
 

@@ -201,7 +201,8 @@ function renderNodes(nodes) {
   $("nodes").replaceChildren(
     ...nodes.map((n) => {
       // A standby holds the model's name but serves none of it.
-      const serving = n.model && n.model === ui.selected && n.role !== "standby";
+      const serving =
+        (n.model && n.model === ui.selected && n.role !== "standby") || (n.also || []).includes(ui.selected);
       const stateText = n.paused ? "paused" : n.model ? n.state : n.role === "client" ? "no server" : "waiting";
       const stateClass = n.paused ? "other" : n.model ? (STATES.has(n.state) ? n.state : "other") : "none";
       const box = el(
@@ -226,6 +227,7 @@ function renderNodes(nodes) {
           el("span", { className: `badge state state-${stateClass}`, text: stateText }),
         ),
         el("div", { className: n.model ? "model" : "model none", title: n.model || "", text: n.model || "no model" }),
+        n.also?.length ? el("div", { className: "model also", text: `also ${n.also.join(", ")}` }) : null,
         splitLine(n, byId),
         n.reason ? el("div", { className: "reason", text: n.reason }) : null,
         el("div", { className: "meta", text: n.vram_bytes ? `${formatBytes(n.vram_bytes)} VRAM` : "no VRAM announced" }),
