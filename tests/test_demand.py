@@ -255,3 +255,12 @@ def test_the_shelf_keeps_what_runs_unless_an_asked_for_model_needs_its_memory() 
 def test_models_info_without_size_are_not_shelved() -> None:
     v = NodeView(A, 10 * GB, {"u": ModelInfo("u", None, on_disk=True)})
     assert shelf(v, None, (), NOW, TTL) == ()
+
+
+def test_ctl_drop_names_a_models_dir_model_instead_of_ending_the_node() -> None:
+    from meshllm.runtime import messages as m
+    from meshllm.runtime.root import drop_refusal
+
+    server = m.LocalServerState("main", state="ready", extras=(m.ExtraServer("x", "ready", 5),))
+    assert "one of this node's --models-dir models" in drop_refusal(False, server, "x")
+    assert drop_refusal(False, server, "main") == ""

@@ -158,6 +158,21 @@ def test_scrape_shows_the_bookkeeping() -> None:
     assert value(s, "meshllm_server_state", model="m", state="ready") == 1
 
 
+def test_scrape_shows_the_meshs_demand_and_every_llama_server() -> None:
+    from meshllm.mesh.wire import Demand, PeerAnnouncement
+    from meshllm.runtime.messages import ExtraServer
+
+    metrics = Metrics(lambda: [], process=False)
+    me = PeerAnnouncement(node_id="a" * 16, generation=1, demand={"m": Demand(3.0, 5)})
+    peer = PeerAnnouncement(node_id="b" * 16, generation=1, demand={"m": Demand(4.0, 9)})
+    metrics.node.mesh = MeshView("a" * 16, (peer,), me)
+    extra = ExtraServer("x", "loading", 5)
+    metrics.node.local = LocalServerState(model="m", state="ready", extras=(extra,))
+    s = parse(metrics.render().decode())
+    assert value(s, "meshllm_demand_requests_per_minute", model="m") == 7
+    assert value(s, "meshllm_server_state", model="x", state="loading") == 1
+
+
 # -- the Proxy counting ----------------------------------------------------------------------
 
 

@@ -32,6 +32,8 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from meshllm.mesh.wire import PeerAnnouncement
+from meshllm.placement.demand import mesh_demand
 from meshllm.runtime.messages import (
     GossipTraffic,
     LocalServerState,
@@ -275,6 +277,11 @@ def _tokens(body: _WithUsage) -> tuple[int, int] | None:
     return None
 
 
+def mesh_rpm(announcements: Iterable[PeerAnnouncement]) -> dict[str, float]:
+    """Requests per minute per model, every node's announced demand added up."""
+    return {model: d.rpm for model, d in mesh_demand(announcements, 0.0, 0.0).items()}
+
+
 class MetricsCollector(Collector):
     """Turns the bookkeeping into metric families when `/metrics` is scraped.
 
@@ -361,6 +368,16 @@ class MetricsCollector(Collector):
             )
             peers.add_metric([], len(mesh.peers))
             yield peers
+            demand = GaugeMetricFamily(
+                "meshllm_demand_requests_per_minute",
+                "Requests per model in the last minute, as every node announced them "
+                "(what usage-aware placement follows)",
+                labels=["model"],
+            )
+            announced = [*mesh.peers, *([mesh.me] if mesh.me is not None else [])]
+            for model, rate in sorted(mesh_rpm(announced).items()):
+                demand.add_metric([model], rate)
+            yield demand
         if self.node.rtts is not None:
             rtt = GaugeMetricFamily(
                 "meshllm_peer_rtt_seconds",
@@ -384,6 +401,8 @@ class MetricsCollector(Collector):
                 labels=["model", "state"],
             )
             state.add_metric([local.model, local.state], 1)
+            for extra in local.extras:  # `--models-dir`: its other llama-servers
+                state.add_metric([extra.model, extra.state], 1)
             yield state
         yield from self._probes()
         yield from self._traffic()

@@ -75,6 +75,12 @@ OWNER_ORDER_TIMEOUT_S = 15.0
 
 def drop_refusal(client: bool, server: m.LocalServerState, model: str) -> str:
     """Why this node cannot drop `model` (`ctl drop`, local or the owner's); "" if it can."""
+    if any(x.model == model for x in server.extras):
+        return (
+            f"{model!r} is one of this node's --models-dir models: `ctl drop` ends the node "
+            f"with its main model ({server.model or 'none'}); move the file out of the "
+            "directory and restart the node to stop serving it"
+        )
     if client or not server.model:
         return "this node serves no model"
     if model != server.model:
