@@ -133,9 +133,10 @@ def flap_scenario() -> Simulation:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="election core: a hot replica that left the last server of an idle model is "
-    "moved back to it by 'Filling gaps' after cold_grace_s (it is redundant in the hot "
-    "model's group), and the hot rule moves it again after hot_hold_s",
+    reason="election core bug: the hot replica that took an idle model's last server is "
+    "redundant in the hot model's group, so 'Filling gaps' (Elector._move) moves it back to "
+    "the cold idle model after cold_grace_s, and the hot rule (still hot) moves it again: "
+    "a switch every step or two",
 )
 def test_a_hot_model_taking_an_idle_models_last_server_switches_it_once_per_idle_period() -> None:
     report = flap_scenario().run()

@@ -146,6 +146,9 @@ class SimReport:
     not_served: int
     peak_rpm_per_server: float
     """The most requests in a minute per ready server of a model, any model, any step."""
+    hot_minutes: float
+    """Minutes (summed over models) in which a served model had more than `hot_rpm`
+    requests per ready server: how long the mesh ran short of replicas."""
     switch_log: tuple[Switch, ...] = field(repr=False)
 
     def summary(self) -> dict[str, object]:
@@ -165,6 +168,7 @@ class SimReport:
             "served_after_load": self.served_after_load,
             "not_served": self.not_served,
             "peak_rpm_per_server": round(self.peak_rpm_per_server, 1),
+            "hot_minutes": round(self.hot_minutes, 1),
         }
 
 
@@ -307,6 +311,7 @@ class Simulation:
         self.pending: dict[str, deque[float]] = {m: deque() for m in self.models}
         self.requests = self.at_once = self.after_load = self.not_served = 0
         self.peak_rpm_per_server = 0.0
+        self.hot_minutes = 0.0
 
     # -- state as the mesh sees it
 
@@ -446,6 +451,8 @@ class Simulation:
             if ready:
                 rpm = self.meter.rpm(model, WALL_START + end)
                 self.peak_rpm_per_server = max(self.peak_rpm_per_server, rpm / ready)
+                if rpm / ready > self.config.hot_rpm > 0:
+                    self.hot_minutes += (end - start) / MINUTE_S
 
     def run_until(self, t: float) -> None:
         while self.now < t:
@@ -482,6 +489,7 @@ class Simulation:
             served_after_load=self.after_load,
             not_served=self.not_served,
             peak_rpm_per_server=self.peak_rpm_per_server,
+            hot_minutes=self.hot_minutes,
             switch_log=tuple(self.switch_log),
         )
 
