@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Context, RunRecord, Section, machine_note, publish, table
-from meshllm.placement.simulation import SimConfig, SimReport, Simulation
+from meshllm.placement.simulation import SimConfig, SimReport, Simulation, Switch
 
 
 def _play(config: SimConfig) -> tuple[SimReport, float, float]:
@@ -53,11 +53,19 @@ def run(ctx: Context) -> str:
                 **report.summary(),
                 "wall_s": round(wall_s, 1),
                 "cpu_s": round(cpu_s, 1),
-                "switch_log": [asdict(s) for s in report.switch_log],
+                "switch_log": [_line(s) for s in report.switch_log[:LOG_MAX]],
             }
         scenarios[name] = {"config": asdict(config), "runs": runs}
     result: dict[str, Any] = {**record.header(), "scenarios": scenarios}
     return publish(ctx, "placement", result, render_table, _no_plot)
+
+
+LOG_MAX = 200
+"""Switches listed per run in the JSON (the first ones; their number is `switches`)."""
+
+
+def _line(s: Switch) -> str:
+    return f"{s.at:.0f} s {s.node_id}: {s.from_model} -> {s.to_model} ({s.reason})"
 
 
 def _share(n: int, total: int) -> str:

@@ -69,7 +69,7 @@ class SimConfig:
     days: float = 7.0
     step_s: float = 60.0
     """Every node decides once per step (the demand's window is a minute); requests
-    arrive in between. A week of the default mesh takes about 30 s of CPU at 60 s (the
+    arrive in between. A week of the default mesh takes 30 to 40 s of CPU at 60 s (the
     election core's update dominates: about 0.2 ms per node and step)."""
     seed: int = 0
     idle_unload_s: float = IDLE_UNLOAD_S
