@@ -10,6 +10,7 @@ from bench import (
     affinity,
     convergence,
     gossip_traffic,
+    placement,
     probes,
     proxy,
     remote,
@@ -33,5 +34,6 @@ SECTIONS: dict[str, Section] = {
         versions.SECTION,
         router.SECTION,
         affinity.SECTION,
+        placement.SECTION,
     )
 }
