@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from meshllm.http.routing import Serving, build_route_table
 from meshllm.mesh.membership import mesh_catalog
+from meshllm.placement.election import also_served
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
 
@@ -54,8 +55,7 @@ class Router(Actor):
         remote += [
             Serving(model, peer.node_id, peer.http_port)
             for peer in self.mesh.peers
-            if not peer.paused
-            for model in peer.also_serving
+            for model in also_served(peer)
         ]
         remote += backend_servers(self.config.node_id, self.mesh, self.backends)
         table = build_route_table(

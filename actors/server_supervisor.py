@@ -143,9 +143,6 @@ class ServerSupervisor(Actor):
         await self._set(m.LocalServerState())
 
     async def on_topic(self, topic: str, msg: m.Message) -> None:
-        if isinstance(msg, m.ServeModel):
-            self.wanted_extras = msg.extras
-            await self._run_extras(() if self.halted else msg.extras)
         if isinstance(msg, m.ServeModel) and (msg.spec, msg.split) != (
             self.want.spec,
             self.want.split,
@@ -160,6 +157,10 @@ class ServerSupervisor(Actor):
             if self.proc is not None:
                 await stop_process(self.proc)
             self.wake.set()
+        if isinstance(msg, m.ServeModel):
+            # After the old main server stopped: a switch frees its memory first.
+            self.wanted_extras = msg.extras
+            await self._run_extras(() if self.halted else msg.extras)
 
     async def on_ask(self, msg: m.Message) -> m.Message:
         if isinstance(msg, m.PauseServing):
@@ -325,19 +326,41 @@ class ServerSupervisor(Actor):
             await self._set(self.state)
 
     async def _keep_extra(self, spec: ModelSpec) -> None:
-        """Keep `spec`'s own llama-server running: restart it with backoff when it exits,
-        publishing each state (`LocalServerState.extras`)."""
+        """Keep `spec`'s own llama-server running: restart it with backoff when it exits
+        or cannot start, publishing each state (`LocalServerState.extras`)."""
         policy = Backoff(base_s=0.2, max_s=15.0, window_s=60.0)
-        log_path = self.logs / f"llama-server-{spec.name}.log"
         output: collections.deque[bytes] = collections.deque(maxlen=60)
         while True:
-            port = free_port()
-            cmd = self._server_command(spec.path, spec.name, port)
-            self.log.info("starting %s", " ".join(redact(cmd)))
-            proc = await spawn(cmd)
-            state = m.ExtraServer(spec.name, "loading", port, proc.pid, restarts=policy.total)
+            state = m.ExtraServer(spec.name, "loading", restarts=policy.total)
+            try:
+                state, returncode = await self._run_extra_once(spec, state, output, policy)
+                reason = failure_reason(output, returncode)
+            except Exception as exc:  # the binary gone, no file descriptors, no log file
+                reason = f"cannot start llama-server: {exc}"
+            failed = msgspec.structs.replace(state, state="failed", port=0, reason=reason)
+            await self._set_extra(failed)
+            delay = policy.failed(time.monotonic())
+            self.log.warning("%s failed (%s); restarting in %.1fs", spec.name, reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _run_extra_once(
+        self,
+        spec: ModelSpec,
+        state: m.ExtraServer,
+        output: collections.deque[bytes],
+        policy: Backoff,
+    ) -> tuple[m.ExtraServer, int | None]:
+        """One run of an extra llama-server, from start to exit (stopped on the way out,
+        a cancel included): its last state and exit code."""
+        port = free_port()
+        cmd = self._server_command(spec.path, spec.name, port)
+        self.log.info("starting %s", " ".join(redact(cmd)))
+        output.clear()
+        proc = await spawn(cmd)
+        try:
+            state = msgspec.structs.replace(state, port=port, pid=proc.pid)
             await self._set_extra(state)
-            output.clear()
+            log_path = self.logs / f"llama-server-{spec.name}.log"
             reader = asyncio.create_task(read_output(proc, log_path, output))
             try:
                 timeout = self.config.options.load_timeout_s
@@ -349,13 +372,9 @@ class ServerSupervisor(Actor):
                 await asyncio.wait_for(reader, 2)
             finally:
                 reader.cancel()
-                await stop_process(proc)
-            reason = failure_reason(output, proc.returncode)
-            failed = msgspec.structs.replace(state, state="failed", port=0, reason=reason)
-            await self._set_extra(failed)
-            delay = policy.failed(time.monotonic())
-            self.log.warning("%s failed (%s); restarting in %.1fs", spec.name, reason, delay)
-            await asyncio.sleep(delay)
+        finally:
+            await stop_process(proc)
+        return state, proc.returncode
 
     async def _set_extra(self, state: m.ExtraServer) -> None:
         if state.model in self.extras:

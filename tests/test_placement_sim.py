@@ -131,13 +131,6 @@ def flap_scenario() -> Simulation:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="election core bug: the hot replica that took an idle model's last server is "
-    "redundant in the hot model's group, so 'Filling gaps' (Elector._move) moves it back to "
-    "the cold idle model after cold_grace_s, and the hot rule (still hot) moves it again: "
-    "a switch every step or two",
-)
 def test_a_hot_model_taking_an_idle_models_last_server_switches_it_once_per_idle_period() -> None:
     report = flap_scenario().run()
     assert report.min_switch_gap_s >= report.config.idle_unload_s, report.switch_log
@@ -148,12 +141,6 @@ def only(first: int, last: int, rpm: float, minutes: int) -> list[float]:
     return [rpm if first <= m < last else 0.0 for m in range(minutes)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="election core bug: a demand move may go to a model last asked for almost "
-    "idle_unload_s ago (no node was free then); the node is free again when that model "
-    "turns idle, minutes later, and moves on",
-)
 def test_a_node_moved_to_a_model_asked_for_a_while_ago_stays_for_an_idle_period() -> None:
     # x is asked for until minute 10 and y all along, so neither node is free before
     # minute 20; z is asked for in minute 12 only, w in minute 23 only.

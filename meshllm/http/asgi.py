@@ -152,10 +152,14 @@ class ActorServer(uvicorn.Server):
 
 def actor_server(app: Any, graceful_s: int, **options: Any) -> ActorServer:
     """A quiet uvicorn server for `app` on the running loop (bounded httptools, no access
-    log, no websockets: nothing here speaks them, so no upgrade reaches an app)."""
+    log, no websockets: nothing here speaks them, so no upgrade reaches an app). The
+    client address is the connection's: no `X-Forwarded-For` is believed (uvicorn would
+    from loopback, and anyone who reaches the node through a local relay could then
+    name any address, for instance to get round the wrong-key limit)."""
     config = uvicorn.Config(
         app,
         loop="none",
+        proxy_headers=False,
         http=BoundedHttpToolsProtocol,
         ws="none",
         lifespan="off",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import re
 import stat
@@ -327,6 +328,20 @@ MAX_FAILING_CLIENTS = 4096
 """Client addresses `FailureLimit` remembers; the one heard from least recently goes."""
 
 
+def client_key(address: str) -> str:
+    """Whom a wrong-key budget belongs to: an IPv4 address (also when it arrives as
+    `::ffff:a.b.c.d`), an IPv6 host's /64 (a host holds a whole one), else the text."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class FailureLimit:
     """Wrong keys by client address: a token bucket each (`FAILURE_BURST`, refilled at
     `FAILURES_PER_MINUTE`); an address whose bucket is empty is refused (429) whatever
@@ -350,11 +365,12 @@ class FailureLimit:
 
     def wait_s(self, client: str, now: float) -> float:
         """Seconds until `client` may try a key again (0: now)."""
-        bucket = self.buckets.get(client)
+        bucket = self.buckets.get(client_key(client))
         return 0.0 if bucket is None else bucket.wait_s(now)
 
     def failed(self, client: str, now: float) -> None:
         """`client` sent a wrong key."""
+        client = client_key(client)
         bucket = self.buckets.get(client)
         if bucket is None:
             bucket = self.buckets[client] = TokenBucket(self.burst, self.burst / self.per_s, now)

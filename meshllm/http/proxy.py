@@ -641,11 +641,12 @@ class ProxyApp:
             scope["method"], upstream_target(scope), body, headers, scope.get("meshllm.api_key", "")
         )
         # Demand is what clients ask a model to do, not what reads it (a scraper's
-        # `/slots?model=X` keeps nothing loaded); only a model of the mesh counts.
+        # `/slots?model=X` keeps nothing loaded): the model that answers (the first one
+        # for a request without a known model), or the cold model of the mesh asked for.
         mesh_model = model is not None and model in self.routes.by_name
-        if mesh_model and kind is Kind.MODEL:
-            assert model is not None
-            self.demand.seen(model, time.time())
+        asked = route.name if route is not None else model if mesh_model else None
+        if kind is Kind.MODEL and asked is not None:
+            self.demand.seen(asked, time.time())
         if route is not None:
             await until_disconnect(receive, self._dispatch(scope, kind, route, request, peek, send))
         elif self.routes.unknown(model):

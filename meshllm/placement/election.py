@@ -245,11 +245,19 @@ def fits(size_bytes: int | None, budget_bytes: int) -> bool:
     return size_bytes is None or need_bytes(size_bytes) <= budget_bytes
 
 
+def also_served(ann: PeerAnnouncement) -> tuple[str, ...]:
+    """The models a node's other llama-servers serve (`also_serving`): believed only from
+    a node that runs servers (announces memory, is no client) and is not paused."""
+    if ann.paused or ann.vram_bytes <= 0 or ann.role not in ("host", "idle"):
+        return ()
+    return ann.also_serving
+
+
 def models_served(ann: PeerAnnouncement) -> tuple[str, ...]:
     """Every model a node serves for the mesh: its own (`_counts_as_server`) and those
-    of its other llama-servers (`also_serving`, none while paused)."""
+    of its other llama-servers (`also_served`)."""
     own = (ann.serving,) if ann.serving and _counts_as_server(ann) else ()
-    return own if ann.paused else (*own, *ann.also_serving)
+    return (*own, *also_served(ann))
 
 
 def _counts_as_server(ann: PeerAnnouncement) -> bool:
@@ -410,7 +418,9 @@ class _Round:
     """Contenders before it whose own first choice is `first` as well."""
 
 
-def _may_move(ann: PeerAnnouncement, hosts: Mapping[str, str]) -> bool:
+def _may_move(
+    ann: PeerAnnouncement, hosts: Mapping[str, str], busy: Set[str] = frozenset()
+) -> bool:
     """A peer that could leave its model for a cold one: auto-assigned and not its host.
 
     A node started with `--model` announces it in `requested_models`; one that
@@ -421,10 +431,13 @@ def _may_move(ann: PeerAnnouncement, hosts: Mapping[str, str]) -> bool:
         and not ann.requested_models
         and ann.serving is not None
         and hosts.get(ann.serving) != ann.node_id
+        and ann.serving not in busy
     )
 
 
-def _play_round(view: NodeView, matured: Set[str] | None = None) -> _Round:
+def _play_round(
+    view: NodeView, matured: Set[str] | None = None, busy: Set[str] = frozenset()
+) -> _Round:
     """Play the round for this node: waiting (`matured` None) or moving to a matured cold model.
 
     Contenders in order: the waiting nodes by id, then the movers by id. A waiting
@@ -449,7 +462,7 @@ def _play_round(view: NodeView, matured: Set[str] | None = None) -> _Round:
     ]
     waiting = sorted((a for a in others if not a.serving), key=lambda a: a.node_id)
     hosts = elect_hosts(view.announcements)
-    movers = sorted((a for a in others if _may_move(a, hosts)), key=lambda a: a.node_id)
+    movers = sorted((a for a in others if _may_move(a, hosts, busy)), key=lambda a: a.node_id)
     if matured is None:
         ahead = [(a, False) for a in waiting if a.node_id < me]
     else:
@@ -527,49 +540,71 @@ def demand_moves(
     def rpm(model: str) -> float:
         return demand_of(view.demand, model).rpm
 
-    cold = sorted(
+    hot_models = sorted(
+        (m for m in hot if m in served), key=lambda m: (-rpm(m) / len(served[m]), m)
+    )
+    free = free_servers(view, now, idle_unload_s)
+    waiting = [a for a in nodes if not a.serving and a.vram_bytes > 0]
+    moves: dict[str, tuple[str, Reason, bool]] = {}
+    for model, reason in [
+        *((m, Reason.DEMAND) for m in wanted_cold(view, now, idle_unload_s)),
+        *((m, Reason.HOT) for m in hot_models),
+    ]:
+        if reason is Reason.DEMAND and any(_could_take(a, model, view)[0] for a in waiting):
+            continue
+        options = takers(view, model, free)
+        if not options:
+            continue
+        pick, here = options[0]
+        moves[pick.node_id] = (model, reason, not here)
+        free.remove(pick)
+    return moves
+
+
+def wanted_cold(view: NodeView, now: float, idle_unload_s: float) -> list[str]:
+    """The models nobody serves that were asked for within `idle_unload_s`, the most
+    asked for first."""
+    served = servers_by_model(view.announcements)
+    return sorted(
         (
             m
             for m in catalog_of(view)
             if m not in served and recently_asked(view, m, now, idle_unload_s)
         ),
-        key=lambda m: (-rpm(m), m),
+        key=lambda m: (-demand_of(view.demand, m).rpm, m),
     )
-    hot_models = sorted(
-        (m for m in hot if m in served), key=lambda m: (-rpm(m) / len(served[m]), m)
-    )
-    free = [
+
+
+def free_servers(view: NodeView, now: float, idle_unload_s: float) -> list[PeerAnnouncement]:
+    """Auto-assigned solo servers whose model nobody asked for within `idle_unload_s`."""
+    return [
         a
-        for a in nodes
-        if _counts_as_server(a)
+        for a in view.announcements
+        if a.role != "client"
+        and _counts_as_server(a)
         and a.serving is not None
         and not a.requested_models
         and not a.split_group
         and not recently_asked(view, a.serving, now, idle_unload_s)
     ]
-    waiting = [a for a in nodes if not a.serving and a.vram_bytes > 0]
-    moves: dict[str, tuple[str, Reason, bool]] = {}
-    for model, reason in [
-        *((m, Reason.DEMAND) for m in cold),
-        *((m, Reason.HOT) for m in hot_models),
-    ]:
-        if reason is Reason.DEMAND and any(_could_take(a, model, view)[0] for a in waiting):
+
+
+def takers(
+    view: NodeView, model: str, free: Iterable[PeerAnnouncement]
+) -> list[tuple[PeerAnnouncement, bool]]:
+    """The free nodes that could take `model`, best first (file on disk, idle longest,
+    smallest id), each with whether its file is there."""
+    options = []
+    for a in free:
+        if a.serving == model or model in a.also_serving:
             continue
-        options = []
-        for a in free:
-            if a.serving == model or model in a.also_serving:
-                continue
-            ok, here = _could_take(a, model, view)
-            if ok:
-                assert a.serving is not None
-                last = demand_of(view.demand, a.serving).last
-                options.append(((not here, last, a.node_id), a, here))
-        if not options:
-            continue
-        _, pick, here = min(options, key=lambda o: o[0])
-        moves[pick.node_id] = (model, reason, not here)
-        free.remove(pick)
-    return moves
+        ok, here = _could_take(a, model, view)
+        if ok:
+            assert a.serving is not None
+            last = demand_of(view.demand, a.serving).last
+            options.append(((not here, last, a.node_id), a, here))
+    options.sort(key=lambda o: o[0])
+    return [(a, here) for _, a, here in options]
 
 
 def shelf(
@@ -591,7 +626,9 @@ def shelf(
     left = view.budget_bytes
     if primary is not None:
         info = view.models.get(primary)
-        left -= need_bytes(info.size_bytes) if info is not None and info.size_bytes else 0
+        if info is None or not info.size_bytes:
+            return ()  # how much the main model leaves is not known yet: nothing beside it
+        left -= need_bytes(info.size_bytes)
     running = set(current)
     cands = [
         info
@@ -646,6 +683,10 @@ class Elector:
         self.hot_rpm = hot_rpm
         self.hot_hold_s = hot_hold_s
         self._hot_since: dict[str, float] = {}
+        self._moved_at = -math.inf
+        """When this node last moved for demand: it stays `idle_unload_s` at least."""
+        self._wanted_since: dict[str, float] = {}
+        """Cold models asked for -> since when (this node's view)."""
         """Served models over `hot_rpm` per server -> since when (this node's view)."""
         self._due: list[float] = []
         """When the demand rules may decide otherwise without a mesh change."""
@@ -689,6 +730,8 @@ class Elector:
         if new == self.decision:
             return None
         self.decision = new
+        if new.reason in (Reason.DEMAND, Reason.HOT):
+            self._moved_at = now
         return new
 
     def _track_cold(self, view: NodeView, now: float) -> None:
@@ -706,8 +749,18 @@ class Elector:
             return self._wait_or_take(view, now)
         return self._move(view, now, held) or self._follow_demand(view, now, held) or held
 
+    def _busy(self, view: NodeView, now: float) -> set[str]:
+        """Models asked for within `idle_unload_s` (none when demand is not followed):
+        their servers never leave them to fill a gap."""
+        if self.idle_unload_s <= 0:
+            return set()
+        return {m for m in view.demand if recently_asked(view, m, now, self.idle_unload_s)}
+
     def _track_hot(self, view: NodeView, now: float) -> None:
         self._due = []
+        if self.idle_unload_s > 0:
+            wanted = wanted_cold(view, now, self.idle_unload_s)
+            self._wanted_since = {m: self._wanted_since.get(m, now) for m in wanted}
         if self.idle_unload_s <= 0 or self.hot_rpm <= 0:
             self._hot_since = {}
             return
@@ -717,6 +770,26 @@ class Elector:
                 hot[model] = self._hot_since.get(model, now)
         self._hot_since = hot
         self._due = [since + self.hot_hold_s for since in hot.values()]
+
+    def _overdue(self, view: NodeView, now: float) -> tuple[str, Reason, bool] | None:
+        """A model asked for that stayed cold for `cold_grace_s` although the plan gave it
+        to someone: estimates of others can be wrong (a node where it failed, a waiting
+        node that never takes it), so the free nodes that can take it do, one
+        `defer_stagger_s` apart in the plan's order, this node by its own knowledge."""
+        free = free_servers(view, now, self.idle_unload_s)
+        if all(a.node_id != view.node_id for a in free):
+            return None
+        for model in wanted_cold(view, now, self.idle_unload_s):
+            ranked = takers(view, model, free)
+            ids = [a.node_id for a, _ in ranked]
+            if view.node_id not in ids or model not in self._wanted_since:
+                continue
+            rank = ids.index(view.node_id)
+            due = self._wanted_since[model] + self.cold_grace_s + self.defer_stagger_s * rank
+            if now >= due:
+                return model, Reason.DEMAND, not ranked[rank][1]
+            self._due.append(due)
+        return None
 
     def hot(self, now: float) -> set[str]:
         """Models hot for `hot_hold_s` as this node saw them."""
@@ -728,10 +801,15 @@ class Elector:
         own = next((a for a in view.announcements if a.node_id == view.node_id), None)
         if self.idle_unload_s <= 0 or own is None or own.serving != held.model:
             return None  # not announced yet: the others plan with what we announce
-        asked = demand_of(view.demand, held.model).last + self.idle_unload_s
-        if asked > now:
-            self._due.append(asked)  # our model turns idle then: look again
+        asked = max(demand_of(view.demand, held.model).last, self._moved_at)
+        if asked + self.idle_unload_s > now:
+            # Just moved here, or our model is in use: look again once it is idle. (Others
+            # may plan with us meanwhile: a model they leave to us is taken by the next
+            # free node when it stays cold, `_overdue`.)
+            self._due.append(asked + self.idle_unload_s)
+            return None
         move = demand_moves(view, now, self.idle_unload_s, self.hot(now)).get(view.node_id)
+        move = move or self._overdue(view, now)
         if move is None:
             return None
         model, reason, download = move
@@ -798,6 +876,10 @@ class Elector:
         ]
         me = PeerAnnouncement(node_id=view.node_id, generation=0, vram_bytes=view.budget_bytes)
         matured = {m for m, t in self._cold_since.items() if now - t >= self.cold_grace_s}
+        if held.model in self._busy(view, now):
+            # Its users need it (a hot model's replicas above all): no gap filling.
+            self._deferral = None
+            return None
         if not group or elect_host([*group, me]) == view.node_id:
             self._deferral = None
             return None
@@ -805,7 +887,7 @@ class Elector:
         if not matured:
             self._deferral = None
             return None
-        play = _play_round(view, matured)
+        play = _play_round(view, matured, self._busy(view, now))
         if play.first is None:
             self._deferral = None
             return None
