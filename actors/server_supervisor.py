@@ -248,9 +248,11 @@ class ServerSupervisor(Actor):
         extras = tuple(self.extra_states[name] for name in sorted(self.extra_states))
         if state.extras != extras:
             state = msgspec_replace(state, extras=extras)
-        pause_only = msgspec_replace(state, paused=self.state.paused) == self.state
+        # Said once per change of the main server (not again for a pause or an extra's).
+        same = msgspec_replace(state, paused=self.state.paused, extras=self.state.extras)
+        said = same == self.state
         self.state = state
-        if state.state in ("ready", "failed") and not pause_only:
+        if state.state in ("ready", "failed") and not said:
             self.log.info(
                 "%s %s%s",
                 state.model,

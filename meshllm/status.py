@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshllm.placement.demand import mesh_rpm
 from meshllm.placement.memory import format_bytes
 from meshllm.runtime.messages import ModelRoute, NodeStatus
 
@@ -61,11 +62,13 @@ def format_status(s: NodeStatus) -> str:
         total = sum(p.vram_bytes for p in members)
         nodes = f"{len(members)} node" + ("" if len(members) == 1 else "s")
         out += [f"mesh: {nodes}, {format_bytes(total)} of model memory", ""]
-    model_rows = [["MODEL", "STATUS", "NODES"]]
+    model_rows = [["MODEL", "STATUS", "REQ/MIN", "NODES"]]
     notes = []
+    rpm = mesh_rpm(members)  # what every node announced (placement follows it)
     for route in s.routes.models:
         status = "warm" if route.targets else "cold"
-        model_rows.append([route.name, status, ", ".join(split_text(route)) or "-"])
+        rate = f"{rpm.get(route.name, 0.0):g}"
+        model_rows.append([route.name, status, rate, ", ".join(split_text(route)) or "-"])
         if route.note:
             notes.append(f"{printable(route.name)}: {printable(route.note, 400)}")
     if len(model_rows) > 1:

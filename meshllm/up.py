@@ -166,8 +166,12 @@ def use_models_dir(opts: UpOptions) -> None:
     if opts.client or opts.backend_urls:
         runs = "a lite client (--client)" if opts.client else "a node with --backend-url"
         raise UpError(f"--models-dir serves the models in it, and {runs} runs no llama-server")
-    if not path.is_dir():
+    if not opts.models_dir.strip():
+        raise UpError("--models-dir needs a directory")
+    if not path.exists():
         raise UpError(f"--models-dir {opts.models_dir}: no such directory")
+    if not path.is_dir():
+        raise UpError(f"--models-dir {opts.models_dir}: not a directory")
     os.environ["MESHLLM_MODELS_DIR"] = str(path.resolve())
 
 
@@ -288,12 +292,12 @@ def advertise_host(bind_host: str, given: str | None) -> str:
 
 def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str, int]:
     """Check everything the user could have got wrong, before any process starts."""
+    if opts.models_dir is not None:
+        use_models_dir(opts)  # before anything is written: a wrong DIR changes nothing
     home = home_from(opts.home)
     home.ensure()
     lock_fd = lock_home(home)
     try:
-        if opts.models_dir is not None:
-            use_models_dir(opts)
         backends = bool(opts.backend_urls)
         backend_models = check_backends(opts) if backends else ()
         # Only the model this node serves itself must resolve here; the rest seed.

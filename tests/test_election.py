@@ -29,6 +29,7 @@ from meshllm.placement.election import (
 )
 
 GB = 10**9
+ON_DISK = "is on its disk or downloadable"
 
 
 def ann(
@@ -341,7 +342,7 @@ def test_a_waiting_node_takes_a_model_whose_last_server_left() -> None:
     assert el.update(view("n", 8, big, anns), 0) == Decision(
         None,
         Reason.NOTHING_FITS,
-        detail="none of 1 models fits 8000000000 bytes or can be obtained",
+        detail=f"none of the mesh's 1 models both fits this node's 8 GB and {ON_DISK}",
     )
     # A small model appears (someone's disk), is served, its server leaves: this node takes it.
     small = [*big, online("S", 1)]
@@ -373,7 +374,7 @@ def test_a_failed_model_is_replaced_and_never_chosen_again() -> None:
     assert el.update(view("n", 8, models, anns), 2) == Decision(
         None,
         Reason.NOTHING_FITS,
-        detail="none of 2 models fits 8000000000 bytes or can be obtained",
+        detail=f"none of the mesh's 2 models both fits this node's 8 GB and {ON_DISK}",
     )
 
 

@@ -61,9 +61,9 @@ def test_format_status_ready_node() -> None:
     ):
         assert row[start:].startswith(value), (row, value)
 
-    assert models[0].split() == ["MODEL", "STATUS", "NODES"]
-    assert models[1].split() == ["demo", "warm", "node-abc123"]
-    assert models[2].split() == ["big-cold-model", "cold", "-"]
+    assert models[0].split() == ["MODEL", "STATUS", "REQ/MIN", "NODES"]
+    assert models[1].split() == ["demo", "warm", "0", "node-abc123"]
+    assert models[2].split() == ["big-cold-model", "cold", "0", "-"]
 
     assert actors[0].split() == ["ACTOR", "PID", "ALIVE", "RESTARTS"]
     assert [line.split() for line in actors[1:]] == [
@@ -124,3 +124,19 @@ def test_peer_strings_cannot_drive_the_terminal() -> None:
     assert "\x1b" not in text and "\x07" not in text
     assert all(len(line) < 300 for line in text.splitlines())
     assert "?[2J?]0;owned?" in text
+
+
+def test_format_status_shows_the_meshs_demand_and_a_nodes_other_servers() -> None:
+    from meshllm.mesh.wire import Demand, PeerAnnouncement
+
+    routes = m.RouteTable((m.ModelRoute("demo", (m.RouteTarget("n1", True, 8001),), ("n1",)),))
+    extra = m.ExtraServer("other", "ready", 8002)
+    server = m.LocalServerState(model="demo", state="ready", port=8001, extras=(extra,))
+    peer = PeerAnnouncement(
+        node_id="b" * 16, generation=1, demand={"demo": Demand(7.5, 1)}, also_serving=("x",)
+    )
+    status = msgspec.structs.replace(_status(server, routes), peers=(peer,))
+    node, _, models, peers = _blocks(format_status(status))[:4]
+    assert node[2].split() == ["other", "ready", "llama-server", ":8002"]
+    assert models[1].split() == ["demo", "warm", "7.5", "n1"]
+    assert "x" in peers[1]

@@ -32,8 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from meshllm.mesh.wire import PeerAnnouncement
-from meshllm.placement.demand import mesh_demand
+from meshllm.placement.demand import mesh_rpm
 from meshllm.runtime.messages import (
     GossipTraffic,
     LocalServerState,
@@ -275,11 +274,6 @@ def _tokens(body: _WithUsage) -> tuple[int, int] | None:
     if timings is not None:
         return timings.prompt_n, timings.predicted_n
     return None
-
-
-def mesh_rpm(announcements: Iterable[PeerAnnouncement]) -> dict[str, float]:
-    """Requests per minute per model, every node's announced demand added up."""
-    return {model: d.rpm for model, d in mesh_demand(announcements, 0.0, 0.0).items()}
 
 
 class MetricsCollector(Collector):

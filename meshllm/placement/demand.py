@@ -128,5 +128,10 @@ def mesh_demand(
     }
 
 
+def mesh_rpm(announcements: Iterable[PeerAnnouncement]) -> dict[str, float]:
+    """Requests per minute per model, every node's announced demand added up."""
+    return {model: d.rpm for model, d in mesh_demand(announcements, 0.0, 0.0).items()}
+
+
 def demand_of(demand: Mapping[str, ModelDemand], model: str) -> ModelDemand:
     return demand.get(model) or ModelDemand()

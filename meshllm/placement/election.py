@@ -377,7 +377,8 @@ def _nothing(view: NodeView, catalog: set[str]) -> Decision:
     return Decision(
         None,
         Reason.NOTHING_FITS,
-        detail=f"none of {len(catalog)} models fits {view.budget_bytes} bytes or can be obtained",
+        detail=f"none of the mesh's {len(catalog)} models both fits this node's "
+        f"{view.budget_bytes / 1e9:.3g} GB and is on its disk or downloadable",
     )
 
 

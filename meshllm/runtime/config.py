@@ -319,10 +319,11 @@ class UpOptions:
     idle_unload_s: float = option(
         IDLE_UNLOAD_S,
         "--idle-unload",
-        "Seconds after which a model nobody asked for may be unloaded when another model "
-        "is asked for and waits for capacity (this node then serves that one instead); "
-        "it is loaded again when asked for. Nodes started with --model keep their first "
-        "model. 0: never.",
+        "When another model is asked for and waits for capacity, a model nobody asked for "
+        "in the last S seconds (or ever) may be unloaded and this node serves that one "
+        "instead; it is loaded again when asked for. A model a node moved to for demand "
+        "stays at least S seconds. Nodes started with --model keep their first model. "
+        "0: never.",
         metavar="S",
         check=_not_negative,
     )

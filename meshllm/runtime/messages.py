@@ -277,6 +277,7 @@ class NodeStatus(msgspec.Struct, tag=True, frozen=True):
     actors: tuple[ActorStatus, ...] = ()
     peers: tuple[PeerAnnouncement, ...] = ()
     token: str = ""
+    """Not filled any more (status output gets shared): `meshllm ctl token` prints it."""
     me: PeerAnnouncement | None = None
     backends: tuple[BackendStatus, ...] = ()
     """This node's external backends (`--backend-url`)."""

@@ -273,7 +273,7 @@ class Node:
             routes=self.routes,
             actors=actors,
             peers=self.mesh.peers,
-            token=self.token,
+            # No token: status output gets pasted into bug reports; `ctl token` has it.
             me=self.mesh.me,
             backends=self.backends.backends,
         )
