@@ -12,6 +12,7 @@ from meshllm import PROTOCOL_VERSION
 from meshllm.mesh import identity, wire
 from meshllm.mesh.membership import (
     ANNOUNCEMENT_MAX_BYTES,
+    BAD_SIGNATURE,
     TOMBSTONE_TTL_S,
     Authenticator,
     Membership,
@@ -325,3 +326,37 @@ def test_the_table_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert m.merge(big("c", 1, 10), now=0)  # room again
     assert m.remove("b", 1, now=0)
     assert m.total_bytes == encoded_size(ann("a", 2)) + size
+
+
+def test_a_newer_versions_fields_in_ext_are_checked_and_relayed_unchanged() -> None:
+    """`wire`'s rule for new announcement fields: a newer node puts them in `ext`; this
+    version verifies its signature, keeps it, and passes it on byte for byte, so a third
+    node (of the newer version) still finds it signed."""
+    newer = new_key()
+    future = msgspec.msgpack.encode({"gpu_kind": "h200", "tokens_per_s": [91.5, 12]})
+    sent = signed(newer, 7, ext=future)
+    relay = mesh()
+    frame = wire.encode_frame(wire.Sync((sent,)))
+    (received,) = wire.decode_payload(frame[wire.HEADER :]).announcements  # type: ignore[union-attr]
+    assert relay.refusal(received) is None and relay.merge(received, now=0)
+    (again,) = wire.decode_payload(
+        wire.encode_frame(wire.Sync(tuple(a for a in relay.all() if a == received)))[wire.HEADER :]
+    ).announcements  # type: ignore[union-attr]
+    assert again.ext == future and Authenticator().refusal(again) is None
+    # What the rule avoids: a top-level field this version does not know is lost in its
+    # re-encoding, and the signature with it.
+    fields = msgspec.msgpack.decode(msgspec.msgpack.encode(ann(identity.node_id_of(newer), 8)))
+    fields["gpu_kind"] = "h200"
+    key_fields = {**fields, "public_key": identity.public_der(newer), "signature": b""}
+    raw = msgspec.msgpack.encode(key_fields)
+    unknown = msgspec.msgpack.decode(raw, type=PeerAnnouncement)
+    forged = msgspec.structs.replace(unknown, signature=identity.sign(newer, raw))
+    assert Authenticator().refusal(forged) == BAD_SIGNATURE
+
+
+def test_frames_of_the_previous_protocol_are_refused_by_name() -> None:
+    payload = msgspec.msgpack.encode(wire.Envelope(PROTOCOL_VERSION - 1, wire.Welcome()))
+    with pytest.raises(
+        wire.WireError, match=f"unsupported protocol version {PROTOCOL_VERSION - 1}"
+    ):
+        wire.decode_payload(payload)

@@ -4,6 +4,13 @@ A frame is a 4-byte big-endian length and a msgpack `Envelope`. Decoding is
 strict (types are checked); unknown fields are ignored and new fields carry
 defaults, so nodes of different versions interoperate. A frame over
 `MAX_FRAME_BYTES` cannot be skipped safely and ends the stream.
+
+One exception: a `PeerAnnouncement` is signed by its node, and a receiver checks the
+signature over its own re-encoding of what it decoded, which leaves out fields it does
+not know. So an announcement never gains top-level fields within a protocol version:
+what a newer version adds goes in `PeerAnnouncement.ext` (an opaque msgpack map that
+every version signs, checks and relays byte for byte), and a new top-level field means
+a new `PROTOCOL_VERSION`.
 """
 
 from __future__ import annotations
@@ -78,6 +85,8 @@ MAX_PEERS = 8192
 """Entries in a `Digest` (a mesh bigger than this is refused member by member: membership.py)."""
 PUBLIC_KEY_MAX = 128
 """A DER P-256 public key is 91 bytes."""
+EXT_MAX = 16 << 10
+"""Bytes of newer versions' fields one announcement may carry (`PeerAnnouncement.ext`)."""
 SIGNATURE_MAX = 80
 """A DER ECDSA P-256 signature is at most 72 bytes."""
 
@@ -151,6 +160,9 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     paused: bool = False
     """`meshllm ctl pause`: no target for anyone, no server in any election (its
     model goes to other nodes by the usual rules) until `meshllm ctl resume`."""
+    ext: Annotated[bytes, msgspec.Meta(max_length=EXT_MAX)] = b""
+    """Fields of newer versions of this protocol (module docstring): a msgpack map this
+    version does not read, but signs, checks and passes on unchanged."""
     public_key: Annotated[bytes, msgspec.Meta(max_length=PUBLIC_KEY_MAX)] = b""
     """The node's public key (DER SubjectPublicKeyInfo)."""
     signature: Annotated[bytes, msgspec.Meta(max_length=SIGNATURE_MAX)] = b""
