@@ -468,3 +468,19 @@ def test_two_real_nodes_show_their_probes_and_gossip_traffic(
         s = scrape_metrics(node.port)
         assert value(s, "meshllm_peers_alive") == 1
         assert value(s, "meshllm_peers_declared_dead_total") == 0
+
+
+def test_label_sets_are_bounded_as_models_and_nodes_come_and_go() -> None:
+    from meshllm.http.metrics import MAX_SERIES, OTHER
+
+    r = RequestMetrics()
+    for i in range(MAX_SERIES + 50):
+        r.answered(f"m{i}", f"n{i}", 200, "", 0.1, 0.05, (1, 1))
+        r.failed_attempt(f"m{i}", f"n{i}")
+        r.retried(f"m{i}")
+    assert len(r.requests) <= MAX_SERIES + 1 and len(r.latency) <= MAX_SERIES + 1
+    assert len(r.upstream_failures) <= MAX_SERIES + 1 and len(r.retries) <= MAX_SERIES + 1
+    assert r.requests[(OTHER, OTHER, 200, "")] == 50
+    assert r.completion_tokens[OTHER] == 50
+    r.answered("m0", "n0", 200, "", 0.1)  # a known one is still counted as itself
+    assert r.requests[("m0", "n0", 200, "")] == 2

@@ -20,6 +20,7 @@ import collections
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -91,8 +92,20 @@ class Histogram:
         return out
 
 
+MAX_SERIES = 4096
+"""Label sets one metric keeps. Models and nodes come and go over a node's life (and a
+member can make up both): past this, a new one is counted under `OTHER`."""
+OTHER = "_other"
+
+
+def _bounded(table: dict[Any, Any], key: Any, other: Any) -> Any:
+    """`key` while `table` has room for it (or has it), else `other`."""
+    return key if key in table or len(table) < MAX_SERIES else other
+
+
 class RequestMetrics:
-    """What the Proxy counts per model request (sans-I/O: plain numbers)."""
+    """What the Proxy counts per model request (sans-I/O: plain numbers), at most
+    `MAX_SERIES` label sets per metric."""
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int, str], int] = {}
@@ -119,8 +132,9 @@ class RequestMetrics:
     ) -> None:
         """A request ended: `seconds` since it arrived (its wait for admission
         included), `first_byte_s` until the first body byte went to the client."""
-        k = (model, node, status, key)
+        k = _bounded(self.requests, (model, node, status, key), (OTHER, OTHER, status, key))
         self.requests[k] = self.requests.get(k, 0) + 1
+        model = _bounded(self.latency, model, OTHER)
         hist = self.latency.get(model)
         if hist is None:
             hist = self.latency[model] = Histogram()
@@ -136,14 +150,15 @@ class RequestMetrics:
 
     def refused(self, model: str, status: int, key: str) -> None:
         """Answered by the Proxy without a server's answer (no latency observed)."""
-        k = (model, "", status, key)
+        k = _bounded(self.requests, (model, "", status, key), (OTHER, "", status, key))
         self.requests[k] = self.requests.get(k, 0) + 1
 
     def failed_attempt(self, model: str, node: str) -> None:
-        k = (model, node)
+        k = _bounded(self.upstream_failures, (model, node), (OTHER, OTHER))
         self.upstream_failures[k] = self.upstream_failures.get(k, 0) + 1
 
     def retried(self, model: str) -> None:
+        model = _bounded(self.retries, model, OTHER)
         self.retries[model] = self.retries.get(model, 0) + 1
 
 
