@@ -31,7 +31,7 @@ from meshllm.mesh.token import (
     split_address,
     token_text,
 )
-from meshllm.models.files import default_min_bytes
+from meshllm.models.files import MIN_BYTES_ENV, default_min_bytes
 from meshllm.placement.memory import detect_memory
 from meshllm.runtime import logs
 from meshllm.runtime.binaries import find_binary, rpc_server_binary
@@ -294,6 +294,9 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
     """Check everything the user could have got wrong, before any process starts."""
     if opts.models_dir is not None:
         use_models_dir(opts)  # before anything is written: a wrong DIR changes nothing
+    if opts.min_size_mb is not None:
+        # Read by every scan, in this process and the actors it starts.
+        os.environ[MIN_BYTES_ENV] = str(int(opts.min_size_mb * 1_000_000))
     home = home_from(opts.home)
     home.ensure()
     lock_fd = lock_home(home)
@@ -339,7 +342,7 @@ def prepare(opts: UpOptions) -> tuple[NodeConfig, dict[str, dict[str, Any]], str
             raise UpError(
                 f"--models-dir {opts.models_dir}: no GGUF model of at least "
                 f"{default_min_bytes() / 1e6:g} MB there (smaller files count with "
-                "MESHLLM_MIN_MODEL_BYTES=0); add --model NAME to download one, or --join"
+                "--min-size-mb 0); add --model NAME to download one, or --join"
             )
         memory = detect_memory(opts.max_vram_gb)
         key = load_or_create_key(None if opts.client else home.key_path)

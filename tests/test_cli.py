@@ -530,10 +530,12 @@ def test_up_demand_options(captured_up: list[UpOptions], tmp_path: Path) -> None
         0,
         5,
     )
-    for flag in ("--idle-unload", "--hot-rpm", "--load-wait"):
+    assert invoke("up", "--min-size-mb", "0").exit_code == 0
+    assert captured_up[1].min_size_mb == 0
+    for flag in ("--idle-unload", "--hot-rpm", "--load-wait", "--min-size-mb"):
         result = invoke("up", flag, "-1")
         assert result.exit_code == 2 and flag in result.output
-    assert len(captured_up) == 1
+    assert len(captured_up) == 2
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ def test_a_models_dir_node_serves_every_model_on_its_disk(
 ) -> None:
     names = ("dir-a", "dir-b", "dir-c")
     directory = models_in(tmp_path / "models", *names)
-    a = start_node("--models-dir", str(directory), *SERVING, name="A", env=SMALL)
+    a = start_node("--models-dir", str(directory), "--min-size-mb", "0", *SERVING, name="A")
     wait_for(lambda: all(warm(a, n) for n in names), 60, "every model of the directory warm")
     answers = {n: chat(a.port, n)["choices"][0]["message"]["content"] for n in names}
     assert len(set(answers.values())) == 3  # three models, three sets of weights
@@ -65,6 +65,23 @@ def test_a_models_dir_node_serves_every_model_on_its_disk(
     for n in names:
         assert chat(c.port, n)["choices"][0]["message"]["content"] == answers[n]
         assert mesh_models(c.port)[n]["nodes"] == [a.status()["node_id"]]
+
+
+def test_a_models_dir_without_models_or_missing_is_refused_clearly(
+    tmp_path: Path,
+) -> None:
+    from tests.test_node import meshllm_up
+
+    (tmp_path / "empty").mkdir()
+    home = tmp_path / "home"
+    out = meshllm_up("--home", str(home), "--models-dir", str(tmp_path / "empty"), "--port", "0")
+    assert out.returncode != 0
+    assert "no GGUF model of at least 500 MB there" in out.stderr, out.stderr
+    assert "--min-size-mb 0" in out.stderr
+    other = tmp_path / "other-home"
+    out = meshllm_up("--home", str(other), "--models-dir", str(tmp_path / "none"), "--port", "0")
+    assert out.returncode != 0 and "no such directory" in out.stderr, out.stderr
+    assert not other.exists() and not (tmp_path / "none").exists()  # nothing written
 
 
 def test_an_idle_server_switches_to_a_model_asked_for_and_back_once_idle(

@@ -316,6 +316,14 @@ class UpOptions:
         "(default: $MESHLLM_MODELS_DIR, else ~/.models, serving one model).",
         metavar="DIR",
     )
+    min_size_mb: float | None = option(
+        None,
+        "--min-size-mb",
+        "Smallest GGUF in the models directory counted as a model, in MB "
+        "(default: $MESHLLM_MIN_MODEL_BYTES, else 500); e.g. 0 to serve small files.",
+        metavar="MB",
+        check=_not_negative,
+    )
     idle_unload_s: float = option(
         IDLE_UNLOAD_S,
         "--idle-unload",
