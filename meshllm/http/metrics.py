@@ -384,8 +384,11 @@ class MetricsCollector(Collector):
                 labels=["model"],
             )
             announced = [*mesh.peers, *([mesh.me] if mesh.me is not None else [])]
-            for model, rate in sorted(mesh_rpm(announced).items()):
+            rates = sorted(mesh_rpm(announced).items(), key=lambda item: -item[1])
+            for model, rate in rates[: MAX_SERIES - 1]:
                 demand.add_metric([model], rate)
+            if rest := rates[MAX_SERIES - 1 :]:  # names members make up are bounded too
+                demand.add_metric([OTHER], sum(rate for _, rate in rest))
             yield demand
         if self.node.rtts is not None:
             rtt = GaugeMetricFamily(

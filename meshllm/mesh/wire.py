@@ -87,6 +87,9 @@ PUBLIC_KEY_MAX = 128
 """A DER P-256 public key is 91 bytes."""
 EXT_MAX = 16 << 10
 """Bytes of newer versions' fields one announcement may carry (`PeerAnnouncement.ext`)."""
+EXT_DEPTH = 4
+"""How deep `PeerAnnouncement.ext` may nest: what a newer version reads must not be
+able to exhaust its decoder's stack."""
 SIGNATURE_MAX = 80
 """A DER ECDSA P-256 signature is at most 72 bytes."""
 
@@ -167,6 +170,32 @@ class PeerAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     """The node's public key (DER SubjectPublicKeyInfo)."""
     signature: Annotated[bytes, msgspec.Meta(max_length=SIGNATURE_MAX)] = b""
     """The node's signature of `signed_bytes(self)`."""
+
+    def __post_init__(self) -> None:
+        if self.ext and not _shallow_map(self.ext):
+            raise ValueError(f"ext must be a msgpack map at most {EXT_DEPTH} levels deep")
+
+
+def _shallow_map(data: bytes) -> bool:
+    """Whether `data` is one msgpack map nesting at most `EXT_DEPTH` levels."""
+    try:
+        value = _ext_decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return isinstance(value, dict) and _depth(value, EXT_DEPTH)
+
+
+def _depth(value: object, left: int) -> bool:
+    if isinstance(value, dict):
+        items: list[object] = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return True
+    return left > 0 and all(_depth(item, left - 1) for item in items)
+
+
+_ext_decoder = msgspec.msgpack.Decoder()
 
 
 def signed_bytes(ann: PeerAnnouncement) -> bytes:

@@ -144,6 +144,10 @@ HOT_RPM = 60.0
 HOT_HOLD_S = 120.0
 """How long a model must stay hot before an idle server moves to it."""
 
+SWITCH_HOLD_S = 300.0
+"""How long a node that switched models stays before it may switch again to fill a gap,
+when demand is not followed (`--idle-unload 0`; otherwise the hold is `idle_unload_s`)."""
+
 
 class Reason(StrEnum):
     """Why a node serves what it serves (or nothing)."""
@@ -520,7 +524,11 @@ def _could_take(ann: PeerAnnouncement, model: str, view: NodeView) -> tuple[bool
 
 
 def demand_moves(
-    view: NodeView, now: float, idle_unload_s: float, hot: Set[str] = frozenset()
+    view: NodeView,
+    now: float,
+    idle_unload_s: float,
+    hot: Set[str] = frozenset(),
+    hot_rpm: float = 0.0,
 ) -> dict[str, tuple[str, Reason, bool]]:
     """Which idle servers switch to a model that is asked for (module docstring,
     "Usage-aware placement"): node id -> (model, reason, download needed).
@@ -544,7 +552,7 @@ def demand_moves(
     hot_models = sorted(
         (m for m in hot if m in served), key=lambda m: (-rpm(m) / len(served[m]), m)
     )
-    free = free_servers(view, now, idle_unload_s)
+    free = free_servers(view, now, idle_unload_s, hot_rpm)
     waiting = [a for a in nodes if not a.serving and a.vram_bytes > 0]
     moves: dict[str, tuple[str, Reason, bool]] = {}
     for model, reason in [
@@ -576,9 +584,27 @@ def wanted_cold(view: NodeView, now: float, idle_unload_s: float) -> list[str]:
     )
 
 
-def free_servers(view: NodeView, now: float, idle_unload_s: float) -> list[PeerAnnouncement]:
-    """Auto-assigned solo servers whose model nobody asked for within `idle_unload_s`."""
-    return [
+def spare_models(view: NodeView, now: float, idle_unload_s: float, hot_rpm: float) -> set[str]:
+    """Models in use whose servers but one could carry them: under `hot_rpm` per server
+    with one server less (`hot_rpm` 0: no model has a spare)."""
+    if hot_rpm <= 0:
+        return set()
+    return {
+        m
+        for m, group in servers_by_model(view.announcements).items()
+        if len(group) > 1
+        and recently_asked(view, m, now, idle_unload_s)
+        and demand_of(view.demand, m).rpm <= hot_rpm * (len(group) - 1)
+    }
+
+
+def free_servers(
+    view: NodeView, now: float, idle_unload_s: float, hot_rpm: float = 0.0
+) -> list[PeerAnnouncement]:
+    """Auto-assigned solo servers that may switch: those whose model nobody asked for
+    within `idle_unload_s`, and one spare of each model the others can carry
+    (`spare_models`): the auto-assigned non-host with the largest id."""
+    auto = [
         a
         for a in view.announcements
         if a.role != "client"
@@ -586,8 +612,15 @@ def free_servers(view: NodeView, now: float, idle_unload_s: float) -> list[PeerA
         and a.serving is not None
         and not a.requested_models
         and not a.split_group
-        and not recently_asked(view, a.serving, now, idle_unload_s)
     ]
+    free = [a for a in auto if not recently_asked(view, a.serving or "", now, idle_unload_s)]
+    spares = spare_models(view, now, idle_unload_s, hot_rpm)
+    hosts = elect_hosts(view.announcements)
+    for model in sorted(spares):
+        group = [a for a in auto if a.serving == model and hosts.get(model) != a.node_id]
+        if group:
+            free.append(max(group, key=lambda a: a.node_id))
+    return free
 
 
 def takers(
@@ -685,7 +718,11 @@ class Elector:
         self.hot_hold_s = hot_hold_s
         self._hot_since: dict[str, float] = {}
         self._moved_at = -math.inf
-        """When this node last moved for demand: it stays `idle_unload_s` at least."""
+        """When this node last switched models: it stays `hold_s` at least (no rule moves
+        it before, so neither demand nor claims a member makes can make it flap)."""
+        self.hold_s = idle_unload_s if idle_unload_s > 0 else SWITCH_HOLD_S
+        self._taker_since: dict[str, float] = {}
+        """Wanted cold models this node could take -> since when (`_overdue`)."""
         self._wanted_since: dict[str, float] = {}
         """Cold models asked for -> since when (this node's view)."""
         """Served models over `hot_rpm` per server -> since when (this node's view)."""
@@ -728,10 +765,12 @@ class Elector:
         new = self._next(view, now)
         if new.model is not None:
             self._cold_since.pop(new.model, None)
-        if new == self.decision:
+        previous = self.decision
+        if new == previous:
             return None
+        switched = previous is not None and previous.model not in (None, new.model)
         self.decision = new
-        if new.reason in (Reason.DEMAND, Reason.HOT):
+        if switched and new.model is not None:
             self._moved_at = now
         return new
 
@@ -746,6 +785,12 @@ class Elector:
             self._deferral = None
             return decide(view)
         held = self._held(view)
+        own = next((a for a in view.announcements if a.node_id == view.node_id), None)
+        if own is not None and own.paused:
+            # Paused: the others count this node out and take its model; it takes
+            # nothing itself until it resumes (it would only double what they take).
+            self._deferral = None
+            return held or self.decision or Decision(None, Reason.WAITING, detail="paused")
         if held is None:
             return self._wait_or_take(view, now)
         return self._move(view, now, held) or self._follow_demand(view, now, held) or held
@@ -755,7 +800,8 @@ class Elector:
         their servers never leave them to fill a gap."""
         if self.idle_unload_s <= 0:
             return set()
-        return {m for m in view.demand if recently_asked(view, m, now, self.idle_unload_s)}
+        asked = {m for m in view.demand if recently_asked(view, m, now, self.idle_unload_s)}
+        return asked - spare_models(view, now, self.idle_unload_s, self.hot_rpm)
 
     def _track_hot(self, view: NodeView, now: float) -> None:
         self._due = []
@@ -772,25 +818,39 @@ class Elector:
         self._hot_since = hot
         self._due = [since + self.hot_hold_s for since in hot.values()]
 
-    def _overdue(self, view: NodeView, now: float) -> tuple[str, Reason, bool] | None:
+    def _overdue(
+        self, view: NodeView, now: float, free: list[PeerAnnouncement]
+    ) -> tuple[str, Reason, bool] | None:
         """A model asked for that stayed cold for `cold_grace_s` although the plan gave it
         to someone: estimates of others can be wrong (a node where it failed, a waiting
         node that never takes it), so the free nodes that can take it do, one
         `defer_stagger_s` apart in the plan's order, this node by its own knowledge."""
-        free = free_servers(view, now, self.idle_unload_s)
-        if all(a.node_id != view.node_id for a in free):
-            return None
+        mine = {}
         for model in wanted_cold(view, now, self.idle_unload_s):
             ranked = takers(view, model, free)
             ids = [a.node_id for a, _ in ranked]
             if view.node_id not in ids or model not in self._wanted_since:
                 continue
+            # Patience counts from when the model was wanted *and* this node could take
+            # it: nodes that turn free together do not all find themselves overdue.
+            mine[model] = since = self._taker_since.get(model, now)
             rank = ids.index(view.node_id)
-            due = self._wanted_since[model] + self.cold_grace_s + self.defer_stagger_s * rank
+            start = max(self._wanted_since[model], since)
+            due = start + self.cold_grace_s + self.defer_stagger_s * rank
             if now >= due:
+                self._taker_since = {}
                 return model, Reason.DEMAND, not ranked[rank][1]
             self._due.append(due)
+        self._taker_since = mine
         return None
+
+    def _holding(self, now: float) -> bool:
+        """Whether this node switched too recently to switch again (`hold_s`)."""
+        until = self._moved_at + self.hold_s
+        if now < until:
+            self._due.append(until)
+            return True
+        return False
 
     def hot(self, now: float) -> set[str]:
         """Models hot for `hot_hold_s` as this node saw them."""
@@ -802,15 +862,18 @@ class Elector:
         own = next((a for a in view.announcements if a.node_id == view.node_id), None)
         if self.idle_unload_s <= 0 or own is None or own.serving != held.model:
             return None  # not announced yet: the others plan with what we announce
-        asked = max(demand_of(view.demand, held.model).last, self._moved_at)
-        if asked + self.idle_unload_s > now:
-            # Just moved here, or our model is in use: look again once it is idle. (Others
-            # may plan with us meanwhile: a model they leave to us is taken by the next
-            # free node when it stays cold, `_overdue`.)
-            self._due.append(asked + self.idle_unload_s)
+        if self._holding(now):
             return None
-        move = demand_moves(view, now, self.idle_unload_s, self.hot(now)).get(view.node_id)
-        move = move or self._overdue(view, now)
+        free = free_servers(view, now, self.idle_unload_s, self.hot_rpm)
+        if all(a.node_id != view.node_id for a in free):
+            # Our model is in use: look again once it is idle. (Others may plan with us
+            # meanwhile: a model they leave to us is taken by the next free node when it
+            # stays cold, `_overdue`.)
+            self._due.append(demand_of(view.demand, held.model).last + self.idle_unload_s)
+            return None
+        hot = self.hot(now)
+        move = demand_moves(view, now, self.idle_unload_s, hot, self.hot_rpm).get(view.node_id)
+        move = move or self._overdue(view, now, free)
         if move is None:
             return None
         model, reason, download = move
@@ -877,8 +940,9 @@ class Elector:
         ]
         me = PeerAnnouncement(node_id=view.node_id, generation=0, vram_bytes=view.budget_bytes)
         matured = {m for m, t in self._cold_since.items() if now - t >= self.cold_grace_s}
-        if held.model in self._busy(view, now):
-            # Its users need it (a hot model's replicas above all): no gap filling.
+        if held.model in self._busy(view, now) or self._holding(now):
+            # Its users need every server (a hot model's replicas above all), or this
+            # node only just switched: no gap filling.
             self._deferral = None
             return None
         if not group or elect_host([*group, me]) == view.node_id:
