@@ -94,10 +94,16 @@ def _value(t: msgspec.inspect.Type) -> Any:
     raise NotImplementedError(f"no sample value for {t!r}: add the message to SAMPLES")
 
 
+FIELD_SAMPLES = {("PeerAnnouncement", "ext"): msgspec.msgpack.encode({"x": [1]})}
+"""Fields whose type alone does not say what a valid value is."""
+
+
 def _build(cls: type[Any]) -> Any:
     info = msgspec.inspect.type_info(cls)
     assert isinstance(info, msgspec.inspect.StructType)
-    return cls(**{f.name: _value(f.type) for f in info.fields})
+    return cls(
+        **{f.name: FIELD_SAMPLES.get((cls.__name__, f.name)) or _value(f.type) for f in info.fields}
+    )
 
 
 MESSAGE_TYPES: tuple[type[Any], ...] = typing.get_args(m.Message)

@@ -93,11 +93,15 @@ counted and gossiped). The mesh's demand per model is every entry node's request
 the last minute and the time of the latest. A model asked for in the last
 `idle_unload_s` (`--idle-unload`) that nobody serves is *wanted*; so is a model over
 `hot_rpm` requests per minute per server for `hot_hold_s`. An auto-assigned solo
-server whose model nobody asked for in `idle_unload_s` is *free*: each round gives each
-wanted model one free node (`demand_moves`; a waiting node takes a cold one by the
-priority instead). What a node moved to was just asked for, so it stays for at least
-`idle_unload_s`: a node switches at most once per idle period, and a model asked for
-is never left. Nodes started with `--model` never move. A `--models-dir` node also
+server whose model nobody asked for in `idle_unload_s` is *free*, and so is one spare
+of a model in use that its other servers can carry (`spare_models`): each round gives
+each wanted model one free node (`demand_moves`; a waiting node takes a cold one by the
+priority instead). A cold model the plan left to a node that does not take it (its
+estimate was wrong) is taken by the other free nodes in the plan's order, one
+`defer_stagger_s` apart after `cold_grace_s` (`_overdue`). Every switch holds a node
+for `hold_s` (`idle_unload_s`): a node switches at most once per idle period, whatever
+members claim or pause, and gap filling never takes a server its model needs.
+Nodes started with `--model` never move; a paused node takes nothing. A `--models-dir` node also
 serves the other models on its disk that fit (`shelf`), unloading an idle one only for
 one that is asked for.
 
