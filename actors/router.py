@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from meshllm.http.routing import Serving, build_route_table
 from meshllm.mesh.membership import mesh_catalog
+from meshllm.models.catalog import CATALOG
 from meshllm.placement.election import also_served
 from meshllm.runtime import messages as m
 from meshllm.runtime.actor import Actor
+from meshllm.runtime.config import NodeConfig
 
 
 class Router(Actor):
@@ -59,12 +61,28 @@ class Router(Actor):
         ]
         remote += backend_servers(self.config.node_id, self.mesh, self.backends)
         table = build_route_table(
-            self.config.node_id, self.local, remote, catalog, failure_notes(self.mesh, self.local)
+            self.config.node_id,
+            self.local,
+            remote,
+            catalog,
+            failure_notes(self.mesh, self.local),
+            loadable_models(self.config, self.mesh),
         )
         if table != self.table:
             self.table = table
             self.log.info("routes: %s", _summary(table))
             await self.bus.publish("routes", table)
+
+
+def loadable_models(config: NodeConfig, mesh: m.MeshView) -> set[str]:
+    """Models some node could load: on a disk, or with a download source (a node's
+    `--model URL`, the built-in catalog). A backend's model is none of these."""
+    names = {s.name for s in (*config.available, *config.models) if s.path or s.url}
+    names.update(entry.name for entry in CATALOG)
+    for peer in mesh.peers:
+        names.update(peer.available_models)
+        names.update(peer.model_urls)
+    return names
 
 
 def backend_servers(node_id: str, mesh: m.MeshView, backends: m.BackendsState) -> list[Serving]:

@@ -264,3 +264,13 @@ def test_ctl_drop_names_a_models_dir_model_instead_of_ending_the_node() -> None:
     server = m.LocalServerState("main", state="ready", extras=(m.ExtraServer("x", "ready", 5),))
     assert "one of this node's --models-dir models" in drop_refusal(False, server, "x")
     assert drop_refusal(False, server, "main") == ""
+
+
+def test_cold_routes_say_whether_some_node_could_load_them() -> None:
+    from meshllm.http.routing import build_route_table
+    from meshllm.runtime import messages as m
+
+    table = build_route_table(
+        "n1", m.LocalServerState(), (), ["on-disk", "backend"], {}, ["on-disk"]
+    )
+    assert {r.name: r.loadable for r in table.models} == {"on-disk": True, "backend": False}

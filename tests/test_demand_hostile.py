@@ -125,7 +125,7 @@ def test_an_entry_nodes_clock_skew_does_not_change_the_demand_it_announces(
 def test_requests_parked_for_a_cold_model_are_bounded() -> None:
     async def main() -> None:
         app = new_app(load_wait_s=30)
-        app.set_table(RouteTable((ModelRoute("demo"),)))  # known, cold
+        app.set_table(RouteTable((ModelRoute("demo", loadable=True),)))  # known, cold
         parked = [call(app, CHAT, CHAT_BODY) for _ in range(MAX_QUEUED)]
         tasks = [asyncio.ensure_future(c()) for c in parked]
         try:

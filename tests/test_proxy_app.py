@@ -463,7 +463,7 @@ def test_a_request_for_a_cold_model_waits_for_its_load() -> None:
     async def main() -> None:
         async with FakeServer(ok()) as srv:
             app = new_app(load_wait_s=30)
-            app.set_table(RouteTable((ModelRoute("demo"),)))  # known, cold
+            app.set_table(RouteTable((ModelRoute("demo", loadable=True),)))  # known, cold
             pending = asyncio.ensure_future(complete(call(app, CHAT, CHAT_BODY)))
             await asyncio.sleep(0.05)
             assert not pending.done()
@@ -478,7 +478,7 @@ def test_a_request_for_a_cold_model_waits_for_its_load() -> None:
 def test_a_cold_model_not_loaded_in_time_is_503_and_unknown_names_are_not_demand() -> None:
     async def main() -> None:
         app = new_app(load_wait_s=0.2)
-        app.set_table(RouteTable((ModelRoute("demo"),)))
+        app.set_table(RouteTable((ModelRoute("demo", loadable=True),)))
         c = await complete(call(app, CHAT, CHAT_BODY))
         error = assert_openai_error(c, 503, "model_not_ready")
         assert "waited 0.2 s for a node to load it" in error["message"]
@@ -489,10 +489,21 @@ def test_a_cold_model_not_loaded_in_time_is_503_and_unknown_names_are_not_demand
     run(main())
 
 
+def test_a_cold_model_nobody_can_load_is_503_at_once() -> None:
+    async def main() -> None:
+        app = new_app(load_wait_s=30)
+        app.set_table(RouteTable((ModelRoute("demo"),)))  # e.g. a backend's, now down
+        c = await complete(call(app, CHAT, CHAT_BODY))
+        assert_openai_error(c, 503, "model_not_ready")
+        assert not app.loading
+
+    run(main())
+
+
 def test_requests_waiting_for_a_load_are_bounded_and_reads_do_not_wait() -> None:
     async def main() -> None:
         app = new_app(load_wait_s=30, max_queued=2)
-        app.set_table(RouteTable((ModelRoute("demo"),)))
+        app.set_table(RouteTable((ModelRoute("demo", loadable=True),)))
         parked = [asyncio.ensure_future(complete(call(app, CHAT, CHAT_BODY))) for _ in range(2)]
         await asyncio.sleep(0.05)
         assert app.loading == {"demo": 2}

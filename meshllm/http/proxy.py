@@ -651,7 +651,13 @@ class ProxyApp:
             await until_disconnect(receive, self._dispatch(scope, kind, route, request, peek, send))
         elif self.routes.unknown(model):
             await send_error(send, 404, why, "model_not_found")
-        elif model is None or not mesh_model or kind is not Kind.MODEL or self.load_wait_s <= 0:
+        elif (
+            model is None
+            or not mesh_model
+            or kind is not Kind.MODEL
+            or self.load_wait_s <= 0
+            or not self.routes.by_name[model].loadable
+        ):
             await send_error(send, 503, why, "model_not_ready", retry_after=True)
         elif self.loading[model] >= self.admission.queue_limit:
             why += f"; {self.loading[model]} requests already wait for a node to load it"

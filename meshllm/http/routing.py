@@ -37,6 +37,7 @@ def build_route_table(
     remote: Iterable[Serving] = (),
     catalog: Iterable[str] = (),
     notes: Mapping[str, str] | None = None,
+    loadable: Iterable[str] = (),
 ) -> RouteTable:
     """The table the Proxy routes by: warm models (with targets) then cold ones, with
     `notes` saying why a cold one is not served, where known.
@@ -76,7 +77,10 @@ def build_route_table(
         routes.append(ModelRoute(model, targets, nodes))
     cold = sorted(set(catalog) - set(by_model))
     notes = notes or {}
-    routes += [ModelRoute(name, note=notes.get(name, "")) for name in cold]
+    can_load = set(loadable)
+    routes += [
+        ModelRoute(name, note=notes.get(name, ""), loadable=name in can_load) for name in cold
+    ]
     return RouteTable(tuple(routes))
 
 
