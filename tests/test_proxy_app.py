@@ -1229,3 +1229,14 @@ def test_a_request_that_makes_servers_drop_it_is_not_sent_down_every_connection(
             assert (fine.status, fine.body) == (200, b"fine")
 
     run(main())
+
+
+def test_a_cold_model_whose_server_failed_is_503_at_once_with_the_reason() -> None:
+    async def main() -> None:
+        app = new_app(load_wait_s=30)
+        app.set_table(RouteTable((ModelRoute("demo", note="n1: out of memory", loadable=True),)))
+        c = await complete(call(app, CHAT, CHAT_BODY))
+        error = assert_openai_error(c, 503, "model_not_ready")
+        assert "out of memory" in error["message"] and not app.loading
+
+    run(main())

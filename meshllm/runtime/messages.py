@@ -114,7 +114,8 @@ class ModelRoute(msgspec.Struct, frozen=True):
     """Why a cold model is not served (e.g. it fits nowhere, even split), when known."""
     loadable: bool = False
     """A cold model some node could load (a file on its disk, or a download source): a
-    request for it waits for that (`--load-wait`); one nobody can load is 503 at once."""
+    request for it waits for that (`--load-wait`); one nobody can load, or whose server
+    failed (`note`), is 503 at once."""
 
 
 class RouteTable(msgspec.Struct, tag=True, frozen=True):
