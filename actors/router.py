@@ -75,13 +75,23 @@ class Router(Actor):
 
 
 def loadable_models(config: NodeConfig, mesh: m.MeshView) -> set[str]:
-    """Models some node could load: on a disk, or with a download source (a node's
-    `--model URL`, the built-in catalog). A backend's model is none of these."""
-    names = {s.name for s in (*config.available, *config.models) if s.path or s.url}
-    names.update(entry.name for entry in CATALOG)
+    """Models a node that follows demand could load: one started without `--model` (it
+    may switch), not paused, with the file on its disk or a download source (a node's
+    `--model URL`, the built-in catalog). A request for another cold model (a down
+    backend's, one only `--model` nodes have) gets 503 at once instead of waiting."""
+    sources = {entry.name for entry in CATALOG} | {s.name for s in config.models if s.url}
     for peer in mesh.peers:
-        names.update(peer.available_models)
-        names.update(peer.model_urls)
+        sources.update(peer.model_urls)
+    names: set[str] = set()
+    opts = config.options
+    if not opts.client and not config.models and config.vram_bytes > 0 and opts.idle_unload_s:
+        names.update(s.name for s in config.available)
+        names |= sources
+    for peer in mesh.peers:
+        movable = peer.role != "client" and not peer.requested_models and not peer.paused
+        if movable and peer.vram_bytes > 0:
+            names.update(peer.available_models)
+            names |= sources
     return names
 
 
