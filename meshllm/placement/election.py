@@ -721,6 +721,7 @@ class Elector:
         self.hot_rpm = hot_rpm
         self.hot_hold_s = hot_hold_s
         self._hot_since: dict[str, float] = {}
+        """Served models over `hot_rpm` per server -> since when (this node's view)."""
         self._moved_at = -math.inf
         """When this node last switched models: it stays `hold_s` at least (no rule moves
         it before, so neither demand nor claims a member makes can make it flap)."""
@@ -729,7 +730,6 @@ class Elector:
         """Wanted cold models this node could take -> since when (`_overdue`)."""
         self._wanted_since: dict[str, float] = {}
         """Cold models asked for -> since when (this node's view)."""
-        """Served models over `hot_rpm` per server -> since when (this node's view)."""
         self._due: list[float] = []
         """When the demand rules may decide otherwise without a mesh change."""
         self.defer_timeout_s = defer_timeout_s
