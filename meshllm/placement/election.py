@@ -363,15 +363,11 @@ def _peer_candidates(
 ) -> list[_Candidate]:
     """Our estimate of what a peer could take: its disk, our sizes and download sources."""
     out = []
-    on_disk = set(peer.available_models)
     for name in catalog:
-        info = view.models.get(name)
-        here = name in on_disk
-        if not here and (info is None or not info.downloadable):
-            continue
-        size = info.size_bytes if info is not None else None
-        if fits(size, peer.vram_bytes):
-            out.append(_Candidate(name, size, here))
+        ok, here = _could_take(peer, name, view)
+        if ok:
+            info = view.models.get(name)
+            out.append(_Candidate(name, info.size_bytes if info is not None else None, here))
     return out
 
 
