@@ -62,6 +62,8 @@ SAME_BUILD = (
     "(meshllm's setup builds llama-server and ggml-rpc-server together)"
 )
 OUTPUT_LINE_BYTES = 64 * 1024
+SWITCH_DRAIN_S = 60.0
+"""How long a server told to make way for another model may take to end its requests."""
 DRAIN_POLL_S = 0.1
 """How often a pausing node asks the Proxy and the Tunnel what is still in flight."""
 DOWNLOAD_TRIES = 3
@@ -135,6 +137,8 @@ class ServerSupervisor(Actor):
         self.halted = False
         """Paused and drained: the wanted server is not run until `ctl resume`."""
         self.drain_task: asyncio.Task[None] | None = None
+        self.switch_task: asyncio.Task[None] | None = None
+        """Ending the requests of a server told to make way for another model."""
         self.extras: dict[str, asyncio.Task[None]] = {}
         """`--models-dir`: model name -> the task that keeps its own llama-server running."""
         self.extra_states: dict[str, m.ExtraServer] = {}
@@ -154,7 +158,10 @@ class ServerSupervisor(Actor):
             self.download_cancel.set()
             self.policy.reset()
             self.download_policy.reset()
-            if self.proc is not None:
+            if self.proc is not None and self.state.state == "ready" and self.state.model:
+                if self.switch_task is None or self.switch_task.done():
+                    self.switch_task = asyncio.create_task(self._drain_then_stop(self.proc))
+            elif self.proc is not None:
                 await stop_process(self.proc)
             self.wake.set()
         if isinstance(msg, m.ServeModel):
@@ -214,6 +221,34 @@ class ServerSupervisor(Actor):
                 return None
             total += reply.count
         return total
+
+    async def _drain_then_stop(self, proc: asyncio.subprocess.Process) -> None:
+        """Another model is wanted: this server is no target any more (announced
+        `draining`), ends the requests it has (at most `SWITCH_DRAIN_S`), then stops; the
+        reconcile loop, waiting on it, goes on to the wanted model."""
+        model = self.state.model
+        self.log.info(
+            "%s takes no new requests; it stops once those in flight ended (at most %gs)",
+            model,
+            SWITCH_DRAIN_S,
+        )
+        await self._set(msgspec_replace(self.state, state="draining"))
+        deadline = time.monotonic() + SWITCH_DRAIN_S
+        left: int | None = None
+        while proc.returncode is None and time.monotonic() < deadline:
+            left = await self._in_flight(model)
+            if left == 0:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        else:
+            if proc.returncode is None:
+                self.log.warning(
+                    "%s: %s requests still in flight after %gs; stopping it anyway",
+                    model,
+                    "some" if left is None else left,
+                    SWITCH_DRAIN_S,
+                )
+        await stop_process(proc)
 
     async def _drain_then_halt(self, drain_s: float) -> None:
         deadline = time.monotonic() + drain_s
@@ -579,6 +614,8 @@ class ServerSupervisor(Actor):
     async def on_stop(self) -> None:
         if self.drain_task is not None:
             self.drain_task.cancel()
+        if self.switch_task is not None:
+            self.switch_task.cancel()
         await self._run_extras(())
         self.want = m.ServeModel()
         self.download_cancel.set()

@@ -19,7 +19,16 @@ from pathlib import Path
 import pytest
 
 from meshllm.models.demo import ensure_demo_model
-from meshllm.testing import NodeProcess, chat, group_pids, http, mesh_models, token_of, wait_for
+from meshllm.testing import (
+    ChatStream,
+    NodeProcess,
+    chat,
+    group_pids,
+    http,
+    mesh_models,
+    token_of,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +136,39 @@ def test_an_idle_server_switches_to_a_model_asked_for_and_back_once_idle(
         interval=1.0,
     )
     assert serving(b) == first
+
+
+def test_a_server_that_makes_way_for_another_model_ends_its_streams_first(
+    start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    a_dir = models_in(tmp_path / "a-models", "dm-a")
+    b_dir = models_in(tmp_path / "b-models", "dm-b", "dm-c")
+    a = start_node(
+        "--models-dir", str(a_dir), "--model", "dm-a", "--load-wait", "30", *SERVING,
+        name="A", env=SMALL,
+    )  # fmt: skip
+    b = start_node(
+        "--join", token_of(a), "--idle-unload", "1", *SERVING,
+        name="B", env={**SMALL, "MESHLLM_MODELS_DIR": str(b_dir)},
+    )  # fmt: skip
+    first = wait_for(lambda: serving(b), 60, "B serving")
+    other = "dm-c" if first == "dm-b" else "dm-b"
+    wait_for(lambda: other in mesh_models(a.port) and not warm(a, other), 30, f"{other} cold")
+    wait_for(lambda: warm(a, first), 30, f"{first} routed from A")
+    # A long stream on B's model; a second later the model counts as idle (nobody asked
+    # for it since), and a request for the other model makes B switch.
+    body = {"model": first, "messages": [{"role": "user", "content": "a story"}]}
+    stream = ChatStream(a.port, {**body, "max_tokens": 3000, "temperature": 0}).start()
+    wait_for(lambda: stream.events >= 3, 30, "the stream to start")
+    time.sleep(1.5)
+    assert not stream.ended, "the stream ended before the switch: make it longer"
+    answer = chat(a.port, other)  # waits for B to load it
+    switched_at = time.monotonic()
+    stream.join(60)
+    assert stream.ok, stream.error
+    assert stream.ended_at <= switched_at  # the new model came only after the stream ended
+    assert answer["choices"] and serving(b) == other
+    assert f"{first} takes no new requests" in b.log()
 
 
 def serving(node: NodeProcess) -> str:

@@ -148,6 +148,10 @@ HOT_RPM = 60.0
 HOT_HOLD_S = 120.0
 """How long a model must stay hot before an idle server moves to it."""
 
+WANTED_S = 60.0
+"""A cold model asked for within this long (or `idle_unload_s`, if longer) still wants a
+server: requests for it wait up to `--load-wait` (60 s by default)."""
+
 SWITCH_HOLD_S = 300.0
 """How long a node that switched models stays before it may switch again to fill a gap,
 when demand is not followed (`--idle-unload 0`; otherwise the hold is `idle_unload_s`)."""
@@ -571,15 +575,13 @@ def demand_moves(
 
 
 def wanted_cold(view: NodeView, now: float, idle_unload_s: float) -> list[str]:
-    """The models nobody serves that were asked for within `idle_unload_s`, the most
-    asked for first."""
+    """The models nobody serves that were asked for within `idle_unload_s` (at least
+    `WANTED_S`: demand takes a second or two to cross the mesh, in whole seconds), the
+    most asked for first."""
     served = servers_by_model(view.announcements)
+    window = max(idle_unload_s, WANTED_S)
     return sorted(
-        (
-            m
-            for m in catalog_of(view)
-            if m not in served and recently_asked(view, m, now, idle_unload_s)
-        ),
+        (m for m in catalog_of(view) if m not in served and recently_asked(view, m, now, window)),
         key=lambda m: (-demand_of(view.demand, m).rpm, m),
     )
 

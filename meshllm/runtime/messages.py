@@ -15,8 +15,11 @@ from meshllm.mesh.wire import Demand, OwnerOrder, PeerAnnouncement
 from meshllm.placement.split import SplitRole
 from meshllm.runtime.config import ModelSpec
 
-ServerStateName = Literal["stopped", "waiting", "downloading", "loading", "ready", "failed"]
-"""`waiting`: a split group's standby, serving nothing until the group needs it."""
+ServerStateName = Literal[
+    "stopped", "waiting", "downloading", "loading", "ready", "draining", "failed"
+]
+"""`waiting`: a split group's standby, serving nothing until the group needs it;
+`draining`: told to serve another model, no target any more, ending its requests."""
 
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):
