@@ -40,6 +40,7 @@ from meshllm.runtime.bus import Bus
 from meshllm.runtime.config import NodeConfig
 from meshllm.runtime.messages import (
     ActorError,
+    ExtraServer,
     LocalServerState,
     MeshView,
     Message,
@@ -315,6 +316,9 @@ def test_serving_port_only_for_the_ready_model() -> None:
         (LocalServerState(), "demo"),
         (LocalServerState(model="demo", state="loading", port=8001), "demo"),
         (LocalServerState(model="demo", state="ready", port=0), "demo"),
+        (LocalServerState(model="demo", state="ready", port=8001, paused=True), "demo"),
+        (LocalServerState(model="demo", state="draining", port=8001), "demo"),
+        (LocalServerState(extras=(ExtraServer("x", "ready", 5),), paused=True), "x"),
     ]:
         port, why = serving_port(state, model)
         assert port == 0 and why, (state, model)

@@ -51,7 +51,11 @@ def peers_to_drop(
 
 
 def serving_port(state: LocalServerState, model: str) -> tuple[int, str]:
-    """(llama-server port, "") if this node serves `model` and it is ready, else (0, why)."""
+    """(llama-server port, "") if this node serves `model` and it is ready, else (0, why).
+    A paused node takes no new request (its requests in flight end; the Proxy that sent
+    this one fails over to another replica)."""
+    if state.paused:
+        return 0, f"this node is paused: it takes no new request for {model!r}"
     extra = next((x for x in state.ready_extras() if x.model == model), None)
     if extra is not None:
         return extra.port, ""
