@@ -233,41 +233,40 @@ class ServerSupervisor(Actor):
             SWITCH_DRAIN_S,
         )
         await self._set(msgspec_replace(self.state, state="draining"))
-        deadline = time.monotonic() + SWITCH_DRAIN_S
-        left: int | None = None
-        while proc.returncode is None and time.monotonic() < deadline:
-            left = await self._in_flight(model)
-            if left == 0:
-                break
-            await asyncio.sleep(DRAIN_POLL_S)
-        else:
-            if proc.returncode is None:
-                self.log.warning(
-                    "%s: %s requests still in flight after %gs; stopping it anyway",
-                    model,
-                    "some" if left is None else left,
-                    SWITCH_DRAIN_S,
-                )
+        await self._wait_drained([model], SWITCH_DRAIN_S, model, proc)
         await stop_process(proc)
 
-    async def _drain_then_halt(self, drain_s: float) -> None:
+    async def _wait_drained(
+        self,
+        models: list[str],
+        drain_s: float,
+        who: str,
+        proc: asyncio.subprocess.Process | None = None,
+    ) -> None:
+        """Wait until the local servers of `models` have no request in flight and no Proxy
+        routes new ones there, at most `drain_s` (or until `proc` exited); say so when the
+        time ran out."""
         deadline = time.monotonic() + drain_s
         left: int | None = 0
-        models = [self.state.model] if self.state.state == "ready" else []
-        models += [x.model for x in self.state.ready_extras()]
-        while models and time.monotonic() < deadline:
-            counts = [await self._in_flight(model) for model in models]
-            left = None if None in counts else sum(c or 0 for c in counts)
-            if left == 0:
-                break
-            await asyncio.sleep(DRAIN_POLL_S)
-        else:
-            if models:
+        while models and (proc is None or proc.returncode is None):
+            if time.monotonic() >= deadline:
                 self.log.warning(
-                    "paused: %s requests still in flight after %gs; stopping anyway",
+                    "%s: %s requests still in flight after %gs; stopping anyway",
+                    who,
                     "some" if left is None else left,
                     drain_s,
                 )
+                return
+            counts = [await self._in_flight(model) for model in models]
+            left = None if None in counts else sum(c or 0 for c in counts)
+            if left == 0:
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def _drain_then_halt(self, drain_s: float) -> None:
+        models = [self.state.model] if self.state.state == "ready" else []
+        models += [x.model for x in self.state.ready_extras()]
+        await self._wait_drained(models, drain_s, "paused")
         self.halted = True
         await self._run_extras(())
         self.want = msgspec.structs.replace(self.want)  # a new object: the loop moves on
