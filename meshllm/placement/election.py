@@ -354,11 +354,9 @@ def _best(
 def _own_candidates(view: NodeView, catalog: Iterable[str]) -> list[_Candidate]:
     out = []
     for name in catalog:
-        info = view.models.get(name)
-        if name in view.excluded or info is None or not info.obtainable:
-            continue
-        if fits(info.size_bytes, view.budget_bytes):
-            out.append(_Candidate(name, info.size_bytes, info.on_disk))
+        ok, here = _own_take(view, name)
+        if ok:
+            out.append(_Candidate(name, view.models[name].size_bytes, here))
     return out
 
 
@@ -512,14 +510,19 @@ def recently_asked(view: NodeView, model: str, now: float, idle_unload_s: float)
     return demand_of(view.demand, model).idle_s(now) < idle_unload_s
 
 
+def _own_take(view: NodeView, model: str) -> tuple[bool, bool]:
+    """(this node can take `model`, its file is here): not failed here, obtainable, fits."""
+    info = view.models.get(model)
+    if model in view.excluded or info is None or not info.obtainable:
+        return False, False
+    return fits(info.size_bytes, view.budget_bytes), info.on_disk
+
+
 def _could_take(ann: PeerAnnouncement, model: str, view: NodeView) -> tuple[bool, bool]:
     """(can take it, its file is there already): this node's own knowledge for itself,
     our estimate for a peer (its disk and budget, our sizes and sources)."""
     if ann.node_id == view.node_id:
-        info = view.models.get(model)
-        if model in view.excluded or info is None or not info.obtainable:
-            return False, False
-        return fits(info.size_bytes, view.budget_bytes), info.on_disk
+        return _own_take(view, model)
     info = view.models.get(model)
     here = model in ann.available_models
     if not here and (info is None or not info.downloadable):
