@@ -653,11 +653,9 @@ class ProxyApp:
             await send_error(send, 404, why, "model_not_found")
         elif (
             model is None
-            or not mesh_model
             or kind is not Kind.MODEL
             or self.load_wait_s <= 0
-            or not self.routes.by_name[model].loadable
-            or self.routes.by_name[model].note  # its server failed: say why at once
+            or not self.routes.awaits_load(model)
         ):
             await send_error(send, 503, why, "model_not_ready", retry_after=True)
         elif self.loading[model] >= self.admission.queue_limit:

@@ -98,6 +98,13 @@ class Routes:
         """The first model this node serves itself, if any."""
         return next((r.name for r in self.table.models if any(t.local for t in r.targets)), None)
 
+    def awaits_load(self, model: str) -> bool:
+        """Whether a request for `model` may wait for a node to load it: a cold model of
+        the mesh that some node which follows demand could load (`ModelRoute.loadable`),
+        and whose server did not fail (no note: that is said at once)."""
+        route = self.by_name.get(model)
+        return route is not None and not route.targets and route.loadable and not route.note
+
     def unknown(self, model: str | None) -> bool:
         """Strict mode's 404: a named model absent from a table that lists models."""
         return bool(self.strict and model and self.table.models and model not in self.by_name)
