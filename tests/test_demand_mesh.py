@@ -93,24 +93,32 @@ def test_a_models_dir_without_models_or_missing_is_refused_clearly(
     assert not other.exists() and not (tmp_path / "none").exists()  # nothing written
 
 
+def entry_and_switcher(
+    start_node: Callable[..., NodeProcess], tmp_path: Path, load_wait: float, idle_unload: float
+) -> tuple[NodeProcess, NodeProcess, str, str]:
+    """A (`--model dm-a`, the entry node) and B (`--join` alone, dm-b and dm-c on its disk,
+    one llama-server: no --models-dir): (A, B, the model B serves, the cold one)."""
+    a_dir = models_in(tmp_path / "a-models", "dm-a")
+    b_dir = models_in(tmp_path / "b-models", "dm-b", "dm-c")
+    a = start_node(
+        "--models-dir", str(a_dir), "--model", "dm-a", "--load-wait", f"{load_wait:g}",
+        *SERVING, name="A", env=SMALL,
+    )  # fmt: skip
+    b = start_node(
+        "--join", token_of(a), "--idle-unload", f"{idle_unload:g}", *SERVING,
+        name="B", env={**SMALL, "MESHLLM_MODELS_DIR": str(b_dir)},
+    )  # fmt: skip
+    first = wait_for(lambda: serving(b), 60, "B serving")
+    other = "dm-c" if first == "dm-b" else "dm-b"
+    wait_for(lambda: other in mesh_models(a.port) and not warm(a, other), 30, f"{other} cold")
+    return a, b, first, other
+
+
 def test_an_idle_server_switches_to_a_model_asked_for_and_back_once_idle(
     start_node: Callable[..., NodeProcess], tmp_path: Path
 ) -> None:
     idle_unload = 20.0
-    a_dir = models_in(tmp_path / "a-models", "dm-a")
-    b_dir = models_in(tmp_path / "b-models", "dm-b", "dm-c")
-    a = start_node(
-        "--models-dir", str(a_dir), "--model", "dm-a", "--load-wait", "5", *SERVING,
-        name="A", env=SMALL,
-    )  # fmt: skip
-    b = start_node(
-        "--join", token_of(a), "--idle-unload", str(idle_unload), *SERVING,
-        name="B", env={**SMALL, "MESHLLM_MODELS_DIR": str(b_dir)},
-    )  # fmt: skip
-    # B serves one of the two models on its disk (one llama-server: no --models-dir).
-    first = wait_for(lambda: serving(b), 60, "B serving")
-    other = "dm-c" if first == "dm-b" else "dm-b"
-    wait_for(lambda: other in mesh_models(a.port) and not warm(a, other), 30, f"{other} cold")
+    a, b, first, other = entry_and_switcher(start_node, tmp_path, 5, idle_unload)
 
     # Asked for through A: B's model was never asked for, so B switches; the request waits.
     started = time.monotonic()
@@ -141,19 +149,7 @@ def test_an_idle_server_switches_to_a_model_asked_for_and_back_once_idle(
 def test_a_server_that_makes_way_for_another_model_ends_its_streams_first(
     start_node: Callable[..., NodeProcess], tmp_path: Path
 ) -> None:
-    a_dir = models_in(tmp_path / "a-models", "dm-a")
-    b_dir = models_in(tmp_path / "b-models", "dm-b", "dm-c")
-    a = start_node(
-        "--models-dir", str(a_dir), "--model", "dm-a", "--load-wait", "30", *SERVING,
-        name="A", env=SMALL,
-    )  # fmt: skip
-    b = start_node(
-        "--join", token_of(a), "--idle-unload", "1", *SERVING,
-        name="B", env={**SMALL, "MESHLLM_MODELS_DIR": str(b_dir)},
-    )  # fmt: skip
-    first = wait_for(lambda: serving(b), 60, "B serving")
-    other = "dm-c" if first == "dm-b" else "dm-b"
-    wait_for(lambda: other in mesh_models(a.port) and not warm(a, other), 30, f"{other} cold")
+    a, b, first, other = entry_and_switcher(start_node, tmp_path, 30, 1)
     wait_for(lambda: warm(a, first), 30, f"{first} routed from A")
     # A long stream on B's model; a second later the model counts as idle (nobody asked
     # for it since), and a request for the other model makes B switch.
